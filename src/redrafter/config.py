@@ -1,0 +1,96 @@
+"""Small typed configuration dataclasses, one per concern, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from redrafter.errors import RedrafterError
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamConfig:
+    """Shape of the draft: ``width`` beams (W) of ``length`` tokens (L), where L counts g0.
+
+    Each beam therefore carries ``length - 1`` drafted tokens; TensorRT-LLM calls that number
+    ``draft_len_per_beam`` and W ``num_beams``.
+    """
+
+    width: int = 4
+    length: int = 5
+
+    def __post_init__(self) -> None:
+        if self.width < 1:
+            raise RedrafterError(f"beam width must be >= 1, got {self.width}")
+        if self.length < 2:
+            raise RedrafterError(
+                f"beam length must be >= 2 (it counts the target's own token g0, so L=1 would draft "
+                f"nothing), got {self.length}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class DrafterConfig:
+    """Architecture of the recurrent draft head (reference checkpoint layout, REDRAFTER.md).
+
+    ``hidden_size`` is the target LLM's H; ``vocab_size`` the size of the drafter's vocabulary
+    projection; ``exit_dim`` the width of the residual blocks (2H means no ``input_proj``).
+    """
+
+    hidden_size: int
+    vocab_size: int
+    exit_dim: int | None = None
+    num_draft_layers: int = 2
+    rnn: bool = True
+
+    def __post_init__(self) -> None:
+        if self.exit_dim is None:
+            object.__setattr__(self, "exit_dim", 2 * self.hidden_size)
+        for name in ("hidden_size", "vocab_size", "exit_dim"):
+            if getattr(self, name) < 1:
+                raise RedrafterError(f"drafter {name} must be >= 1, got {getattr(self, name)}")
+        if self.num_draft_layers < 0:
+            raise RedrafterError(f"num_draft_layers must be >= 0, got {self.num_draft_layers}")
+
+    @property
+    def has_input_proj(self) -> bool:
+        return self.exit_dim != 2 * self.hidden_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """The reference ``config.json`` (TensorRT-LLM's converter reads these keys)."""
+        return {
+            "model_type": "recurrent_drafting_drafter",
+            "architectures": ["ReDrafter"],
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+            "exit_dim": self.exit_dim,
+            "num_draft_layers": self.num_draft_layers,
+            "rnn": self.rnn,
+            "num_lookback_tokens": -1,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DrafterConfig":
+        missing = [k for k in ("hidden_size", "vocab_size") if k not in data]
+        if missing:
+            raise RedrafterError(f"drafter config.json lacks required field(s): {', '.join(missing)}")
+        return cls(
+            hidden_size=int(data["hidden_size"]),
+            vocab_size=int(data["vocab_size"]),
+            exit_dim=int(data["exit_dim"]) if data.get("exit_dim") is not None else None,
+            num_draft_layers=int(data.get("num_draft_layers", 2)),
+            rnn=bool(data.get("rnn", True)),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """When to stop: ``max_new_tokens`` generated tokens, or any of ``stop_token_ids`` emitted
+    (the stop token itself is part of the output, as in transformers' ``generate``)."""
+
+    max_new_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise RedrafterError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")

@@ -1,0 +1,67 @@
+"""Beam search over the recurrent drafter (REDRAFTER.md "Beam search drafting").
+
+All W beams start with g0. Step 1 expands only beam 0 (the others start at log-probability -inf),
+so the first drafted tokens of the W beams are the top-W tokens of q. Every later step keeps the
+top W of the W x V extensions by summed log q, carrying each beam's RNN state along its parent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from redrafter.drafter.model import Drafter
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamSearchResult:
+    """Attributes:
+        beams:     (batch, W, L) token ids, g0 first.
+        scores:    (batch, W) summed log q of each beam's drafted tokens, best first.
+        log_probs: (batch, W, L-1, V) the drafter's log q at each drafted position of each beam,
+                   or None when not requested.
+    """
+
+    beams: torch.Tensor
+    scores: torch.Tensor
+    log_probs: torch.Tensor | None
+
+
+@torch.inference_mode()
+def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor], context: torch.Tensor,
+                g0: torch.Tensor, *, width: int, length: int, return_log_probs: bool = False) -> BeamSearchResult:
+    """Draft W beams of L tokens (g0 included).
+
+    Args:
+        drafter: the draft head.
+        embed:   the target's input embedding: (...,) token ids -> (..., H).
+        context: (batch, H) the target's last hidden state h at the last accepted position.
+        g0:      (batch,) the target's own next token.
+        width, length: W and L.
+    Returns:
+        BeamSearchResult.
+    """
+    batch = g0.shape[0]
+    device = g0.device
+    h = context.to(next(drafter.parameters()).dtype).unsqueeze(1).expand(batch, width, -1)  # (batch, W, H)
+    beams = g0.view(batch, 1, 1).expand(batch, width, 1)  # (batch, W, 1)
+    scores = torch.full((batch, width), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    state = drafter.initial_state(h)  # (batch, W, H)
+    log_probs: torch.Tensor | None = None
+    rows = torch.arange(batch, device=device).view(batch, 1)
+    for _ in range(length - 1):
+        state = drafter.next_state(state, embed(beams[:, :, -1]).to(state.dtype))
+        step_log_q = torch.log_softmax(drafter.logits(h, state).float(), dim=-1)  # (batch, W, V)
+        vocab = step_log_q.shape[-1]
+        candidates = (scores.unsqueeze(-1) + step_log_q).view(batch, width * vocab)
+        scores, flat = candidates.topk(width, dim=-1)  # (batch, W)
+        parent, token = flat // vocab, flat % vocab
+        beams = torch.cat([beams[rows, parent], token.unsqueeze(-1)], dim=-1)
+        state = state[rows, parent]
+        if return_log_probs:
+            chosen = step_log_q[rows, parent].unsqueeze(2)  # (batch, W, 1, V)
+            log_probs = chosen if log_probs is None else torch.cat([log_probs[rows, parent], chosen], dim=2)
+    return BeamSearchResult(beams=beams, scores=scores, log_probs=log_probs)

@@ -1,0 +1,134 @@
+"""The recurrent draft head (REDRAFTER.md "Drafter"), in the reference checkpoint layout.
+
+    s_0 = 0
+    s_t = SiLU(rnn_w · E(x_t) + rnn_u · s_{t-1} + b_u)          (rnn=False: s_t = s_{t-1} + E(x_t))
+    z   = input_proj(concat[h, s_t])                              (only when exit_dim != 2H)
+    z   = z + SiLU(lm_head.i.linear(z))     for i < num_draft_layers
+    q   = softmax(lm_head.{num_draft_layers}(z))
+
+E is the target's input embedding table; the drafter does not own it, so callers pass embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from redrafter.config import DrafterConfig
+from redrafter.errors import RedrafterError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class ResBlock(nn.Module):
+    """x + SiLU(Linear(x)); the parameter lives at ``linear`` as in the reference."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + nn.functional.silu(self.linear(x))
+
+
+class Drafter(nn.Module):
+    """The ReDrafter head. Parameter names follow the reference layout exactly."""
+
+    def __init__(self, config: DrafterConfig) -> None:
+        super().__init__()
+        self.config = config
+        hidden, exit_dim = config.hidden_size, config.exit_dim
+        self.input_proj = nn.Linear(2 * hidden, exit_dim, bias=True) if config.has_input_proj else None
+        self.lm_head = nn.Sequential(
+            *[ResBlock(exit_dim) for _ in range(config.num_draft_layers)],
+            nn.Linear(exit_dim, config.vocab_size, bias=False),
+        )
+        if config.rnn:
+            self.rnn_u = nn.Linear(hidden, hidden, bias=True)
+            self.rnn_w = nn.Linear(hidden, hidden, bias=False)
+
+    def initial_state(self, context: torch.Tensor) -> torch.Tensor:
+        """s_0 = 0, shaped like ``context`` (..., H)."""
+        return torch.zeros_like(context)
+
+    def next_state(self, state: torch.Tensor, token_embedding: torch.Tensor) -> torch.Tensor:
+        """One RNN step. state, token_embedding: (..., H) -> (..., H)."""
+        if not self.config.rnn:
+            return state + token_embedding
+        return nn.functional.silu(self.rnn_w(token_embedding) + self.rnn_u(state))
+
+    def logits(self, context: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """Draft logits. context h: (..., H), state s_t: (..., H) -> (..., vocab_size)."""
+        z = torch.cat([context, state], dim=-1)
+        if self.input_proj is not None:
+            z = self.input_proj(z)
+        return self.lm_head(z)
+
+
+def load_drafter(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> Drafter:
+    """Load a drafter directory (``config.json`` + ``model.safetensors``), checking every tensor."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RedrafterError(f"drafter directory not found: {path}")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (path / name).is_file():
+            raise RedrafterError(f"drafter directory {path} has no {name}")
+    try:
+        raw = json.loads((path / CONFIG_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RedrafterError(f"drafter config {path / CONFIG_NAME} is not valid JSON: {exc}") from None
+    config = DrafterConfig.from_dict(raw)
+    try:
+        state = load_file(str(path / WEIGHTS_NAME))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise RedrafterError(f"cannot read drafter weights {path / WEIGHTS_NAME}: {exc}") from None
+    drafter = Drafter(config)
+    expected = {k: tuple(v.shape) for k, v in drafter.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+    if missing or unexpected or wrong:
+        details = []
+        if missing:
+            details.append(f"missing {missing}")
+        if unexpected:
+            details.append(f"unexpected {unexpected}")
+        if wrong:
+            details.append("wrong shape " + ", ".join(f"{k} {found[k]} != {expected[k]}" for k in wrong))
+        raise RedrafterError(f"drafter weights {path / WEIGHTS_NAME} do not match its config.json: "
+                             + "; ".join(details))
+    drafter.load_state_dict(state)
+    return drafter.to(device=device, dtype=dtype).eval()
+
+
+def save_drafter(drafter: Drafter, path: str | os.PathLike) -> None:
+    """Write the reference layout atomically: a temporary sibling directory renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in drafter.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(drafter.config.to_dict(), indent=2) + "\n")
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

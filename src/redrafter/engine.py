@@ -1,0 +1,238 @@
+"""The generation loop: ReDrafter speculative decoding (and plain decoding) as a stream of events.
+
+One speculative step, for every row of the batch at once:
+
+1. Draft: the proposer turns (h, g0) into beams (batch, W, L), g0 first.
+2. Pack: deduplicate shared prefixes into a tree (tree.pack).
+3. Verify: one target forward over the packed tokens, positions = row length + depth.
+4. Accept: the longest run of drafted tokens the target agrees with, over all beams.
+5. Commit: keep g0 and the accepted tokens of the chosen beam in the KV cache.
+6. Carry: the next h is the target's hidden state at the last kept token, the next g0 the
+   target's own token after it (the bonus token).
+7. Emit: the accepted tokens and the bonus token, cut at a stop token or the token budget.
+
+Plain autoregressive decoding is the same loop with beams of width 1 and length 1 (just g0): the
+forward is a single-token decode step and nothing is drafted. Every row keeps its own length,
+positions, counters and stop state, so rows of different lengths share a batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Iterator, Protocol, Sequence, Union
+
+import torch
+
+from redrafter.config import BeamConfig, GenerationConfig
+from redrafter.drafter.beam_search import beam_search
+from redrafter.drafter.model import Drafter
+from redrafter.errors import RedrafterError
+from redrafter.models.base import TargetModel
+from redrafter.tree import pack, unpack
+from redrafter.verify import greedy_accept
+
+
+class Proposer(Protocol):
+    """Makes the draft for one step."""
+
+    beam_length: int
+
+    def propose(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor) -> torch.Tensor:
+        """Args:
+            context:       (batch, H) the target's hidden state at the last committed token.
+            g0:            (batch,) the target's own next token (already emitted).
+            num_generated: (batch,) how many tokens each row has emitted, g0 included.
+        Returns:
+            (batch, W, L) beams with ``beams[:, :, 0] == g0``.
+        """
+
+
+class AutoregressiveProposer:
+    """No draft: a single beam holding only g0, which makes each step one plain decode step."""
+
+    beam_length = 1
+
+    def propose(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor) -> torch.Tensor:
+        return g0.view(-1, 1, 1)
+
+
+class ReDrafterProposer:
+    """Beam search over the recurrent drafter, embedding tokens with the target's table E."""
+
+    def __init__(self, drafter: Drafter, target: TargetModel, beam: BeamConfig) -> None:
+        check_compatible(drafter, target)
+        self.drafter = drafter
+        self.embed = target.embed
+        self.beam = beam
+        self.beam_length = beam.length
+
+    def propose(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor) -> torch.Tensor:
+        return beam_search(self.drafter, self.embed, context, g0, width=self.beam.width,
+                           length=self.beam.length).beams
+
+
+def check_compatible(drafter: Drafter, target: TargetModel) -> None:
+    """Fail up front, naming both sides, when a drafter was trained for another model."""
+    config, info = drafter.config, target.info
+    if config.hidden_size != info.hidden_size:
+        raise RedrafterError(f"drafter hidden_size {config.hidden_size} does not match model "
+                             f"'{info.name}' hidden size {info.hidden_size}")
+    if config.vocab_size != info.vocab_size:
+        raise RedrafterError(f"drafter vocab_size {config.vocab_size} does not match model "
+                             f"'{info.name}' vocabulary size {info.vocab_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationStats:
+    """Per-row counters. ``num_steps`` counts target forwards after the prefill."""
+
+    num_prompt_tokens: int
+    num_new_tokens: int
+    num_steps: int
+    first_token_s: float
+    elapsed_s: float
+
+    @property
+    def tokens_per_step(self) -> float:
+        """τ: tokens appended per target forward after the prefill (the prefill yields the first
+        token), counting the bonus token; exactly 1.0 for plain decoding."""
+        return (self.num_new_tokens - 1) / self.num_steps if self.num_steps else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_new_tokens / self.elapsed_s if self.elapsed_s > 0 else float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokensEvent:
+    """New tokens of one row: ``accepted`` drafted tokens plus the bonus token (prefill: g0 only)."""
+
+    row: int
+    token_ids: tuple[int, ...]
+    accepted: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishEvent:
+    """A row is done: ``reason`` is "stop" (a stop token was emitted) or "length"."""
+
+    row: int
+    reason: str
+    token_ids: tuple[int, ...]
+    stats: GenerationStats
+
+
+Event = Union[TokensEvent, FinishEvent]
+
+
+@dataclasses.dataclass
+class _Row:
+    prompt_length: int
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    steps: int = 0
+    first_token_s: float = 0.0
+    finished: bool = False
+
+
+class Engine:
+    """Generation over one target backend with one proposer (a drafter, or none for plain decoding)."""
+
+    def __init__(self, target: TargetModel, proposer: Proposer | None = None) -> None:
+        self.target = target
+        self.proposer = proposer if proposer is not None else AutoregressiveProposer()
+
+    def generate(self, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> Iterator[Event]:
+        """Generate for a batch of tokenized prompts; yields events as tokens are decided."""
+        self._check(prompts, config)
+        with torch.inference_mode():
+            yield from self._generate(prompts, config)
+
+    def _check(self, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> None:
+        if not prompts:
+            raise RedrafterError("no prompts given")
+        limit = self.target.info.max_positions
+        for i, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise RedrafterError(f"prompt {i} is empty")
+            need = len(prompt) + config.max_new_tokens + self.proposer.beam_length
+            if need > limit:
+                raise RedrafterError(f"prompt {i} ({len(prompt)} tokens) + max_new_tokens "
+                                     f"{config.max_new_tokens} exceeds the model's {limit} positions")
+
+    def _generate(self, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> Iterator[Event]:
+        target, device = self.target, self.target.device
+        start = time.perf_counter()
+        batch = len(prompts)
+        rows_index = torch.arange(batch, device=device)
+        rows = [_Row(prompt_length=len(p)) for p in prompts]
+        stop_ids = set(config.stop_token_ids)
+
+        # Prefill: every prompt token, causal, padded rows ignored past their length.
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        width = int(lengths.max())
+        tokens = torch.zeros(batch, width, dtype=torch.long, device=device)
+        for i, prompt in enumerate(prompts):
+            tokens[i, : len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
+        positions = torch.arange(width, device=device).expand(batch, width)
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril().expand(batch, width, width)
+        cache = target.new_cache(batch)
+        out = target.forward(tokens, positions, causal, cache)
+        target.commit(cache, positions, lengths)
+        last = lengths - 1
+        context = out.hidden[rows_index, last]  # (batch, H)
+        g0 = out.logits[rows_index, last].argmax(dim=-1)  # (batch,)
+        yield from self._emit(rows, [[t] for t in g0.tolist()], [0] * batch, config, stop_ids, start)
+
+        while not all(row.finished for row in rows):
+            num_generated = torch.tensor([len(row.tokens) for row in rows], device=device)
+            # 1. Draft.
+            beams = self.proposer.propose(context, g0, num_generated)  # (batch, W, L)
+            # 2. Pack the beams into a tree.
+            tree = pack(beams)
+            # 3. Verify all beams in one forward.
+            out = target.forward(tree.tokens, cache.lengths.view(batch, 1) + tree.depths, tree.mask, cache)
+            predicted = unpack(out.logits.argmax(dim=-1), tree.unpacker)  # (batch, W, L)
+            # 4. Accept.
+            acceptance = greedy_accept(beams, predicted)
+            # 5. Commit g0 and the accepted tokens; finished rows keep their cache as it is.
+            keep = tree.unpacker[rows_index, acceptance.beam]  # (batch, L) packed indices of the chosen beam
+            active = torch.tensor([not row.finished for row in rows], device=device)
+            target.commit(cache, keep, torch.where(active, acceptance.accepted + 1, 0))
+            # 6. Carry h and g0 into the next step.
+            last_kept = keep[rows_index, acceptance.accepted]
+            context = out.hidden[rows_index, last_kept]
+            g0 = acceptance.bonus
+            # 7. Emit.
+            accepted = acceptance.accepted.tolist()
+            chosen = acceptance.tokens.tolist()
+            bonus = g0.tolist()
+            new = [chosen[b][1: 1 + accepted[b]] + [bonus[b]] for b in range(batch)]
+            for row in rows:
+                row.steps += 0 if row.finished else 1
+            yield from self._emit(rows, new, accepted, config, stop_ids, start)
+
+    @staticmethod
+    def _emit(rows: list[_Row], new: list[list[int]], accepted: list[int], config: GenerationConfig,
+              stop_ids: set[int], start: float) -> Iterator[Event]:
+        now = time.perf_counter() - start
+        for b, row in enumerate(rows):
+            if row.finished:
+                continue
+            tokens = new[b][: config.max_new_tokens - len(row.tokens)]
+            reason = None
+            for i, token in enumerate(tokens):
+                if token in stop_ids:
+                    tokens, reason = tokens[: i + 1], "stop"
+                    break
+            if not row.tokens:
+                row.first_token_s = now
+            row.tokens.extend(tokens)
+            if reason is None and len(row.tokens) >= config.max_new_tokens:
+                reason = "length"
+            yield TokensEvent(row=b, token_ids=tuple(tokens), accepted=accepted[b])
+            if reason is not None:
+                row.finished = True
+                stats = GenerationStats(num_prompt_tokens=row.prompt_length, num_new_tokens=len(row.tokens),
+                                        num_steps=row.steps, first_token_s=row.first_token_s, elapsed_s=now)
+                yield FinishEvent(row=b, reason=reason, token_ids=tuple(row.tokens), stats=stats)

