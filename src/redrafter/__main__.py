@@ -1,0 +1,5 @@
+import sys
+
+from redrafter.cli import main
+
+sys.exit(main())

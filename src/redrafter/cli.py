@@ -1,0 +1,202 @@
+"""``redrafter`` command line: a thin argparse layer that calls the library with keywords."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from redrafter.config import BeamConfig, GenerationConfig
+from redrafter.errors import RedrafterError
+
+DEFAULT_BEAM = BeamConfig()
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> list[str]:
+    """Prompts from ``--prompt`` values and/or a file: JSONL with a "prompt" field per line, or plain
+    text with one prompt per line (blank lines skipped)."""
+    result = list(prompts or [])
+    if prompts_file is not None:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise RedrafterError(f"prompts file not found: {path}")
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            if line.lstrip().startswith("{"):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise RedrafterError(f"{path}:{number}: invalid JSON: {exc}") from None
+                if not isinstance(record.get("prompt"), str):
+                    raise RedrafterError(f"{path}:{number}: JSON line has no string field \"prompt\"")
+                result.append(record["prompt"])
+            else:
+                result.append(line)
+    if not result:
+        raise RedrafterError("no prompt given: use --prompt TEXT or --prompts-file FILE")
+    for i, prompt in enumerate(result):
+        if not prompt.strip():
+            raise RedrafterError(f"prompt {i + 1} is empty")
+    return result
+
+
+def encode_prompt(tokenizer, prompt: str, *, chat_template: bool) -> list[int]:
+    """Token ids for a user prompt: through the model's chat template (as one user turn, with the
+    generation prompt) unless disabled or absent; raw text gets the tokenizer's special tokens."""
+    if chat_template and tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+        return tokenizer(text, add_special_tokens=False).input_ids
+    return tokenizer(prompt).input_ids
+
+
+def stop_token_ids(tokenizer, target) -> tuple[int, ...]:
+    """EOS from the model's generation config, the tokenizer's EOS, and a chat end token if any."""
+    ids = set(target.info.stop_token_ids)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    return tuple(sorted(ids))
+
+
+class TextStream:
+    """Incremental detokenization: the text added by each new batch of tokens."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.tokens, self.text = tokenizer, [], ""
+
+    def push(self, token_ids: Sequence[int]) -> str:
+        self.tokens.extend(token_ids)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next tokens
+            return ""
+        delta = text[len(self.text):] if text.startswith(self.text) else text
+        self.text = text
+        return delta
+
+
+def add_generate_parser(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text with ReDrafter (or plain decoding)")
+    p.add_argument("--model", default=None, help="embedded model name, transformers directory, or .gguf file "
+                                                 "(default: the embedded smollm2-135m-instruct)")
+    p.add_argument("--drafter", default=None, help="drafter directory (config.json + model.safetensors)")
+    p.add_argument("--prompt", action="append", nargs="+", default=None, metavar="TEXT",
+                   help="a prompt; repeat or give several for several prompts")
+    p.add_argument("--prompts-file", default=None, metavar="FILE",
+                   help='JSONL with a "prompt" field per line, or plain text with one prompt per line')
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    p.add_argument("--beam-width", type=int, default=DEFAULT_BEAM.width, help="W, number of beams")
+    p.add_argument("--beam-length", type=int, default=DEFAULT_BEAM.length,
+                   help="L, tokens per beam counting the target's own token (L-1 drafted)")
+    p.add_argument("--autoregressive", action="store_true", help="plain decoding on the same backend, no drafter")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from redrafter.drafter.model import load_drafter
+    from redrafter.engine import Engine, FinishEvent, ReDrafterProposer, TokensEvent
+    from redrafter.models.loading import DEFAULT_MODEL, load_target
+
+    beam = BeamConfig(width=args.beam_width, length=args.beam_length)
+    if args.max_new_tokens < 1:
+        raise RedrafterError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    prompts = read_prompts([t for group in args.prompt or [] for t in group], args.prompts_file)
+    if not args.autoregressive:
+        if args.drafter is None:
+            raise RedrafterError("speculative mode needs --drafter DIR: no trained drafter ships with the "
+                                 "default model yet; pass --autoregressive for plain decoding")
+        if not Path(args.drafter).is_dir():
+            raise RedrafterError(f"drafter directory not found: {args.drafter}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise RedrafterError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    target, tokenizer = load_target(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device)
+    proposer = None
+    if not args.autoregressive:
+        drafter = load_drafter(args.drafter, device=target.device, dtype=target.dtype)
+        proposer = ReDrafterProposer(drafter, target, beam)
+    engine = Engine(target, proposer)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, stop_token_ids=stop_token_ids(tokenizer, target))
+
+    for prompt in prompts:
+        ids = encode_prompt(tokenizer, prompt, chat_template=not args.no_chat_template)
+        stream = TextStream(tokenizer)
+        for event in engine.generate([ids], config):
+            if isinstance(event, TokensEvent) and not args.json:
+                sys.stdout.write(stream.push(event.token_ids))
+                sys.stdout.flush()
+            elif isinstance(event, FinishEvent):
+                stats = event.stats
+                if args.json:
+                    record = {
+                        "prompt": prompt,
+                        "text": tokenizer.decode(list(event.token_ids), skip_special_tokens=True),
+                        "token_ids": list(event.token_ids),
+                        "num_prompt_tokens": stats.num_prompt_tokens,
+                        "num_new_tokens": stats.num_new_tokens,
+                        "num_steps": stats.num_steps,
+                        "tokens_per_step": round(stats.tokens_per_step, 4) if stats.num_steps else None,
+                        "elapsed_s": round(stats.elapsed_s, 4),
+                        "first_token_s": round(stats.first_token_s, 4),
+                        "tokens_per_s": round(stats.tokens_per_s, 3),
+                        "finish_reason": event.reason,
+                        "mode": "autoregressive" if args.autoregressive else "redrafter",
+                        "beam_width": None if args.autoregressive else beam.width,
+                        "beam_length": None if args.autoregressive else beam.length,
+                        "dtype": args.dtype,
+                        "threads": torch.get_num_threads(),
+                    }
+                    print(json.dumps(record, ensure_ascii=False), flush=True)
+                else:
+                    sys.stdout.write("\n")
+                    sys.stdout.flush()
+                    tau = f"{stats.tokens_per_step:.2f}" if stats.num_steps else "n/a"
+                    print(f"[{stats.num_new_tokens} tokens, {stats.num_steps} steps, tau={tau} tokens/step, "
+                          f"{stats.tokens_per_s:.1f} tokens/s, {stats.elapsed_s:.2f} s, {event.reason}]",
+                          file=sys.stderr, flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="redrafter", description="ReDrafter speculative decoding")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_generate_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RedrafterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Transformers backend: tree verification equals sequential decoding; commit keeps exactly the path."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from helpers import TINY_VOCAB, tiny_target
+from redrafter.tree import pack, unpack
+
+
+def sequential(model, tokens: list[int]):
+    """Independent reference: feed tokens one at a time through the plain model with its own cache.
+    Returns logits (len, V)."""
+    cache, logits = DynamicCache(config=model.config), []
+    with torch.no_grad():
+        for token in tokens:
+            out = model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True)
+            logits.append(out.logits[0, -1])
+    return torch.stack(logits)
+
+
+def prefill(target, prompts):
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.zeros(batch, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p)
+    positions = torch.arange(width).expand(batch, width)
+    cache = target.new_cache(batch)
+    out = target.forward(tokens, positions, torch.ones(width, width, dtype=torch.bool).tril().expand(batch, -1, -1), cache)
+    target.commit(cache, positions, torch.tensor([len(p) for p in prompts]))
+    return cache, out
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_prefill_logits_equal_sequential_with_ragged_batch(kind):
+    target = tiny_target(kind)
+    prompts = [[3, 1, 4, 1, 5, 9, 2], [6, 5, 3]]
+    _, out = prefill(target, prompts)
+    for i, p in enumerate(prompts):
+        torch.testing.assert_close(out.logits[i, : len(p)], sequential(target.model, p), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_tree_logits_equal_sequential_then_commit(kind):
+    target = tiny_target(kind)
+    prompts = [[3, 1, 4, 1, 5, 9, 2], [6, 5, 3]]
+    cache, _ = prefill(target, prompts)
+    generator = torch.Generator().manual_seed(1)
+    beams = torch.randint(0, TINY_VOCAB, (2, 4, 5), generator=generator)
+    beams[:, :, 0] = beams[:, :1, 0]
+    beams[:, 1, :3] = beams[:, 0, :3]  # shared prefixes exercise deduplication
+    beams[:, 3] = beams[:, 2]
+    tree = pack(beams)
+    assert int(tree.lengths.max()) < 4 * 5
+    out = target.forward(tree.tokens, cache.lengths.view(2, 1) + tree.depths, tree.mask, cache)
+    tree_logits = unpack(out.logits, tree.unpacker)  # (batch, W, L, V)
+    for b, p in enumerate(prompts):
+        for i in range(4):
+            reference = sequential(target.model, p + beams[b, i].tolist())[len(p):]
+            torch.testing.assert_close(tree_logits[b, i], reference, atol=1e-4, rtol=0)
+
+    # Commit: row 0 keeps 3 tokens of beam 1, row 1 keeps 2 tokens of beam 2; then decode one more.
+    chosen, counts = [1, 2], [3, 2]
+    keep = tree.unpacker[torch.arange(2), torch.tensor(chosen)]
+    target.commit(cache, keep, torch.tensor(counts))
+    paths = [prompts[b] + beams[b, chosen[b], : counts[b]].tolist() for b in range(2)]
+    assert cache.lengths.tolist() == [len(p) for p in paths]
+    nxt = torch.tensor([[7], [8]])
+    out = target.forward(nxt, cache.lengths.view(2, 1), torch.ones(2, 1, 1, dtype=torch.bool), cache)
+    for b in range(2):
+        reference = sequential(target.model, paths[b] + [int(nxt[b])])[-1]
+        torch.testing.assert_close(out.logits[b, 0], reference, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_compacted_cache_equals_plain_cache(kind):
+    """After any accept pattern, the committed cache equals the cache of plain decoding of the same tokens."""
+    target = tiny_target(kind)
+    prompt = [2, 7, 1, 8]
+    cache, _ = prefill(target, [prompt])
+    path = list(prompt)
+    generator = torch.Generator().manual_seed(2)
+    for count in [1, 4, 2, 3]:
+        beams = torch.randint(0, TINY_VOCAB, (1, 3, 4), generator=generator)
+        beams[:, :, 0] = beams[:, :1, 0]
+        tree = pack(beams)
+        target.forward(tree.tokens, cache.lengths.view(1, 1) + tree.depths, tree.mask, cache)
+        beam = int(torch.randint(0, 3, (1,), generator=generator))
+        target.commit(cache, tree.unpacker[:, beam], torch.tensor([count]))
+        path += beams[0, beam, :count].tolist()
+    plain = DynamicCache(config=target.model.config)
+    with torch.no_grad():
+        target.model(input_ids=torch.tensor([path]), cache=plain, use_cache=True)
+    assert cache.lengths.tolist() == [len(path)]
+    for ours, theirs in zip(cache.kv.layers, plain.layers):
+        torch.testing.assert_close(ours.keys[:, :, : len(path)], theirs.keys, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.values[:, :, : len(path)], theirs.values, atol=1e-5, rtol=0)
+
+
+def test_hidden_state_is_final_norm_output():
+    target = tiny_target("llama")
+    cache, out = prefill(target, [[1, 2, 3]])
+    with torch.no_grad():
+        reference = target.model(input_ids=torch.tensor([[1, 2, 3]]))
+        # The hidden state is the LM head's input: projecting it gives the model's own logits.
+        torch.testing.assert_close(target.lm_head(out.hidden), reference.logits, atol=1e-4, rtol=0)

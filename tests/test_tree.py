@@ -1,0 +1,96 @@
+"""Golden, hand-computed tensors for dedup / pack / unpack / mask, plus a brute-force cross-check."""
+
+import itertools
+
+import torch
+
+from redrafter.tree import owners, pack, prefix_match, unpack
+
+# Row 0: the module docstring's example. Row 1: beam 1 duplicates beam 0; beam 2 branches at depth 1.
+BEAMS = torch.tensor([
+    [[5, 1, 2], [5, 1, 3], [5, 4, 2]],
+    [[7, 7, 7], [7, 7, 7], [7, 8, 9]],
+])
+
+
+def test_prefix_match_and_owners_golden():
+    match = prefix_match(BEAMS)
+    # Row 0, beams 0 and 1 share depth 0..1 but not 2; beams 0 and 2 share only depth 0.
+    assert match[0, 0, 1].tolist() == [True, True, False]
+    assert match[0, 0, 2].tolist() == [True, False, False]
+    assert match[0, 2, 0].tolist() == [True, False, False]  # symmetric
+    assert match[1, 0, 1].tolist() == [True, True, True]
+    assert owners(BEAMS).tolist() == [
+        [[0, 0, 0], [0, 0, 1], [0, 2, 2]],
+        [[0, 0, 0], [0, 0, 0], [0, 2, 2]],
+    ]
+
+
+def test_pack_golden():
+    tree = pack(BEAMS)
+    assert tree.lengths.tolist() == [6, 5]
+    assert tree.tokens.tolist() == [[5, 1, 2, 3, 4, 2], [7, 7, 7, 8, 9, 0]]
+    assert tree.depths.tolist() == [[0, 1, 2, 2, 1, 2], [0, 1, 2, 1, 2, 0]]
+    assert tree.unpacker.tolist() == [
+        [[0, 1, 2], [0, 1, 3], [0, 4, 5]],
+        [[0, 1, 2], [0, 1, 2], [0, 3, 4]],
+    ]
+    expected_mask = torch.tensor([
+        [[1, 0, 0, 0, 0, 0],
+         [1, 1, 0, 0, 0, 0],
+         [1, 1, 1, 0, 0, 0],
+         [1, 1, 0, 1, 0, 0],
+         [1, 0, 0, 0, 1, 0],
+         [1, 0, 0, 0, 1, 1]],
+        [[1, 0, 0, 0, 0, 0],
+         [1, 1, 0, 0, 0, 0],
+         [1, 1, 1, 0, 0, 0],
+         [1, 0, 0, 1, 0, 0],
+         [1, 0, 0, 1, 1, 0],
+         [0, 0, 0, 0, 0, 1]],  # padding attends only itself
+    ], dtype=torch.bool)
+    assert torch.equal(tree.mask, expected_mask)
+
+
+def test_unpack_golden():
+    tree = pack(BEAMS)
+    assert torch.equal(unpack(tree.tokens, tree.unpacker), BEAMS)
+    values = torch.arange(12, dtype=torch.float32).view(2, 6, 1).expand(2, 6, 2)  # (batch, n, 2)
+    out = unpack(values, tree.unpacker)
+    assert out.shape == (2, 3, 3, 2)
+    assert out[0, 2, :, 0].tolist() == [0.0, 4.0, 5.0]
+    assert out[1, 1, :, 1].tolist() == [6.0, 7.0, 8.0]
+
+
+def test_single_beam_and_identical_beams():
+    one = pack(torch.tensor([[[4, 2, 9, 9]]]))
+    assert one.tokens.tolist() == [[4, 2, 9, 9]]
+    assert torch.equal(one.mask[0], torch.ones(4, 4, dtype=torch.bool).tril())
+    same = pack(torch.tensor([[[1, 2], [1, 2], [1, 2]]]))
+    assert same.tokens.tolist() == [[1, 2]]
+    assert same.unpacker.tolist() == [[[0, 1], [0, 1], [0, 1]]]
+
+
+def test_pack_matches_brute_force_on_random_beams():
+    """Independent Python construction of the deduplicated tree for many random beam sets."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        width, length = int(torch.randint(1, 6, (1,), generator=generator)), int(torch.randint(2, 6, (1,), generator=generator))
+        beams = torch.randint(0, 3, (2, width, length), generator=generator)
+        beams[:, :, 0] = beams[:, :1, 0]  # g0 is shared
+        tree = pack(beams)
+        for b in range(2):
+            nodes = []  # distinct prefixes in beam-major order
+            for i, k in itertools.product(range(width), range(length)):
+                prefix = tuple(beams[b, i, : k + 1].tolist())
+                if prefix not in nodes:
+                    nodes.append(prefix)
+            n = len(nodes)
+            assert int(tree.lengths[b]) == n
+            assert tree.tokens[b, :n].tolist() == [p[-1] for p in nodes]
+            assert tree.depths[b, :n].tolist() == [len(p) - 1 for p in nodes]
+            for q, k in itertools.product(range(n), range(n)):
+                ancestor = nodes[q][: len(nodes[k])] == nodes[k]
+                assert bool(tree.mask[b, q, k]) == ancestor
+            for i, k in itertools.product(range(width), range(length)):
+                assert nodes[int(tree.unpacker[b, i, k])] == tuple(beams[b, i, : k + 1].tolist())
