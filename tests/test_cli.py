@@ -1,0 +1,107 @@
+"""The ``redrafter generate`` contract: --json fields, prompts files, and bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from redrafter import Drafter, DrafterConfig, save_drafter
+from redrafter.cli import main, read_prompts
+
+JSON_FIELDS = {"prompt", "text", "token_ids", "num_new_tokens", "num_steps", "tokens_per_step", "elapsed_s",
+               "tokens_per_s"}
+
+
+@pytest.fixture(scope="module")
+def smollm2_drafter(tmp_path_factory, smollm2):
+    target, _ = smollm2
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("drafter") / "random"
+    save_drafter(Drafter(DrafterConfig(hidden_size=target.info.hidden_size, vocab_size=target.info.vocab_size,
+                                       exit_dim=64)), path)
+    return path
+
+
+def run_json(capsys, *args):
+    code = main(["generate", "--json", *args])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return [json.loads(line) for line in out.out.splitlines()]
+
+
+@pytest.mark.slow
+def test_json_contract_speculative_equals_autoregressive(capsys, smollm2, smollm2_drafter, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Name two planets."}) + "\n\n" + json.dumps({"prompt": "Say hi."}) + "\n")
+    common = ["--prompts-file", str(prompts), "--max-new-tokens", "20", "--threads", "2"]
+    ar = run_json(capsys, *common, "--autoregressive")
+    spec = run_json(capsys, *common, "--drafter", str(smollm2_drafter), "--beam-width", "3", "--beam-length", "4")
+    assert [r["prompt"] for r in ar] == ["Name two planets.", "Say hi."]
+    for a, s in zip(ar, spec):
+        assert JSON_FIELDS <= set(a) and JSON_FIELDS <= set(s)
+        assert a["token_ids"] == s["token_ids"] and a["text"] == s["text"]
+        assert a["num_new_tokens"] == len(a["token_ids"]) <= 20
+        assert a["num_steps"] == a["num_new_tokens"] - 1 and a["tokens_per_step"] == 1.0
+        assert s["tokens_per_step"] == pytest.approx((s["num_new_tokens"] - 1) / s["num_steps"], abs=1e-3)
+        assert s["tokens_per_s"] > 0 and s["elapsed_s"] > 0
+
+
+@pytest.mark.slow
+def test_streamed_text_and_stats_line(capsys, smollm2):
+    assert main(["generate", "--autoregressive", "--prompt", "Count from one to five.", "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip()
+    assert "tau=1.00 tokens/step" in out.err and "tokens/s" in out.err
+
+
+def test_read_prompts_plain_and_jsonl(tmp_path):
+    text = tmp_path / "p.txt"
+    text.write_text("first prompt\n\nsecond prompt\n")
+    assert read_prompts(["a"], str(text)) == ["a", "first prompt", "second prompt"]
+
+
+BAD_INPUTS = [
+    (["--autoregressive", "--model", "/no/such/model", "--prompt", "hi"], "model not found"),
+    (["--drafter", "/no/such/drafter", "--prompt", "hi"], "drafter directory not found"),
+    (["--beam-length", "1", "--prompt", "hi"], "beam length must be >= 2"),
+    (["--autoregressive", "--prompt", "   "], "prompt 1 is empty"),
+    (["--autoregressive"], "no prompt given"),
+    (["--prompt", "hi"], "speculative mode needs --drafter"),
+    (["--autoregressive", "--prompt", "hi", "--max-new-tokens", "0"], "max-new-tokens must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS)
+def test_bad_input_clear_message(capsys, args, message):
+    assert main(["generate", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_bad_drafters_against_the_real_model(capsys, smollm2, tmp_path):
+    target, _ = smollm2
+    save_drafter(Drafter(DrafterConfig(hidden_size=64, vocab_size=target.info.vocab_size)), tmp_path / "small")
+    save_drafter(Drafter(DrafterConfig(hidden_size=target.info.hidden_size, vocab_size=1000, exit_dim=8)),
+                 tmp_path / "vocab")
+    corrupt = tmp_path / "corrupt"
+    save_drafter(Drafter(DrafterConfig(hidden_size=target.info.hidden_size, vocab_size=1000, exit_dim=8)), corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\x00garbage")
+    for path, message in [("small", "hidden_size 64 does not match model"),
+                          ("vocab", "vocab_size 1000 does not match model"),
+                          ("corrupt", "cannot read drafter weights")]:
+        assert main(["generate", "--drafter", str(tmp_path / path), "--prompt", "hi"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err
+
+
+def test_subprocess_exit_code_and_no_traceback(tmp_path):
+    corrupt = tmp_path / "m"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text("{not json")
+    proc = subprocess.run([sys.executable, "-m", "redrafter", "generate", "--autoregressive", "--model", str(corrupt),
+                           "--prompt", "hi"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: cannot load model") and "Traceback" not in proc.stderr

@@ -1,0 +1,81 @@
+"""Drafter checkpoints: the reference layout, round trips, and clear errors on bad files."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import tiny_target
+from redrafter import Drafter, DrafterConfig, RedrafterError, load_drafter, save_drafter
+from redrafter.engine import ReDrafterProposer
+from redrafter.config import BeamConfig
+
+
+def reference_keys(num_layers: int, input_proj: bool) -> set[str]:
+    keys = {"rnn_u.weight", "rnn_u.bias", "rnn_w.weight", f"lm_head.{num_layers}.weight"}
+    for i in range(num_layers):
+        keys |= {f"lm_head.{i}.linear.weight", f"lm_head.{i}.linear.bias"}
+    if input_proj:
+        keys |= {"input_proj.weight", "input_proj.bias"}
+    return keys
+
+
+@pytest.mark.parametrize("exit_dim,input_proj", [(None, False), (24, True)])
+def test_save_load_round_trip_in_reference_layout(tmp_path, exit_dim, input_proj):
+    torch.manual_seed(0)
+    drafter = Drafter(DrafterConfig(hidden_size=16, vocab_size=50, exit_dim=exit_dim, num_draft_layers=3))
+    save_drafter(drafter, tmp_path / "d")
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert config["model_type"] == "recurrent_drafting_drafter"
+    assert config["exit_dim"] == (exit_dim or 32) and config["rnn"] is True and config["num_lookback_tokens"] == -1
+    state = load_file(str(tmp_path / "d" / "model.safetensors"))
+    assert set(state) == reference_keys(3, input_proj)
+    assert state["lm_head.3.weight"].shape == (50, exit_dim or 32)
+    loaded = load_drafter(tmp_path / "d")
+    h, s = torch.randn(2, 16), torch.randn(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.logits(h, s), drafter.logits(h, s))
+    save_drafter(loaded, tmp_path / "d")  # overwrite in place, atomically
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_rnn_equation():
+    torch.manual_seed(0)
+    drafter = Drafter(DrafterConfig(hidden_size=4, vocab_size=7))
+    s, e = torch.randn(4), torch.randn(4)
+    with torch.no_grad():
+        expected = torch.nn.functional.silu(drafter.rnn_w.weight @ e + drafter.rnn_u.weight @ s + drafter.rnn_u.bias)
+        torch.testing.assert_close(drafter.next_state(s, e), expected)
+    no_rnn = Drafter(DrafterConfig(hidden_size=4, vocab_size=7, rnn=False))
+    torch.testing.assert_close(no_rnn.next_state(s, e), s + e)
+
+
+def test_corrupt_and_missing_files_raise_clear_errors(tmp_path):
+    with pytest.raises(RedrafterError, match="not found"):
+        load_drafter(tmp_path / "nope")
+    save_drafter(Drafter(DrafterConfig(hidden_size=8, vocab_size=10)), tmp_path / "d")
+    weights = tmp_path / "d" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(RedrafterError, match="cannot read drafter weights"):
+        load_drafter(tmp_path / "d")
+    weights.unlink()
+    with pytest.raises(RedrafterError, match="has no model.safetensors"):
+        load_drafter(tmp_path / "d")
+
+
+def test_config_weights_mismatch(tmp_path):
+    save_drafter(Drafter(DrafterConfig(hidden_size=8, vocab_size=10)), tmp_path / "d")
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    config["vocab_size"] = 11
+    (tmp_path / "d" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RedrafterError, match="do not match its config.json"):
+        load_drafter(tmp_path / "d")
+
+
+def test_drafter_for_another_model_is_refused():
+    target = tiny_target("llama")  # H = 64, V = 96
+    with pytest.raises(RedrafterError, match="hidden_size 32 does not match"):
+        ReDrafterProposer(Drafter(DrafterConfig(hidden_size=32, vocab_size=96)), target, BeamConfig())
+    with pytest.raises(RedrafterError, match="vocab_size 100 does not match"):
+        ReDrafterProposer(Drafter(DrafterConfig(hidden_size=64, vocab_size=100)), target, BeamConfig())
