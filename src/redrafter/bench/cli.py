@@ -1,0 +1,105 @@
+"""``redrafter bench`` argument parsing and orchestration."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from redrafter.config import BeamConfig
+from redrafter.errors import RedrafterError
+
+
+def parse_grid(text: str) -> list[BeamConfig]:
+    """"1,2,4x3,5" -> W in {1,2,4} × L in {3,5}."""
+    try:
+        widths, lengths = text.lower().split("x")
+        return [BeamConfig(width=int(w), length=int(l)) for w in widths.split(",") for l in lengths.split(",")]
+    except ValueError:
+        raise RedrafterError(f"--grid must look like W1,W2xL1,L2 (e.g. 1,2,4x3,4,5), got '{text}'") from None
+
+
+def add_bench_parser(subparsers) -> None:
+    from redrafter.cli import DEFAULT_BEAM
+
+    p = subparsers.add_parser("bench", help="benchmark ReDrafter against baselines on real prompts")
+    p.add_argument("--model", default=None, help="model spec as for generate (default: smollm2-135m-instruct)")
+    p.add_argument("--drafter", default=None, help="drafter directory (needed by the redrafter method)")
+    p.add_argument("--dataset", required=True, help="mt-bench, humaneval, or a prompts file (JSONL or text)")
+    p.add_argument("--methods", default="hf-generate,ar,redrafter",
+                   help="comma list of hf-generate, ar, redrafter, hf-prompt-lookup, hf-assisted, llamacpp")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for every method (recorded)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--limit", type=int, default=None, help="first N prompts (after --categories)")
+    p.add_argument("--categories", default=None, help="comma list of categories to keep")
+    p.add_argument("--turns", default="1,2", help="MT-Bench turns to run (turn 2 follows the model's turn-1 answer)")
+    p.add_argument("--beam-width", type=int, default=DEFAULT_BEAM.width)
+    p.add_argument("--beam-length", type=int, default=DEFAULT_BEAM.length)
+    p.add_argument("--grid", default=None, help="W×L grid for redrafter, e.g. 1,2,4x3,4,5 (overrides beam flags)")
+    p.add_argument("--assistant-model", default=None, help="model spec of the draft model for hf-assisted")
+    p.add_argument("--prompt-lookup-tokens", type=int, default=10)
+    p.add_argument("--warmup-tokens", type=int, default=16, help="tokens of the excluded warm-up run per method")
+    p.add_argument("--no-chat-template", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_bench_command)
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from redrafter.bench.methods import BenchContext, build_methods
+    from redrafter.bench.report import print_table, write_outputs
+    from redrafter.bench.runner import Item, machine_info, run_bench, summarise
+    from redrafter.bench.workloads import load_workload
+    from redrafter.cli import encode_messages, stop_token_ids
+    from redrafter.drafter.model import load_drafter
+    from redrafter.models.loading import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_gguf, load_target
+
+    names = [n.strip() for n in args.methods.split(",") if n.strip()]
+    beams = parse_grid(args.grid) if args.grid else [BeamConfig(width=args.beam_width, length=args.beam_length)]
+    if args.max_new_tokens < 1:
+        raise RedrafterError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.threads < 1:
+        raise RedrafterError(f"--threads must be >= 1, got {args.threads}")
+    try:
+        turns = [int(t) for t in args.turns.split(",")]
+    except ValueError:
+        raise RedrafterError(f"--turns must be a comma list of integers, got '{args.turns}'") from None
+    categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
+    items = [Item(p, t) for p, t in load_workload(args.dataset, limit=args.limit, categories=categories, turns=turns)]
+    if "redrafter" in names and args.drafter is None:
+        raise RedrafterError("method 'redrafter' needs --drafter DIR (or leave it out of --methods)")
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    spec = args.model or DEFAULT_MODEL
+    target, tokenizer = load_target(spec, dtype=args.dtype, device=args.device)
+    drafter = load_drafter(args.drafter, device=target.device, dtype=target.dtype) if "redrafter" in names else None
+    assistant = None
+    if "hf-assisted" in names and args.assistant_model:
+        assistant = load_target(args.assistant_model, dtype=args.dtype, device=args.device)[0].model
+    gguf = str(embedded_gguf(spec)) if spec in EMBEDDED_MODELS else (spec if spec.endswith(".gguf") else None)
+    stops = stop_token_ids(tokenizer, target)
+    ctx = BenchContext(target=target, tokenizer=tokenizer, stop_token_ids=stops, gguf_path=gguf, threads=args.threads)
+    methods, skipped = build_methods(names, ctx, drafter=drafter, beams=beams, assistant_model=assistant,
+                                     prompt_lookup_tokens=args.prompt_lookup_tokens)
+    if not methods:
+        raise RedrafterError(f"no method can run: {skipped}")
+
+    rows = run_bench(items, methods,
+                     encode=lambda messages: encode_messages(tokenizer, messages, chat_template=not args.no_chat_template),
+                     decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                     max_new_tokens=args.max_new_tokens, warmup_tokens=args.warmup_tokens,
+                     progress=not args.no_progress)
+    summary = summarise(rows)
+    settings = {"dataset": args.dataset, "model": spec, "drafter": args.drafter, "methods": [m.name for m in methods],
+                "max_new_tokens": args.max_new_tokens, "turns": turns, "limit": args.limit, "categories": categories,
+                "machine": machine_info(torch.get_num_threads(), args.dtype), "skipped": skipped}
+    paths = write_outputs(Path(args.out), rows, summary, settings)
+    print_table(summary["methods"])
+    for name, reason in skipped.items():
+        print(f"skipped {name}: {reason}")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0

@@ -1,0 +1,184 @@
+"""Decoding methods under benchmark, each a plug-in behind one small interface.
+
+Every method takes the same prompt token ids and token budget and reports the generated ids, the
+number of target forwards after the prefill (τ = (new tokens - 1) / steps, 1.0 for plain
+decoding), the wall time and the time to the first token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import time
+from typing import Protocol, Sequence
+
+import torch
+
+from redrafter.config import BeamConfig, GenerationConfig
+from redrafter.engine import Engine, FinishEvent, ReDrafterProposer
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    token_ids: list[int]
+    num_steps: int  # target forwards after the prefill
+    elapsed_s: float
+    first_token_s: float | None
+
+
+class Method(Protocol):
+    name: str
+
+    def run(self, prompt_ids: Sequence[int], max_new_tokens: int) -> RunResult: ...
+
+
+@dataclasses.dataclass
+class BenchContext:
+    """What every method shares: one target, one tokenizer, one stop set, one numeric setting."""
+
+    target: object  # a TargetModel; the transformers backend also exposes ``.model``
+    tokenizer: object
+    stop_token_ids: tuple[int, ...]
+    gguf_path: str | None = None
+    threads: int = 1
+
+
+class EngineMethod:
+    """Our engine: ``ar`` (no proposer) or ``redrafter[W=..,L=..]``."""
+
+    def __init__(self, name: str, engine: Engine, stop_token_ids: tuple[int, ...]) -> None:
+        self.name, self.engine, self.stop_token_ids = name, engine, stop_token_ids
+
+    def run(self, prompt_ids: Sequence[int], max_new_tokens: int) -> RunResult:
+        config = GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=self.stop_token_ids)
+        start = time.perf_counter()
+        finish = next(e for e in self.engine.generate([list(prompt_ids)], config) if isinstance(e, FinishEvent))
+        elapsed = time.perf_counter() - start
+        return RunResult(list(finish.token_ids), finish.stats.num_steps, elapsed, finish.stats.first_token_s)
+
+
+class _FirstTokenClock:
+    """A transformers streamer that notes when the first generated token arrives."""
+
+    def __init__(self) -> None:
+        self.calls, self.first = 0, None
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2 and self.first is None:  # call 1 is the prompt
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+class HFGenerateMethod:
+    """transformers ``generate`` (greedy), optionally with prompt lookup or an assistant model.
+    Steps are counted as calls of the target model's forward minus the prefill."""
+
+    def __init__(self, name: str, model, stop_token_ids: tuple[int, ...], pad_token_id: int | None,
+                 **generate_kwargs) -> None:
+        self.name, self.model, self.stop_token_ids = name, model, stop_token_ids
+        self.pad_token_id = pad_token_id if pad_token_id is not None else (stop_token_ids or (0,))[0]
+        self.generate_kwargs = generate_kwargs
+
+    def run(self, prompt_ids: Sequence[int], max_new_tokens: int) -> RunResult:
+        calls = [0]
+        handle = self.model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        ids = torch.tensor([list(prompt_ids)], device=self.model.device)
+        clock = _FirstTokenClock()
+        try:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1,
+                                          max_new_tokens=max_new_tokens, eos_token_id=list(self.stop_token_ids) or None,
+                                          pad_token_id=self.pad_token_id, streamer=clock, **self.generate_kwargs)
+            elapsed = time.perf_counter() - start
+        finally:
+            handle.remove()
+        tokens = out[0, len(prompt_ids):].tolist()
+        # generate pads finished sequences only in batches; cut after the first stop token anyway
+        for i, token in enumerate(tokens):
+            if token in self.stop_token_ids:
+                tokens = tokens[: i + 1]
+                break
+        first = clock.first - start if clock.first is not None else None
+        return RunResult(tokens, max(calls[0] - 1, 0), elapsed, first)
+
+
+class LlamaCppMethod:
+    """llama.cpp (llama-cpp-python) plain greedy decoding of the model's GGUF (quantized weights,
+    so its tokens may differ from the dequantized model's)."""
+
+    def __init__(self, name: str, gguf_path: str, stop_token_ids: tuple[int, ...], threads: int) -> None:
+        from llama_cpp import Llama
+
+        self.name, self.stop_token_ids = name, stop_token_ids
+        self.llm = Llama(model_path=gguf_path, n_ctx=4096, n_threads=threads, n_threads_batch=threads,
+                         verbose=False, seed=0)
+
+    def run(self, prompt_ids: Sequence[int], max_new_tokens: int) -> RunResult:
+        tokens: list[int] = []
+        first = None
+        self.llm.reset()
+        start = time.perf_counter()
+        for token in self.llm.generate(list(prompt_ids), top_k=1, top_p=1.0, min_p=0.0, temp=0.0,
+                                       repeat_penalty=1.0, reset=True):
+            if first is None:
+                first = time.perf_counter() - start
+            tokens.append(int(token))
+            if token in self.stop_token_ids or len(tokens) >= max_new_tokens:
+                break
+        elapsed = time.perf_counter() - start
+        return RunResult(tokens, max(len(tokens) - 1, 0), elapsed, first)
+
+
+METHOD_NAMES = ("hf-generate", "ar", "redrafter", "hf-prompt-lookup", "hf-assisted", "llamacpp")
+
+
+def redrafter_name(beam: BeamConfig) -> str:
+    return f"redrafter[W={beam.width},L={beam.length}]"
+
+
+def build_methods(names: Sequence[str], ctx: BenchContext, *, drafter=None, beams: Sequence[BeamConfig] = (),
+                  assistant_model=None, prompt_lookup_tokens: int = 10) -> tuple[list[Method], dict[str, str]]:
+    """Instantiate the requested methods in the requested order.
+
+    Returns:
+        (methods, skipped) where ``skipped`` maps a method name to the reason it cannot run here.
+    """
+    from redrafter.errors import RedrafterError
+
+    unknown = [n for n in names if n not in METHOD_NAMES]
+    if unknown:
+        raise RedrafterError(f"unknown method(s) {unknown}; choose from {list(METHOD_NAMES)}")
+    target, stops = ctx.target, ctx.stop_token_ids
+    pad = getattr(ctx.tokenizer, "pad_token_id", None)
+    methods: list[Method] = []
+    skipped: dict[str, str] = {}
+    for name in names:
+        if name == "hf-generate":
+            methods.append(HFGenerateMethod(name, target.model, stops, pad))
+        elif name == "ar":
+            methods.append(EngineMethod(name, Engine(target), stops))
+        elif name == "redrafter":
+            if drafter is None:
+                raise RedrafterError("method 'redrafter' needs --drafter DIR")
+            for beam in beams:
+                methods.append(EngineMethod(redrafter_name(beam), Engine(target, ReDrafterProposer(drafter, target, beam)),
+                                            stops))
+        elif name == "hf-prompt-lookup":
+            methods.append(HFGenerateMethod(name, target.model, stops, pad, prompt_lookup_num_tokens=prompt_lookup_tokens))
+        elif name == "hf-assisted":
+            if assistant_model is None:
+                skipped[name] = "no --assistant-model given"
+            else:
+                methods.append(HFGenerateMethod(name, target.model, stops, pad, assistant_model=assistant_model))
+        elif name == "llamacpp":
+            if importlib.util.find_spec("llama_cpp") is None:
+                skipped[name] = "llama-cpp-python is not installed"
+            elif ctx.gguf_path is None:
+                skipped[name] = "the model has no GGUF file"
+            else:
+                methods.append(LlamaCppMethod(name, ctx.gguf_path, stops, ctx.threads))
+    return methods, skipped

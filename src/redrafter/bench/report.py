@@ -1,0 +1,127 @@
+"""Benchmark outputs: results.jsonl, summary.json, summary.md, PNG plots, a printed table."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+COLUMNS = [("tokens_per_s", "tokens/s", "{:.1f}"), ("tau", "τ", "{:.2f}"),
+           ("speedup_vs_hf_generate", "× hf-generate", "{:.2f}"), ("speedup_vs_ar", "× ar", "{:.2f}"),
+           ("first_token_s", "TTFT s", "{:.3f}"), ("identical_to_ar", "= ar", "{}"),
+           ("num_prompts", "prompts", "{}")]
+
+
+def _fmt(value, pattern: str) -> str:
+    return "–" if value is None else pattern.format(value)
+
+
+def markdown_table(methods: dict) -> str:
+    lines = ["| method | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+             "|---|" + "---|" * len(COLUMNS)]
+    for name, entry in methods.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(entry.get(k), p) for k, _, p in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_outputs(out: Path, rows: Sequence[dict], summary: dict, settings: dict) -> list[Path]:
+    """Write every output file; returns the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    _atomic_write(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    document = {"settings": settings, **summary}
+    _atomic_write(out / "summary.json", json.dumps(document, indent=2) + "\n")
+    md = [f"# redrafter bench: {settings.get('dataset')}", "",
+          ", ".join(f"{k}={v}" for k, v in settings.items() if k not in ("machine", "skipped")), "",
+          f"machine: {settings.get('machine')}", "", markdown_table(summary["methods"]), ""]
+    if settings.get("skipped"):
+        md += ["Skipped: " + "; ".join(f"{k} ({v})" for k, v in settings["skipped"].items()), ""]
+    for category, methods in summary["categories"].items():
+        md += [f"## {category}", "", markdown_table(methods), ""]
+    _atomic_write(out / "summary.md", "\n".join(md))
+    written += [out / "results.jsonl", out / "summary.json", out / "summary.md"]
+    written += plot_speedup_per_category(out / "speedup_per_category.png", summary)
+    written += plot_grid(out / "tau_grid.png", summary["methods"])
+    return written
+
+
+def plot_speedup_per_category(path: Path, summary: dict) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    categories = list(summary["categories"])
+    key = "speedup_vs_ar" if any(m.get("speedup_vs_ar") for m in summary["methods"].values()) else "speedup_vs_hf_generate"
+    methods = list(summary["methods"])
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(categories) + 2), 4))
+    width = 0.8 / max(1, len(methods))
+    for i, name in enumerate(methods):
+        values = [summary["categories"][c].get(name, {}).get(key) or 0.0 for c in categories]
+        ax.bar([x + i * width for x in range(len(categories))], values, width, label=name)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(categories))], categories, rotation=30,
+                  ha="right")
+    ax.set_ylabel(key.replace("_", " ").replace("vs ", "vs "))
+    ax.set_title("Speedup per category (median of per-prompt ratios)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+def plot_grid(path: Path, methods: dict) -> list[Path]:
+    """τ (and tokens/s) over the W×L grid of redrafter methods; nothing when there is no grid."""
+    cells = {}
+    for name, entry in methods.items():
+        match = re.fullmatch(r"redrafter\[W=(\d+),L=(\d+)\]", name)
+        if match:
+            cells[(int(match[1]), int(match[2]))] = entry
+    widths, lengths = sorted({w for w, _ in cells}), sorted({l for _, l in cells})
+    if len(cells) < 2:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in [(axes[0], "tau", "τ (tokens per step)"), (axes[1], "speedup_vs_ar", "speedup vs ar")]:
+        grid = [[(cells.get((w, l)) or {}).get(key) or float("nan") for l in lengths] for w in widths]
+        image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(l) for l in lengths])
+        ax.set_yticks(range(len(widths)), [str(w) for w in widths])
+        ax.set_xlabel("beam length L")
+        ax.set_ylabel("beam width W")
+        ax.set_title(title)
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                if value == value:
+                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white", fontsize=8)
+        fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+def print_table(methods: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="redrafter bench")
+    table.add_column("method")
+    for _, title, _ in COLUMNS:
+        table.add_column(title, justify="right")
+    for name, entry in methods.items():
+        table.add_row(name, *[_fmt(entry.get(k), p) for k, _, p in COLUMNS])
+    Console(stderr=True).print(table)

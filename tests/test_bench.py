@@ -1,0 +1,139 @@
+"""redrafter bench: the method interface, interleaving, metric arithmetic, output files, a smoke run."""
+
+import json
+
+import pytest
+import torch
+
+from helpers import TINY_VOCAB, tiny_target
+from redrafter import BeamConfig, Drafter, DrafterConfig, save_drafter
+from redrafter.bench.methods import BenchContext, RunResult, build_methods
+from redrafter.bench.report import write_outputs
+from redrafter.bench.runner import Item, first_divergence, run_bench, schedule, summarise, summarise_rows
+from redrafter.bench.workloads import BenchPrompt, load_workload
+from redrafter.cli import main
+
+PROMPTS = [BenchPrompt(id=f"p{i}", category=c, turns=(t, "and then?")) for i, (c, t) in
+           enumerate([("a", "abcde"), ("b", "hello world"), ("a", "xyz")])]
+
+
+def encode(messages):
+    return [ord(ch) % TINY_VOCAB for m in messages for ch in m["content"]][:40]
+
+
+def decode(ids):
+    return "".join(chr(97 + i % 26) for i in ids)
+
+
+class FakeMethod:
+    def __init__(self, name, log, tokens):
+        self.name, self.log, self.tokens = name, log, tokens
+
+    def run(self, prompt_ids, max_new_tokens):
+        self.log.append((self.name, tuple(prompt_ids), max_new_tokens))
+        return RunResult(self.tokens[:max_new_tokens], num_steps=2, elapsed_s=0.5, first_token_s=0.1)
+
+
+def test_interleaved_schedule_and_warmup():
+    log = []
+    methods = [FakeMethod(n, log, [1, 2, 3, 4, 5]) for n in ("A", "B", "C")]
+    items = [Item(p, 1) for p in PROMPTS]
+    assert [(i.prompt.id, m.name) for i, m in schedule(items, methods)] == [
+        (p, m) for p in ("p0", "p1", "p2") for m in ("A", "B", "C")]
+    rows = run_bench(items, methods, encode=encode, decode=decode, max_new_tokens=5, warmup_tokens=3, progress=False)
+    assert [(n, k) for n, _, k in log[:3]] == [("A", 3), ("B", 3), ("C", 3)]  # warm-up, excluded
+    assert [n for n, _, _ in log[3:]] == ["A", "B", "C"] * 3
+    assert len(rows) == 9 and all(r["num_new_tokens"] == 5 for r in rows)
+
+
+def test_turn_two_uses_the_reference_answer():
+    log = []
+    methods = [FakeMethod("ar", log, [7, 8]), FakeMethod("B", log, [9])]
+    items = [Item(PROMPTS[0], 2), Item(PROMPTS[0], 1)]
+    run_bench(items, methods, encode=encode, decode=decode, max_new_tokens=4, warmup_tokens=0, progress=False)
+    turn2 = [ids for name, ids, _ in log if name == "B"][1]
+    assert turn2 == tuple(encode([{"content": "abcde"}, {"content": decode([7, 8])}, {"content": "and then?"}]))
+
+
+def test_metric_arithmetic():
+    def row(method, prompt, new, steps, elapsed, ids):
+        return {"method": method, "prompt_id": prompt, "turn": 1, "category": "c", "num_new_tokens": new,
+                "num_steps": steps, "elapsed_s": elapsed, "tokens_per_s": new / elapsed, "first_token_s": 0.1,
+                "token_ids": ids, "identical_to_ar": None, "first_divergence": None}
+
+    rows = [row("hf-generate", "p", 11, 10, 2.0, [1] * 11), row("ar", "p", 11, 10, 1.0, [1] * 11),
+            row("redrafter", "p", 11, 4, 0.5, [1] * 11),
+            row("hf-generate", "q", 21, 20, 4.0, [2] * 21), row("ar", "q", 21, 20, 2.0, [2] * 21),
+            row("redrafter", "q", 21, 5, 0.5, [2] * 10 + [3] * 11)]
+    from redrafter.bench.runner import mark_identical
+
+    mark_identical(rows)
+    s = summarise_rows(rows)
+    assert s["ar"]["tau"] == 1.0
+    assert s["redrafter"]["tau"] == pytest.approx((10 + 20) / (4 + 5))
+    assert s["ar"]["speedup_vs_hf_generate"] == pytest.approx(2.0)
+    assert s["redrafter"]["speedup_vs_ar"] == pytest.approx((11 / 0.5 / 11 + 21 / 0.5 / 10.5) / 2)
+    assert s["redrafter"]["identical_to_ar"] == "1/2" and s["redrafter"]["first_divergences"] == [10]
+    assert s["ar"]["tokens_per_s"] == pytest.approx((11 + 10.5) / 2)
+    assert first_divergence([1, 2], [1, 2, 3]) == 2 and first_divergence([1], [1]) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_methods():
+    target = tiny_target("llama")
+    torch.manual_seed(0)
+    drafter = Drafter(DrafterConfig(hidden_size=64, vocab_size=TINY_VOCAB)).eval()
+    ctx = BenchContext(target=target, tokenizer=None, stop_token_ids=(), threads=1)
+    methods, skipped = build_methods(["hf-generate", "ar", "redrafter", "hf-prompt-lookup", "hf-assisted"], ctx,
+                                     drafter=drafter, beams=[BeamConfig(2, 3), BeamConfig(3, 4)])
+    return methods, skipped
+
+
+def test_real_methods_on_a_tiny_model_agree_and_write_outputs(tiny_methods, tmp_path):
+    methods, skipped = tiny_methods
+    assert [m.name for m in methods] == ["hf-generate", "ar", "redrafter[W=2,L=3]", "redrafter[W=3,L=4]",
+                                         "hf-prompt-lookup"]
+    assert skipped == {"hf-assisted": "no --assistant-model given"}
+    items = [Item(p, 1) for p in PROMPTS]
+    rows = run_bench(items, methods, encode=encode, decode=decode, max_new_tokens=12, warmup_tokens=2, progress=False)
+    for r in rows:
+        assert r["identical_to_ar"] is True, r  # greedy: every method reproduces plain decoding
+        assert r["num_new_tokens"] == 12
+        if r["method"] in ("hf-generate", "ar"):
+            assert r["num_steps"] == 11 and r["tau"] == 1.0
+    summary = summarise(rows)
+    assert set(summary["categories"]) == {"a", "b"}
+    written = write_outputs(tmp_path, rows, summary, {"dataset": "tiny", "machine": {}, "skipped": skipped})
+    names = {p.name for p in written}
+    assert {"results.jsonl", "summary.json", "summary.md", "speedup_per_category.png", "tau_grid.png"} <= names
+    document = json.loads((tmp_path / "summary.json").read_text())
+    for entry in document["methods"].values():
+        assert {"tokens_per_s", "tau", "speedup_vs_hf_generate", "speedup_vs_ar", "identical_to_ar"} <= set(entry)
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(rows)
+    assert "| ar |" in (tmp_path / "summary.md").read_text()
+
+
+def test_workloads():
+    mt = load_workload("mt-bench", turns=(1, 2))
+    assert len(mt) == 160 and len({p.category for p, _ in mt}) == 8
+    assert len(load_workload("mt-bench", limit=3, categories=["coding"], turns=(1,))) == 3
+    assert len(load_workload("humaneval", turns=(1,))) == 164
+
+
+@pytest.mark.slow
+def test_smoke_on_smollm2(smollm2, tmp_path, capsys):
+    target, _ = smollm2
+    torch.manual_seed(0)
+    save_drafter(Drafter(DrafterConfig(hidden_size=target.info.hidden_size, vocab_size=target.info.vocab_size,
+                                       exit_dim=64)), tmp_path / "drafter")
+    code = main(["bench", "--dataset", "mt-bench", "--limit", "2", "--turns", "1", "--max-new-tokens", "16",
+                 "--dtype", "float32", "--methods", "hf-generate,ar,redrafter,hf-prompt-lookup",
+                 "--drafter", str(tmp_path / "drafter"), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["settings"]["machine"]["threads"] == 2
+    methods = summary["methods"]
+    assert set(methods) == {"hf-generate", "ar", "redrafter[W=4,L=5]", "hf-prompt-lookup"}
+    assert methods["redrafter[W=4,L=5]"]["identical_to_ar"] == "2/2"
+    assert methods["hf-generate"]["identical_to_ar"] == "2/2"
+    assert methods["ar"]["tau"] == 1.0
