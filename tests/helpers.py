@@ -10,12 +10,12 @@ from redrafter.models.hf import TransformersTarget
 TINY_VOCAB = 96
 
 
-def tiny_model(kind: str, *, seed: int = 0, vocab: int = TINY_VOCAB, dtype=torch.float32):
-    """A 2-layer random model of the given architecture ("llama" or "qwen2") with peaked logits
-    (large init) so greedy choices are not near-ties."""
+def tiny_model(kind: str, *, seed: int = 0, vocab: int = TINY_VOCAB, dtype=torch.float32, init: float = 0.2):
+    """A 2-layer random model of the given architecture ("llama" or "qwen2"); the default large init
+    gives peaked logits so greedy choices are not near-ties."""
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  initializer_range=0.2, eos_token_id=None, bos_token_id=None, pad_token_id=None,
+                  initializer_range=init, eos_token_id=None, bos_token_id=None, pad_token_id=None,
                   tie_word_embeddings=False)
     torch.manual_seed(seed)
     if kind == "llama":

@@ -35,6 +35,8 @@ class DrafterConfig:
 
     ``hidden_size`` is the target LLM's H; ``vocab_size`` the size of the drafter's vocabulary
     projection; ``exit_dim`` the width of the residual blocks (2H means no ``input_proj``).
+    ``target_vocab_size`` is set only for a reduced draft vocabulary (our extension): the projection
+    then covers ``vocab_size`` = V_d tokens and the checkpoint carries the map ``draft_to_target``.
     """
 
     hidden_size: int
@@ -42,6 +44,7 @@ class DrafterConfig:
     exit_dim: int | None = None
     num_draft_layers: int = 2
     rnn: bool = True
+    target_vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.exit_dim is None:
@@ -51,13 +54,23 @@ class DrafterConfig:
                 raise RedrafterError(f"drafter {name} must be >= 1, got {getattr(self, name)}")
         if self.num_draft_layers < 0:
             raise RedrafterError(f"num_draft_layers must be >= 0, got {self.num_draft_layers}")
+        if self.target_vocab_size is not None and self.target_vocab_size < self.vocab_size:
+            raise RedrafterError(f"target_vocab_size {self.target_vocab_size} is smaller than the draft "
+                                 f"vocabulary {self.vocab_size}")
+
+    @property
+    def full_vocab_size(self) -> int:
+        """The target vocabulary the drafter proposes tokens from."""
+        return self.vocab_size if self.target_vocab_size is None else self.target_vocab_size
 
     @property
     def has_input_proj(self) -> bool:
         return self.exit_dim != 2 * self.hidden_size
 
     def to_dict(self) -> dict[str, Any]:
-        """The reference ``config.json`` (TensorRT-LLM's converter reads these keys)."""
+        """The reference ``config.json`` (TensorRT-LLM's converter reads these keys), plus
+        ``target_vocab_size`` for a reduced draft vocabulary."""
+        extra = {} if self.target_vocab_size is None else {"target_vocab_size": self.target_vocab_size}
         return {
             "model_type": "recurrent_drafting_drafter",
             "architectures": ["ReDrafter"],
@@ -67,6 +80,7 @@ class DrafterConfig:
             "num_draft_layers": self.num_draft_layers,
             "rnn": self.rnn,
             "num_lookback_tokens": -1,
+            **extra,
         }
 
     @classmethod
@@ -80,6 +94,7 @@ class DrafterConfig:
             exit_dim=int(data["exit_dim"]) if data.get("exit_dim") is not None else None,
             num_draft_layers=int(data.get("num_draft_layers", 2)),
             rnn=bool(data.get("rnn", True)),
+            target_vocab_size=int(data["target_vocab_size"]) if data.get("target_vocab_size") is not None else None,
         )
 
 

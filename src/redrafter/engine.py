@@ -78,8 +78,8 @@ def check_compatible(drafter: Drafter, target: TargetModel) -> None:
     if config.hidden_size != info.hidden_size:
         raise RedrafterError(f"drafter hidden_size {config.hidden_size} does not match model "
                              f"'{info.name}' hidden size {info.hidden_size}")
-    if config.vocab_size != info.vocab_size:
-        raise RedrafterError(f"drafter vocab_size {config.vocab_size} does not match model "
+    if config.full_vocab_size != info.vocab_size:
+        raise RedrafterError(f"drafter vocab_size {config.full_vocab_size} does not match model "
                              f"'{info.name}' vocabulary size {info.vocab_size}")
 
 

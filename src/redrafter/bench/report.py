@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from redrafter.utils import write_text_atomic
+
 COLUMNS = [("tokens_per_s", "tokens/s", "{:.1f}"), ("tau", "τ", "{:.2f}"),
            ("speedup_vs_hf_generate", "× hf-generate", "{:.2f}"), ("speedup_vs_ar", "× ar", "{:.2f}"),
            ("first_token_s", "TTFT s", "{:.3f}"), ("identical_to_ar", "= ar", "{}"),
@@ -26,19 +28,13 @@ def markdown_table(methods: dict) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_outputs(out: Path, rows: Sequence[dict], summary: dict, settings: dict) -> list[Path]:
     """Write every output file; returns the paths written."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    _atomic_write(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_text_atomic(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     document = {"settings": settings, **summary}
-    _atomic_write(out / "summary.json", json.dumps(document, indent=2) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(document, indent=2) + "\n")
     md = [f"# redrafter bench: {settings.get('dataset')}", "",
           ", ".join(f"{k}={v}" for k, v in settings.items() if k not in ("machine", "skipped")), "",
           f"machine: {settings.get('machine')}", "", markdown_table(summary["methods"]), ""]
@@ -46,7 +42,7 @@ def write_outputs(out: Path, rows: Sequence[dict], summary: dict, settings: dict
         md += ["Skipped: " + "; ".join(f"{k} ({v})" for k, v in settings["skipped"].items()), ""]
     for category, methods in summary["categories"].items():
         md += [f"## {category}", "", markdown_table(methods), ""]
-    _atomic_write(out / "summary.md", "\n".join(md))
+    write_text_atomic(out / "summary.md", "\n".join(md))
     written += [out / "results.jsonl", out / "summary.json", out / "summary.md"]
     written += plot_speedup_per_category(out / "speedup_per_category.png", summary)
     written += plot_grid(out / "tau_grid.png", summary["methods"])

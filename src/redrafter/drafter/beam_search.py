@@ -20,8 +20,8 @@ class BeamSearchResult:
     """Attributes:
         beams:     (batch, W, L) token ids, g0 first.
         scores:    (batch, W) summed log q of each beam's drafted tokens, best first.
-        log_probs: (batch, W, L-1, V) the drafter's log q at each drafted position of each beam,
-                   or None when not requested.
+        log_probs: (batch, W, L-1, V_d) the drafter's log q at each drafted position of each beam
+                   (over the drafter's own vocabulary), or None when not requested.
     """
 
     beams: torch.Tensor
@@ -58,7 +58,7 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
         vocab = step_log_q.shape[-1]
         candidates = (scores.unsqueeze(-1) + step_log_q).view(batch, width * vocab)
         scores, flat = candidates.topk(width, dim=-1)  # (batch, W)
-        parent, token = flat // vocab, flat % vocab
+        parent, token = flat // vocab, drafter.to_target_ids(flat % vocab)
         beams = torch.cat([beams[rows, parent], token.unsqueeze(-1)], dim=-1)
         state = state[rows, parent]
         if return_log_probs:

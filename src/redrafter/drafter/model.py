@@ -7,14 +7,14 @@
     q   = softmax(lm_head.{num_draft_layers}(z))
 
 E is the target's input embedding table; the drafter does not own it, so callers pass embeddings.
+With a reduced draft vocabulary the projection covers V_d tokens and ``draft_to_target`` (V_d,)
+maps its indices to target token ids; drafts are proposals only, so verification stays exact.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from torch import nn
 
 from redrafter.config import DrafterConfig
 from redrafter.errors import RedrafterError
+from redrafter.utils import atomic_directory
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -55,6 +56,15 @@ class Drafter(nn.Module):
         if config.rnn:
             self.rnn_u = nn.Linear(hidden, hidden, bias=True)
             self.rnn_w = nn.Linear(hidden, hidden, bias=False)
+        self.draft_to_target: torch.Tensor | None
+        if config.target_vocab_size is not None:
+            self.register_buffer("draft_to_target", torch.arange(config.vocab_size))
+        else:
+            self.draft_to_target = None
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Map indices of the drafter's vocabulary projection to target token ids."""
+        return draft_ids if self.draft_to_target is None else self.draft_to_target[draft_ids]
 
     def initial_state(self, context: torch.Tensor) -> torch.Tensor:
         """s_0 = 0, shaped like ``context`` (..., H)."""
@@ -109,26 +119,18 @@ def load_drafter(path: str | os.PathLike, *, device: str | torch.device = "cpu",
         raise RedrafterError(f"drafter weights {path / WEIGHTS_NAME} do not match its config.json: "
                              + "; ".join(details))
     drafter.load_state_dict(state)
-    return drafter.to(device=device, dtype=dtype).eval()
+    return drafter.to(device=device, dtype=dtype).eval()  # casts floating tensors only; the map stays int64
 
 
 def save_drafter(drafter: Drafter, path: str | os.PathLike) -> None:
-    """Write the reference layout atomically: a temporary sibling directory renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in drafter.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(drafter.config.to_dict(), indent=2) + "\n")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Write the reference layout atomically (a temporary sibling directory renamed into place)."""
+    with atomic_directory(path) as tmp:
+        write_drafter_files(drafter, tmp)
+
+
+def write_drafter_files(drafter: Drafter, directory: Path, dtype: torch.dtype | None = None) -> None:
+    """``config.json`` and ``model.safetensors`` into an existing directory (floats cast to ``dtype``)."""
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+             for k, v in drafter.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(json.dumps(drafter.config.to_dict(), indent=2) + "\n")

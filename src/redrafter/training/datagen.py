@@ -1,0 +1,150 @@
+"""``redrafter datagen``: the target model answers real prompts (self-distillation data).
+
+``--answers dataset`` skips generation and stores the dataset's own answers instead (much cheaper;
+``train`` then labels every position with the target's own next token, a weaker form of
+self-distillation because the drafter's inputs are human-written tokens).
+
+Output: ``DIR/meta.json`` (model, template and sampling settings) and shards
+``DIR/shard-NNNNN.jsonl``, each written atomically once complete, one record per prompt:
+``{"id", "prompt", "prompt_ids", "response_ids", "finish_reason"}``. Re-running the same command
+skips every prompt already in a shard, so an interrupted job resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from redrafter.errors import RedrafterError
+from redrafter.utils import write_text_atomic
+
+SHARD_GLOB = "shard-*.jsonl"
+
+
+def read_records(*directories: str | os.PathLike) -> list[dict]:
+    """All records of one or more datagen directories, in shard order."""
+    records = []
+    for directory in map(Path, directories):
+        shards = sorted(directory.glob(SHARD_GLOB))
+        if not shards:
+            raise RedrafterError(f"no data shards ({SHARD_GLOB}) in {directory}")
+        records += [json.loads(line) for shard in shards for line in shard.read_text(encoding="utf-8").splitlines()
+                    if line]
+    return records
+
+
+def generate_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
+                   temperature: float, stop_ids: Sequence[int], generator_seed: int) -> list[tuple[list[int], str]]:
+    """Answers for a batch of tokenized prompts with transformers' batched generate (left padding).
+
+    Returns:
+        (response ids cut after the first stop token, "stop" | "length") per prompt.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for i, p in enumerate(prompt_ids):
+        ids[i, width - len(p):] = torch.tensor(p)
+        attention[i, width - len(p):] = 1
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else \
+        {"do_sample": False}
+    torch.manual_seed(generator_seed)
+    with torch.inference_mode():
+        out = model.generate(ids.to(model.device), attention_mask=attention.to(model.device),
+                             max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids), pad_token_id=pad, **sampling)
+    results = []
+    for row in out[:, width:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in stop_ids), None)
+        results.append((row[: cut + 1], "stop") if cut is not None else (row, "length"))
+    return results
+
+
+def dataset_answer(tokenizer, answer: str, max_new_tokens: int, stop_ids: Sequence[int]) -> tuple[list[int], str]:
+    """A dataset's own answer as response ids, ended by the chat end token as the model would."""
+    ids = tokenizer(answer.strip(), add_special_tokens=False).input_ids
+    if len(ids) >= max_new_tokens:
+        return ids[:max_new_tokens], "length"
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return ids + [end if isinstance(end, int) and end in stop_ids else stop_ids[0]], "stop"
+
+
+def run_datagen(*, model_spec: str, dataset: str, out: str, num_prompts: int, max_new_tokens: int,
+                temperature: float, batch_size: int, shard_size: int, dtype: str, device: str,
+                max_prompt_tokens: int, seed: int = 0, answers: str = "model", progress: bool = True) -> dict:
+    """Generate answers for the first ``num_prompts`` (shuffled, benchmark-free) prompts."""
+    from tqdm import tqdm
+
+    from redrafter.cli import encode_prompt, stop_token_ids
+    from redrafter.models.loading import load_target
+    from redrafter.training.prompts import load_training_prompts
+
+    if batch_size < 1 or shard_size < 1 or num_prompts < 1 or max_new_tokens < 1:
+        raise RedrafterError("--batch-size, --num-prompts and --max-new-tokens must be >= 1")
+    directory = Path(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    if answers not in ("model", "dataset"):
+        raise RedrafterError(f"--answers must be model or dataset, got {answers}")
+    settings = {"model": model_spec, "dataset": dataset, "max_new_tokens": max_new_tokens,
+                "temperature": temperature, "dtype": dtype, "max_prompt_tokens": max_prompt_tokens, "seed": seed,
+                "answers": answers}
+    meta_path = directory / "meta.json"
+    if meta_path.is_file():
+        previous = {"answers": "model", **json.loads(meta_path.read_text())}  # older files lack "answers"
+        different = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
+        if different:
+            raise RedrafterError(f"{directory} holds data made with other settings {different}; use another --out")
+    else:
+        write_text_atomic(meta_path, json.dumps(settings, indent=2) + "\n")
+
+    done = {r["id"] for r in read_records(directory)} if any(directory.glob(SHARD_GLOB)) else set()
+    next_shard = len(list(directory.glob(SHARD_GLOB)))
+    target, tokenizer = load_target(model_spec, dtype=dtype, device=device)
+    stops = stop_token_ids(tokenizer, target)
+    selected, skipped_long = [], 0
+    for prompt_id, text, answer in load_training_prompts(dataset, seed=seed):
+        if len(selected) + len(done) >= num_prompts:
+            break
+        if prompt_id in done or (answers == "dataset" and answer is None):
+            continue
+        ids = encode_prompt(tokenizer, text, chat_template=True)
+        if len(ids) > max_prompt_tokens:
+            skipped_long += 1
+            continue
+        selected.append((prompt_id, text, ids, answer))
+    todo = selected
+
+    bar = tqdm(total=len(todo), desc="datagen", unit="prompt", disable=not progress)
+    new_tokens, start = 0, time.perf_counter()
+    for shard_start in range(0, len(todo), shard_size):
+        chunk = todo[shard_start: shard_start + shard_size]
+        order = sorted(range(len(chunk)), key=lambda i: len(chunk[i][2]))  # similar lengths batch together
+        records: dict[int, dict] = {}
+        for b in range(0, len(order), batch_size):
+            batch = [chunk[i] for i in order[b: b + batch_size]]
+            if answers == "model":
+                responses = generate_batch(target.model, tokenizer, [item[2] for item in batch],
+                                           max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=stops,
+                                           generator_seed=seed + next_shard * 100003 + b)
+            else:
+                responses = [dataset_answer(tokenizer, item[3], max_new_tokens, stops) for item in batch]
+            for i, (prompt_id, text, ids, _), (response, reason) in zip(order[b: b + batch_size], batch, responses):
+                records[i] = {"id": prompt_id, "prompt": text, "prompt_ids": ids, "response_ids": response,
+                              "finish_reason": reason}
+                new_tokens += len(response)
+            bar.update(len(batch))
+            bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - start):.0f} tok/s")
+        write_text_atomic(directory / f"shard-{next_shard:05d}.jsonl",
+                      "".join(json.dumps(records[i]) + "\n" for i in range(len(chunk))))
+        next_shard += 1
+    bar.close()
+    total = read_records(directory)
+    summary = {"records": len(total), "response_tokens": sum(len(r["response_ids"]) for r in total),
+               "new_records": len(todo), "new_tokens": new_tokens, "seconds": round(time.perf_counter() - start, 1),
+               "skipped_long_prompts": skipped_long}
+    return summary

@@ -1,0 +1,349 @@
+"""``redrafter train``: fit a drafter to a frozen target by self-distillation.
+
+1. Read the datagen records; hold out a fraction for evaluation.
+2. Run the frozen target once over every prompt + response: keep its hidden states h_t and its own
+   next token at every position (the labels; on greedy target-written data they equal the data).
+   Optionally store both in a safetensors file so later runs skip the target.
+3. Choose the draft vocabulary: the V_d most frequent label tokens of the training split.
+4. Train the head with the teacher-forced multi-step loss (training/loss.py): AdamW, linear warmup
+   then cosine decay, batches of about ``--batch-tokens`` tokens.
+5. Every ``--eval-every`` steps: held-out per-step top-1 accuracy and an estimated τ; every
+   ``--save-every`` steps an atomic checkpoint (drafter + optimizer state) that ``--resume`` continues.
+6. At the end: ``OUT/drafter`` (the checkpoint layout ``generate --drafter`` reads), metrics.jsonl
+   and loss.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from redrafter.config import DrafterConfig
+from redrafter.drafter.model import Drafter, load_drafter, write_drafter_files
+from redrafter.errors import RedrafterError
+from redrafter.training.datagen import read_records
+from redrafter.training.loss import accepted_run_stats, multi_step_loss
+from redrafter.utils import atomic_directory, write_text_atomic
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    draft_vocab_size: int | None = 8192  # None: the full target vocabulary
+    exit_dim: int | None = None  # None: 2H (reference default, no input_proj)
+    num_layers: int = 2
+    predict_tokens: int = 5
+    epochs: float = 2.0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: float = 0.1
+    batch_tokens: int = 4096
+    max_length: int = 1024
+    eval_fraction: float = 0.03
+    eval_every: int = 200
+    save_every: int = 200
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.predict_tokens < 1:
+            raise RedrafterError(f"--predict-tokens must be >= 1, got {self.predict_tokens}")
+        if self.epochs <= 0 or self.lr <= 0 or self.batch_tokens < 1:
+            raise RedrafterError("--epochs, --lr and --batch-tokens must be positive")
+        if not 0 < self.eval_fraction < 1:
+            raise RedrafterError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
+
+
+@dataclasses.dataclass
+class Example:
+    tokens: torch.Tensor  # (T,) long
+    label_mask: torch.Tensor  # (T,) bool: response positions
+    hidden: torch.Tensor | None = None  # (T, H) bfloat16
+    next_tokens: torch.Tensor | None = None  # (T,) long: the target's own token after each position
+
+
+def make_examples(records: list[dict], max_length: int) -> list[Example]:
+    examples = []
+    for r in records:
+        ids = (list(r["prompt_ids"]) + list(r["response_ids"]))[:max_length]
+        mask = ([False] * len(r["prompt_ids"]) + [True] * len(r["response_ids"]))[:max_length]
+        if any(mask):
+            examples.append(Example(torch.tensor(ids), torch.tensor(mask)))
+    return examples
+
+
+def fingerprint(records: list[dict], model_spec: str, max_length: int) -> str:
+    digest = hashlib.sha256(f"{model_spec}|{max_length}".encode())
+    for r in records:
+        digest.update(r["id"].encode())
+        digest.update(str(len(r["response_ids"])).encode())
+    return digest.hexdigest()[:16]
+
+
+@torch.inference_mode()
+def compute_targets(target, examples: list[Example], *, batch_tokens: int, progress: bool) -> None:
+    """Fill ``hidden`` and ``next_tokens`` with one frozen target forward per batch."""
+    from tqdm import tqdm
+
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
+    base, head = target.base, target.lm_head
+    bar = tqdm(total=sum(len(e.tokens) for e in examples), desc="target states", unit="tok", disable=not progress)
+    start = 0
+    while start < len(order):
+        width, stop = len(examples[order[start]].tokens), start + 1  # sorted: the last one is the widest
+        while stop < len(order) and len(examples[order[stop]].tokens) * (stop - start + 1) <= batch_tokens:
+            width = len(examples[order[stop]].tokens)
+            stop += 1
+        batch = [examples[i] for i in order[start:stop]]
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        attention = torch.zeros(len(batch), width, dtype=torch.long)
+        for j, e in enumerate(batch):
+            ids[j, : len(e.tokens)] = e.tokens
+            attention[j, : len(e.tokens)] = 1
+        hidden = base(input_ids=ids.to(target.device), attention_mask=attention.to(target.device)).last_hidden_state
+        next_tokens = head(hidden).argmax(dim=-1).cpu()
+        for j, e in enumerate(batch):
+            e.hidden = hidden[j, : len(e.tokens)].to(torch.bfloat16).cpu().clone()
+            e.next_tokens = next_tokens[j, : len(e.tokens)].clone()
+        bar.update(sum(len(e.tokens) for e in batch))
+        start = stop
+    bar.close()
+
+
+def save_target_cache(path: Path, examples: list[Example], key: str) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, e in enumerate(examples):
+        tensors[f"hidden.{i}"] = e.hidden.contiguous()
+        tensors[f"next.{i}"] = e.next_tokens.contiguous()
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"key": key, "count": str(len(examples))})
+    tmp.replace(path)
+
+
+def load_target_cache(path: Path, examples: list[Example], key: str) -> bool:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return False
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("key") != key or meta.get("count") != str(len(examples)):
+            return False
+        for i, e in enumerate(examples):
+            e.hidden, e.next_tokens = f.get_tensor(f"hidden.{i}"), f.get_tensor(f"next.{i}")
+    return True
+
+
+def draft_vocabulary(examples: list[Example], size: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``size`` most frequent label tokens at response positions.
+
+    Returns:
+        draft_to_target (size,) long, target_to_draft (vocab,) long with -1 for tokens left out.
+    """
+    counts: Counter = Counter()
+    for e in examples:
+        counts.update(e.next_tokens[:-1][e.label_mask[1:]].tolist())
+    chosen = [t for t, _ in counts.most_common(size)]
+    chosen += [t for t in range(vocab) if t not in set(chosen)][: size - len(chosen)]  # pad with unused ids
+    draft_to_target = torch.tensor(sorted(chosen))
+    target_to_draft = torch.full((vocab,), -1, dtype=torch.long)
+    target_to_draft[draft_to_target] = torch.arange(size)
+    return draft_to_target, target_to_draft
+
+
+def batches(examples: list[Example], batch_tokens: int, rng: random.Random) -> list[list[int]]:
+    """Length-bucketed batches of about ``batch_tokens`` padded tokens, in random order."""
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i].tokens), rng.random()))
+    result, current, width = [], [], 0
+    for i in order:
+        new_width = max(width, len(examples[i].tokens))
+        if current and new_width * (len(current) + 1) > batch_tokens:
+            result.append(current)
+            current, new_width = [], len(examples[i].tokens)
+        current.append(i)
+        width = new_width
+    if current:
+        result.append(current)
+    rng.shuffle(result)
+    return result
+
+
+def collate(examples: list[Example], device) -> tuple[torch.Tensor, ...]:
+    width = max(len(e.tokens) for e in examples)
+    hidden_size = examples[0].hidden.shape[-1]
+    tokens = torch.zeros(len(examples), width, dtype=torch.long)
+    next_tokens = torch.zeros(len(examples), width, dtype=torch.long)
+    mask = torch.zeros(len(examples), width, dtype=torch.bool)
+    hidden = torch.zeros(len(examples), width, hidden_size, dtype=torch.float32)
+    for j, e in enumerate(examples):
+        n = len(e.tokens)
+        tokens[j, :n], next_tokens[j, :n], mask[j, :n], hidden[j, :n] = e.tokens, e.next_tokens, e.label_mask, e.hidden
+    return tokens.to(device), next_tokens.to(device), mask.to(device), hidden.to(device)
+
+
+def evaluate(drafter, embed, examples: list[Example], config: TrainConfig, target_to_draft, device) -> dict:
+    drafter.eval()
+    corrects, valids, losses = [], [], []
+    with torch.no_grad():
+        for index in batches(examples, config.batch_tokens, random.Random(0)):
+            tokens, next_tokens, mask, hidden = collate([examples[i] for i in index], device)
+            out = multi_step_loss(drafter, embed, hidden, tokens, next_tokens, mask, steps=config.predict_tokens,
+                                  target_to_draft=target_to_draft)
+            losses.append(out.loss.item())
+            corrects.append(out.correct.flatten(1))
+            valids.append(out.valid.flatten(1))
+    drafter.train()
+    stats = accepted_run_stats(torch.cat(corrects, dim=1), torch.cat(valids, dim=1))
+    return {"eval_loss": sum(losses) / max(1, len(losses)), **stats}
+
+
+def plot_losses(metrics: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    evals = [(m["step"], m["eval_loss"], m["tau_w1"]) for m in metrics if "eval_loss" in m]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=0.8)
+    if evals:
+        ax.plot([e[0] for e in evals], [e[1] for e in evals], "o-", label="held-out loss")
+        twin = ax.twinx()
+        twin.plot([e[0] for e in evals], [e[2] for e in evals], "s--", color="tab:green", label="held-out τ (W=1)")
+        twin.set_ylabel("estimated τ (W=1)")
+        twin.legend(loc="upper center")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean CE per step)")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConfig, dtype: str = "float32",
+          device: str = "cpu", resume: bool = False, target_cache: str | None = None, progress: bool = True,
+          target=None) -> dict:
+    """Run training end to end; returns the final metrics."""
+    from tqdm import tqdm
+
+    from redrafter.models.loading import load_target
+
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    records = read_records(*([data] if isinstance(data, str) else data))
+    rng = random.Random(config.seed)
+    order = list(range(len(records)))
+    rng.shuffle(order)
+    held = max(1, int(len(records) * config.eval_fraction))
+    if len(records) - held < 1:
+        raise RedrafterError(f"{data} has too few records ({len(records)}) to hold some out")
+    eval_records = [records[i] for i in order[:held]]
+    train_records = [records[i] for i in order[held:]]
+
+    if target is None:
+        target, _ = load_target(model_spec, dtype=dtype, device=device)
+    train_examples = make_examples(train_records, config.max_length)
+    eval_examples = make_examples(eval_records, config.max_length)
+    everything = train_examples + eval_examples
+    key = fingerprint(train_records + eval_records, model_spec, config.max_length)
+    cache = Path(target_cache) if target_cache else None
+    if cache is None or not load_target_cache(cache, everything, key):
+        compute_targets(target, everything, batch_tokens=config.batch_tokens, progress=progress)
+        if cache is not None:
+            save_target_cache(cache, everything, key)
+
+    vocab, hidden_size = target.info.vocab_size, target.info.hidden_size
+    if config.draft_vocab_size is not None and config.draft_vocab_size < vocab:
+        draft_to_target, target_to_draft = draft_vocabulary(train_examples, config.draft_vocab_size, vocab)
+        drafter_config = DrafterConfig(hidden_size=hidden_size, vocab_size=config.draft_vocab_size,
+                                       exit_dim=config.exit_dim, num_draft_layers=config.num_layers,
+                                       target_vocab_size=vocab)
+    else:
+        draft_to_target, target_to_draft = None, None
+        drafter_config = DrafterConfig(hidden_size=hidden_size, vocab_size=vocab, exit_dim=config.exit_dim,
+                                       num_draft_layers=config.num_layers)
+    drafter = Drafter(drafter_config).to(device)
+    if draft_to_target is not None:
+        drafter.draft_to_target.copy_(draft_to_target)
+        target_to_draft = target_to_draft.to(device)
+    embed = target.embed
+    optimizer = torch.optim.AdamW(drafter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = len(batches(train_examples, config.batch_tokens, random.Random(0)))
+    total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
+    warmup = max(1, int(total_steps * config.warmup))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    checkpoint = out_dir / "checkpoint"
+    metrics_path = out_dir / "metrics.jsonl"
+    step, metrics = 0, []
+    if resume and (checkpoint / "trainer.pt").is_file():
+        state = torch.load(checkpoint / "trainer.pt", weights_only=False)
+        drafter.load_state_dict(load_drafter(checkpoint, device=device).state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.is_file() else []
+        metrics = [m for m in metrics if m["step"] <= step]
+    elif resume:
+        raise RedrafterError(f"--resume: no checkpoint in {checkpoint}")
+
+    def save(directory: Path, with_trainer: bool) -> None:
+        with atomic_directory(directory) as tmp:
+            write_drafter_files(drafter, tmp)
+            if with_trainer:
+                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                            "config": dataclasses.asdict(config)}, tmp / "trainer.pt")
+        write_text_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
+
+    drafter.train()
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress)
+    start = time.perf_counter()
+    epoch_rng = random.Random(config.seed)
+    plan = [b for _ in range(math.ceil(config.epochs) + 1) for b in batches(train_examples, config.batch_tokens, epoch_rng)]
+    while step < total_steps:
+        index = plan[step]
+        tokens, next_tokens, mask, hidden = collate([train_examples[i] for i in index], device)
+        output = multi_step_loss(drafter, embed, hidden, tokens, next_tokens, mask, steps=config.predict_tokens,
+                                 target_to_draft=target_to_draft)
+        optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        metrics.append({"step": step, "loss": round(output.loss.item(), 5), "lr": scheduler.get_last_lr()[0]})
+        bar.update(1)
+        bar.set_postfix_str(f"loss {output.loss.item():.3f}")
+        if step % config.eval_every == 0 or step == total_steps:
+            result = evaluate(drafter, embed, eval_examples, config, target_to_draft, device)
+            metrics.append({"step": step, **result})
+            bar.write(f"step {step}: held-out loss {result['eval_loss']:.3f}, accuracy per step "
+                      f"{[round(a, 3) for a in result['accuracy']]}, estimated τ (W=1) {result['tau_w1']:.2f}")
+        if step % config.save_every == 0 or step == total_steps:
+            save(checkpoint, with_trainer=True)
+    bar.close()
+    save(out_dir / "drafter", with_trainer=False)
+    plot_losses(metrics, out_dir / "loss.png")
+    final = next(m for m in reversed(metrics) if "eval_loss" in m)
+    summary = {"train_records": len(train_examples), "eval_records": len(eval_examples),
+               "train_tokens": sum(int(e.label_mask.sum()) for e in train_examples), "steps": step,
+               "seconds": round(time.perf_counter() - start, 1), **final,
+               "drafter": str(out_dir / "drafter")}
+    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
