@@ -7,7 +7,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp-install
 PROMPT ?= Explain in three sentences why the sky is blue.
 
-.PHONY: install run test clean
+# `make bench`: the benchmark quoted in docs/BENCHMARKS.md (llama.cpp joins when llama-cpp-python is installed).
+BENCH_ARGS ?= --dataset mt-bench --turns 1 --limit 20 --max-new-tokens 128 --dtype bfloat16 --threads 2 \
+	--methods hf-generate,ar,redrafter,hf-prompt-lookup,llamacpp --out runs/bench-mtbench
+
+.PHONY: install run test bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +28,9 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/redrafter generate --autoregressive --prompt "$(PROMPT)" --max-new-tokens 128
+
+bench: $(STAMP)
+	$(VENV)/bin/redrafter bench $(BENCH_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

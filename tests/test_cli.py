@@ -68,7 +68,7 @@ BAD_INPUTS = [
     (["--beam-length", "1", "--prompt", "hi"], "beam length must be >= 2"),
     (["--autoregressive", "--prompt", "   "], "prompt 1 is empty"),
     (["--autoregressive"], "no prompt given"),
-    (["--prompt", "hi"], "speculative mode needs --drafter"),
+    (["--model", "some/model/dir", "--prompt", "hi"], "no drafter ships for model"),
     (["--autoregressive", "--prompt", "hi", "--max-new-tokens", "0"], "max-new-tokens must be >= 1"),
 ]
 

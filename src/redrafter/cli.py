@@ -87,11 +87,27 @@ class TextStream:
         return delta
 
 
+def resolve_drafter(model_spec: str, drafter: str | None) -> Path:
+    """The drafter to use: ``--drafter DIR`` if given, else the one shipped for an embedded model."""
+    from redrafter.models.loading import shipped_drafter
+
+    if drafter is not None:
+        if not Path(drafter).is_dir():
+            raise RedrafterError(f"drafter directory not found: {drafter}")
+        return Path(drafter)
+    shipped = shipped_drafter(model_spec)
+    if shipped is None:
+        raise RedrafterError(f"no drafter ships for model '{model_spec}': pass --drafter DIR (train one with "
+                             "'redrafter datagen' and 'redrafter train'), or --autoregressive for plain decoding")
+    return shipped
+
+
 def add_generate_parser(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate text with ReDrafter (or plain decoding)")
     p.add_argument("--model", default=None, help="embedded model name, transformers directory, or .gguf file "
                                                  "(default: the embedded smollm2-135m-instruct)")
-    p.add_argument("--drafter", default=None, help="drafter directory (config.json + model.safetensors)")
+    p.add_argument("--drafter", default=None, help="drafter directory (config.json + model.safetensors); "
+                                                   "default: the drafter shipped for the embedded model")
     p.add_argument("--prompt", action="append", nargs="+", default=None, metavar="TEXT",
                    help="a prompt; repeat or give several for several prompts")
     p.add_argument("--prompts-file", default=None, metavar="FILE",
@@ -121,12 +137,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise RedrafterError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     prompts = read_prompts([t for group in args.prompt or [] for t in group], args.prompts_file)
-    if not args.autoregressive:
-        if args.drafter is None:
-            raise RedrafterError("speculative mode needs --drafter DIR: no trained drafter ships with the "
-                                 "default model yet; pass --autoregressive for plain decoding")
-        if not Path(args.drafter).is_dir():
-            raise RedrafterError(f"drafter directory not found: {args.drafter}")
+    drafter_path = None if args.autoregressive else resolve_drafter(args.model or DEFAULT_MODEL, args.drafter)
     if args.threads is not None:
         if args.threads < 1:
             raise RedrafterError(f"--threads must be >= 1, got {args.threads}")
@@ -136,7 +147,7 @@ def run_generate(args: argparse.Namespace) -> int:
     target, tokenizer = load_target(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device)
     proposer = None
     if not args.autoregressive:
-        drafter = load_drafter(args.drafter, device=target.device, dtype=target.dtype)
+        drafter = load_drafter(drafter_path, device=target.device, dtype=target.dtype)
         proposer = ReDrafterProposer(drafter, target, beam)
     engine = Engine(target, proposer)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, stop_token_ids=stop_token_ids(tokenizer, target))

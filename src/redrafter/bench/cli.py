@@ -13,7 +13,7 @@ def parse_grid(text: str) -> list[BeamConfig]:
     """"1,2,4x3,5" -> W in {1,2,4} × L in {3,5}."""
     try:
         widths, lengths = text.lower().split("x")
-        return [BeamConfig(width=int(w), length=int(l)) for w in widths.split(",") for l in lengths.split(",")]
+        return [BeamConfig(width=int(w), length=int(n)) for w in widths.split(",") for n in lengths.split(",")]
     except ValueError:
         raise RedrafterError(f"--grid must look like W1,W2xL1,L2 (e.g. 1,2,4x3,4,5), got '{text}'") from None
 
@@ -23,7 +23,7 @@ def add_bench_parser(subparsers) -> None:
 
     p = subparsers.add_parser("bench", help="benchmark ReDrafter against baselines on real prompts")
     p.add_argument("--model", default=None, help="model spec as for generate (default: smollm2-135m-instruct)")
-    p.add_argument("--drafter", default=None, help="drafter directory (needed by the redrafter method)")
+    p.add_argument("--drafter", default=None, help="drafter directory (default: the one shipped for the model)")
     p.add_argument("--dataset", required=True, help="mt-bench, humaneval, or a prompts file (JSONL or text)")
     p.add_argument("--methods", default="hf-generate,ar,redrafter",
                    help="comma list of hf-generate, ar, redrafter, hf-prompt-lookup, hf-assisted, llamacpp")
@@ -53,7 +53,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from redrafter.bench.report import print_table, write_outputs
     from redrafter.bench.runner import Item, machine_info, run_bench, summarise
     from redrafter.bench.workloads import load_workload
-    from redrafter.cli import encode_messages, stop_token_ids
+    from redrafter.cli import encode_messages, resolve_drafter, stop_token_ids
     from redrafter.drafter.model import load_drafter
     from redrafter.models.loading import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_gguf, load_target
 
@@ -69,14 +69,13 @@ def run_bench_command(args: argparse.Namespace) -> int:
         raise RedrafterError(f"--turns must be a comma list of integers, got '{args.turns}'") from None
     categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
     items = [Item(p, t) for p, t in load_workload(args.dataset, limit=args.limit, categories=categories, turns=turns)]
-    if "redrafter" in names and args.drafter is None:
-        raise RedrafterError("method 'redrafter' needs --drafter DIR (or leave it out of --methods)")
+    spec = args.model or DEFAULT_MODEL
+    drafter_path = resolve_drafter(spec, args.drafter) if "redrafter" in names else None
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    spec = args.model or DEFAULT_MODEL
     target, tokenizer = load_target(spec, dtype=args.dtype, device=args.device)
-    drafter = load_drafter(args.drafter, device=target.device, dtype=target.dtype) if "redrafter" in names else None
+    drafter = load_drafter(drafter_path, device=target.device, dtype=target.dtype) if drafter_path else None
     assistant = None
     if "hf-assisted" in names and args.assistant_model:
         assistant = load_target(args.assistant_model, dtype=args.dtype, device=args.device)[0].model
@@ -94,7 +93,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
                      max_new_tokens=args.max_new_tokens, warmup_tokens=args.warmup_tokens,
                      progress=not args.no_progress)
     summary = summarise(rows)
-    settings = {"dataset": args.dataset, "model": spec, "drafter": args.drafter, "methods": [m.name for m in methods],
+    settings = {"dataset": args.dataset, "model": spec, "drafter": str(drafter_path) if drafter_path else None, "methods": [m.name for m in methods],
                 "max_new_tokens": args.max_new_tokens, "turns": turns, "limit": args.limit, "categories": categories,
                 "machine": machine_info(torch.get_num_threads(), args.dtype), "skipped": skipped}
     paths = write_outputs(Path(args.out), rows, summary, settings)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Sequence
@@ -82,7 +81,7 @@ def plot_grid(path: Path, methods: dict) -> list[Path]:
         match = re.fullmatch(r"redrafter\[W=(\d+),L=(\d+)\]", name)
         if match:
             cells[(int(match[1]), int(match[2]))] = entry
-    widths, lengths = sorted({w for w, _ in cells}), sorted({l for _, l in cells})
+    widths, lengths = sorted({w for w, _ in cells}), sorted({n for _, n in cells})
     if len(cells) < 2:
         return []
     import matplotlib
@@ -92,9 +91,9 @@ def plot_grid(path: Path, methods: dict) -> list[Path]:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in [(axes[0], "tau", "τ (tokens per step)"), (axes[1], "speedup_vs_ar", "speedup vs ar")]:
-        grid = [[(cells.get((w, l)) or {}).get(key) or float("nan") for l in lengths] for w in widths]
+        grid = [[(cells.get((w, n)) or {}).get(key) or float("nan") for n in lengths] for w in widths]
         image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
-        ax.set_xticks(range(len(lengths)), [str(l) for l in lengths])
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
         ax.set_yticks(range(len(widths)), [str(w) for w in widths])
         ax.set_xlabel("beam length L")
         ax.set_ylabel("beam width W")

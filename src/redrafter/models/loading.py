@@ -42,6 +42,14 @@ EMBEDDED_MODELS = {
 }
 
 
+def shipped_drafter(spec: str) -> Path | None:
+    """The drafter trained by this project for an embedded model, shipped inside the package."""
+    if spec not in EMBEDDED_MODELS:
+        return None
+    path = Path(__file__).resolve().parent.parent / "drafters" / spec
+    return path if (path / "model.safetensors").is_file() else None
+
+
 def cache_root() -> Path:
     if os.environ.get("REDRAFTER_CACHE_DIR"):
         return Path(os.environ["REDRAFTER_CACHE_DIR"])

@@ -1,0 +1,44 @@
+"""datagen: the target writes answers in resumable shards; benchmark prompts never enter."""
+
+import json
+
+import pytest
+
+from redrafter.bench.workloads import mt_bench
+from redrafter.cli import main
+from redrafter.training.datagen import read_records
+from redrafter.training.prompts import iter_json_array, load_training_prompts, normalise
+
+
+def test_truncated_json_array_is_read_record_by_record():
+    text = '[{"a": 1}, {"a": 2},\n {"a": 3, "b": "trunc'
+    assert list(iter_json_array(text)) == [{"a": 1}, {"a": 2}]
+
+
+def test_benchmark_prompts_are_excluded(tmp_path):
+    question = mt_bench()[0].turns[0]
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(f"A fresh question about rivers.\n{question.upper()}\n  {question}  \nAnother one?\n")
+    kept = [text for _, text, _ in load_training_prompts(str(prompts))]
+    assert sorted(kept) == ["A fresh question about rivers.", "Another one?"]
+    assert normalise("Hello,   World!") == "hello world"
+
+
+@pytest.mark.slow
+def test_datagen_writes_shards_and_resumes(tmp_path, smollm2, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Name a colour number {i}."}) + "\n" for i in range(6)))
+    common = ["datagen", "--dataset", str(prompts), "--out", str(tmp_path / "d"), "--max-new-tokens", "8",
+              "--batch-size", "2", "--shard-size", "2", "--dtype", "float32", "--no-progress"]
+    assert main([*common, "--num-prompts", "4"]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["new_records"] == 4 and len(list((tmp_path / "d").glob("shard-*.jsonl"))) == 2
+    assert main([*common, "--num-prompts", "6"]) == 0  # resumes: only the two missing prompts run
+    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert second["new_records"] == 2 and second["records"] == 6
+    records = read_records(tmp_path / "d")
+    assert len({r["id"] for r in records}) == 6
+    for r in records:
+        assert 1 <= len(r["response_ids"]) <= 8 and r["prompt_ids"][-3:] and r["finish_reason"] in ("stop", "length")
+    assert main([*common, "--num-prompts", "6", "--temperature", "0.5"]) == 2  # other settings: refused
+    assert "other settings" in capsys.readouterr().err
