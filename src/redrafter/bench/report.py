@@ -114,7 +114,7 @@ def print_table(methods: dict) -> None:
     from rich.table import Table
 
     table = Table(title="redrafter bench")
-    table.add_column("method")
+    table.add_column("method", no_wrap=True)
     for _, title, _ in COLUMNS:
         table.add_column(title, justify="right")
     for name, entry in methods.items():
