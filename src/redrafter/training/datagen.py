@@ -106,9 +106,9 @@ def run_datagen(*, model_spec: str, dataset: str, out: str, num_prompts: int, ma
     next_shard = len(list(directory.glob(SHARD_GLOB)))
     target, tokenizer = load_target(model_spec, dtype=dtype, device=device)
     stops = stop_token_ids(tokenizer, target)
-    selected, skipped_long = [], 0
+    todo, skipped_long = [], 0
     for prompt_id, text, answer in load_training_prompts(dataset, seed=seed):
-        if len(selected) + len(done) >= num_prompts:
+        if len(todo) + len(done) >= num_prompts:
             break
         if prompt_id in done or (answers == "dataset" and answer is None):
             continue
@@ -116,8 +116,7 @@ def run_datagen(*, model_spec: str, dataset: str, out: str, num_prompts: int, ma
         if len(ids) > max_prompt_tokens:
             skipped_long += 1
             continue
-        selected.append((prompt_id, text, ids, answer))
-    todo = selected
+        todo.append((prompt_id, text, ids, answer))
 
     bar = tqdm(total=len(todo), desc="datagen", unit="prompt", disable=not progress)
     new_tokens, start = 0, time.perf_counter()
