@@ -6,6 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from redrafter.models.hf import TransformersTarget
+from redrafter.models.native import NativeTarget
 
 TINY_VOCAB = 96
 
@@ -29,8 +30,20 @@ def tiny_model(kind: str, *, seed: int = 0, vocab: int = TINY_VOCAB, dtype=torch
     return model.to(dtype).eval()
 
 
-def tiny_target(kind: str, **kwargs) -> TransformersTarget:
-    return TransformersTarget(tiny_model(kind, **kwargs), name=f"tiny-{kind}")
+BACKENDS = ["hf", "native"]
+
+
+def tiny_target(kind: str, backend: str = "hf", **kwargs):
+    """A tiny random model behind the given backend ("hf" or "native")."""
+    cls = NativeTarget if backend == "native" else TransformersTarget
+    return cls(tiny_model(kind, **kwargs), name=f"tiny-{kind}")
+
+
+def cache_layer(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) of one layer of either backend's cache, each (batch, kv_heads, slots, head_dim)."""
+    if hasattr(cache.kv, "layers"):
+        return cache.kv.layers[layer].keys, cache.kv.layers[layer].values
+    return cache.kv[layer, 0], cache.kv[layer, 1]
 
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos_token_id=None) -> list[int]:

@@ -24,9 +24,10 @@ def run(engine, prompts, config):
     return [finished[i] for i in range(len(prompts))]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=[(k, b) for k in ("llama", "qwen2") for b in ("hf", "native")],
+                ids=lambda p: "-".join(p))
 def case(request):
-    target = tiny_target(request.param)
+    target = tiny_target(*request.param)
     references = [hf_greedy(target.model, p, MAX_NEW) for p in PROMPTS]
     return target, references
 

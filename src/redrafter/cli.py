@@ -103,6 +103,8 @@ def resolve_drafter(model_spec: str, drafter: str | None) -> Path:
 
 
 def add_generate_parser(subparsers) -> None:
+    from redrafter.models.loading import add_backend_arguments
+
     p = subparsers.add_parser("generate", help="generate text with ReDrafter (or plain decoding)")
     p.add_argument("--model", default=None, help="embedded model name, transformers directory, or .gguf file "
                                                  "(default: the embedded smollm2-135m-instruct)")
@@ -117,8 +119,7 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--beam-length", type=int, default=DEFAULT_BEAM.length,
                    help="L, tokens per beam counting the target's own token (L-1 drafted)")
     p.add_argument("--autoregressive", action="store_true", help="plain decoding on the same backend, no drafter")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--device", default="cpu")
+    add_backend_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
     p.add_argument("--seed", type=int, default=0)
@@ -144,7 +145,8 @@ def run_generate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    target, tokenizer = load_target(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device)
+    target, tokenizer = load_target(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device,
+                                    backend=args.backend)
     proposer = None
     if not args.autoregressive:
         drafter = load_drafter(drafter_path, device=target.device, dtype=target.dtype)
@@ -177,7 +179,8 @@ def run_generate(args: argparse.Namespace) -> int:
                         "mode": "autoregressive" if args.autoregressive else "redrafter",
                         "beam_width": None if args.autoregressive else beam.width,
                         "beam_length": None if args.autoregressive else beam.length,
-                        "dtype": args.dtype,
+                        "dtype": str(target.dtype).removeprefix("torch."),
+                        "backend": type(target).__name__,
                         "threads": torch.get_num_threads(),
                     }
                     print(json.dumps(record, ensure_ascii=False), flush=True)

@@ -20,6 +20,7 @@ def parse_grid(text: str) -> list[BeamConfig]:
 
 def add_bench_parser(subparsers) -> None:
     from redrafter.cli import DEFAULT_BEAM
+    from redrafter.models.loading import add_backend_arguments
 
     p = subparsers.add_parser("bench", help="benchmark ReDrafter against baselines on real prompts")
     p.add_argument("--model", default=None, help="model spec as for generate (default: smollm2-135m-instruct)")
@@ -28,9 +29,8 @@ def add_bench_parser(subparsers) -> None:
     p.add_argument("--methods", default="hf-generate,ar,redrafter",
                    help="comma list of hf-generate, ar, redrafter, hf-prompt-lookup, hf-assisted, llamacpp")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    add_backend_arguments(p)
     p.add_argument("--threads", type=int, default=2, help="torch threads for every method (recorded)")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--limit", type=int, default=None, help="first N prompts (after --categories)")
     p.add_argument("--categories", default=None, help="comma list of categories to keep")
@@ -74,11 +74,12 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    target, tokenizer = load_target(spec, dtype=args.dtype, device=args.device)
+    target, tokenizer = load_target(spec, dtype=args.dtype, device=args.device, backend=args.backend)
     drafter = load_drafter(drafter_path, device=target.device, dtype=target.dtype) if drafter_path else None
     assistant = None
     if "hf-assisted" in names and args.assistant_model:
-        assistant = load_target(args.assistant_model, dtype=args.dtype, device=args.device)[0].model
+        assistant = load_target(args.assistant_model, dtype=target.dtype, device=args.device,
+                                backend="hf")[0].model
     gguf = str(embedded_gguf(spec)) if spec in EMBEDDED_MODELS else (spec if spec.endswith(".gguf") else None)
     stops = stop_token_ids(tokenizer, target)
     ctx = BenchContext(target=target, tokenizer=tokenizer, stop_token_ids=stops, gguf_path=gguf, threads=args.threads)
@@ -95,7 +96,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     summary = summarise(rows)
     settings = {"dataset": args.dataset, "model": spec, "drafter": str(drafter_path) if drafter_path else None, "methods": [m.name for m in methods],
                 "max_new_tokens": args.max_new_tokens, "turns": turns, "limit": args.limit, "categories": categories,
-                "machine": machine_info(torch.get_num_threads(), args.dtype), "skipped": skipped}
+                "machine": machine_info(torch.get_num_threads(), str(target.dtype).removeprefix("torch.")),
+                "backend": type(target).__name__, "skipped": skipped}
     paths = write_outputs(Path(args.out), rows, summary, settings)
     print_table(summary["methods"])
     for name, reason in skipped.items():

@@ -29,6 +29,23 @@ class HFCache:
         return self.kv.get_seq_length()
 
 
+def target_info(model: PreTrainedModel, name: str = "") -> TargetInfo:
+    """Static facts about a transformers causal LM (stop tokens from its generation config)."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    if eos is None:
+        eos = text_config.eos_token_id
+    stop = tuple(sorted({eos} if isinstance(eos, int) else set(eos or ())))
+    return TargetInfo(
+        name=name or getattr(config, "_name_or_path", type(model).__name__),
+        hidden_size=text_config.hidden_size,
+        vocab_size=model.get_output_embeddings().weight.shape[0],
+        max_positions=getattr(text_config, "max_position_embeddings", 1 << 20),
+        stop_token_ids=stop,
+    )
+
+
 class TransformersTarget:
     """The transformers implementation of the TargetModel protocol."""
 
@@ -38,19 +55,7 @@ class TransformersTarget:
         self.lm_head = model.get_output_embeddings()
         if self.lm_head is None:
             raise RedrafterError(f"model {name or type(model).__name__} has no LM head")
-        config = model.config
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-        if eos is None:
-            eos = text_config.eos_token_id
-        stop = tuple(sorted({eos} if isinstance(eos, int) else set(eos or ())))
-        self.info = TargetInfo(
-            name=name or getattr(config, "_name_or_path", type(model).__name__),
-            hidden_size=text_config.hidden_size,
-            vocab_size=self.lm_head.weight.shape[0],
-            max_positions=getattr(text_config, "max_position_embeddings", 1 << 20),
-            stop_token_ids=stop,
-        )
+        self.info = target_info(model, name)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
 

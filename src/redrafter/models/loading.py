@@ -28,6 +28,36 @@ from redrafter.errors import RedrafterError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+BACKENDS = ("auto", "native", "hf")
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """A dtype name to a torch dtype. "auto" is bfloat16 where the hardware computes in it (CUDA;
+    CPUs whose oneDNN has bf16 kernels, i.e. AVX-512 BF16 / AMX), else float32: on an AVX2-only CPU a
+    bf16 matrix product runs ~5-10x slower than float32, so multi-token (tree) forwards would crawl."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        kind = torch.device(device).type
+        if kind == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if kind == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise RedrafterError(f"unknown dtype '{dtype}' (expected one of {', '.join(DTYPE_CHOICES)})")
+    return DTYPES[dtype]
+
+
+def add_backend_arguments(parser, *, dtype_default: str = "auto") -> None:
+    """--backend, --dtype and --device, the same for every command that loads a target model."""
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="native (lean static-cache Llama/Qwen2/Mistral), hf (any transformers causal LM), "
+                             "or auto: native where supported")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=dtype_default,
+                        help="auto: bfloat16 on hardware with bf16 compute (CUDA, AVX-512 BF16/AMX), else float32")
+    parser.add_argument("--device", default="cpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,9 +151,12 @@ def converted_gguf(gguf: Path, out: Path) -> Path:
     return out
 
 
-def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float32",
-                device: str | torch.device = "cpu"):
-    """Load SPEC as a ``TransformersTarget`` and its tokenizer.
+def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
+                device: str | torch.device = "cpu", backend: str = "auto"):
+    """Load SPEC as a target backend and its tokenizer.
+
+    ``backend``: "native" (the lean static-cache implementation; Llama, Qwen2, Mistral), "hf" (any
+    transformers causal LM), or "auto": native where the architecture is supported, else hf.
 
     Returns:
         (target, tokenizer)
@@ -131,8 +164,11 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float3
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from redrafter.models.hf import TransformersTarget
+    from redrafter.models.native import NativeTarget, unsupported_reason
 
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if backend not in BACKENDS:
+        raise RedrafterError(f"unknown backend '{backend}' (expected one of {', '.join(BACKENDS)})")
+    torch_dtype = resolve_dtype(dtype, device)
     directory = resolve_model_dir(spec)
     from transformers.utils import logging as hf_logging
 
@@ -144,4 +180,11 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float3
         raise RedrafterError(f"cannot load model from {directory}: {exc}") from None
     finally:
         hf_logging.enable_progress_bar()
-    return TransformersTarget(model, name=spec), tokenizer
+    reason = unsupported_reason(model.config)
+    if backend == "native" and reason is not None:
+        raise RedrafterError(f"the native backend does not support {reason}; use --backend hf")
+    if backend == "hf" or reason is not None:
+        if backend == "auto":
+            logging.getLogger(__name__).info("native backend does not support %s; using transformers", reason)
+        return TransformersTarget(model, name=spec), tokenizer
+    return NativeTarget(model, name=spec), tokenizer

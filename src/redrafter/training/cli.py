@@ -7,6 +7,8 @@ import json
 
 
 def add_datagen_parser(subparsers) -> None:
+    from redrafter.models.loading import add_backend_arguments
+
     p = subparsers.add_parser("datagen", help="the target answers real prompts: drafter training data")
     p.add_argument("--model", default=None, help="model spec (default: smollm2-135m-instruct)")
     p.add_argument("--dataset", default="sharegpt", help="sharegpt, chitchat, or a prompts file")
@@ -17,8 +19,7 @@ def add_datagen_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--shard-size", type=int, default=64, help="prompts per shard (the unit of resumption)")
     p.add_argument("--max-prompt-tokens", type=int, default=512)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
-    p.add_argument("--device", default="cpu")
+    add_backend_arguments(p)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--answers", choices=("model", "dataset"), default="model",
@@ -38,13 +39,15 @@ def run_datagen_command(args: argparse.Namespace) -> int:
     summary = run_datagen(model_spec=args.model or DEFAULT_MODEL, dataset=args.dataset, out=args.out,
                           num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, batch_size=args.batch_size, shard_size=args.shard_size,
-                          dtype=args.dtype, device=args.device, max_prompt_tokens=args.max_prompt_tokens,
+                          dtype=args.dtype, device=args.device, backend=args.backend,
+                          max_prompt_tokens=args.max_prompt_tokens,
                           seed=args.seed, answers=args.answers, progress=not args.no_progress)
     print(json.dumps(summary))
     return 0
 
 
 def add_train_parser(subparsers) -> None:
+    from redrafter.models.loading import add_backend_arguments
     from redrafter.training.train import TrainConfig
 
     d = TrainConfig()
@@ -69,8 +72,7 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--target-cache", default=None, help="safetensors file for the target's hidden states")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--device", default="cpu")
+    add_backend_arguments(p, dtype_default="float32")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_train_command)
@@ -91,7 +93,7 @@ def run_train_command(args: argparse.Namespace) -> int:
                          eval_fraction=args.eval_fraction, eval_every=args.eval_every, save_every=args.save_every,
                          seed=args.seed)
     summary = train(model_spec=args.model or DEFAULT_MODEL, data=args.data, out=args.out, config=config,
-                    dtype=args.dtype, device=args.device, resume=args.resume, target_cache=args.target_cache,
+                    dtype=args.dtype, device=args.device, backend=args.backend, resume=args.resume, target_cache=args.target_cache,
                     progress=not args.no_progress)
     print(json.dumps(summary))
     return 0

@@ -38,13 +38,23 @@ def read_records(*directories: str | os.PathLike) -> list[dict]:
     return records
 
 
-def generate_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
+def generate_batch(target, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
                    temperature: float, stop_ids: Sequence[int], generator_seed: int) -> list[tuple[list[int], str]]:
-    """Answers for a batch of tokenized prompts with transformers' batched generate (left padding).
+    """Answers for a batch of tokenized prompts: greedy ones with our engine (plain decoding on the
+    target's backend, rows of any length in one batch), sampled ones with transformers' batched
+    generate (left padding) until the engine samples.
 
     Returns:
         (response ids cut after the first stop token, "stop" | "length") per prompt.
     """
+    if temperature <= 0:
+        from redrafter.config import GenerationConfig
+        from redrafter.engine import Engine, FinishEvent
+
+        config = GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=tuple(stop_ids))
+        finished = {e.row: e for e in Engine(target).generate(prompt_ids, config) if isinstance(e, FinishEvent)}
+        return [(list(finished[i].token_ids), finished[i].reason) for i in range(len(prompt_ids))]
+    model = target.model
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     width = max(len(p) for p in prompt_ids)
     ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
@@ -75,13 +85,13 @@ def dataset_answer(tokenizer, answer: str, max_new_tokens: int, stop_ids: Sequen
 
 
 def run_datagen(*, model_spec: str, dataset: str, out: str, num_prompts: int, max_new_tokens: int,
-                temperature: float, batch_size: int, shard_size: int, dtype: str, device: str,
+                temperature: float, batch_size: int, shard_size: int, dtype: str, device: str, backend: str = "auto",
                 max_prompt_tokens: int, seed: int = 0, answers: str = "model", progress: bool = True) -> dict:
     """Generate answers for the first ``num_prompts`` (shuffled, benchmark-free) prompts."""
     from tqdm import tqdm
 
     from redrafter.cli import encode_prompt, stop_token_ids
-    from redrafter.models.loading import load_target
+    from redrafter.models.loading import load_target, resolve_dtype
     from redrafter.training.prompts import load_training_prompts
 
     if batch_size < 1 or shard_size < 1 or num_prompts < 1 or max_new_tokens < 1:
@@ -91,7 +101,7 @@ def run_datagen(*, model_spec: str, dataset: str, out: str, num_prompts: int, ma
     if answers not in ("model", "dataset"):
         raise RedrafterError(f"--answers must be model or dataset, got {answers}")
     settings = {"model": model_spec, "dataset": dataset, "max_new_tokens": max_new_tokens,
-                "temperature": temperature, "dtype": dtype, "max_prompt_tokens": max_prompt_tokens, "seed": seed,
+                "temperature": temperature, "dtype": str(resolve_dtype(dtype, device)).removeprefix("torch."), "max_prompt_tokens": max_prompt_tokens, "seed": seed,
                 "answers": answers}
     meta_path = directory / "meta.json"
     if meta_path.is_file():
@@ -104,7 +114,7 @@ def run_datagen(*, model_spec: str, dataset: str, out: str, num_prompts: int, ma
 
     done = {r["id"] for r in read_records(directory)} if any(directory.glob(SHARD_GLOB)) else set()
     next_shard = len(list(directory.glob(SHARD_GLOB)))
-    target, tokenizer = load_target(model_spec, dtype=dtype, device=device)
+    target, tokenizer = load_target(model_spec, dtype=dtype, device=device, backend=backend)
     stops = stop_token_ids(tokenizer, target)
     todo, skipped_long = [], 0
     for prompt_id, text, answer in load_training_prompts(dataset, seed=seed):
@@ -127,7 +137,7 @@ def run_datagen(*, model_spec: str, dataset: str, out: str, num_prompts: int, ma
         for b in range(0, len(order), batch_size):
             batch = [chunk[i] for i in order[b: b + batch_size]]
             if answers == "model":
-                responses = generate_batch(target.model, tokenizer, [item[2] for item in batch],
+                responses = generate_batch(target, tokenizer, [item[2] for item in batch],
                                            max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=stops,
                                            generator_seed=seed + next_shard * 100003 + b)
             else:

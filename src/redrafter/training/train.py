@@ -92,7 +92,6 @@ def compute_targets(target, examples: list[Example], *, batch_tokens: int, progr
     from tqdm import tqdm
 
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
-    base, head = target.base, target.lm_head
     bar = tqdm(total=sum(len(e.tokens) for e in examples), desc="target states", unit="tok", disable=not progress)
     start = 0
     while start < len(order):
@@ -102,12 +101,12 @@ def compute_targets(target, examples: list[Example], *, batch_tokens: int, progr
             stop += 1
         batch = [examples[i] for i in order[start:stop]]
         ids = torch.zeros(len(batch), width, dtype=torch.long)
-        attention = torch.zeros(len(batch), width, dtype=torch.long)
         for j, e in enumerate(batch):
             ids[j, : len(e.tokens)] = e.tokens
-            attention[j, : len(e.tokens)] = 1
-        hidden = base(input_ids=ids.to(target.device), attention_mask=attention.to(target.device)).last_hidden_state
-        next_tokens = head(hidden).argmax(dim=-1).cpu()
+        positions = torch.arange(width, device=target.device).expand(len(batch), width)
+        causal = torch.ones(width, width, dtype=torch.bool, device=target.device).tril().expand(len(batch), width, width)
+        out = target.forward(ids.to(target.device), positions, causal, target.new_cache(len(batch)))
+        hidden, next_tokens = out.hidden, out.logits.argmax(dim=-1).cpu()
         for j, e in enumerate(batch):
             e.hidden = hidden[j, : len(e.tokens)].to(torch.bfloat16).cpu().clone()
             e.next_tokens = next_tokens[j, : len(e.tokens)].clone()
@@ -231,7 +230,7 @@ def plot_losses(metrics: list[dict], path: Path) -> None:
 
 
 def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConfig, dtype: str = "float32",
-          device: str = "cpu", resume: bool = False, target_cache: str | None = None, progress: bool = True,
+          device: str = "cpu", backend: str = "auto", resume: bool = False, target_cache: str | None = None, progress: bool = True,
           target=None) -> dict:
     """Run training end to end; returns the final metrics."""
     from tqdm import tqdm
@@ -252,7 +251,7 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
     train_records = [records[i] for i in order[held:]]
 
     if target is None:
-        target, _ = load_target(model_spec, dtype=dtype, device=device)
+        target, _ = load_target(model_spec, dtype=dtype, device=device, backend=backend)
     train_examples = make_examples(train_records, config.max_length)
     eval_examples = make_examples(eval_records, config.max_length)
     everything = train_examples + eval_examples

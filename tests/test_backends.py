@@ -1,10 +1,11 @@
-"""Transformers backend: tree verification equals sequential decoding; commit keeps exactly the path."""
+"""Both target backends (transformers and native): tree verification equals sequential decoding of the
+plain transformers model; commit keeps exactly the accepted path."""
 
 import pytest
 import torch
 from transformers import DynamicCache
 
-from helpers import TINY_VOCAB, tiny_target
+from helpers import BACKENDS, TINY_VOCAB, cache_layer, tiny_target
 from redrafter.tree import pack, unpack
 
 
@@ -31,18 +32,20 @@ def prefill(target, prompts):
     return cache, out
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_prefill_logits_equal_sequential_with_ragged_batch(kind):
-    target = tiny_target(kind)
+def test_prefill_logits_equal_sequential_with_ragged_batch(kind, backend):
+    target = tiny_target(kind, backend)
     prompts = [[3, 1, 4, 1, 5, 9, 2], [6, 5, 3]]
     _, out = prefill(target, prompts)
     for i, p in enumerate(prompts):
         torch.testing.assert_close(out.logits[i, : len(p)], sequential(target.model, p), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_tree_logits_equal_sequential_then_commit(kind):
-    target = tiny_target(kind)
+def test_tree_logits_equal_sequential_then_commit(kind, backend):
+    target = tiny_target(kind, backend)
     prompts = [[3, 1, 4, 1, 5, 9, 2], [6, 5, 3]]
     cache, _ = prefill(target, prompts)
     generator = torch.Generator().manual_seed(1)
@@ -72,10 +75,11 @@ def test_tree_logits_equal_sequential_then_commit(kind):
         torch.testing.assert_close(out.logits[b, 0], reference, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_compacted_cache_equals_plain_cache(kind):
+def test_compacted_cache_equals_plain_cache(kind, backend):
     """After any accept pattern, the committed cache equals the cache of plain decoding of the same tokens."""
-    target = tiny_target(kind)
+    target = tiny_target(kind, backend)
     prompt = [2, 7, 1, 8]
     cache, _ = prefill(target, [prompt])
     path = list(prompt)
@@ -92,15 +96,51 @@ def test_compacted_cache_equals_plain_cache(kind):
     with torch.no_grad():
         target.model(input_ids=torch.tensor([path]), cache=plain, use_cache=True)
     assert cache.lengths.tolist() == [len(path)]
-    for ours, theirs in zip(cache.kv.layers, plain.layers):
-        torch.testing.assert_close(ours.keys[:, :, : len(path)], theirs.keys, atol=1e-5, rtol=0)
-        torch.testing.assert_close(ours.values[:, :, : len(path)], theirs.values, atol=1e-5, rtol=0)
+    for layer, theirs in enumerate(plain.layers):
+        keys, values = cache_layer(cache, layer)
+        torch.testing.assert_close(keys[:, :, : len(path)], theirs.keys, atol=1e-5, rtol=0)
+        torch.testing.assert_close(values[:, :, : len(path)], theirs.values, atol=1e-5, rtol=0)
 
 
-def test_hidden_state_is_final_norm_output():
-    target = tiny_target("llama")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hidden_state_is_final_norm_output(backend):
+    target = tiny_target("llama", backend)
     cache, out = prefill(target, [[1, 2, 3]])
     with torch.no_grad():
         reference = target.model(input_ids=torch.tensor([[1, 2, 3]]))
         # The hidden state is the LM head's input: projecting it gives the model's own logits.
-        torch.testing.assert_close(target.lm_head(out.hidden), reference.logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(target.model.get_output_embeddings()(out.hidden), reference.logits, atol=1e-4, rtol=0)
+
+
+def test_native_cache_grows_and_matches_transformers_backend_on_a_ragged_batch():
+    """Native and transformers backends give the same logits step by step on a ragged batch, with the
+    native cache starting too small (it must grow while keeping what it holds)."""
+    native, hf = tiny_target("qwen2", "native"), tiny_target("qwen2", "hf")
+    prompts = [[5, 4, 3, 2, 1, 9, 9, 9], [8], [7, 7, 2]]
+    caches = {"native": native.new_cache(3, capacity=2), "hf": hf.new_cache(3)}
+    outs = {}
+    for name, target in (("native", native), ("hf", hf)):
+        width = 8
+        tokens = torch.zeros(3, width, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.tensor(p)
+        positions = torch.arange(width).expand(3, width)
+        outs[name] = [target.forward(tokens, positions, torch.ones(width, width, dtype=torch.bool).tril().expand(3, -1, -1),
+                                     caches[name])]
+        target.commit(caches[name], positions, torch.tensor([len(p) for p in prompts]))
+    generator = torch.Generator().manual_seed(4)
+    for step in range(6):
+        beams = torch.randint(0, TINY_VOCAB, (3, 3, 4), generator=generator)
+        beams[:, :, 0] = beams[:, :1, 0]
+        tree = pack(beams)
+        choice = torch.randint(0, 3, (3,), generator=generator)
+        counts = torch.randint(1, 5, (3,), generator=generator)
+        for name, target in (("native", native), ("hf", hf)):
+            cache = caches[name]
+            outs[name].append(target.forward(tree.tokens, cache.lengths.view(3, 1) + tree.depths, tree.mask, cache))
+            target.commit(cache, tree.unpacker[torch.arange(3), choice], counts)
+    assert caches["native"].capacity > 2
+    assert caches["native"].lengths.tolist() == caches["hf"].lengths.tolist()
+    for a, b in zip(outs["native"], outs["hf"]):
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(a.hidden, b.hidden, atol=1e-4, rtol=0)

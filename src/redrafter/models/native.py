@@ -1,0 +1,248 @@
+"""The native backend: a lean Llama / Qwen2 / Mistral decoder with a static, position-indexed KV cache.
+
+What it does differently from the transformers backend, all in plain device-agnostic PyTorch:
+
+- One pre-allocated cache tensor for every layer, (layers, 2, batch, kv_heads, capacity, head_dim).
+  A forward writes its n new tokens at slots ``lengths[b] .. lengths[b] + n - 1`` of each row and
+  attends over slots ``0 .. max(lengths) + n - 1`` with one boolean mask (committed slots of the row,
+  then the given tree mask), through ``scaled_dot_product_attention`` with grouped KV heads.
+- Commit moves the accepted tree tokens down to ``lengths[b] + j`` with one gather and one scatter over
+  the whole cache tensor (all layers, keys and values at once); plain decoding and prefill, whose kept
+  tokens are already in place, move nothing.
+- Fused projections (q|k|v and gate|up) and few Python operations per layer.
+- For a handful of rows, ``linear`` computes ``weight @ x^T`` instead of ``x @ weight^T`` (same products,
+  same result): CPU BLAS then streams each weight once instead of repacking it for a tiny GEMM, which
+  is what makes verifying a small tree cost about one decode step. Choose with ``weight_major_rows``.
+
+The weights come from a transformers model (so every source the transformers backend reads works
+here: HF directories, GGUF, the embedded default); its rotary embedding module is reused as is, so
+every RoPE variant transformers knows (default, linear, llama3, yarn, ...) is computed the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from redrafter.errors import RedrafterError
+from redrafter.models.base import ForwardOutput, TargetInfo
+from redrafter.models.hf import target_info
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+def unsupported_reason(config) -> str | None:
+    """Why the native backend cannot run a transformers config (None when it can)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"architecture '{model_type}' (native supports {', '.join(SUPPORTED_MODEL_TYPES)})"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act}"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", model_type == "mistral"):
+        return "sliding-window attention"
+    if getattr(config, "pretraining_tp", 1) not in (None, 1):
+        return "pretraining_tp > 1"
+    return None
+
+
+@dataclasses.dataclass
+class NativeCache:
+    """Per-row committed lengths over one static cache tensor.
+
+    ``kv`` is (layers, 2, batch, kv_heads, capacity, head_dim); slots at or beyond ``lengths[b]`` are
+    stale for row b (a pending forward's tokens sit there until ``commit``). The capacity grows by
+    doubling when a forward needs more slots, so callers need not know the final length up front.
+    """
+
+    kv: torch.Tensor
+    lengths: torch.Tensor  # (batch,) long
+    pending: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.kv.shape[4]
+
+
+class _Layer:
+    """One decoder layer's weights, with q|k|v and gate|up fused."""
+
+    def __init__(self, hf_layer: nn.Module, heads: int, kv_heads: int, head_dim: int) -> None:
+        attn, mlp = hf_layer.self_attn, hf_layer.mlp
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.input_norm = hf_layer.input_layernorm.weight
+        self.post_norm = hf_layer.post_attention_layernorm.weight
+        self.eps = hf_layer.input_layernorm.variance_epsilon
+        self.qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
+        biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+        self.qkv_bias = None if biases[0] is None else torch.cat(biases).detach()
+        self.o = attn.o_proj.weight.detach()
+        self.o_bias = None if attn.o_proj.bias is None else attn.o_proj.bias.detach()
+        self.gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+        self.gate_up_bias = (None if mlp.gate_proj.bias is None
+                             else torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]).detach())
+        self.down = mlp.down_proj.weight.detach()
+        self.down_bias = None if mlp.down_proj.bias is None else mlp.down_proj.bias.detach()
+        # The transformers modules now view the fused tensors, so the model stays usable without a copy.
+        q_size, kv_size = heads * head_dim, kv_heads * head_dim
+        for tensor, (q, k, v) in ((self.qkv, (attn.q_proj, attn.k_proj, attn.v_proj)),
+                                  (self.qkv_bias, (attn.q_proj, attn.k_proj, attn.v_proj))):
+            if tensor is None:
+                continue
+            name = "weight" if tensor is self.qkv else "bias"
+            getattr(q, name).data = tensor[:q_size]
+            getattr(k, name).data = tensor[q_size: q_size + kv_size]
+            getattr(v, name).data = tensor[q_size + kv_size:]
+        intermediate = self.gate_up.shape[0] // 2
+        mlp.gate_proj.weight.data, mlp.up_proj.weight.data = self.gate_up[:intermediate], self.gate_up[intermediate:]
+        if self.gate_up_bias is not None:
+            mlp.gate_proj.bias.data, mlp.up_proj.bias.data = (self.gate_up_bias[:intermediate],
+                                                              self.gate_up_bias[intermediate:])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32 and cast back, exactly as transformers' Llama/Qwen2 norms do."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class NativeTarget:
+    """The native implementation of the TargetModel protocol (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, *, name: str = "", weight_major_rows: int | None = None) -> None:
+        config = model.config
+        reason = unsupported_reason(config)
+        if reason is not None:
+            raise RedrafterError(f"the native backend does not support {reason}; use --backend hf")
+        self.model = model.eval()  # kept (sharing the fused weights) for transformers-based baselines
+        self.info: TargetInfo = target_info(model, name)
+        self.config = config
+        first = next(model.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.num_layers = config.num_hidden_layers
+        base = model.model
+        self.embedding = base.embed_tokens.weight.detach()
+        self.rotary = base.rotary_emb
+        self.norm = base.norm.weight.detach()
+        self.norm_eps = base.norm.variance_epsilon
+        self.lm_head = model.get_output_embeddings().weight.detach()
+        self.lm_head_bias = getattr(model.get_output_embeddings(), "bias", None)
+        self.layers = [_Layer(layer, self.heads, self.kv_heads, self.head_dim) for layer in base.layers]
+        # Up to this many rows, linear layers run as weight @ x^T (streams the weight; see module doc).
+        if weight_major_rows is None:
+            weight_major_rows = 64 if self.device.type == "cpu" else 0
+        self.weight_major_rows = weight_major_rows
+
+    # ------------------------------------------------------------------ cache
+
+    @torch.inference_mode()
+    def new_cache(self, batch_size: int, capacity: int = 256) -> NativeCache:
+        kv = torch.zeros(self.num_layers, 2, batch_size, self.kv_heads, capacity, self.head_dim,
+                         dtype=self.dtype, device=self.device)
+        return NativeCache(kv=kv, lengths=torch.zeros(batch_size, dtype=torch.long, device=self.device))
+
+    @staticmethod
+    def _reserve(cache: NativeCache, slots: int) -> None:
+        if slots <= cache.capacity:
+            return
+        capacity = cache.capacity
+        while capacity < slots:
+            capacity *= 2
+        grown = cache.kv.new_zeros(*cache.kv.shape[:4], capacity, cache.kv.shape[5])
+        grown[:, :, :, :, : cache.capacity] = cache.kv
+        cache.kv = grown
+
+    # ------------------------------------------------------------------ model
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.embedding)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        rows = x.shape[0] * x.shape[1]
+        if 1 < rows <= self.weight_major_rows:
+            # Back to row-major: attention kernels want unit stride in the last dimension.
+            y = (weight @ x.reshape(rows, -1).T).T.contiguous().view(*x.shape[:-1], weight.shape[0])
+            return y if bias is None else y + bias
+        return F.linear(x, weight, bias)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                cache: NativeCache) -> ForwardOutput:
+        if cache.pending:
+            raise RuntimeError("forward called twice without commit")
+        batch, n = tokens.shape
+        start = cache.lengths
+        span = int(start.max()) + n  # slots the attention reads
+        self._reserve(cache, span)
+        rows = torch.arange(batch, device=self.device).view(batch, 1)
+        slots = start.view(batch, 1) + torch.arange(n, device=self.device)  # (batch, n) where new tokens go
+        same_start = bool((start == start[0]).all())
+        # (batch, 1, n, span): the row's committed slots, then the tree mask over the new slots.
+        slot = torch.arange(span, device=self.device).view(1, span)
+        offset = slot - start.view(batch, 1)  # (batch, span) index of a slot among the new tokens
+        inside = (offset >= 0) & (offset < n)
+        tree = mask.gather(2, offset.clamp(0, n - 1).view(batch, 1, span).expand(batch, n, span))
+        allowed = ((offset < 0).view(batch, 1, span) | (inside.view(batch, 1, span) & tree)).unsqueeze(1)
+
+        x = self.embed(tokens)
+        cos, sin = self.rotary(x, positions)  # (batch, n, head_dim) in the model dtype
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        for i, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.input_norm, layer.eps)
+            qkv = self.linear(h, layer.qkv, layer.qkv_bias)
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q = q.view(batch, n, self.heads, self.head_dim).transpose(1, 2)
+            k = k.view(batch, n, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(batch, n, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            keys, values = cache.kv[i, 0], cache.kv[i, 1]  # (batch, kv_heads, capacity, head_dim)
+            if same_start:
+                s0 = int(start[0])
+                keys[:, :, s0: s0 + n] = k
+                values[:, :, s0: s0 + n] = v
+            else:
+                keys[rows, :, slots] = k.transpose(1, 2)
+                values[rows, :, slots] = v.transpose(1, 2)
+            attn = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=allowed,
+                                                  enable_gqa=self.kv_heads != self.heads)
+            attn = attn.transpose(1, 2).reshape(batch, n, q_size)
+            x = x + self.linear(attn, layer.o, layer.o_bias)
+            h = rms_norm(x, layer.post_norm, layer.eps)
+            gate, up = self.linear(h, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+            x = x + self.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+        hidden = rms_norm(x, self.norm, self.norm_eps)
+        cache.pending = n
+        return ForwardOutput(logits=self.project(hidden), hidden=hidden)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head logits (..., V) in float32."""
+        return self.linear(hidden.reshape(1, -1, hidden.shape[-1]), self.lm_head, self.lm_head_bias).float().reshape(
+            *hidden.shape[:-1], -1)
+
+    @torch.inference_mode()
+    def commit(self, cache: NativeCache, keep: torch.Tensor, counts: torch.Tensor) -> None:
+        if not cache.pending:
+            raise RuntimeError("commit called without a pending forward")
+        batch, kept = keep.shape
+        start = cache.lengths.view(batch, 1)
+        order = torch.arange(kept, device=self.device).view(1, kept)
+        # Slots past a row's count copy onto themselves; kept tokens already in place need no move.
+        source = torch.where(order < counts.view(batch, 1), keep, order)
+        if not bool((source == order).all()):
+            rows = torch.arange(batch, device=self.device).view(batch, 1)
+            cache.kv[:, :, rows, :, start + order] = cache.kv[:, :, rows, :, start + source]
+        cache.lengths = cache.lengths + counts
+        cache.pending = 0
