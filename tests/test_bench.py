@@ -138,3 +138,24 @@ def test_smoke_on_smollm2(smollm2, tmp_path, capsys):
     assert methods["redrafter[W=4,L=5]"]["identical_to_ar"] == "2/2"
     assert methods["hf-generate"]["identical_to_ar"] == "2/2"
     assert methods["ar"]["tau"] == 1.0
+
+
+def test_profile_curve_and_phase_breakdown_on_both_backends():
+    from redrafter.bench.profile import phase_breakdown, verify_curve
+    from redrafter import BeamConfig, Drafter, DrafterConfig, ReDrafterProposer
+
+    for backend in ("hf", "native"):
+        target = tiny_target("llama", backend)
+        curve = verify_curve(target, context=20, sizes=[1, 4], repeats=2)
+        assert sorted(curve) == [1, 4] and all(v > 0 for v in curve.values())
+        torch.manual_seed(0)
+        drafter = Drafter(DrafterConfig(hidden_size=64, vocab_size=TINY_VOCAB)).eval()
+        proposer = ReDrafterProposer(drafter, target, BeamConfig(width=2, length=3))
+        result = phase_breakdown(target, proposer, [3, 1, 4, 1, 5], max_new_tokens=12, stop_ids=())
+        assert result["tokens"] == 12
+        phases = result["ms_per_step"]
+        assert {"target forward", "commit", "drafting", "tree packing"} <= set(phases)
+        assert all(v >= 0 for v in phases.values())
+        assert "propose" not in vars(proposer)  # the timing wrapper is removed again
+        plain = phase_breakdown(target, None, [3, 1, 4, 1, 5], max_new_tokens=12, stop_ids=())
+        assert plain["tau"] == 1.0 and "drafting" not in plain["ms_per_step"]

@@ -118,3 +118,38 @@ def test_trained_reduced_vocab_drafter_is_lossless_and_accepts(target, data_dir,
         assert list(result.token_ids) == reference
         tokens, steps = tokens + result.stats.num_new_tokens - 1, steps + result.stats.num_steps
     assert tokens / steps > 1.15  # the trained drafter is accepted, unlike a random one (~1.0)
+
+
+def test_two_process_data_parallel_training_equals_one_process(target, data_dir, tmp_path):
+    """``torchrun --nproc-per-node 2 -m redrafter train`` (gloo on CPU) ends with the same weights as one
+    process on the same global batches."""
+    import os
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    model_dir = tmp_path / "tiny-model"
+    target.model.save_pretrained(model_dir)
+    vocab = {f"t{i}": i for i in range(TINY_VOCAB)}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0"))).save_pretrained(model_dir)
+    common = ["train", "--model", str(model_dir), "--data", str(data_dir), "--draft-vocab-size", "48",
+              "--epochs", "1", "--batch-tokens", "256", "--predict-tokens", "3", "--eval-every", "1000",
+              "--threads", "1", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "redrafter", *common, "--out", str(tmp_path / "one")],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "redrafter", *common, "--out", str(tmp_path / "two")],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert double.returncode == 0, double.stderr[-2000:]
+    one = json.loads(single.stdout.splitlines()[-1])
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == one["steps"] >= 5
+    a, b = load_drafter(tmp_path / "one" / "drafter"), load_drafter(tmp_path / "two" / "drafter")
+    assert torch.equal(a.draft_to_target, b.draft_to_target)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=name)
+    assert summary["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-4)

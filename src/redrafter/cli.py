@@ -196,12 +196,14 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from redrafter.bench.cli import add_bench_parser
+    from redrafter.bench.profile import add_profile_parser
     from redrafter.training.cli import add_datagen_parser, add_train_parser
 
     parser = argparse.ArgumentParser(prog="redrafter", description="ReDrafter speculative decoding")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(subparsers)
     add_bench_parser(subparsers)
+    add_profile_parser(subparsers)
     add_datagen_parser(subparsers)
     add_train_parser(subparsers)
     return parser

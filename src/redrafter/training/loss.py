@@ -25,11 +25,15 @@ class LossOutput:
         loss:     scalar, mean over steps of the mean cross-entropy at valid positions.
         correct:  (N, batch, T) bool, top-1 of step i right at position t (False where invalid).
         valid:    (N, batch, T) bool, where step i's label exists and is a response token.
+        sums:     (N,) summed cross-entropy of each step (for losses normalised across processes).
+        counts:   (N,) long, how many positions each sum covers.
     """
 
     loss: torch.Tensor
     correct: torch.Tensor
     valid: torch.Tensor
+    sums: torch.Tensor
+    counts: torch.Tensor
 
 
 def multi_step_loss(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
@@ -50,7 +54,7 @@ def multi_step_loss(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tens
     batch, length, _ = hidden.shape
     device = hidden.device
     state = torch.zeros_like(hidden)
-    losses, correct, valid = [], [], []
+    losses, correct, valid, sums, counts = [], [], [], [], []
     embedded = embed(tokens).to(hidden.dtype)  # (batch, T, H)
     for i in range(1, steps + 1):
         # input x_{t+i}; label x_{t+i+1}; positions past the end are invalid (zero-padded here)
@@ -69,14 +73,18 @@ def multi_step_loss(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tens
             trainable = ok
         logits = drafter.logits(hidden[trainable], state[trainable]).float()  # (M, V_d)
         picked = labels[trainable]
+        step_sum = torch.nn.functional.cross_entropy(logits, picked, reduction="sum")
+        sums.append(step_sum)
+        counts.append(picked.numel())
         if picked.numel():
-            losses.append(torch.nn.functional.cross_entropy(logits, picked))
+            losses.append(step_sum / picked.numel())
         hit = torch.zeros(batch, length, dtype=torch.bool, device=device)
         hit[trainable] = logits.argmax(dim=-1) == picked
         correct.append(hit)
         valid.append(ok)  # out-of-vocabulary labels count as misses
     loss = torch.stack(losses).mean() if losses else hidden.sum() * 0.0
-    return LossOutput(loss=loss, correct=torch.stack(correct), valid=torch.stack(valid))
+    return LossOutput(loss=loss, correct=torch.stack(correct), valid=torch.stack(valid), sums=torch.stack(sums),
+                      counts=torch.tensor(counts, device=device))
 
 
 def accepted_run_stats(correct: torch.Tensor, valid: torch.Tensor) -> dict:

@@ -30,6 +30,7 @@ from redrafter.config import DrafterConfig
 from redrafter.drafter.model import Drafter, load_drafter, write_drafter_files
 from redrafter.errors import RedrafterError
 from redrafter.training.datagen import read_records
+from redrafter.training.distributed import Distributed
 from redrafter.training.loss import accepted_run_stats, multi_step_loss
 from redrafter.utils import atomic_directory, write_text_atomic
 
@@ -142,14 +143,16 @@ def load_target_cache(path: Path, examples: list[Example], key: str) -> bool:
 
 
 def draft_vocabulary(examples: list[Example], size: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``size`` most frequent label tokens at response positions.
+    """The ``size`` most frequent response tokens of the data (on greedy target-written data these are
+    the labels; counting the data, not the target's labels, gives every process of a data-parallel run
+    the same vocabulary without the target states of the whole split).
 
     Returns:
         draft_to_target (size,) long, target_to_draft (vocab,) long with -1 for tokens left out.
     """
     counts: Counter = Counter()
     for e in examples:
-        counts.update(e.next_tokens[:-1][e.label_mask[1:]].tolist())
+        counts.update(e.tokens[e.label_mask].tolist())
     chosen = [t for t, _ in counts.most_common(size)]
     chosen += [t for t in range(vocab) if t not in set(chosen)][: size - len(chosen)]  # pad with unused ids
     draft_to_target = torch.tensor(sorted(chosen))
@@ -237,6 +240,9 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
 
     from redrafter.models.loading import load_target
 
+    dist = Distributed.from_env(device)
+    device = dist.device
+    progress = progress and dist.is_main
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -254,13 +260,21 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
         target, _ = load_target(model_spec, dtype=dtype, device=device, backend=backend)
     train_examples = make_examples(train_records, config.max_length)
     eval_examples = make_examples(eval_records, config.max_length)
-    everything = train_examples + eval_examples
+    steps_per_epoch = len(batches(train_examples, config.batch_tokens, random.Random(0)))
+    total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
+    epoch_rng = random.Random(config.seed)
+    plan = [b for _ in range(math.ceil(config.epochs) + 1) for b in batches(train_examples, config.batch_tokens, epoch_rng)]
+    # The target states this process needs: its share of every batch it will train on (+ the eval split).
+    mine = sorted({i for index in plan[:total_steps] for i in dist.shard(index)})
+    needed = [train_examples[i] for i in mine] + (eval_examples if dist.is_main else [])
     key = fingerprint(train_records + eval_records, model_spec, config.max_length)
     cache = Path(target_cache) if target_cache else None
-    if cache is None or not load_target_cache(cache, everything, key):
-        compute_targets(target, everything, batch_tokens=config.batch_tokens, progress=progress)
+    if cache is not None and dist.world > 1:
+        cache = cache.with_name(f"{cache.stem}.rank{dist.rank}-of-{dist.world}{cache.suffix}")
+    if cache is None or not load_target_cache(cache, needed, key):
+        compute_targets(target, needed, batch_tokens=config.batch_tokens, progress=progress)
         if cache is not None:
-            save_target_cache(cache, everything, key)
+            save_target_cache(cache, needed, key)
 
     vocab, hidden_size = target.info.vocab_size, target.info.hidden_size
     if config.draft_vocab_size is not None and config.draft_vocab_size < vocab:
@@ -278,8 +292,6 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
         target_to_draft = target_to_draft.to(device)
     embed = target.embed
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = len(batches(train_examples, config.batch_tokens, random.Random(0)))
-    total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
     warmup = max(1, int(total_steps * config.warmup))
 
     def schedule(step: int) -> float:
@@ -303,6 +315,8 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
         raise RedrafterError(f"--resume: no checkpoint in {checkpoint}")
 
     def save(directory: Path, with_trainer: bool) -> None:
+        if not dist.is_main:
+            return
         with atomic_directory(directory) as tmp:
             write_drafter_files(drafter, tmp)
             if with_trainer:
@@ -313,23 +327,22 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
     drafter.train()
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress)
     start = time.perf_counter()
-    epoch_rng = random.Random(config.seed)
-    plan = [b for _ in range(math.ceil(config.epochs) + 1) for b in batches(train_examples, config.batch_tokens, epoch_rng)]
+    parameters = list(drafter.parameters())
     while step < total_steps:
-        index = plan[step]
-        tokens, next_tokens, mask, hidden = collate([train_examples[i] for i in index], device)
-        output = multi_step_loss(drafter, embed, hidden, tokens, next_tokens, mask, steps=config.predict_tokens,
-                                 target_to_draft=target_to_draft)
+        loss = global_loss(drafter, embed, [train_examples[i] for i in dist.shard(plan[step])], config,
+                           target_to_draft, device, dist)
         optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
-        torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
+        loss.backward()
+        dist.sum_gradients(parameters)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         scheduler.step()
         step += 1
-        metrics.append({"step": step, "loss": round(output.loss.item(), 5), "lr": scheduler.get_last_lr()[0]})
+        loss_value = dist.sum_(loss.detach().clone()).item()
+        metrics.append({"step": step, "loss": round(loss_value, 5), "lr": scheduler.get_last_lr()[0]})
         bar.update(1)
-        bar.set_postfix_str(f"loss {output.loss.item():.3f}")
-        if step % config.eval_every == 0 or step == total_steps:
+        bar.set_postfix_str(f"loss {loss_value:.3f}")
+        if dist.is_main and (step % config.eval_every == 0 or step == total_steps):
             result = evaluate(drafter, embed, eval_examples, config, target_to_draft, device)
             metrics.append({"step": step, **result})
             bar.write(f"step {step}: held-out loss {result['eval_loss']:.3f}, accuracy per step "
@@ -338,11 +351,35 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
             save(checkpoint, with_trainer=True)
     bar.close()
     save(out_dir / "drafter", with_trainer=False)
+    dist.barrier()  # the other processes return once the main one has written the drafter
+    dist.close()
+    if not dist.is_main:
+        return {"rank": dist.rank, "steps": step}
     plot_losses(metrics, out_dir / "loss.png")
     final = next(m for m in reversed(metrics) if "eval_loss" in m)
     summary = {"train_records": len(train_examples), "eval_records": len(eval_examples),
                "train_tokens": sum(int(e.label_mask.sum()) for e in train_examples), "steps": step,
-               "seconds": round(time.perf_counter() - start, 1), **final,
+               "processes": dist.world, "seconds": round(time.perf_counter() - start, 1), **final,
                "drafter": str(out_dir / "drafter")}
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def global_loss(drafter: Drafter, embed, examples: list[Example], config: TrainConfig, target_to_draft, device,
+                dist: Distributed) -> torch.Tensor:
+    """This process's share of the global batch loss: for each drafter step, the summed cross-entropy of
+    its positions over the step's position count across all processes; averaged over steps. Summed
+    over processes it is the mean-over-steps of per-step mean CE of the whole global batch."""
+    counts = torch.zeros(config.predict_tokens, device=device)
+    if examples:
+        tokens, next_tokens, mask, hidden = collate(examples, device)
+        output = multi_step_loss(drafter, embed, hidden, tokens, next_tokens, mask, steps=config.predict_tokens,
+                                 target_to_draft=target_to_draft)
+        sums, counts = output.sums, output.counts.to(counts.dtype)
+    else:  # more processes than examples in this batch: contribute zero gradients
+        sums = torch.stack([sum(p.sum() for p in drafter.parameters()) * 0.0] * config.predict_tokens)
+    counts = dist.sum_(counts.clone())
+    present = counts > 0
+    if not bool(present.any()):
+        return sums.sum() * 0.0
+    return (sums[present] / counts[present]).sum() / present.sum()

@@ -1,0 +1,208 @@
+"""``redrafter profile``: where a step's time goes, per backend.
+
+1. Verify-cost curve: one forward of K tree tokens (K = 1 is a plain decode step) on top of a
+   ``--context``-token cache, median of ``--repeats`` runs, for each backend; the ratio to K = 1 is
+   what a speculative step pays for verifying K tokens at once.
+2. Drafting cost: beam search of the drafter for each W x L of ``--beams``.
+3. Phase breakdown of real generation (a chat prompt, plain and speculative): time in the target
+   forward, commit, drafting, tree packing and everything else (acceptance, bookkeeping, Python).
+
+Writes profile.json and verify_cost.png into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from redrafter.config import BeamConfig, GenerationConfig
+from redrafter.errors import RedrafterError
+
+
+def median_ms(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def filled_cache(target, context: int, seed: int = 0):
+    """A batch-1 cache holding ``context`` committed random tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, target.info.vocab_size, (1, context), generator=generator).to(target.device)
+    positions = torch.arange(context, device=target.device).view(1, context)
+    causal = torch.ones(context, context, dtype=torch.bool, device=target.device).tril().view(1, context, context)
+    cache = target.new_cache(1)
+    target.forward(tokens, positions, causal, cache)
+    target.commit(cache, positions, torch.tensor([context], device=target.device))
+    return cache
+
+
+def verify_curve(target, context: int, sizes: list[int], repeats: int) -> dict[int, float]:
+    """Median ms of one forward of K causal tree tokens (then a commit keeping none) per K."""
+    cache = filled_cache(target, context)
+    device = target.device
+    result = {}
+    with torch.inference_mode():
+        for k in sizes:
+            tokens = torch.randint(0, target.info.vocab_size, (1, k)).to(device)
+            positions = cache.lengths.view(1, 1) + torch.arange(k, device=device)
+            mask = torch.ones(k, k, dtype=torch.bool, device=device).tril().view(1, k, k)
+            keep, none = torch.zeros(1, 1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device)
+
+            def step():
+                target.forward(tokens, positions, mask, cache)
+                target.commit(cache, keep, none)
+
+            result[k] = median_ms(step, repeats)
+    return result
+
+
+def draft_cost(drafter, target, beams: list[BeamConfig], repeats: int) -> dict[str, float]:
+    from redrafter.drafter.beam_search import beam_search
+
+    context = torch.randn(1, target.info.hidden_size, dtype=target.dtype, device=target.device)
+    g0 = torch.tensor([1], device=target.device)
+    result = {}
+    with torch.inference_mode():
+        for beam in beams:
+            result[f"{beam.width}x{beam.length}"] = median_ms(
+                lambda: beam_search(drafter, target.embed, context, g0, width=beam.width, length=beam.length), repeats)
+    return result
+
+
+class PhaseTimer:
+    """Accumulates wall time of wrapped callables by phase name."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        return timed
+
+
+def phase_breakdown(target, proposer, prompt_ids: list[int], max_new_tokens: int, stop_ids) -> dict:
+    """Run one generation with the target's forward/commit, the proposer and tree packing timed."""
+    import redrafter.engine as engine_module
+    from redrafter.engine import Engine, FinishEvent
+
+    timer = PhaseTimer()
+    original = {"forward": target.forward, "commit": target.commit, "pack": engine_module.pack}
+    target.forward, target.commit = timer.wrap("target forward", target.forward), timer.wrap("commit", target.commit)
+    engine_module.pack = timer.wrap("tree packing", engine_module.pack)
+    if proposer is not None:
+        proposer.propose = timer.wrap("drafting", proposer.propose)
+    try:
+        start = time.perf_counter()
+        config = GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=tuple(stop_ids))
+        finish = next(e for e in Engine(target, proposer).generate([prompt_ids], config) if isinstance(e, FinishEvent))
+        total = time.perf_counter() - start
+    finally:
+        target.forward, target.commit = original["forward"], original["commit"]
+        engine_module.pack = original["pack"]
+        if proposer is not None:
+            del proposer.propose
+    steps = finish.stats.num_steps + 1  # + the prefill
+    phases = {name: round(s * 1e3 / steps, 2) for name, s in timer.seconds.items()}
+    phases["other (accept, bookkeeping)"] = round((total - sum(timer.seconds.values())) * 1e3 / steps, 2)
+    return {"ms_per_step": phases, "steps": steps, "tokens": finish.stats.num_new_tokens,
+            "tau": round(finish.stats.tokens_per_step, 3), "tokens_per_s": round(finish.stats.num_new_tokens / total, 2)}
+
+
+def plot_curve(curves: dict[str, dict[int, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, curve in curves.items():
+        sizes = sorted(curve)
+        ax.plot(sizes, [curve[k] for k in sizes], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tree tokens verified in one forward (K)")
+    ax.set_ylabel("ms per forward (median)")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_profile_parser(subparsers) -> None:
+    from redrafter.cli import DEFAULT_BEAM
+    from redrafter.models.loading import DTYPE_CHOICES
+
+    p = subparsers.add_parser("profile", help="per-step cost: verify-cost curve, drafting, phase breakdown")
+    p.add_argument("--model", default=None)
+    p.add_argument("--drafter", default=None, help="drafter directory (default: the shipped one, if any)")
+    p.add_argument("--backends", default="native,hf", help="comma list of native, hf")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--context", type=int, default=300, help="committed tokens before the measured forwards")
+    p.add_argument("--tree-sizes", default="1,2,4,8,16,32,64")
+    p.add_argument("--beams", default=f"{DEFAULT_BEAM.width}x{DEFAULT_BEAM.length}",
+                   help="W x L settings to time drafting for, comma separated (e.g. 1x4,2x4,4x5)")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens of the phase-breakdown generation")
+    p.add_argument("--prompt", default="Explain how a hash table works, with an example in Python.")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=run_profile_command)
+
+
+def run_profile_command(args: argparse.Namespace) -> int:
+    from redrafter.cli import encode_prompt, resolve_drafter, stop_token_ids
+    from redrafter.drafter.model import load_drafter
+    from redrafter.engine import ReDrafterProposer
+    from redrafter.models.loading import DEFAULT_MODEL, load_target, shipped_drafter
+
+    try:
+        sizes = [int(k) for k in args.tree_sizes.split(",")]
+        beams = [BeamConfig(*map(int, b.lower().split("x"))) for b in args.beams.split(",")]
+    except (ValueError, TypeError):
+        raise RedrafterError("--tree-sizes is a comma list of integers, --beams of WxL pairs") from None
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    spec = args.model or DEFAULT_MODEL
+    drafter_path = resolve_drafter(spec, args.drafter) if (args.drafter or shipped_drafter(spec)) else None
+    torch.set_num_threads(args.threads)
+    report = {"model": spec, "context": args.context, "threads": args.threads, "backends": {}}
+    for backend in backends:
+        target, tokenizer = load_target(spec, dtype=args.dtype, device=args.device, backend=backend)
+        name = f"{backend} ({str(target.dtype).removeprefix('torch.')})"
+        curve = verify_curve(target, args.context, sizes, args.repeats)
+        entry = {"verify_ms": curve, "verify_over_decode": {k: round(v / curve[sizes[0]], 3) for k, v in curve.items()}}
+        ids = encode_prompt(tokenizer, args.prompt, chat_template=True)
+        stops = stop_token_ids(tokenizer, target)
+        entry["phases_autoregressive"] = phase_breakdown(target, None, ids, args.max_new_tokens, stops)
+        if drafter_path is not None:
+            drafter = load_drafter(drafter_path, device=target.device, dtype=target.dtype)
+            entry["draft_ms"] = draft_cost(drafter, target, beams, args.repeats)
+            entry["phases_redrafter"] = {
+                f"{b.width}x{b.length}": phase_breakdown(target, ReDrafterProposer(drafter, target, b), ids,
+                                                         args.max_new_tokens, stops) for b in beams}
+        report["backends"][name] = entry
+        print(json.dumps({name: entry}, indent=1), flush=True)
+        del target
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_curve({name: e["verify_ms"] for name, e in report["backends"].items()}, out / "verify_cost.png")
+    print(f"wrote {out / 'profile.json'}, {out / 'verify_cost.png'}")
+    return 0
