@@ -40,5 +40,8 @@ def test_datagen_writes_shards_and_resumes(tmp_path, smollm2, capsys):
     assert len({r["id"] for r in records}) == 6
     for r in records:
         assert 1 <= len(r["response_ids"]) <= 8 and r["prompt_ids"][-3:] and r["finish_reason"] in ("stop", "length")
+    with_states = read_records(tmp_path / "d", with_states=True)
+    assert len(list((tmp_path / "d").glob("shard-*.states.safetensors"))) == 3
+    assert all(r["states"].shape == (len(r["response_ids"]), 576) for r in with_states)
     assert main([*common, "--num-prompts", "6", "--temperature", "0.5"]) == 2  # other settings: refused
     assert "other settings" in capsys.readouterr().err

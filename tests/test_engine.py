@@ -89,3 +89,21 @@ def test_stops_exactly_at_stop_token_and_budget(case):
     for budget in [1, 2, 7, 13]:
         (result,) = run(Engine(target, oracle), [PROMPTS[0]], GenerationConfig(max_new_tokens=budget))
         assert list(result.token_ids) == reference[:budget] and result.reason == "length"
+
+
+def test_returned_hidden_states_are_the_states_that_predicted_each_token(case):
+    """With return_hidden, event hidden rows equal the target's full-sequence hidden states at the
+    position before each emitted token (speculative steps included)."""
+    target, references = case
+    prompt, reference = PROMPTS[1], references[1]
+    proposer = ScriptedProposer([reference], width=3, length=4, right=2, vocab=TINY_VOCAB)
+    events = list(Engine(target, proposer).generate([prompt], GenerationConfig(max_new_tokens=20), return_hidden=True))
+    tokens = [t for e in events if isinstance(e, TokensEvent) for t in e.token_ids]
+    states = torch.cat([e.hidden for e in events if isinstance(e, TokensEvent)])
+    assert tokens == reference[:20] and states.shape == (20, target.info.hidden_size)
+    sequence = prompt + tokens
+    cache = target.new_cache(1)
+    n = len(sequence)
+    out = target.forward(torch.tensor([sequence]), torch.arange(n).view(1, n),
+                         torch.ones(n, n, dtype=torch.bool).tril().view(1, n, n), cache)
+    torch.testing.assert_close(states, out.hidden[0, len(prompt) - 1: n - 1], atol=1e-4, rtol=0)

@@ -153,3 +153,27 @@ def test_two_process_data_parallel_training_equals_one_process(target, data_dir,
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=name)
     assert summary["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-4)
+
+
+def test_stored_datagen_states_equal_a_target_pass(target, data_dir):
+    """Examples built from the engine's returned hidden states (what datagen stores) carry the same
+    states and labels, at every position training uses, as one full target pass over the record."""
+    from redrafter.engine import TokensEvent
+    from redrafter.training.datagen import read_records
+    from redrafter.training.train import compute_targets, make_examples
+
+    records = read_records(data_dir)[:6]
+    stored = []
+    for r in records:
+        events = list(Engine(target).generate([r["prompt_ids"]], GenerationConfig(max_new_tokens=24), return_hidden=True))
+        tokens = [t for e in events if isinstance(e, TokensEvent) for t in e.token_ids]
+        assert tokens == r["response_ids"]
+        states = torch.cat([e.hidden for e in events if isinstance(e, TokensEvent)]).to(torch.bfloat16)
+        stored.append({**r, "states": states})
+    from_states, from_target = make_examples(stored, 1024), make_examples(records, 1024)
+    compute_targets(target, from_target, batch_tokens=512, progress=False)
+    for a, b, r in zip(from_states, from_target, records):
+        used = slice(len(r["prompt_ids"]) - 1, len(a.tokens) - 1)  # contexts from the last prompt token on
+        assert a.context_from == b.context_from == len(r["prompt_ids"]) - 1
+        assert torch.equal(a.next_tokens[used], b.next_tokens[used])
+        torch.testing.assert_close(a.hidden[used].float(), b.hidden[used].float(), atol=2e-2, rtol=2e-2)

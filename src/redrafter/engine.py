@@ -106,11 +106,16 @@ class GenerationStats:
 
 @dataclasses.dataclass(frozen=True)
 class TokensEvent:
-    """New tokens of one row: ``accepted`` drafted tokens plus the bonus token (prefill: g0 only)."""
+    """New tokens of one row: ``accepted`` drafted tokens plus the bonus token (prefill: g0 only).
+
+    ``hidden`` (only when asked for): (len(token_ids), H), row i the target's hidden state that
+    predicted ``token_ids[i]`` (the state after the token before it), e.g. drafter training data.
+    """
 
     row: int
     token_ids: tuple[int, ...]
     accepted: int
+    hidden: torch.Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,11 +147,13 @@ class Engine:
         self.target = target
         self.proposer = proposer if proposer is not None else AutoregressiveProposer()
 
-    def generate(self, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> Iterator[Event]:
-        """Generate for a batch of tokenized prompts; yields events as tokens are decided."""
+    def generate(self, prompts: Sequence[Sequence[int]], config: GenerationConfig, *,
+                 return_hidden: bool = False) -> Iterator[Event]:
+        """Generate for a batch of tokenized prompts; yields events as tokens are decided.
+        ``return_hidden`` attaches to each TokensEvent the hidden states that predicted its tokens."""
         self._check(prompts, config)
         with torch.inference_mode():
-            yield from self._generate(prompts, config)
+            yield from self._generate(prompts, config, return_hidden)
 
     def _check(self, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> None:
         if not prompts:
@@ -160,7 +167,8 @@ class Engine:
                 raise RedrafterError(f"prompt {i} ({len(prompt)} tokens) + max_new_tokens "
                                      f"{config.max_new_tokens} exceeds the model's {limit} positions")
 
-    def _generate(self, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> Iterator[Event]:
+    def _generate(self, prompts: Sequence[Sequence[int]], config: GenerationConfig,
+                  return_hidden: bool) -> Iterator[Event]:
         target, device = self.target, self.target.device
         start = time.perf_counter()
         batch = len(prompts)
@@ -182,7 +190,8 @@ class Engine:
         last = lengths - 1
         context = out.hidden[rows_index, last]  # (batch, H)
         g0 = out.logits[rows_index, last].argmax(dim=-1)  # (batch,)
-        yield from self._emit(rows, [[t] for t in g0.tolist()], [0] * batch, config, stop_ids, start)
+        hidden = context.unsqueeze(1) if return_hidden else None  # (batch, 1, H): g0 came from it
+        yield from self._emit(rows, [[t] for t in g0.tolist()], [0] * batch, config, stop_ids, start, hidden)
 
         while not all(row.finished for row in rows):
             num_generated = torch.tensor([len(row.tokens) for row in rows], device=device)
@@ -210,11 +219,13 @@ class Engine:
             new = [chosen[b][1: 1 + accepted[b]] + [bonus[b]] for b in range(batch)]
             for row in rows:
                 row.steps += 0 if row.finished else 1
-            yield from self._emit(rows, new, accepted, config, stop_ids, start)
+            # The kept tokens' states predicted the new ones: g0's the first drafted token, ... the last's the bonus.
+            hidden = out.hidden[rows_index.view(batch, 1), keep] if return_hidden else None  # (batch, L, H)
+            yield from self._emit(rows, new, accepted, config, stop_ids, start, hidden)
 
     @staticmethod
     def _emit(rows: list[_Row], new: list[list[int]], accepted: list[int], config: GenerationConfig,
-              stop_ids: set[int], start: float) -> Iterator[Event]:
+              stop_ids: set[int], start: float, hidden: torch.Tensor | None = None) -> Iterator[Event]:
         now = time.perf_counter() - start
         for b, row in enumerate(rows):
             if row.finished:
@@ -230,7 +241,8 @@ class Engine:
             row.tokens.extend(tokens)
             if reason is None and len(row.tokens) >= config.max_new_tokens:
                 reason = "length"
-            yield TokensEvent(row=b, token_ids=tuple(tokens), accepted=accepted[b])
+            states = None if hidden is None else hidden[b, : len(tokens)].clone()
+            yield TokensEvent(row=b, token_ids=tuple(tokens), accepted=accepted[b], hidden=states)
             if reason is not None:
                 row.finished = True
                 stats = GenerationStats(num_prompt_tokens=row.prompt_length, num_new_tokens=len(row.tokens),

@@ -8,6 +8,10 @@ Output: ``DIR/meta.json`` (model, template and sampling settings) and shards
 ``DIR/shard-NNNNN.jsonl``, each written atomically once complete, one record per prompt:
 ``{"id", "prompt", "prompt_ids", "response_ids", "finish_reason"}``. Re-running the same command
 skips every prompt already in a shard, so an interrupted job resumes where it stopped.
+
+Greedy model answers also keep, per shard, ``shard-NNNNN.states.safetensors`` (written before the
+shard itself): for record i, tensor ``"i"`` (len(response_ids), H) bfloat16, row j the target's hidden
+state that predicted response token j. ``train`` uses them instead of running the target again.
 """
 
 from __future__ import annotations
@@ -26,34 +30,55 @@ from redrafter.utils import write_text_atomic
 SHARD_GLOB = "shard-*.jsonl"
 
 
-def read_records(*directories: str | os.PathLike) -> list[dict]:
-    """All records of one or more datagen directories, in shard order."""
+def states_path(shard: Path) -> Path:
+    return shard.with_name(shard.name.removesuffix(".jsonl") + ".states.safetensors")
+
+
+def read_records(*directories: str | os.PathLike, with_states: bool = False) -> list[dict]:
+    """All records of one or more datagen directories, in shard order. ``with_states`` adds
+    ``record["states"]`` (the target's hidden states per response token) where the shard has them."""
     records = []
     for directory in map(Path, directories):
         shards = sorted(directory.glob(SHARD_GLOB))
         if not shards:
             raise RedrafterError(f"no data shards ({SHARD_GLOB}) in {directory}")
-        records += [json.loads(line) for shard in shards for line in shard.read_text(encoding="utf-8").splitlines()
-                    if line]
+        for shard in shards:
+            chunk = [json.loads(line) for line in shard.read_text(encoding="utf-8").splitlines() if line]
+            if with_states and states_path(shard).is_file():
+                from safetensors import safe_open
+
+                with safe_open(str(states_path(shard)), framework="pt") as f:
+                    for i, record in enumerate(chunk):
+                        states = f.get_tensor(str(i))
+                        if states.shape[0] == len(record["response_ids"]):
+                            record["states"] = states
+            records += chunk
     return records
 
 
 def generate_batch(target, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
-                   temperature: float, stop_ids: Sequence[int], generator_seed: int) -> list[tuple[list[int], str]]:
+                   temperature: float, stop_ids: Sequence[int], generator_seed: int) -> list[tuple]:
     """Answers for a batch of tokenized prompts: greedy ones with our engine (plain decoding on the
     target's backend, rows of any length in one batch), sampled ones with transformers' batched
     generate (left padding) until the engine samples.
 
     Returns:
-        (response ids cut after the first stop token, "stop" | "length") per prompt.
+        (response ids cut after the first stop token, "stop" | "length", hidden states or None) per
+        prompt; the states (len(response), H) bfloat16 come with greedy answers.
     """
     if temperature <= 0:
         from redrafter.config import GenerationConfig
-        from redrafter.engine import Engine, FinishEvent
+        from redrafter.engine import Engine, FinishEvent, TokensEvent
 
         config = GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=tuple(stop_ids))
-        finished = {e.row: e for e in Engine(target).generate(prompt_ids, config) if isinstance(e, FinishEvent)}
-        return [(list(finished[i].token_ids), finished[i].reason) for i in range(len(prompt_ids))]
+        finished, states = {}, [[] for _ in prompt_ids]
+        for e in Engine(target).generate(prompt_ids, config, return_hidden=True):
+            if isinstance(e, TokensEvent):
+                states[e.row].append(e.hidden.to(torch.bfloat16).cpu())
+            elif isinstance(e, FinishEvent):
+                finished[e.row] = e
+        return [(list(finished[i].token_ids), finished[i].reason, torch.cat(states[i]))
+                for i in range(len(prompt_ids))]
     model = target.model
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     width = max(len(p) for p in prompt_ids)
@@ -71,17 +96,17 @@ def generate_batch(target, tokenizer, prompt_ids: Sequence[Sequence[int]], *, ma
     results = []
     for row in out[:, width:].tolist():
         cut = next((i for i, t in enumerate(row) if t in stop_ids), None)
-        results.append((row[: cut + 1], "stop") if cut is not None else (row, "length"))
+        results.append((row[: cut + 1], "stop", None) if cut is not None else (row, "length", None))
     return results
 
 
-def dataset_answer(tokenizer, answer: str, max_new_tokens: int, stop_ids: Sequence[int]) -> tuple[list[int], str]:
+def dataset_answer(tokenizer, answer: str, max_new_tokens: int, stop_ids: Sequence[int]) -> tuple:
     """A dataset's own answer as response ids, ended by the chat end token as the model would."""
     ids = tokenizer(answer.strip(), add_special_tokens=False).input_ids
     if len(ids) >= max_new_tokens:
-        return ids[:max_new_tokens], "length"
+        return ids[:max_new_tokens], "length", None
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    return ids + [end if isinstance(end, int) and end in stop_ids else stop_ids[0]], "stop"
+    return ids + [end if isinstance(end, int) and end in stop_ids else stop_ids[0]], "stop", None
 
 
 def run_datagen(*, model_spec: str, dataset: str, out: str, num_prompts: int, max_new_tokens: int,
@@ -134,6 +159,7 @@ def run_datagen(*, model_spec: str, dataset: str, out: str, num_prompts: int, ma
         chunk = todo[shard_start: shard_start + shard_size]
         order = sorted(range(len(chunk)), key=lambda i: len(chunk[i][2]))  # similar lengths batch together
         records: dict[int, dict] = {}
+        states: dict[str, torch.Tensor] = {}
         for b in range(0, len(order), batch_size):
             batch = [chunk[i] for i in order[b: b + batch_size]]
             if answers == "model":
@@ -142,13 +168,23 @@ def run_datagen(*, model_spec: str, dataset: str, out: str, num_prompts: int, ma
                                            generator_seed=seed + next_shard * 100003 + b)
             else:
                 responses = [dataset_answer(tokenizer, item[3], max_new_tokens, stops) for item in batch]
-            for i, (prompt_id, text, ids, _), (response, reason) in zip(order[b: b + batch_size], batch, responses):
+            for i, (prompt_id, text, ids, _), (response, reason, hidden) in zip(order[b: b + batch_size], batch,
+                                                                                responses):
                 records[i] = {"id": prompt_id, "prompt": text, "prompt_ids": ids, "response_ids": response,
                               "finish_reason": reason}
+                if hidden is not None:
+                    states[str(i)] = hidden.contiguous()
                 new_tokens += len(response)
             bar.update(len(batch))
             bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - start):.0f} tok/s")
-        write_text_atomic(directory / f"shard-{next_shard:05d}.jsonl",
+        shard = directory / f"shard-{next_shard:05d}.jsonl"
+        if len(states) == len(chunk):  # first the states, then the shard that marks the prompts done
+            from safetensors.torch import save_file
+
+            tmp = states_path(shard).with_suffix(".tmp")
+            save_file(states, str(tmp))
+            tmp.replace(states_path(shard))
+        write_text_atomic(shard,
                       "".join(json.dumps(records[i]) + "\n" for i in range(len(chunk))))
         next_shard += 1
     bar.close()

@@ -38,7 +38,8 @@ class LossOutput:
 
 def multi_step_loss(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
                     tokens: torch.Tensor, next_tokens: torch.Tensor, label_mask: torch.Tensor, *, steps: int,
-                    target_to_draft: torch.Tensor | None = None) -> LossOutput:
+                    target_to_draft: torch.Tensor | None = None,
+                    context_mask: torch.Tensor | None = None) -> LossOutput:
     """Args:
         drafter:         the head being trained.
         embed:           the target's (frozen) input embedding.
@@ -50,6 +51,7 @@ def multi_step_loss(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tens
         label_mask:      (batch, T) bool, True at response tokens (padding False).
         steps:           N, tokens predicted per position.
         target_to_draft: (V,) long, the draft index of each target token or -1 (reduced vocabulary).
+        context_mask:    (batch, T) bool, positions whose hidden state may serve as context (default all).
     """
     batch, length, _ = hidden.shape
     device = hidden.device
@@ -66,6 +68,8 @@ def multi_step_loss(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tens
         if length - i - 1 > 0:
             labels[:, : length - i - 1] = next_tokens[:, i: length - 1]
             ok[:, : length - i - 1] = label_mask[:, i + 1:]
+        if context_mask is not None:
+            ok &= context_mask
         if target_to_draft is not None:
             labels = target_to_draft[labels]
             trainable = ok & (labels >= 0)

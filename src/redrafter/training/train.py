@@ -65,17 +65,31 @@ class TrainConfig:
 class Example:
     tokens: torch.Tensor  # (T,) long
     label_mask: torch.Tensor  # (T,) bool: response positions
+    context_from: int = 0  # first position whose state may serve as drafting context (the last prompt token)
     hidden: torch.Tensor | None = None  # (T, H) bfloat16
     next_tokens: torch.Tensor | None = None  # (T,) long: the target's own token after each position
 
 
 def make_examples(records: list[dict], max_length: int) -> list[Example]:
+    """Training examples; records with datagen's stored states (greedy target-written answers) get
+    their hidden states and labels here (the labels are then the data itself), the others later from
+    one target pass. Drafting contexts start at the last prompt token, as at inference."""
     examples = []
     for r in records:
+        prompt = len(r["prompt_ids"])
         ids = (list(r["prompt_ids"]) + list(r["response_ids"]))[:max_length]
-        mask = ([False] * len(r["prompt_ids"]) + [True] * len(r["response_ids"]))[:max_length]
-        if any(mask):
-            examples.append(Example(torch.tensor(ids), torch.tensor(mask)))
+        mask = ([False] * prompt + [True] * len(r["response_ids"]))[:max_length]
+        if not any(mask):
+            continue
+        example = Example(torch.tensor(ids), torch.tensor(mask), context_from=prompt - 1)
+        states = r.get("states")
+        if states is not None:
+            length = len(ids)
+            example.hidden = torch.zeros(length, states.shape[1], dtype=torch.bfloat16)
+            span = min(states.shape[0], length - (prompt - 1))
+            example.hidden[prompt - 1: prompt - 1 + span] = states[:span]
+            example.next_tokens = torch.cat([example.tokens[1:], torch.zeros(1, dtype=torch.long)])
+        examples.append(example)
     return examples
 
 
@@ -179,16 +193,19 @@ def batches(examples: list[Example], batch_tokens: int, rng: random.Random) -> l
 
 
 def collate(examples: list[Example], device) -> tuple[torch.Tensor, ...]:
+    """Right-padded batch: tokens, next_tokens, label mask, context mask, hidden states."""
     width = max(len(e.tokens) for e in examples)
     hidden_size = examples[0].hidden.shape[-1]
     tokens = torch.zeros(len(examples), width, dtype=torch.long)
     next_tokens = torch.zeros(len(examples), width, dtype=torch.long)
     mask = torch.zeros(len(examples), width, dtype=torch.bool)
+    context = torch.zeros(len(examples), width, dtype=torch.bool)
     hidden = torch.zeros(len(examples), width, hidden_size, dtype=torch.float32)
     for j, e in enumerate(examples):
         n = len(e.tokens)
         tokens[j, :n], next_tokens[j, :n], mask[j, :n], hidden[j, :n] = e.tokens, e.next_tokens, e.label_mask, e.hidden
-    return tokens.to(device), next_tokens.to(device), mask.to(device), hidden.to(device)
+        context[j, e.context_from: n] = True
+    return tuple(t.to(device) for t in (tokens, next_tokens, mask, context, hidden))
 
 
 def evaluate(drafter, embed, examples: list[Example], config: TrainConfig, target_to_draft, device) -> dict:
@@ -196,9 +213,9 @@ def evaluate(drafter, embed, examples: list[Example], config: TrainConfig, targe
     corrects, valids, losses = [], [], []
     with torch.no_grad():
         for index in batches(examples, config.batch_tokens, random.Random(0)):
-            tokens, next_tokens, mask, hidden = collate([examples[i] for i in index], device)
+            tokens, next_tokens, mask, context, hidden = collate([examples[i] for i in index], device)
             out = multi_step_loss(drafter, embed, hidden, tokens, next_tokens, mask, steps=config.predict_tokens,
-                                  target_to_draft=target_to_draft)
+                                  target_to_draft=target_to_draft, context_mask=context)
             losses.append(out.loss.item())
             corrects.append(out.correct.flatten(1))
             valids.append(out.valid.flatten(1))
@@ -246,7 +263,7 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    records = read_records(*([data] if isinstance(data, str) else data))
+    records = read_records(*([data] if isinstance(data, str) else data), with_states=True)
     rng = random.Random(config.seed)
     order = list(range(len(records)))
     rng.shuffle(order)
@@ -267,11 +284,12 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
     # The target states this process needs: its share of every batch it will train on (+ the eval split).
     mine = sorted({i for index in plan[:total_steps] for i in dist.shard(index)})
     needed = [train_examples[i] for i in mine] + (eval_examples if dist.is_main else [])
+    needed = [e for e in needed if e.hidden is None]  # datagen stored the states of greedy answers
     key = fingerprint(train_records + eval_records, model_spec, config.max_length)
     cache = Path(target_cache) if target_cache else None
     if cache is not None and dist.world > 1:
         cache = cache.with_name(f"{cache.stem}.rank{dist.rank}-of-{dist.world}{cache.suffix}")
-    if cache is None or not load_target_cache(cache, needed, key):
+    if needed and (cache is None or not load_target_cache(cache, needed, key)):
         compute_targets(target, needed, batch_tokens=config.batch_tokens, progress=progress)
         if cache is not None:
             save_target_cache(cache, needed, key)
@@ -372,9 +390,9 @@ def global_loss(drafter: Drafter, embed, examples: list[Example], config: TrainC
     over processes it is the mean-over-steps of per-step mean CE of the whole global batch."""
     counts = torch.zeros(config.predict_tokens, device=device)
     if examples:
-        tokens, next_tokens, mask, hidden = collate(examples, device)
+        tokens, next_tokens, mask, context, hidden = collate(examples, device)
         output = multi_step_loss(drafter, embed, hidden, tokens, next_tokens, mask, steps=config.predict_tokens,
-                                 target_to_draft=target_to_draft)
+                                 target_to_draft=target_to_draft, context_mask=context)
         sums, counts = output.sums, output.counts.to(counts.dtype)
     else:  # more processes than examples in this batch: contribute zero gradients
         sums = torch.stack([sum(p.sum() for p in drafter.parameters()) * 0.0] * config.predict_tokens)
