@@ -79,3 +79,18 @@ def test_drafter_for_another_model_is_refused():
         ReDrafterProposer(Drafter(DrafterConfig(hidden_size=32, vocab_size=96)), target, BeamConfig())
     with pytest.raises(RedrafterError, match="vocab_size 100 does not match"):
         ReDrafterProposer(Drafter(DrafterConfig(hidden_size=64, vocab_size=100)), target, BeamConfig())
+
+
+def test_beam_resolution_flags_then_drafter_recommendation_then_default(tmp_path):
+    from redrafter.cli import DEFAULT_BEAM, resolve_beam
+    from redrafter.errors import RedrafterError
+
+    assert resolve_beam(None, None, None) == DEFAULT_BEAM
+    assert resolve_beam(None, None, tmp_path) == DEFAULT_BEAM  # no generation.json
+    (tmp_path / "generation.json").write_text('{"beam_width": 2, "beam_length": 4}')
+    assert (resolve_beam(None, None, tmp_path).width, resolve_beam(None, None, tmp_path).length) == (2, 4)
+    assert (resolve_beam(3, None, tmp_path).width, resolve_beam(3, None, tmp_path).length) == (3, 4)
+    assert resolve_beam(None, 6, tmp_path).length == 6
+    (tmp_path / "generation.json").write_text('{"beam_width": "x"}')
+    with pytest.raises(RedrafterError, match="generation.json"):
+        resolve_beam(None, None, tmp_path)

@@ -102,6 +102,14 @@ def resolve_drafter(model_spec: str, drafter: str | None) -> Path:
     return shipped
 
 
+def resolve_beam(width: int | None, length: int | None, drafter_path) -> BeamConfig:
+    """Explicit flags win, then the drafter's stored best setting, then the built-in default."""
+    from redrafter.drafter.model import recommended_beam
+
+    base = recommended_beam(drafter_path) or DEFAULT_BEAM
+    return BeamConfig(width=base.width if width is None else width, length=base.length if length is None else length)
+
+
 def add_generate_parser(subparsers) -> None:
     from redrafter.models.loading import add_backend_arguments
 
@@ -115,9 +123,11 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--prompts-file", default=None, metavar="FILE",
                    help='JSONL with a "prompt" field per line, or plain text with one prompt per line')
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    p.add_argument("--beam-width", type=int, default=DEFAULT_BEAM.width, help="W, number of beams")
-    p.add_argument("--beam-length", type=int, default=DEFAULT_BEAM.length,
-                   help="L, tokens per beam counting the target's own token (L-1 drafted)")
+    p.add_argument("--beam-width", type=int, default=None,
+                   help=f"W, number of beams (default: the drafter's measured best, else {DEFAULT_BEAM.width})")
+    p.add_argument("--beam-length", type=int, default=None,
+                   help="L, tokens per beam counting the target's own token, L-1 drafted (default: the "
+                        f"drafter's measured best, else {DEFAULT_BEAM.length})")
     p.add_argument("--autoregressive", action="store_true", help="plain decoding on the same backend, no drafter")
     add_backend_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
@@ -134,11 +144,11 @@ def run_generate(args: argparse.Namespace) -> int:
     from redrafter.engine import Engine, FinishEvent, ReDrafterProposer, TokensEvent
     from redrafter.models.loading import DEFAULT_MODEL, load_target
 
-    beam = BeamConfig(width=args.beam_width, length=args.beam_length)
     if args.max_new_tokens < 1:
         raise RedrafterError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     prompts = read_prompts([t for group in args.prompt or [] for t in group], args.prompts_file)
     drafter_path = None if args.autoregressive else resolve_drafter(args.model or DEFAULT_MODEL, args.drafter)
+    beam = resolve_beam(args.beam_width, args.beam_length, drafter_path)
     if args.threads is not None:
         if args.threads < 1:
             raise RedrafterError(f"--threads must be >= 1, got {args.threads}")

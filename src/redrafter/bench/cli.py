@@ -35,8 +35,8 @@ def add_bench_parser(subparsers) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N prompts (after --categories)")
     p.add_argument("--categories", default=None, help="comma list of categories to keep")
     p.add_argument("--turns", default="1,2", help="MT-Bench turns to run (turn 2 follows the model's turn-1 answer)")
-    p.add_argument("--beam-width", type=int, default=DEFAULT_BEAM.width)
-    p.add_argument("--beam-length", type=int, default=DEFAULT_BEAM.length)
+    p.add_argument("--beam-width", type=int, default=None, help=f"default: the drafter's best, else {DEFAULT_BEAM.width}")
+    p.add_argument("--beam-length", type=int, default=None, help=f"default: the drafter's best, else {DEFAULT_BEAM.length}")
     p.add_argument("--grid", default=None, help="W×L grid for redrafter, e.g. 1,2,4x3,4,5 (overrides beam flags)")
     p.add_argument("--assistant-model", default=None, help="model spec of the draft model for hf-assisted")
     p.add_argument("--prompt-lookup-tokens", type=int, default=10)
@@ -53,12 +53,11 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from redrafter.bench.report import print_table, write_outputs
     from redrafter.bench.runner import Item, machine_info, run_bench, summarise
     from redrafter.bench.workloads import load_workload
-    from redrafter.cli import encode_messages, resolve_drafter, stop_token_ids
+    from redrafter.cli import encode_messages, resolve_beam, resolve_drafter, stop_token_ids
     from redrafter.drafter.model import load_drafter
     from redrafter.models.loading import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_gguf, load_target
 
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
-    beams = parse_grid(args.grid) if args.grid else [BeamConfig(width=args.beam_width, length=args.beam_length)]
     if args.max_new_tokens < 1:
         raise RedrafterError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.threads < 1:
@@ -71,6 +70,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     items = [Item(p, t) for p, t in load_workload(args.dataset, limit=args.limit, categories=categories, turns=turns)]
     spec = args.model or DEFAULT_MODEL
     drafter_path = resolve_drafter(spec, args.drafter) if "redrafter" in names else None
+    beams = parse_grid(args.grid) if args.grid else [resolve_beam(args.beam_width, args.beam_length, drafter_path)]
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

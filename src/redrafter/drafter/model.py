@@ -28,6 +28,7 @@ from redrafter.utils import atomic_directory
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+RECOMMENDED_NAME = "generation.json"  # optional: the beam setting measured best for this drafter
 
 
 class ResBlock(nn.Module):
@@ -134,3 +135,17 @@ def write_drafter_files(drafter: Drafter, directory: Path, dtype: torch.dtype | 
              for k, v in drafter.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(drafter.config.to_dict(), indent=2) + "\n")
+
+
+def recommended_beam(path: str | os.PathLike | None):
+    """The beam (W, L) stored next to a drafter as the best one measured (``generation.json`` with
+    ``beam_width`` and ``beam_length``), or None."""
+    from redrafter.config import BeamConfig
+
+    if path is None or not (Path(path) / RECOMMENDED_NAME).is_file():
+        return None
+    try:
+        data = json.loads((Path(path) / RECOMMENDED_NAME).read_text())
+        return BeamConfig(width=int(data["beam_width"]), length=int(data["beam_length"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RedrafterError(f"{Path(path) / RECOMMENDED_NAME} is not a valid beam recommendation: {exc}") from None
