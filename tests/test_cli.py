@@ -105,3 +105,19 @@ def test_subprocess_exit_code_and_no_traceback(tmp_path):
                            "--prompt", "hi"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: cannot load model") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_sampling_flags_seeded_and_independent_per_prompt(capsys, smollm2, smollm2_drafter, tmp_path):
+    prompts = tmp_path / "same.txt"
+    prompts.write_text("Tell me a one-line story.\n" * 3)
+    common = ["--prompts-file", str(prompts), "--max-new-tokens", "12", "--temperature", "1.0", "--top-p", "0.95",
+              "--top-k", "50"]
+    for mode in (["--autoregressive"], ["--drafter", str(smollm2_drafter), "--beam-width", "2", "--beam-length", "3"]):
+        first = run_json(capsys, *common, *mode, "--seed", "7")
+        again = run_json(capsys, *common, *mode, "--seed", "7")
+        other = run_json(capsys, *common, *mode, "--seed", "8")
+        assert [r["token_ids"] for r in first] == [r["token_ids"] for r in again]  # reproducible
+        assert len({tuple(r["token_ids"]) for r in first}) == 3  # the same prompt 3 times: 3 samples
+        assert [r["token_ids"] for r in first] != [r["token_ids"] for r in other]
+        assert first[0]["temperature"] == 1.0 and first[0]["seed"] == 7

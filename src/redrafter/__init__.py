@@ -1,7 +1,7 @@
 """redrafter: ReDrafter speculative decoding (recurrent drafter + beam search + dynamic tree
 attention), lossless against the target model's own greedy decoding."""
 
-from redrafter.config import BeamConfig, DrafterConfig, GenerationConfig
+from redrafter.config import BeamConfig, DrafterConfig, GenerationConfig, SamplingParams
 from redrafter.drafter import Drafter, beam_search, load_drafter, save_drafter
 from redrafter.engine import (AutoregressiveProposer, Engine, FinishEvent, GenerationStats, ReDrafterProposer,
                               TokensEvent)
@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutoregressiveProposer", "BeamConfig", "DEFAULT_MODEL", "Drafter", "DrafterConfig", "Engine", "FinishEvent",
-    "GenerationConfig", "GenerationStats", "ReDrafterProposer", "RedrafterError", "TokensEvent", "beam_search",
+    "GenerationConfig", "GenerationStats", "ReDrafterProposer", "RedrafterError", "SamplingParams", "TokensEvent",
+    "beam_search",
     "load_drafter", "load_target", "save_drafter",
 ]

@@ -110,6 +110,19 @@ def resolve_beam(width: int | None, length: int | None, drafter_path) -> BeamCon
     return BeamConfig(width=base.width if width is None else width, length=base.length if length is None else length)
 
 
+def add_sampling_arguments(parser) -> None:
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus: smallest set with this mass (1 = off)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed; prompt i uses random stream i")
+
+
+def sampling_params(args: argparse.Namespace):
+    from redrafter.config import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
 def add_generate_parser(subparsers) -> None:
     from redrafter.models.loading import add_backend_arguments
 
@@ -132,7 +145,7 @@ def add_generate_parser(subparsers) -> None:
     add_backend_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
-    p.add_argument("--seed", type=int, default=0)
+    add_sampling_arguments(p)
     p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
     p.set_defaults(func=run_generate)
 
@@ -146,6 +159,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise RedrafterError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    resolve_beam(args.beam_width, args.beam_length, None)  # bad flags fail before anything loads
     prompts = read_prompts([t for group in args.prompt or [] for t in group], args.prompts_file)
     drafter_path = None if args.autoregressive else resolve_drafter(args.model or DEFAULT_MODEL, args.drafter)
     beam = resolve_beam(args.beam_width, args.beam_length, drafter_path)
@@ -153,7 +167,7 @@ def run_generate(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise RedrafterError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    sampling = sampling_params(args)
 
     target, tokenizer = load_target(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device,
                                     backend=args.backend)
@@ -162,12 +176,13 @@ def run_generate(args: argparse.Namespace) -> int:
         drafter = load_drafter(drafter_path, device=target.device, dtype=target.dtype)
         proposer = ReDrafterProposer(drafter, target, beam)
     engine = Engine(target, proposer)
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, stop_token_ids=stop_token_ids(tokenizer, target))
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, stop_token_ids=stop_token_ids(tokenizer, target),
+                              sampling=sampling)
 
-    for prompt in prompts:
+    for index, prompt in enumerate(prompts):
         ids = encode_prompt(tokenizer, prompt, chat_template=not args.no_chat_template)
         stream = TextStream(tokenizer)
-        for event in engine.generate([ids], config):
+        for event in engine.generate([ids], config, row_offset=index):
             if isinstance(event, TokensEvent) and not args.json:
                 sys.stdout.write(stream.push(event.token_ids))
                 sys.stdout.flush()
@@ -189,6 +204,8 @@ def run_generate(args: argparse.Namespace) -> int:
                         "mode": "autoregressive" if args.autoregressive else "redrafter",
                         "beam_width": None if args.autoregressive else beam.width,
                         "beam_length": None if args.autoregressive else beam.length,
+                        "temperature": sampling.temperature,
+                        "seed": sampling.seed,
                         "dtype": str(target.dtype).removeprefix("torch."),
                         "backend": type(target).__name__,
                         "threads": torch.get_num_threads(),

@@ -99,12 +99,37 @@ class DrafterConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How tokens are drawn from the target's logits (see sampling.py). ``temperature`` 0 is greedy;
+    ``top_k`` 0 and ``top_p`` 1.0 switch those truncations off; ``seed`` None draws a random seed."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise RedrafterError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise RedrafterError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise RedrafterError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclasses.dataclass(frozen=True)
 class GenerationConfig:
     """When to stop: ``max_new_tokens`` generated tokens, or any of ``stop_token_ids`` emitted
-    (the stop token itself is part of the output, as in transformers' ``generate``)."""
+    (the stop token itself is part of the output, as in transformers' ``generate``); and how to
+    pick tokens (``sampling``; greedy by default)."""
 
     max_new_tokens: int = 256
     stop_token_ids: tuple[int, ...] = ()
+    sampling: SamplingParams = SamplingParams()
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

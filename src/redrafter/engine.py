@@ -24,13 +24,14 @@ from typing import Iterator, Protocol, Sequence, Union
 
 import torch
 
-from redrafter.config import BeamConfig, GenerationConfig
+from redrafter.config import BeamConfig, GenerationConfig, SamplingParams
 from redrafter.drafter.beam_search import beam_search
 from redrafter.drafter.model import Drafter
 from redrafter.errors import RedrafterError
 from redrafter.models.base import TargetModel
-from redrafter.tree import pack, unpack
-from redrafter.verify import greedy_accept
+from redrafter.tree import pack
+from redrafter.sampling import probabilities, row_generators
+from redrafter.verify import draw, tree_accept
 
 
 class Proposer(Protocol):
@@ -46,6 +47,15 @@ class Proposer(Protocol):
         Returns:
             (batch, W, L) beams with ``beams[:, :, 0] == g0``.
         """
+
+
+class SamplingProposer(Proposer, Protocol):
+    """A proposer that can also draw its drafts at random (and say from which distributions)."""
+
+    def propose_sampled(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor,
+                        params: SamplingParams, generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (beams (batch, W, L), draft_probs (batch, W, L-1, V)): W paths drawn independently
+        from the drafter, and the target-vocabulary distribution each drafted token was drawn from."""
 
 
 class AutoregressiveProposer:
@@ -70,6 +80,27 @@ class ReDrafterProposer:
     def propose(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor) -> torch.Tensor:
         return beam_search(self.drafter, self.embed, context, g0, width=self.beam.width,
                            length=self.beam.length).beams
+
+    def propose_sampled(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor,
+                        params: SamplingParams, generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+        """W independent draws of L-1 tokens from the recurrent drafter, each token drawn from q after
+        the same sampling transform as the target's p (any q keeps the output exact; a q close to p
+        gets more tokens accepted)."""
+        drafter, width = self.drafter, self.beam.width
+        batch = g0.shape[0]
+        h = context.to(next(drafter.parameters()).dtype).unsqueeze(1).expand(batch, width, -1)
+        state = drafter.initial_state(h)
+        beams, draws = g0.view(batch, 1, 1).expand(batch, width, 1), []
+        vocab = drafter.config.full_vocab_size
+        for _ in range(self.beam.length - 1):
+            state = drafter.next_state(state, self.embed(beams[:, :, -1]).to(state.dtype))
+            q = probabilities(drafter.logits(h, state), params)  # (batch, W, V_d)
+            picked = torch.stack([torch.multinomial(q[b], 1, generator=generators[b]).squeeze(-1) for b in range(batch)])
+            beams = torch.cat([beams, drafter.to_target_ids(picked).unsqueeze(-1)], dim=-1)
+            if q.shape[-1] != vocab:  # reduced draft vocabulary: q is zero outside it
+                q = torch.zeros(batch, width, vocab, device=q.device).index_copy_(-1, drafter.draft_to_target, q)
+            draws.append(q)
+        return beams, torch.stack(draws, dim=2)
 
 
 def check_compatible(drafter: Drafter, target: TargetModel) -> None:
@@ -148,12 +179,15 @@ class Engine:
         self.proposer = proposer if proposer is not None else AutoregressiveProposer()
 
     def generate(self, prompts: Sequence[Sequence[int]], config: GenerationConfig, *,
-                 return_hidden: bool = False) -> Iterator[Event]:
+                 return_hidden: bool = False, row_offset: int = 0) -> Iterator[Event]:
         """Generate for a batch of tokenized prompts; yields events as tokens are decided.
-        ``return_hidden`` attaches to each TokensEvent the hidden states that predicted its tokens."""
+
+        ``return_hidden`` attaches to each TokensEvent the hidden states that predicted its tokens.
+        When sampling, row b draws from its own random stream, number ``row_offset + b`` of
+        ``config.sampling.seed`` (so prompts sent one at a time can keep independent streams)."""
         self._check(prompts, config)
         with torch.inference_mode():
-            yield from self._generate(prompts, config, return_hidden)
+            yield from self._generate(prompts, config, return_hidden, row_offset)
 
     def _check(self, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> None:
         if not prompts:
@@ -168,13 +202,15 @@ class Engine:
                                      f"{config.max_new_tokens} exceeds the model's {limit} positions")
 
     def _generate(self, prompts: Sequence[Sequence[int]], config: GenerationConfig,
-                  return_hidden: bool) -> Iterator[Event]:
+                  return_hidden: bool, row_offset: int) -> Iterator[Event]:
         target, device = self.target, self.target.device
         start = time.perf_counter()
         batch = len(prompts)
         rows_index = torch.arange(batch, device=device)
         rows = [_Row(prompt_length=len(p)) for p in prompts]
         stop_ids = set(config.stop_token_ids)
+        params = config.sampling
+        generators = None if params.greedy else row_generators(params.seed, batch, device, offset=row_offset)
 
         # Prefill: every prompt token, causal, padded rows ignored past their length.
         lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -189,21 +225,25 @@ class Engine:
         target.commit(cache, positions, lengths)
         last = lengths - 1
         context = out.hidden[rows_index, last]  # (batch, H)
-        g0 = out.logits[rows_index, last].argmax(dim=-1)  # (batch,)
+        g0 = draw(out.logits[rows_index, last], params, generators)  # (batch,)
         hidden = context.unsqueeze(1) if return_hidden else None  # (batch, 1, H): g0 came from it
         yield from self._emit(rows, [[t] for t in g0.tolist()], [0] * batch, config, stop_ids, start, hidden)
 
         while not all(row.finished for row in rows):
             num_generated = torch.tensor([len(row.tokens) for row in rows], device=device)
-            # 1. Draft.
-            beams = self.proposer.propose(context, g0, num_generated)  # (batch, W, L)
+            # 1. Draft: beam search when greedy; random draws when sampling (deterministic proposers
+            #    keep their drafts, verified as point masses).
+            draft_probs = None
+            if not params.greedy and hasattr(self.proposer, "propose_sampled"):
+                beams, draft_probs = self.proposer.propose_sampled(context, g0, num_generated, params, generators)
+            else:
+                beams = self.proposer.propose(context, g0, num_generated)  # (batch, W, L)
             # 2. Pack the beams into a tree.
             tree = pack(beams)
             # 3. Verify all beams in one forward.
             out = target.forward(tree.tokens, cache.lengths.view(batch, 1) + tree.depths, tree.mask, cache)
-            predicted = unpack(out.logits.argmax(dim=-1), tree.unpacker)  # (batch, W, L)
-            # 4. Accept.
-            acceptance = greedy_accept(beams, predicted)
+            # 4. Accept (greedy: longest run the target's argmax agrees with; sampling: tree rejection).
+            acceptance = tree_accept(beams, tree.unpacker, out.logits, params, draft_probs, generators)
             # 5. Commit g0 and the accepted tokens; finished rows keep their cache as it is.
             keep = tree.unpacker[rows_index, acceptance.beam]  # (batch, L) packed indices of the chosen beam
             active = torch.tensor([not row.finished for row in rows], device=device)

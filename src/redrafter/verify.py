@@ -1,23 +1,40 @@
-"""Acceptance: which drafted tokens the target keeps, and what to commit.
+"""Acceptance: which drafted tokens the target keeps, and the token it adds after them.
 
-Vocabulary (REDRAFTER.md): p is the target's next-token distribution, q the drafter's. Each beam
-is ``[g0, d_1, ..., d_{L-1}]``: g0 is the target's own token (already emitted), d_k are drafted.
-A drafted token is *accepted* when it is the token the target itself would emit at that point;
-after the longest accepted run the target's own next token is the *bonus* token (it becomes the
-next step's g0). One step thus appends ``accepted + 1`` tokens per LLM forward.
+Vocabulary (REDRAFTER.md): p is the target's next-token distribution (after the sampling transform
+of sampling.py), q the drafter's. Each beam is ``[g0, d_1, ..., d_{L-1}]``: g0 is the target's own
+token (already emitted), d_j are drafted. Beams sharing a prefix share tree nodes.
 
-Greedy acceptance (the temperature -> 0 case): d_k is accepted iff it equals argmax p at the
-preceding node and every earlier drafted token of the beam was accepted. The beam with the longest
-accepted run wins (ties: the lowest beam index). This reproduces plain greedy decoding exactly,
-whatever the drafter proposes. Exact sampling (SpecInfer-style recursive rejection) extends this
-module; it keeps the same outputs.
+One walk serves greedy decoding and sampling (recursive multi-draft rejection sampling, as in
+SpecInfer). Start at the root node (g0). At a node u with target distribution p_u, the candidates
+are the next tokens x_w of the beams still on the accepted path, in beam order (duplicates
+included: each beam contributed one draw). Keep a residual r = p_u and try them in turn:
+
+- accept x_w with probability min(1, r(x_w) / q_w(x_w)), i.e. when ``U * q_w(x_w) < r(x_w)`` with
+  U ~ Uniform[0, 1); then move to x_w's node and repeat one level down;
+- otherwise r <- normalise(max(r - q_w, 0)) and try the next candidate.
+
+When every candidate at a node is rejected, the bonus token is drawn from the residual r; after a
+fully accepted beam, from p at its last node. Here q_w is the distribution candidate w was drawn
+from: the drafter's q for sampled drafts, a point mass for deterministic ones (beam search, scripted
+proposers). Either way every emitted token is distributed exactly as p (the standard speculative
+sampling argument applied node by node; candidates below a node are drawn independently of the
+acceptance test at that node).
+
+Greedy (temperature 0) is the fast path of the same walk: p_u is the point mass on argmax p_u, so a
+candidate is accepted iff it is the argmax, the residual stays that point mass, and the bonus is the
+argmax; no probabilities or random numbers are needed. This reproduces plain greedy decoding
+exactly, whatever the drafter proposes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import torch
+
+from redrafter.config import SamplingParams
+from redrafter.sampling import probabilities, sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,10 +42,10 @@ class Acceptance:
     """The outcome of verifying one step's beams.
 
     Attributes:
-        beam:     (batch,) index of the chosen beam.
+        beam:     (batch,) index of a beam holding the accepted path.
         accepted: (batch,) number of drafted tokens accepted on it (0 .. L-1).
-        tokens:   (batch, L) the chosen beam's tokens; ``tokens[b, 1:1+accepted[b]]`` are the
-                  newly accepted ones (position 0 is g0, emitted by the previous step).
+        tokens:   (batch, L) that beam's tokens; ``tokens[b, 1:1+accepted[b]]`` are the newly
+                  accepted ones (position 0 is g0, emitted by the previous step).
         bonus:    (batch,) the target's own token after the accepted run (next g0).
     """
 
@@ -38,19 +55,72 @@ class Acceptance:
     bonus: torch.Tensor
 
 
-def greedy_accept(beams: torch.Tensor, target_tokens: torch.Tensor) -> Acceptance:
-    """Greedy verification of a batch of beams.
+def draw(logits: torch.Tensor, params: SamplingParams, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token per row from (batch, V) logits: the argmax when greedy, else a draw from p."""
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    probs = probabilities(logits, params)
+    return torch.tensor([sample(probs[b], generators[b]) for b in range(probs.shape[0])], device=logits.device)
+
+
+def tree_accept(beams: torch.Tensor, unpacker: torch.Tensor, logits: torch.Tensor, params: SamplingParams,
+                draft_probs: torch.Tensor | None = None,
+                generators: Sequence[torch.Generator | None] | None = None) -> Acceptance:
+    """Verify a batch of drafted beams against the target's logits at the packed tree nodes.
 
     Args:
-        beams:         (batch, W, L) token ids; ``beams[:, :, 0]`` is g0.
-        target_tokens: (batch, W, L) the target's argmax after every beam node (unpacked), i.e.
-                       ``target_tokens[b, i, k]`` is what the target emits after ``beams[b, i, :k+1]``.
+        beams:       (batch, W, L) token ids; ``beams[:, :, 0]`` is g0.
+        unpacker:    (batch, W, L) packed node index of each beam token (tree.pack).
+        logits:      (batch, n, V) the target's logits after each packed node.
+        params:      the sampling transform (greedy when temperature is 0).
+        draft_probs: (batch, W, L-1, V) the distribution each drafted token ``beams[:, w, j]`` was
+                     drawn from (index j-1), or None for deterministic drafts (point masses).
+        generators:  one random generator per row (sampling only).
     Returns:
         Acceptance for each row.
     """
-    matches = beams[:, :, 1:] == target_tokens[:, :, :-1]  # (batch, W, L-1)
-    accepted_per_beam = matches.long().cumprod(dim=-1).sum(dim=-1)  # (batch, W)
-    accepted, beam = accepted_per_beam.max(dim=-1)  # first maximal beam on ties
-    rows = torch.arange(beams.shape[0], device=beams.device)
-    bonus = target_tokens[rows, beam, accepted]
-    return Acceptance(beam=beam, accepted=accepted, tokens=beams[rows, beam], bonus=bonus)
+    batch, width, length = beams.shape
+    device = beams.device
+    tokens, nodes = beams.tolist(), unpacker.tolist()
+    best = logits.argmax(dim=-1).tolist() if params.greedy else None
+    generators = generators if generators is not None else [None] * batch
+    chosen_beam, accepted_count, bonus_tokens = [], [], []
+    for b in range(batch):
+        live, node, accepted, chosen, bonus = list(range(width)), nodes[b][0][0], 0, 0, None
+        for j in range(1, length):
+            if params.greedy:
+                hit = next((w for w in live if tokens[b][w][j] == best[b][node]), None)
+                if hit is None:
+                    bonus = best[b][node]
+            else:
+                residual = probabilities(logits[b, node], params)
+                hit = None
+                for w in live:
+                    x = tokens[b][w][j]
+                    q_x = 1.0 if draft_probs is None else float(draft_probs[b, w, j - 1, x])
+                    if float(torch.rand((), generator=generators[b], device=device)) * q_x < float(residual[x]):
+                        hit = w
+                        break
+                    if draft_probs is None:
+                        updated = residual.clone()
+                        updated[x] = 0.0
+                    else:
+                        updated = (residual - draft_probs[b, w, j - 1]).clamp_(min=0.0)
+                    total = updated.sum()
+                    if total > 0:  # zero only when r == q_w, where rejection has probability 0
+                        residual = updated / total
+                if hit is None:
+                    bonus = sample(residual, generators[b])
+            if hit is None:
+                break
+            accepted, chosen, node = j, hit, nodes[b][hit][j]
+            live = [w for w in live if nodes[b][w][j] == node]
+        if bonus is None:  # the whole beam was accepted: the bonus comes from p at its last node
+            bonus = best[b][node] if params.greedy else sample(probabilities(logits[b, node], params), generators[b])
+        chosen_beam.append(chosen)
+        accepted_count.append(accepted)
+        bonus_tokens.append(bonus)
+    beam = torch.tensor(chosen_beam, device=device)
+    rows = torch.arange(batch, device=device)
+    return Acceptance(beam=beam, accepted=torch.tensor(accepted_count, device=device), tokens=beams[rows, beam],
+                      bonus=torch.tensor(bonus_tokens, device=device))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from redrafter.config import BeamConfig
@@ -20,6 +21,7 @@ def parse_grid(text: str) -> list[BeamConfig]:
 
 def add_bench_parser(subparsers) -> None:
     from redrafter.cli import DEFAULT_BEAM
+    from redrafter.cli import add_sampling_arguments
     from redrafter.models.loading import add_backend_arguments
 
     p = subparsers.add_parser("bench", help="benchmark ReDrafter against baselines on real prompts")
@@ -42,6 +44,7 @@ def add_bench_parser(subparsers) -> None:
     p.add_argument("--prompt-lookup-tokens", type=int, default=10)
     p.add_argument("--warmup-tokens", type=int, default=16, help="tokens of the excluded warm-up run per method")
     p.add_argument("--no-chat-template", action="store_true")
+    add_sampling_arguments(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_bench_command)
 
@@ -53,7 +56,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from redrafter.bench.report import print_table, write_outputs
     from redrafter.bench.runner import Item, machine_info, run_bench, summarise
     from redrafter.bench.workloads import load_workload
-    from redrafter.cli import encode_messages, resolve_beam, resolve_drafter, stop_token_ids
+    from redrafter.cli import encode_messages, resolve_beam, resolve_drafter, sampling_params, stop_token_ids
     from redrafter.drafter.model import load_drafter
     from redrafter.models.loading import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_gguf, load_target
 
@@ -82,7 +85,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
                                 backend="hf")[0].model
     gguf = str(embedded_gguf(spec)) if spec in EMBEDDED_MODELS else (spec if spec.endswith(".gguf") else None)
     stops = stop_token_ids(tokenizer, target)
-    ctx = BenchContext(target=target, tokenizer=tokenizer, stop_token_ids=stops, gguf_path=gguf, threads=args.threads)
+    ctx = BenchContext(target=target, tokenizer=tokenizer, stop_token_ids=stops, gguf_path=gguf, threads=args.threads,
+                       sampling=sampling_params(args))
     methods, skipped = build_methods(names, ctx, drafter=drafter, beams=beams, assistant_model=assistant,
                                      prompt_lookup_tokens=args.prompt_lookup_tokens)
     if not methods:
@@ -95,7 +99,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
                      progress=not args.no_progress)
     summary = summarise(rows)
     settings = {"dataset": args.dataset, "model": spec, "drafter": str(drafter_path) if drafter_path else None, "methods": [m.name for m in methods],
-                "max_new_tokens": args.max_new_tokens, "turns": turns, "limit": args.limit, "categories": categories,
+                "max_new_tokens": args.max_new_tokens,
+                "sampling": dataclasses.asdict(sampling_params(args)), "turns": turns, "limit": args.limit,
+                "categories": categories,
                 "machine": machine_info(torch.get_num_threads(), str(target.dtype).removeprefix("torch.")),
                 "backend": type(target).__name__, "skipped": skipped}
     paths = write_outputs(Path(args.out), rows, summary, settings)

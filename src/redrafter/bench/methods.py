@@ -14,7 +14,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from redrafter.config import BeamConfig, GenerationConfig
+from redrafter.config import BeamConfig, GenerationConfig, SamplingParams
 from redrafter.engine import Engine, FinishEvent, ReDrafterProposer
 
 
@@ -41,18 +41,25 @@ class BenchContext:
     stop_token_ids: tuple[int, ...]
     gguf_path: str | None = None
     threads: int = 1
+    sampling: SamplingParams = SamplingParams()
 
 
 class EngineMethod:
-    """Our engine: ``ar`` (no proposer) or ``redrafter[W=..,L=..]``."""
+    """Our engine: ``ar`` (no proposer) or ``redrafter[W=..,L=..]``; greedy or sampling (each run
+    takes the next random stream of the seed)."""
 
-    def __init__(self, name: str, engine: Engine, stop_token_ids: tuple[int, ...]) -> None:
-        self.name, self.engine, self.stop_token_ids = name, engine, stop_token_ids
+    def __init__(self, name: str, engine: Engine, stop_token_ids: tuple[int, ...],
+                 sampling: SamplingParams = SamplingParams()) -> None:
+        self.name, self.engine, self.stop_token_ids, self.sampling = name, engine, stop_token_ids, sampling
+        self.runs = 0
 
     def run(self, prompt_ids: Sequence[int], max_new_tokens: int) -> RunResult:
-        config = GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=self.stop_token_ids)
+        config = GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=self.stop_token_ids,
+                                  sampling=self.sampling)
+        self.runs += 1
         start = time.perf_counter()
-        finish = next(e for e in self.engine.generate([list(prompt_ids)], config) if isinstance(e, FinishEvent))
+        finish = next(e for e in self.engine.generate([list(prompt_ids)], config, row_offset=self.runs)
+                      if isinstance(e, FinishEvent))
         elapsed = time.perf_counter() - start
         return RunResult(list(finish.token_ids), finish.stats.num_steps, elapsed, finish.stats.first_token_s)
 
@@ -73,14 +80,20 @@ class _FirstTokenClock:
 
 
 class HFGenerateMethod:
-    """transformers ``generate`` (greedy), optionally with prompt lookup or an assistant model.
-    Steps are counted as calls of the target model's forward minus the prefill."""
+    """transformers ``generate`` (greedy, or sampling with the same temperature / top-k / top-p),
+    optionally with prompt lookup or an assistant model. Steps are counted as calls of the target
+    model's forward minus the prefill."""
 
     def __init__(self, name: str, model, stop_token_ids: tuple[int, ...], pad_token_id: int | None,
-                 **generate_kwargs) -> None:
+                 sampling: SamplingParams = SamplingParams(), **generate_kwargs) -> None:
         self.name, self.model, self.stop_token_ids = name, model, stop_token_ids
         self.pad_token_id = pad_token_id if pad_token_id is not None else (stop_token_ids or (0,))[0]
         self.generate_kwargs = generate_kwargs
+        if sampling.greedy:
+            self.generate_kwargs["do_sample"] = False
+        else:
+            self.generate_kwargs.update(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k or None,
+                                        top_p=sampling.top_p)
 
     def run(self, prompt_ids: Sequence[int], max_new_tokens: int) -> RunResult:
         calls = [0]
@@ -90,7 +103,7 @@ class HFGenerateMethod:
         try:
             start = time.perf_counter()
             with torch.inference_mode():
-                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1,
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=1,
                                           max_new_tokens=max_new_tokens, eos_token_id=list(self.stop_token_ids) or None,
                                           pad_token_id=self.pad_token_id, streamer=clock, **self.generate_kwargs)
             elapsed = time.perf_counter() - start
@@ -158,24 +171,28 @@ def build_methods(names: Sequence[str], ctx: BenchContext, *, drafter=None, beam
     skipped: dict[str, str] = {}
     for name in names:
         if name == "hf-generate":
-            methods.append(HFGenerateMethod(name, target.model, stops, pad))
+            methods.append(HFGenerateMethod(name, target.model, stops, pad, ctx.sampling))
         elif name == "ar":
-            methods.append(EngineMethod(name, Engine(target), stops))
+            methods.append(EngineMethod(name, Engine(target), stops, ctx.sampling))
         elif name == "redrafter":
             if drafter is None:
                 raise RedrafterError("method 'redrafter' needs --drafter DIR")
             for beam in beams:
                 methods.append(EngineMethod(redrafter_name(beam), Engine(target, ReDrafterProposer(drafter, target, beam)),
-                                            stops))
+                                            stops, ctx.sampling))
         elif name == "hf-prompt-lookup":
-            methods.append(HFGenerateMethod(name, target.model, stops, pad, prompt_lookup_num_tokens=prompt_lookup_tokens))
+            methods.append(HFGenerateMethod(name, target.model, stops, pad, ctx.sampling,
+                                            prompt_lookup_num_tokens=prompt_lookup_tokens))
         elif name == "hf-assisted":
             if assistant_model is None:
                 skipped[name] = "no --assistant-model given"
             else:
-                methods.append(HFGenerateMethod(name, target.model, stops, pad, assistant_model=assistant_model))
+                methods.append(HFGenerateMethod(name, target.model, stops, pad, ctx.sampling,
+                                                assistant_model=assistant_model))
         elif name == "llamacpp":
-            if importlib.util.find_spec("llama_cpp") is None:
+            if not ctx.sampling.greedy:
+                skipped[name] = "runs greedy only"
+            elif importlib.util.find_spec("llama_cpp") is None:
                 skipped[name] = "llama-cpp-python is not installed"
             elif ctx.gguf_path is None:
                 skipped[name] = "the model has no GGUF file"
