@@ -97,7 +97,7 @@ class ReDrafterProposer:
             q = probabilities(drafter.logits(h, state), params)  # (batch, W, V_d)
             picked = torch.stack([torch.multinomial(q[b], 1, generator=generators[b]).squeeze(-1) for b in range(batch)])
             beams = torch.cat([beams, drafter.to_target_ids(picked).unsqueeze(-1)], dim=-1)
-            if q.shape[-1] != vocab:  # reduced draft vocabulary: q is zero outside it
+            if drafter.draft_to_target is not None:  # reduced draft vocabulary: q is zero outside it
                 q = torch.zeros(batch, width, vocab, device=q.device).index_copy_(-1, drafter.draft_to_target, q)
             draws.append(q)
         return beams, torch.stack(draws, dim=2)

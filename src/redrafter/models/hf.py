@@ -50,7 +50,7 @@ class TransformersTarget:
     """The transformers implementation of the TargetModel protocol."""
 
     def __init__(self, model: PreTrainedModel, *, name: str = "") -> None:
-        self.model = model.eval()
+        self.model = model.eval().requires_grad_(False)  # frozen: no gradients through the target
         self.base = model.base_model  # the decoder stack; its output is the final norm's output
         self.lm_head = model.get_output_embeddings()
         if self.lm_head is None:

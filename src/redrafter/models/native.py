@@ -122,7 +122,7 @@ class NativeTarget:
         reason = unsupported_reason(config)
         if reason is not None:
             raise RedrafterError(f"the native backend does not support {reason}; use --backend hf")
-        self.model = model.eval()  # kept (sharing the fused weights) for transformers-based baselines
+        self.model = model.eval().requires_grad_(False)  # kept (sharing the fused weights) for transformers baselines
         self.info: TargetInfo = target_info(model, name)
         self.config = config
         first = next(model.parameters())

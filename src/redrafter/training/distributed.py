@@ -10,6 +10,7 @@ same global batches (up to floating-point summation order).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 
 import torch
@@ -34,7 +35,9 @@ class Distributed:
             torch.cuda.set_device(device)
         owns = not dist.is_initialized()
         if owns:
-            dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+            # Long first collectives: ranks reach them after target passes of different sizes.
+            dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(hours=3))
         return cls(rank=dist.get_rank(), world=dist.get_world_size(), device=device, owns_group=owns)
 
     @property

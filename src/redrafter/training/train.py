@@ -82,7 +82,7 @@ def make_examples(records: list[dict], max_length: int) -> list[Example]:
         if not any(mask):
             continue
         example = Example(torch.tensor(ids), torch.tensor(mask), context_from=prompt - 1)
-        states = r.get("states")
+        states = r.pop("states", None)  # the example keeps the only copy
         if states is not None:
             length = len(ids)
             example.hidden = torch.zeros(length, states.shape[1], dtype=torch.bfloat16)
@@ -168,7 +168,8 @@ def draft_vocabulary(examples: list[Example], size: int, vocab: int) -> tuple[to
     for e in examples:
         counts.update(e.tokens[e.label_mask].tolist())
     chosen = [t for t, _ in counts.most_common(size)]
-    chosen += [t for t in range(vocab) if t not in set(chosen)][: size - len(chosen)]  # pad with unused ids
+    taken = set(chosen)
+    chosen += [t for t in range(vocab) if t not in taken][: size - len(chosen)]  # pad with unused ids
     draft_to_target = torch.tensor(sorted(chosen))
     target_to_draft = torch.full((vocab,), -1, dtype=torch.long)
     target_to_draft[draft_to_target] = torch.arange(size)
@@ -285,7 +286,9 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
     mine = sorted({i for index in plan[:total_steps] for i in dist.shard(index)})
     needed = [train_examples[i] for i in mine] + (eval_examples if dist.is_main else [])
     needed = [e for e in needed if e.hidden is None]  # datagen stored the states of greedy answers
-    key = fingerprint(train_records + eval_records, model_spec, config.max_length)
+    # The cache holds exactly this process's examples, computed with this dtype and backend.
+    key = fingerprint(train_records + eval_records, f"{model_spec}|{target.dtype}|{type(target).__name__}|"
+                      f"{dist.rank}/{dist.world}|{hashlib.sha256(str(mine).encode()).hexdigest()}", config.max_length)
     cache = Path(target_cache) if target_cache else None
     if cache is not None and dist.world > 1:
         cache = cache.with_name(f"{cache.stem}.rank{dist.rank}-of-{dist.world}{cache.suffix}")
@@ -322,7 +325,7 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
     metrics_path = out_dir / "metrics.jsonl"
     step, metrics = 0, []
     if resume and (checkpoint / "trainer.pt").is_file():
-        state = torch.load(checkpoint / "trainer.pt", weights_only=False)
+        state = torch.load(checkpoint / "trainer.pt", weights_only=False, map_location=device)
         drafter.load_state_dict(load_drafter(checkpoint, device=device).state_dict())
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
