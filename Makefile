@@ -8,7 +8,7 @@ STAMP := $(VENV)/.stamp-install
 PROMPT ?= Explain in three sentences why the sky is blue.
 
 # `make bench`: the benchmark quoted in docs/BENCHMARKS.md (llama.cpp joins when llama-cpp-python is installed).
-BENCH_ARGS ?= --dataset mt-bench --turns 1 --limit 20 --max-new-tokens 128 --dtype bfloat16 --threads 2 \
+BENCH_ARGS ?= --dataset mt-bench --turns 1 --max-new-tokens 128 --threads 2 \
 	--methods hf-generate,ar,redrafter,hf-prompt-lookup,llamacpp --out runs/bench-mtbench
 
 .PHONY: install run test bench clean
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/redrafter generate --autoregressive --prompt "$(PROMPT)" --max-new-tokens 128
+	$(VENV)/bin/redrafter generate --prompt "$(PROMPT)" --max-new-tokens 128
 
 bench: $(STAMP)
 	$(VENV)/bin/redrafter bench $(BENCH_ARGS)

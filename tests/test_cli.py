@@ -121,3 +121,22 @@ def test_sampling_flags_seeded_and_independent_per_prompt(capsys, smollm2, smoll
         assert len({tuple(r["token_ids"]) for r in first}) == 3  # the same prompt 3 times: 3 samples
         assert [r["token_ids"] for r in first] != [r["token_ids"] for r in other]
         assert first[0]["temperature"] == 1.0 and first[0]["seed"] == 7
+
+
+@pytest.mark.slow
+def test_shipped_drafter_is_used_by_default_and_lossless(capsys, smollm2):
+    """The default model ships a trained drafter: generate picks it (and its measured beam setting)
+    without --drafter, and its output equals plain decoding token for token."""
+    from redrafter.drafter.model import recommended_beam
+    from redrafter.models.loading import DEFAULT_MODEL, shipped_drafter
+
+    path = shipped_drafter(DEFAULT_MODEL)
+    assert path is not None and sum(f.stat().st_size for f in path.iterdir()) <= 30 * 2**20
+    beam = recommended_beam(path)
+    assert beam is not None
+    common = ["--prompt", "Describe a rainbow to a child.", "--max-new-tokens", "48", "--dtype", "float32"]
+    (ar,) = run_json(capsys, *common, "--autoregressive")
+    (spec,) = run_json(capsys, *common)
+    assert spec["mode"] == "redrafter" and (spec["beam_width"], spec["beam_length"]) == (beam.width, beam.length)
+    assert spec["token_ids"] == ar["token_ids"]
+    assert spec["tokens_per_step"] > 1.2  # a trained drafter gets drafted tokens accepted on a chat prompt
