@@ -36,6 +36,22 @@ class ForwardOutput:
     hidden: torch.Tensor
 
 
+def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   max_rows: int = 64) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, computed as ``weight @ x^T`` when x has 2..max_rows rows.
+
+    The same products; but CPU BLAS repacks the weight for a tiny ``x @ W^T``, which costs more than
+    the product, while ``W @ x^T`` streams the weight once (4 rows of SmolLM2's 49,152 x 576 LM head:
+    24 ms -> 7.6 ms with MKL). The result is made row-major again: the fused CPU attention kernel
+    falls back to a slow path on inputs without unit stride. ``max_rows`` 0 disables the rewrite.
+    """
+    rows = x.numel() // x.shape[-1]
+    if 1 < rows <= max_rows:
+        y = (weight @ x.reshape(rows, -1).T).T.contiguous().view(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 class KVCache(Protocol):
     """Per-row cache state. ``lengths`` (batch,) counts the committed tokens of each row; a row's
     next token sits at position ``lengths[row]``."""

@@ -10,9 +10,9 @@ What it does differently from the transformers backend, all in plain device-agno
   the whole cache tensor (all layers, keys and values at once); plain decoding and prefill, whose kept
   tokens are already in place, move nothing.
 - Fused projections (q|k|v and gate|up) and few Python operations per layer.
-- For a handful of rows, ``linear`` computes ``weight @ x^T`` instead of ``x @ weight^T`` (same products,
-  same result): CPU BLAS then streams each weight once instead of repacking it for a tiny GEMM, which
-  is what makes verifying a small tree cost about one decode step. Choose with ``weight_major_rows``.
+- For a handful of rows, linear layers compute ``weight @ x^T`` (``base.few_row_linear``): CPU BLAS
+  then streams each weight once instead of repacking it for a tiny GEMM, which is what makes
+  verifying a small tree cost about one decode step. Choose with ``weight_major_rows``.
 
 The weights come from a transformers model (so every source the transformers backend reads works
 here: HF directories, GGUF, the embedded default); its rotary embedding module is reused as is, so
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from redrafter.errors import RedrafterError
-from redrafter.models.base import ForwardOutput, TargetInfo
+from redrafter.models.base import ForwardOutput, TargetInfo, few_row_linear
 from redrafter.models.hf import target_info
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -169,12 +169,7 @@ class NativeTarget:
         return F.embedding(tokens, self.embedding)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        rows = x.shape[0] * x.shape[1]
-        if 1 < rows <= self.weight_major_rows:
-            # Back to row-major: attention kernels want unit stride in the last dimension.
-            y = (weight @ x.reshape(rows, -1).T).T.contiguous().view(*x.shape[:-1], weight.shape[0])
-            return y if bias is None else y + bias
-        return F.linear(x, weight, bias)
+        return few_row_linear(x, weight, bias, self.weight_major_rows)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
@@ -229,8 +224,7 @@ class NativeTarget:
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head logits (..., V) in float32."""
-        return self.linear(hidden.reshape(1, -1, hidden.shape[-1]), self.lm_head, self.lm_head_bias).float().reshape(
-            *hidden.shape[:-1], -1)
+        return self.linear(hidden, self.lm_head, self.lm_head_bias).float()
 
     @torch.inference_mode()
     def commit(self, cache: NativeCache, keep: torch.Tensor, counts: torch.Tensor) -> None:
