@@ -177,3 +177,25 @@ def test_stored_datagen_states_equal_a_target_pass(target, data_dir):
         assert a.context_from == b.context_from == len(r["prompt_ids"]) - 1
         assert torch.equal(a.next_tokens[used], b.next_tokens[used])
         torch.testing.assert_close(a.hidden[used].float(), b.hidden[used].float(), atol=2e-2, rtol=2e-2)
+
+
+def test_stored_dataset_answer_labels_are_the_targets_own_tokens(target, data_dir):
+    """Dataset answers (not written by the target): datagen's stored states and next-token labels
+    give the same examples as a target pass, and the labels are the target's argmax, not the data."""
+    from redrafter.training.datagen import read_records, teacher_forced_states
+    from redrafter.training.train import compute_targets, make_examples
+
+    gen = torch.Generator().manual_seed(5)
+    records = [{**r, "response_ids": torch.randint(0, 64, (len(r["response_ids"]) + 3,), generator=gen).tolist()}
+               for r in read_records(data_dir)[:5]]
+    stored = [{**r, "states": states, "next_ids": next_ids}
+              for r, (states, next_ids) in zip(records, teacher_forced_states(target, records, batch_tokens=256))]
+    from_states, from_target = make_examples(stored, 1024), make_examples(records, 1024)
+    compute_targets(target, from_target, batch_tokens=512, progress=False)
+    differs = 0
+    for a, b, r in zip(from_states, from_target, records):
+        used = slice(len(r["prompt_ids"]) - 1, len(a.tokens) - 1)
+        assert torch.equal(a.next_tokens[used], b.next_tokens[used])
+        torch.testing.assert_close(a.hidden[used].float(), b.hidden[used].float(), atol=2e-2, rtol=2e-2)
+        differs += int((a.next_tokens[used] != a.tokens[1:][used]).sum())
+    assert differs > 0  # random answers: the target disagrees with the data somewhere

@@ -89,6 +89,9 @@ def make_examples(records: list[dict], max_length: int) -> list[Example]:
             span = min(states.shape[0], length - (prompt - 1))
             example.hidden[prompt - 1: prompt - 1 + span] = states[:span]
             example.next_tokens = torch.cat([example.tokens[1:], torch.zeros(1, dtype=torch.long)])
+            next_ids = r.pop("next_ids", None)  # dataset answers: the target's own argmax, not the data
+            if next_ids is not None:
+                example.next_tokens[prompt - 1: prompt - 1 + span] = next_ids[:span]
         examples.append(example)
     return examples
 
