@@ -199,3 +199,10 @@ def test_stored_dataset_answer_labels_are_the_targets_own_tokens(target, data_di
         torch.testing.assert_close(a.hidden[used].float(), b.hidden[used].float(), atol=2e-2, rtol=2e-2)
         differs += int((a.next_tokens[used] != a.tokens[1:][used]).sum())
     assert differs > 0  # random answers: the target disagrees with the data somewhere
+    from collections import Counter
+
+    from redrafter.training.train import draft_vocabulary
+
+    labels = Counter(t for e in from_states for t in e.next_tokens[:-1][e.label_mask[1:]].tolist())
+    draft_to_target, _ = draft_vocabulary(from_states, 4, TINY_VOCAB)  # the vocabulary counts the labels
+    assert set(draft_to_target.tolist()) == {t for t, _ in labels.most_common(4)}

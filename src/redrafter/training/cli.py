@@ -53,7 +53,7 @@ def add_train_parser(subparsers) -> None:
     d = TrainConfig()
     p = subparsers.add_parser("train", help="train a drafter for a model on datagen output")
     p.add_argument("--model", default=None, help="model spec (default: smollm2-135m-instruct)")
-    p.add_argument("--data", required=True, nargs="+", help="datagen output directories")
+    p.add_argument("--data", required=True, nargs="+", help="datagen output directories; the held-out split comes from the first")
     p.add_argument("--out", required=True)
     p.add_argument("--draft-vocab-size", type=int, default=d.draft_vocab_size,
                    help="V_d most frequent tokens (0 = the full vocabulary)")

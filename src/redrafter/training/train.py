@@ -1,6 +1,6 @@
 """``redrafter train``: fit a drafter to a frozen target by self-distillation.
 
-1. Read the datagen records; hold out a fraction for evaluation.
+1. Read the datagen records; hold out a fraction of the first directory's for evaluation.
 2. Run the frozen target once over every prompt + response: keep its hidden states h_t and its own
    next token at every position (the labels; on greedy target-written data they equal the data).
    Optionally store both in a safetensors file so later runs skip the target.
@@ -160,16 +160,20 @@ def load_target_cache(path: Path, examples: list[Example], key: str) -> bool:
 
 
 def draft_vocabulary(examples: list[Example], size: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``size`` most frequent response tokens of the data (on greedy target-written data these are
-    the labels; counting the data, not the target's labels, gives every process of a data-parallel run
-    the same vocabulary without the target states of the whole split).
+    """The ``size`` most frequent labels: the target's own next tokens where datagen stored them (for
+    dataset answers these differ from the text), the response tokens elsewhere (on greedy
+    target-written data the two agree). Call it before any target pass fills labels, so that every
+    process of a data-parallel run counts the same tokens.
 
     Returns:
         draft_to_target (size,) long, target_to_draft (vocab,) long with -1 for tokens left out.
     """
     counts: Counter = Counter()
     for e in examples:
-        counts.update(e.tokens[e.label_mask].tolist())
+        if e.next_tokens is not None:
+            counts.update(e.next_tokens[:-1][e.label_mask[1:]].tolist())
+        else:
+            counts.update(e.tokens[e.label_mask].tolist())
     chosen = [t for t, _ in counts.most_common(size)]
     taken = set(chosen)
     chosen += [t for t in range(vocab) if t not in taken][: size - len(chosen)]  # pad with unused ids
@@ -267,15 +271,20 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    records = read_records(*([data] if isinstance(data, str) else data), with_states=True)
+    directories = [data] if isinstance(data, str) else list(data)
+    # The held-out split comes from the first directory only (the distribution that matters, e.g. the
+    # target's own answers); the other directories only add training data.
+    records = read_records(directories[0], with_states=True)
     rng = random.Random(config.seed)
     order = list(range(len(records)))
     rng.shuffle(order)
     held = max(1, int(len(records) * config.eval_fraction))
     if len(records) - held < 1:
-        raise RedrafterError(f"{data} has too few records ({len(records)}) to hold some out")
+        raise RedrafterError(f"{directories[0]} has too few records ({len(records)}) to hold some out")
     eval_records = [records[i] for i in order[:held]]
     train_records = [records[i] for i in order[held:]]
+    if len(directories) > 1:
+        train_records += read_records(*directories[1:], with_states=True)
 
     if target is None:
         target, _ = load_target(model_spec, dtype=dtype, device=device, backend=backend)
@@ -295,14 +304,16 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
     cache = Path(target_cache) if target_cache else None
     if cache is not None and dist.world > 1:
         cache = cache.with_name(f"{cache.stem}.rank{dist.rank}-of-{dist.world}{cache.suffix}")
+    vocab, hidden_size = target.info.vocab_size, target.info.hidden_size
+    reduced = config.draft_vocab_size is not None and config.draft_vocab_size < vocab
+    if reduced:
+        draft_to_target, target_to_draft = draft_vocabulary(train_examples, config.draft_vocab_size, vocab)
     if needed and (cache is None or not load_target_cache(cache, needed, key)):
         compute_targets(target, needed, batch_tokens=config.batch_tokens, progress=progress)
         if cache is not None:
             save_target_cache(cache, needed, key)
 
-    vocab, hidden_size = target.info.vocab_size, target.info.hidden_size
-    if config.draft_vocab_size is not None and config.draft_vocab_size < vocab:
-        draft_to_target, target_to_draft = draft_vocabulary(train_examples, config.draft_vocab_size, vocab)
+    if reduced:
         drafter_config = DrafterConfig(hidden_size=hidden_size, vocab_size=config.draft_vocab_size,
                                        exit_dim=config.exit_dim, num_draft_layers=config.num_layers,
                                        target_vocab_size=vocab)
