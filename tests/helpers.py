@@ -33,10 +33,11 @@ def tiny_model(kind: str, *, seed: int = 0, vocab: int = TINY_VOCAB, dtype=torch
 BACKENDS = ["hf", "native"]
 
 
-def tiny_target(kind: str, backend: str = "hf", **kwargs):
-    """A tiny random model behind the given backend ("hf" or "native")."""
-    cls = NativeTarget if backend == "native" else TransformersTarget
-    return cls(tiny_model(kind, **kwargs), name=f"tiny-{kind}")
+def tiny_target(kind: str, backend: str = "hf", *, compile: bool = False, **kwargs):
+    """A tiny random model behind the given backend ("hf" or "native", optionally torch.compiled)."""
+    if backend == "native":
+        return NativeTarget(tiny_model(kind, **kwargs), name=f"tiny-{kind}", compile=compile)
+    return TransformersTarget(tiny_model(kind, **kwargs), name=f"tiny-{kind}")
 
 
 def cache_layer(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -70,6 +70,7 @@ BAD_INPUTS = [
     (["--autoregressive"], "no prompt given"),
     (["--model", "some/model/dir", "--prompt", "hi"], "no drafter ships for model"),
     (["--autoregressive", "--prompt", "hi", "--max-new-tokens", "0"], "max-new-tokens must be >= 1"),
+    (["--autoregressive", "--prompt", "hi", "--backend", "hf", "--compile"], "--compile needs the native backend"),
 ]
 
 

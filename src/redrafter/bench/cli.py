@@ -77,7 +77,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    target, tokenizer = load_target(spec, dtype=args.dtype, device=args.device, backend=args.backend)
+    target, tokenizer = load_target(spec, dtype=args.dtype, device=args.device, backend=args.backend,
+                                    compile=args.compile)
     drafter = load_drafter(drafter_path, device=target.device, dtype=target.dtype) if drafter_path else None
     assistant = None
     if "hf-assisted" in names and args.assistant_model:

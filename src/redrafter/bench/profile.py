@@ -184,7 +184,8 @@ def run_profile_command(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     report = {"model": spec, "context": args.context, "threads": args.threads, "backends": {}}
     for backend in backends:
-        target, tokenizer = load_target(spec, dtype=args.dtype, device=args.device, backend=backend)
+        target, tokenizer = load_target(spec, dtype=args.dtype, device=args.device, backend=backend,
+                                        compile=args.compile and backend == "native")
         name = f"{backend} ({str(target.dtype).removeprefix('torch.')})"
         curve = verify_curve(target, args.context, sizes, args.repeats)
         entry = {"verify_ms": curve, "verify_over_decode": {k: round(v / curve[sizes[0]], 3) for k, v in curve.items()}}

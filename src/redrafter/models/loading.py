@@ -58,6 +58,8 @@ def add_backend_arguments(parser, *, dtype_default: str = "auto") -> None:
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=dtype_default,
                         help="auto: bfloat16 on hardware with bf16 compute (CUDA, AVX-512 BF16/AMX), else float32")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the native backend's forward (pays off on GPUs; see docs/PERFORMANCE.md)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,11 +154,12 @@ def converted_gguf(gguf: Path, out: Path) -> Path:
 
 
 def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
-                device: str | torch.device = "cpu", backend: str = "auto"):
+                device: str | torch.device = "cpu", backend: str = "auto", compile: bool = False):
     """Load SPEC as a target backend and its tokenizer.
 
     ``backend``: "native" (the lean static-cache implementation; Llama, Qwen2, Mistral), "hf" (any
     transformers causal LM), or "auto": native where the architecture is supported, else hf.
+    ``compile``: ``torch.compile`` the native forward (native backend only).
 
     Returns:
         (target, tokenizer)
@@ -168,6 +171,8 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
 
     if backend not in BACKENDS:
         raise RedrafterError(f"unknown backend '{backend}' (expected one of {', '.join(BACKENDS)})")
+    if compile and backend == "hf":
+        raise RedrafterError("--compile needs the native backend (--backend native or auto)")
     torch_dtype = resolve_dtype(dtype, device)
     directory = resolve_model_dir(spec)
     from transformers.utils import logging as hf_logging
@@ -183,8 +188,10 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
     reason = unsupported_reason(model.config)
     if backend == "native" and reason is not None:
         raise RedrafterError(f"the native backend does not support {reason}; use --backend hf")
+    if compile and reason is not None:
+        raise RedrafterError(f"--compile needs the native backend, which does not support {reason}")
     if backend == "hf" or reason is not None:
         if backend == "auto":
             logging.getLogger(__name__).info("native backend does not support %s; using transformers", reason)
         return TransformersTarget(model, name=spec), tokenizer
-    return NativeTarget(model, name=spec), tokenizer
+    return NativeTarget(model, name=spec, compile=compile), tokenizer

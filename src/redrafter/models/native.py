@@ -117,7 +117,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class NativeTarget:
     """The native implementation of the TargetModel protocol (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, *, name: str = "", weight_major_rows: int | None = None) -> None:
+    def __init__(self, model: nn.Module, *, name: str = "", weight_major_rows: int | None = None,
+                 compile: bool = False) -> None:
         config = model.config
         reason = unsupported_reason(config)
         if reason is not None:
@@ -143,6 +144,8 @@ class NativeTarget:
         if weight_major_rows is None:
             weight_major_rows = 64 if self.device.type == "cpu" else 0
         self.weight_major_rows = weight_major_rows
+        if compile:  # dynamic shapes: the context and the tree size change every step
+            self.forward = torch.compile(self.forward, dynamic=True)
 
     # ------------------------------------------------------------------ cache
 

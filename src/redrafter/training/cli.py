@@ -41,7 +41,7 @@ def run_datagen_command(args: argparse.Namespace) -> int:
                           temperature=args.temperature, batch_size=args.batch_size, shard_size=args.shard_size,
                           dtype=args.dtype, device=args.device, backend=args.backend,
                           max_prompt_tokens=args.max_prompt_tokens,
-                          seed=args.seed, answers=args.answers, progress=not args.no_progress)
+                          seed=args.seed, answers=args.answers, progress=not args.no_progress, compile=args.compile)
     print(json.dumps(summary))
     return 0
 
@@ -94,6 +94,6 @@ def run_train_command(args: argparse.Namespace) -> int:
                          seed=args.seed)
     summary = train(model_spec=args.model or DEFAULT_MODEL, data=args.data, out=args.out, config=config,
                     dtype=args.dtype, device=args.device, backend=args.backend, resume=args.resume, target_cache=args.target_cache,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, compile=args.compile)
     print(json.dumps(summary))
     return 0

@@ -259,7 +259,7 @@ def plot_losses(metrics: list[dict], path: Path) -> None:
 
 def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConfig, dtype: str = "float32",
           device: str = "cpu", backend: str = "auto", resume: bool = False, target_cache: str | None = None, progress: bool = True,
-          target=None) -> dict:
+          target=None, compile: bool = False) -> dict:
     """Run training end to end; returns the final metrics."""
     from tqdm import tqdm
 
@@ -287,7 +287,7 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
         train_records += read_records(*directories[1:], with_states=True)
 
     if target is None:
-        target, _ = load_target(model_spec, dtype=dtype, device=device, backend=backend)
+        target, _ = load_target(model_spec, dtype=dtype, device=device, backend=backend, compile=compile)
     train_examples = make_examples(train_records, config.max_length)
     eval_examples = make_examples(eval_records, config.max_length)
     steps_per_epoch = len(batches(train_examples, config.batch_tokens, random.Random(0)))
