@@ -88,6 +88,7 @@ class TransformersTarget:
         """LM head logits (..., V) in float32 (few rows: weight-major, see ``few_row_linear``)."""
         return few_row_linear(hidden, self.lm_head.weight, self.lm_head.bias).float()
 
+    @torch.inference_mode()
     def commit(self, cache: HFCache, keep: torch.Tensor, counts: torch.Tensor) -> None:
         if not cache.pending:
             raise RuntimeError("commit called without a pending forward")
@@ -99,10 +100,17 @@ class TransformersTarget:
         lengths = cache.lengths.view(batch, 1)
         offset = (slot - lengths).clamp(0, kept - 1)  # index into keep for slots after the old length
         source = torch.where(slot < lengths, slot, old_slots + keep.gather(1, offset))  # (batch, new_slots)
+        # Slots below the shortest row's old length stay where they are: gather only the tail, write it
+        # in place and keep a view of the first new_slots (the next forward's cat copies the cache anyway).
+        low = int(cache.lengths.min())
+        tail = source[:, low:]
         for layer in self.cache_layers(cache):
-            index = source.view(batch, 1, new_slots, 1).expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
-            layer.keys = layer.keys.gather(2, index)
-            layer.values = layer.values.gather(2, index)
+            index = tail.view(batch, 1, -1, 1).expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+            for name in ("keys", "values"):
+                tensor = getattr(layer, name)
+                moved = tensor.gather(2, index)
+                tensor[:, :, low:new_slots] = moved
+                setattr(layer, name, tensor[:, :, :new_slots])
         cache.lengths = new_lengths
         cache.pending = 0
 
