@@ -283,8 +283,9 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
         raise RedrafterError(f"{directories[0]} has too few records ({len(records)}) to hold some out")
     eval_records = [records[i] for i in order[:held]]
     train_records = [records[i] for i in order[held:]]
-    if len(directories) > 1:
-        train_records += read_records(*directories[1:], with_states=True)
+    if len(directories) > 1:  # leaving out the held-out prompts (answered differently there)
+        held_ids = {r["id"] for r in eval_records}
+        train_records += [r for r in read_records(*directories[1:], with_states=True) if r["id"] not in held_ids]
 
     if target is None:
         target, _ = load_target(model_spec, dtype=dtype, device=device, backend=backend, compile=compile)
