@@ -1,6 +1,7 @@
 """Drafter training on a tiny random target: the loss learns, resume continues exactly, and the
 trained (reduced-vocabulary) drafter drives lossless generation."""
 
+import dataclasses
 import json
 
 import pytest
@@ -206,3 +207,15 @@ def test_stored_dataset_answer_labels_are_the_targets_own_tokens(target, data_di
     labels = Counter(t for e in from_states for t in e.next_tokens[:-1][e.label_mask[1:]].tolist())
     draft_to_target, _ = draft_vocabulary(from_states, 4, TINY_VOCAB)  # the vocabulary counts the labels
     assert set(draft_to_target.tolist()) == {t for t, _ in labels.most_common(4)}
+
+
+def test_more_data_directories_add_training_records_but_never_a_held_out_prompt(target, data_dir, tmp_path):
+    from redrafter.training.datagen import read_records
+
+    total = len(read_records(data_dir))
+    held = int(total * CONFIG.eval_fraction)
+    config = dataclasses.replace(CONFIG, epochs=0.2)
+    summary = train(model_spec="tiny", data=[str(data_dir), str(data_dir)], out=str(tmp_path), config=config,
+                    target=target, progress=False)
+    assert summary["eval_records"] == held  # from the first directory only
+    assert summary["train_records"] == 2 * (total - held)  # the second copy of each held-out prompt is left out
