@@ -155,6 +155,7 @@ def add_profile_parser(subparsers) -> None:
     p.add_argument("--backends", default="native,hf", help="comma list of native, hf")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the native backend's forward")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--context", type=int, default=300, help="committed tokens before the measured forwards")
     p.add_argument("--tree-sizes", default="1,2,4,8,16,32,64")
