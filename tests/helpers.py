@@ -30,13 +30,18 @@ def tiny_model(kind: str, *, seed: int = 0, vocab: int = TINY_VOCAB, dtype=torch
     return model.to(dtype).eval()
 
 
-BACKENDS = ["hf", "native"]
+# "native" packs its weights for oneDNN on CPU; "native-plain" runs the unpacked path other devices use.
+BACKENDS = ["hf", "native", "native-plain"]
 
 
 def tiny_target(kind: str, backend: str = "hf", *, compile: bool = False, **kwargs):
-    """A tiny random model behind the given backend ("hf" or "native", optionally torch.compiled)."""
-    if backend == "native":
-        return NativeTarget(tiny_model(kind, **kwargs), name=f"tiny-{kind}", compile=compile)
+    """A tiny random model behind the given backend ("hf", "native" or "native-plain", optionally
+    torch.compiled)."""
+    if backend in ("native", "native-plain"):
+        target = NativeTarget(tiny_model(kind, **kwargs), name=f"tiny-{kind}", compile=compile,
+                              pack_weights=backend == "native" and not compile)
+        assert target.packed == (backend == "native" and not compile)
+        return target
     return TransformersTarget(tiny_model(kind, **kwargs), name=f"tiny-{kind}")
 
 

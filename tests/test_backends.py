@@ -112,12 +112,14 @@ def test_hidden_state_is_final_norm_output(backend):
         torch.testing.assert_close(target.model.get_output_embeddings()(out.hidden), reference.logits, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-def test_native_cache_grows_and_matches_transformers_backend_on_a_ragged_batch(compile):
+@pytest.mark.parametrize("native_backend,compile", [("native", False), ("native-plain", False), ("native-plain", True)],
+                         ids=["packed", "plain", "compiled"])
+def test_native_cache_grows_and_matches_transformers_backend_on_a_ragged_batch(native_backend, compile):
     """Native and transformers backends give the same logits step by step on a ragged batch, with the
-    native cache starting too small (it must grow while keeping what it holds); also with the native
-    forward under torch.compile (dynamic shapes: every step has a new context length)."""
-    native, hf = tiny_target("qwen2", "native", compile=compile), tiny_target("qwen2", "hf")
+    native cache starting too small (it must grow while keeping what it holds); with oneDNN-packed
+    weights, plain ones, and the native forward under torch.compile (dynamic shapes: every step has a
+    new context length)."""
+    native, hf = tiny_target("qwen2", native_backend, compile=compile), tiny_target("qwen2", "hf")
     prompts = [[5, 4, 3, 2, 1, 9, 9, 9], [8], [7, 7, 2]]
     caches = {"native": native.new_cache(3, capacity=2), "hf": hf.new_cache(3)}
     outs = {}

@@ -26,7 +26,7 @@ import torch
 
 from redrafter.config import BeamConfig, GenerationConfig, SamplingParams
 from redrafter.drafter.beam_search import beam_search
-from redrafter.drafter.model import Drafter
+from redrafter.drafter.model import Drafter, inference_copy
 from redrafter.errors import RedrafterError
 from redrafter.models.base import TargetModel
 from redrafter.tree import pack
@@ -68,11 +68,13 @@ class AutoregressiveProposer:
 
 
 class ReDrafterProposer:
-    """Beam search over the recurrent drafter, embedding tokens with the target's table E."""
+    """Beam search over the recurrent drafter, embedding tokens with the target's table E.
+
+    Drafts with a frozen snapshot of the drafter (``inference_copy``: packed linear layers)."""
 
     def __init__(self, drafter: Drafter, target: TargetModel, beam: BeamConfig) -> None:
         check_compatible(drafter, target)
-        self.drafter = drafter
+        self.drafter = inference_copy(drafter)
         self.embed = target.embed
         self.beam = beam
         self.beam_length = beam.length

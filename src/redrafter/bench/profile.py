@@ -69,6 +69,9 @@ def verify_curve(target, context: int, sizes: list[int], repeats: int) -> dict[i
 
 def draft_cost(drafter, target, beams: list[BeamConfig], repeats: int) -> dict[str, float]:
     from redrafter.drafter.beam_search import beam_search
+    from redrafter.drafter.model import inference_copy
+
+    drafter = inference_copy(drafter)  # what ReDrafterProposer drafts with
 
     context = torch.randn(1, target.info.hidden_size, dtype=target.dtype, device=target.device)
     g0 = torch.tensor([1], device=target.device)

@@ -13,6 +13,7 @@ maps its indices to target token ids; drafts are proposals only, so verification
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -83,6 +84,24 @@ class Drafter(nn.Module):
         if self.input_proj is not None:
             z = self.input_proj(z)
         return self.lm_head(z)
+
+
+def inference_copy(drafter: Drafter) -> Drafter:
+    """A frozen copy of ``drafter`` for drafting: its linear layers run on oneDNN-packed weights where
+    the device offers them (``models.base.Linear``; the same products, in another summation order).
+
+    Drafting runs a few rows at a time, where MKL repacks the weight for each product (W = 2 cost twice
+    W = 1). The copy is a snapshot: later changes to ``drafter`` (training) do not reach it.
+    """
+    from redrafter.models.base import Linear
+
+    fast = copy.deepcopy(drafter).eval().requires_grad_(False)
+    for module in fast.modules():
+        if isinstance(module, nn.Linear):
+            layer = Linear(module.weight.detach(), None if module.bias is None else module.bias.detach(), pack=True)
+            if layer.packed is not None:
+                module.forward = layer
+    return fast
 
 
 def load_drafter(path: str | os.PathLike, *, device: str | torch.device = "cpu",

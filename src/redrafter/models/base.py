@@ -52,6 +52,43 @@ def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """A oneDNN-prepacked copy of a linear weight, or None where that does not apply.
+
+    On CPUs, MKL's GEMM for a few rows picks a different kernel for nearly every row count (the
+    verify cost of SmolLM2 jumped between 4 and 8 tree tokens, and 12 tokens cost more than 16);
+    oneDNN with the weight reordered once at load time is faster for every count from 1 to 64 and
+    grows smoothly (docs/PERFORMANCE.md). Only CPU tensors with oneDNN support for their dtype are
+    packed (fp32 everywhere; bf16 needs AVX-512 or AVX-NE-CONVERT); everything else keeps the plain path.
+    """
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        with torch.no_grad():
+            return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return None
+
+
+class Linear:
+    """A linear layer's weight and bias, run by the fastest kernel available for it.
+
+    ``packed`` (see ``pack_linear_weight``) selects oneDNN's prepacked kernel; without it, the
+    product is ``few_row_linear`` with ``max_rows``. The plain ``weight`` is always kept: other code
+    (a tied embedding, the transformers modules the native backend shares its tensors with) uses it.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, pack: bool = False,
+                 max_rows: int = 64) -> None:
+        self.weight, self.bias, self.max_rows = weight, bias, max_rows
+        self.packed = pack_linear_weight(weight) if pack else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return few_row_linear(x, self.weight, self.bias, self.max_rows)
+
+
 class KVCache(Protocol):
     """Per-row cache state. ``lengths`` (batch,) counts the committed tokens of each row; a row's
     next token sits at position ``lengths[row]``."""

@@ -10,9 +10,11 @@ What it does differently from the transformers backend, all in plain device-agno
   the whole cache tensor (all layers, keys and values at once); plain decoding and prefill, whose kept
   tokens are already in place, move nothing.
 - Fused projections (q|k|v and gate|up) and few Python operations per layer.
-- For a handful of rows, linear layers compute ``weight @ x^T`` (``base.few_row_linear``): CPU BLAS
-  then streams each weight once instead of repacking it for a tiny GEMM, which is what makes
-  verifying a small tree cost about one decode step. Choose with ``weight_major_rows``.
+- On CPUs, every linear weight is reordered once at load time for oneDNN (``base.Linear``,
+  ``pack_weights``): its kernels cost about the same for 1 to 8 rows and grow smoothly beyond, which
+  is what makes verifying a small tree cost about one decode step. Elsewhere (CUDA, or a dtype
+  oneDNN cannot pack on this CPU), a handful of rows run as ``weight @ x^T`` (``base.few_row_linear``,
+  ``weight_major_rows``), which streams the weight once instead of repacking it for a tiny GEMM.
 
 The weights come from a transformers model (so every source the transformers backend reads works
 here: HF directories, GGUF, the embedded default); its rotary embedding module is reused as is, so
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from redrafter.errors import RedrafterError
-from redrafter.models.base import ForwardOutput, TargetInfo, few_row_linear
+from redrafter.models.base import ForwardOutput, Linear, TargetInfo
 from redrafter.models.hf import target_info
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -69,41 +71,45 @@ class NativeCache:
 class _Layer:
     """One decoder layer's weights, with q|k|v and gate|up fused."""
 
-    def __init__(self, hf_layer: nn.Module, heads: int, kv_heads: int, head_dim: int) -> None:
+    def __init__(self, hf_layer: nn.Module, heads: int, kv_heads: int, head_dim: int, *, pack: bool,
+                 max_rows: int) -> None:
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.input_norm = hf_layer.input_layernorm.weight
         self.post_norm = hf_layer.post_attention_layernorm.weight
         self.eps = hf_layer.input_layernorm.variance_epsilon
-        self.qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
+        qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
         biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
-        self.qkv_bias = None if biases[0] is None else torch.cat(biases).detach()
-        self.o = attn.o_proj.weight.detach()
-        self.o_bias = None if attn.o_proj.bias is None else attn.o_proj.bias.detach()
-        self.gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
-        self.gate_up_bias = (None if mlp.gate_proj.bias is None
-                             else torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]).detach())
-        self.down = mlp.down_proj.weight.detach()
-        self.down_bias = None if mlp.down_proj.bias is None else mlp.down_proj.bias.detach()
+        qkv_bias = None if biases[0] is None else torch.cat(biases).detach()
+        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+        gate_up_bias = (None if mlp.gate_proj.bias is None
+                        else torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]).detach())
         # The transformers modules now view the fused tensors, so the model stays usable without a copy.
         q_size, kv_size = heads * head_dim, kv_heads * head_dim
-        for tensor, (q, k, v) in ((self.qkv, (attn.q_proj, attn.k_proj, attn.v_proj)),
-                                  (self.qkv_bias, (attn.q_proj, attn.k_proj, attn.v_proj))):
-            if tensor is None:
-                continue
-            name = "weight" if tensor is self.qkv else "bias"
-            getattr(q, name).data = tensor[:q_size]
-            getattr(k, name).data = tensor[q_size: q_size + kv_size]
-            getattr(v, name).data = tensor[q_size + kv_size:]
-        intermediate = self.gate_up.shape[0] // 2
-        mlp.gate_proj.weight.data, mlp.up_proj.weight.data = self.gate_up[:intermediate], self.gate_up[intermediate:]
-        if self.gate_up_bias is not None:
-            mlp.gate_proj.bias.data, mlp.up_proj.bias.data = (self.gate_up_bias[:intermediate],
-                                                              self.gate_up_bias[intermediate:])
+        for name, tensor in (("weight", qkv), ("bias", qkv_bias)):
+            if tensor is not None:
+                getattr(attn.q_proj, name).data = tensor[:q_size]
+                getattr(attn.k_proj, name).data = tensor[q_size: q_size + kv_size]
+                getattr(attn.v_proj, name).data = tensor[q_size + kv_size:]
+        intermediate = gate_up.shape[0] // 2
+        for name, tensor in (("weight", gate_up), ("bias", gate_up_bias)):
+            if tensor is not None:
+                getattr(mlp.gate_proj, name).data = tensor[:intermediate]
+                getattr(mlp.up_proj, name).data = tensor[intermediate:]
+
+        def bias(module: nn.Module) -> torch.Tensor | None:
+            return None if module.bias is None else module.bias.detach()
+
+        self.qkv = Linear(qkv, qkv_bias, pack=pack, max_rows=max_rows)
+        self.o = Linear(attn.o_proj.weight.detach(), bias(attn.o_proj), pack=pack, max_rows=max_rows)
+        self.gate_up = Linear(gate_up, gate_up_bias, pack=pack, max_rows=max_rows)
+        self.down = Linear(mlp.down_proj.weight.detach(), bias(mlp.down_proj), pack=pack, max_rows=max_rows)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32 and cast back, exactly as transformers' Llama/Qwen2 norms do."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:  # the same arithmetic, one fused op
+        return F.rms_norm(x, weight.shape, weight, eps)
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
@@ -118,7 +124,7 @@ class NativeTarget:
     """The native implementation of the TargetModel protocol (see the module docstring)."""
 
     def __init__(self, model: nn.Module, *, name: str = "", weight_major_rows: int | None = None,
-                 compile: bool = False) -> None:
+                 pack_weights: bool | None = None, compile: bool = False) -> None:
         config = model.config
         reason = unsupported_reason(config)
         if reason is not None:
@@ -137,13 +143,21 @@ class NativeTarget:
         self.rotary = base.rotary_emb
         self.norm = base.norm.weight.detach()
         self.norm_eps = base.norm.variance_epsilon
-        self.lm_head = model.get_output_embeddings().weight.detach()
-        self.lm_head_bias = getattr(model.get_output_embeddings(), "bias", None)
-        self.layers = [_Layer(layer, self.heads, self.kv_heads, self.head_dim) for layer in base.layers]
-        # Up to this many rows, linear layers run as weight @ x^T (streams the weight; see module doc).
+        # Linear kernels (module doc): oneDNN-packed weights on CPU unless compiling (inductor cannot
+        # trace opaque oneDNN tensors); otherwise weight @ x^T up to this many rows.
         if weight_major_rows is None:
             weight_major_rows = 64 if self.device.type == "cpu" else 0
+        if pack_weights is None:
+            pack_weights = self.device.type == "cpu"
+        pack_weights = pack_weights and not compile
         self.weight_major_rows = weight_major_rows
+        head = model.get_output_embeddings()
+        head_bias = getattr(head, "bias", None)
+        self.lm_head = Linear(head.weight.detach(), None if head_bias is None else head_bias.detach(),
+                              pack=pack_weights, max_rows=weight_major_rows)
+        self.layers = [_Layer(layer, self.heads, self.kv_heads, self.head_dim, pack=pack_weights,
+                              max_rows=weight_major_rows) for layer in base.layers]
+        self.packed = self.lm_head.packed is not None
         if compile:  # dynamic shapes: the context and the tree size change every step
             self.forward = torch.compile(self.forward, dynamic=True)
 
@@ -171,9 +185,6 @@ class NativeTarget:
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.embedding(tokens, self.embedding)
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return few_row_linear(x, weight, bias, self.weight_major_rows)
-
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                 cache: NativeCache) -> ForwardOutput:
@@ -195,17 +206,19 @@ class NativeTarget:
 
         x = self.embed(tokens)
         cos, sin = self.rotary(x, positions)  # (batch, n, head_dim) in the model dtype
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        # rotate_half(x) * sin == roll(x, half) * signed_sin: one roll instead of two slices, a neg and a cat.
+        half = self.head_dim // 2
+        signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        cos, signed_sin = cos.unsqueeze(2), signed_sin.unsqueeze(2)  # (batch, n, 1, head_dim): over heads
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, layer.eps)
-            qkv = self.linear(h, layer.qkv, layer.qkv_bias)
-            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            q = q.view(batch, n, self.heads, self.head_dim).transpose(1, 2)
-            k = k.view(batch, n, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(batch, n, self.kv_heads, self.head_dim).transpose(1, 2)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            qkv = layer.qkv(h)
+            # Rotary embedding on the q and k heads together: (batch, n, heads + kv_heads, head_dim).
+            qk = qkv[..., : q_size + kv_size].view(batch, n, self.heads + self.kv_heads, self.head_dim)
+            qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), signed_sin).transpose(1, 2)
+            q, k = qk[:, : self.heads], qk[:, self.heads:]
+            v = qkv[..., q_size + kv_size:].view(batch, n, self.kv_heads, self.head_dim).transpose(1, 2)
             keys, values = cache.kv[i, 0], cache.kv[i, 1]  # (batch, kv_heads, capacity, head_dim)
             if same_start:
                 s0 = int(start[0])
@@ -217,17 +230,17 @@ class NativeTarget:
             attn = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=allowed,
                                                   enable_gqa=self.kv_heads != self.heads)
             attn = attn.transpose(1, 2).reshape(batch, n, q_size)
-            x = x + self.linear(attn, layer.o, layer.o_bias)
+            x = x + layer.o(attn)
             h = rms_norm(x, layer.post_norm, layer.eps)
-            gate, up = self.linear(h, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-            x = x + self.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
         hidden = rms_norm(x, self.norm, self.norm_eps)
         cache.pending = n
         return ForwardOutput(logits=self.project(hidden), hidden=hidden)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head logits (..., V) in float32."""
-        return self.linear(hidden, self.lm_head, self.lm_head_bias).float()
+        return self.lm_head(hidden).float()
 
     @torch.inference_mode()
     def commit(self, cache: NativeCache, keep: torch.Tensor, counts: torch.Tensor) -> None:
