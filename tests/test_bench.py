@@ -119,6 +119,9 @@ def test_workloads():
     assert len(mt) == 160 and len({p.category for p, _ in mt}) == 8
     assert len(load_workload("mt-bench", limit=3, categories=["coding"], turns=(1,))) == 3
     assert len(load_workload("humaneval", turns=(1,))) == 164
+    sample = [p for p, _ in load_workload("mt-bench", per_category=2, turns=(1,))]
+    assert len(sample) == 16 and all(sum(q.category == p.category for q in sample) == 2 for p in sample)
+    assert [p.id for p in sample[:2]] == [p.id for p, _ in mt[:2]]  # the first of their category
 
 
 @pytest.mark.slow

@@ -36,6 +36,8 @@ def add_bench_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--limit", type=int, default=None, help="first N prompts (after --categories)")
     p.add_argument("--categories", default=None, help="comma list of categories to keep")
+    p.add_argument("--per-category", type=int, default=None,
+                   help="first N prompts of each category (before --limit): a sample covering every category")
     p.add_argument("--turns", default="1,2", help="MT-Bench turns to run (turn 2 follows the model's turn-1 answer)")
     p.add_argument("--beam-width", type=int, default=None, help=f"default: the drafter's best, else {DEFAULT_BEAM.width}")
     p.add_argument("--beam-length", type=int, default=None, help=f"default: the drafter's best, else {DEFAULT_BEAM.length}")
@@ -70,7 +72,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     except ValueError:
         raise RedrafterError(f"--turns must be a comma list of integers, got '{args.turns}'") from None
     categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
-    items = [Item(p, t) for p, t in load_workload(args.dataset, limit=args.limit, categories=categories, turns=turns)]
+    items = [Item(p, t) for p, t in load_workload(args.dataset, limit=args.limit, categories=categories, turns=turns,
+                                                  per_category=args.per_category)]
     spec = args.model or DEFAULT_MODEL
     drafter_path = resolve_drafter(spec, args.drafter) if "redrafter" in names else None
     beams = parse_grid(args.grid) if args.grid else [resolve_beam(args.beam_width, args.beam_length, drafter_path)]
@@ -102,6 +105,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     settings = {"dataset": args.dataset, "model": spec, "drafter": str(drafter_path) if drafter_path else None, "methods": [m.name for m in methods],
                 "max_new_tokens": args.max_new_tokens,
                 "sampling": dataclasses.asdict(sampling_params(args)), "turns": turns, "limit": args.limit,
+                "per_category": args.per_category,
                 "categories": categories,
                 "machine": machine_info(torch.get_num_threads(), str(target.dtype).removeprefix("torch.")),
                 "backend": type(target).__name__, "skipped": skipped}

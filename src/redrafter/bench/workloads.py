@@ -69,10 +69,11 @@ def prompts_file(path: str) -> list[BenchPrompt]:
 
 
 def load_workload(name: str, *, limit: int | None = None, categories: Sequence[str] | None = None,
-                  turns: Sequence[int] = (1, 2)) -> list[tuple[BenchPrompt, int]]:
+                  turns: Sequence[int] = (1, 2), per_category: int | None = None) -> list[tuple[BenchPrompt, int]]:
     """(prompt, turn) pairs to run: every selected prompt at each requested turn it has.
 
-    ``limit`` keeps the first N prompts (after the category filter) so that runs of different sizes
+    ``per_category`` keeps the first N prompts of each category (a small sample that still covers
+    every kind of prompt), then ``limit`` keeps the first N prompts, so that runs of different sizes
     share their prompts.
     """
     if name == "mt-bench":
@@ -89,11 +90,21 @@ def load_workload(name: str, *, limit: int | None = None, categories: Sequence[s
         if unknown:
             raise RedrafterError(f"unknown categories {unknown}; this dataset has {known}")
         prompts = [p for p in prompts if p.category in set(categories)]
+    if per_category is not None:
+        if per_category < 1:
+            raise RedrafterError(f"--per-category must be >= 1, got {per_category}")
+        seen: dict[str, int] = {}
+        kept = []
+        for p in prompts:
+            seen[p.category] = seen.get(p.category, 0) + 1
+            if seen[p.category] <= per_category:
+                kept.append(p)
+        prompts = kept
     if limit is not None:
         if limit < 1:
             raise RedrafterError(f"--limit must be >= 1, got {limit}")
         prompts = prompts[:limit]
     items = [(p, t) for t in sorted(set(turns)) for p in prompts if t <= len(p.turns)]
     if not items:
-        raise RedrafterError("the selection is empty: check --limit, --categories and --turns")
+        raise RedrafterError("the selection is empty: check --limit, --per-category, --categories and --turns")
     return items
