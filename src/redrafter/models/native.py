@@ -115,11 +115,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class NativeTarget:
     """The native implementation of the TargetModel protocol (see the module docstring)."""
 
@@ -206,7 +201,8 @@ class NativeTarget:
 
         x = self.embed(tokens)
         cos, sin = self.rotary(x, positions)  # (batch, n, head_dim) in the model dtype
-        # rotate_half(x) * sin == roll(x, half) * signed_sin: one roll instead of two slices, a neg and a cat.
+        # Rotary: x * cos + rotate_half(x) * sin, where rotate_half(x) = cat(-x2, x1) = roll(x, half) * sign;
+        # folding the sign into sin leaves one roll per layer instead of two slices, a neg and a cat.
         half = self.head_dim // 2
         signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
         cos, signed_sin = cos.unsqueeze(2), signed_sin.unsqueeze(2)  # (batch, n, 1, head_dim): over heads
