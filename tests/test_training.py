@@ -58,12 +58,53 @@ def test_loss_alignment_golden():
     assert stats["accuracy"] == [1.0, 1.0] and stats["tau_w1"] == 3.0
 
 
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_kl_term_matches_a_position_by_position_reference(top_k):
+    """The mixed loss (1 - α) CE(label) + α CE(p_target, q) per step equals a plain loop that runs the
+    drafter position by position and takes the target's distribution after position t + i."""
+    from redrafter import Drafter, DrafterConfig
+    from redrafter.training.loss import teacher_from_hidden
+
+    torch.manual_seed(0)
+    hidden_size, vocab, length, steps, alpha = 8, 6, 9, 3, 0.3
+    drafter = Drafter(DrafterConfig(hidden_size=hidden_size, vocab_size=vocab, exit_dim=12)).double()
+    table = torch.randn(vocab, hidden_size, dtype=torch.double)
+    embed = lambda t: table[t]  # noqa: E731
+    head = torch.randn(vocab, hidden_size, dtype=torch.double)
+    hidden = torch.randn(1, length, hidden_size, dtype=torch.double)
+    tokens = torch.randint(0, vocab, (1, length))
+    next_tokens = torch.randint(0, vocab, (1, length))
+    mask = torch.tensor([[False, False] + [True] * (length - 2)])
+    teacher = teacher_from_hidden(hidden, head, None, top_k=top_k, weight=alpha)
+    out = multi_step_loss(drafter, embed, hidden, tokens, next_tokens, mask, steps=steps, teacher=teacher)
+
+    target_logits = (hidden[0] @ head.T).double()
+    for i in range(1, steps + 1):
+        expected = torch.zeros((), dtype=torch.double)
+        for t in range(length - i - 1):
+            if not mask[0, t + i + 1]:
+                continue
+            state = torch.zeros(hidden_size, dtype=torch.double)
+            for j in range(1, i + 1):
+                state = drafter.next_state(state, embed(tokens[0, t + j]))
+            log_q = torch.log_softmax(drafter.logits(hidden[0, t], state), dim=-1)
+            p = torch.softmax(target_logits[t + i], dim=-1)
+            if top_k:
+                keep = p.topk(top_k).indices
+                p = torch.zeros_like(p).index_copy_(0, keep, torch.softmax(target_logits[t + i][keep], dim=-1))
+            hard = -log_q[next_tokens[0, t + i]]
+            expected = expected + (1 - alpha) * hard - alpha * (p * log_q).sum()
+        torch.testing.assert_close(out.sums[i - 1].double(), expected, rtol=1e-5, atol=1e-6)
+
+
 CONFIG = TrainConfig(draft_vocab_size=48, exit_dim=64, predict_tokens=3, epochs=10, lr=1e-2, batch_tokens=256,
                      eval_fraction=0.2, eval_every=10, save_every=10)
 
 
-def test_train_learns(target, data_dir, tmp_path):
-    summary = train(model_spec="tiny", data=str(data_dir), out=str(tmp_path), config=CONFIG, target=target,
+@pytest.mark.parametrize("kl", [None, (0.5, 8)], ids=["labels", "labels+kl"])
+def test_train_learns(target, data_dir, tmp_path, kl):
+    config = CONFIG if kl is None else dataclasses.replace(CONFIG, kl_weight=kl[0], kl_top_k=kl[1])
+    summary = train(model_spec="tiny", data=str(data_dir), out=str(tmp_path), config=config, target=target,
                     progress=False)
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [m for m in metrics if "eval_loss" in m]

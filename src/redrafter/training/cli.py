@@ -70,6 +70,10 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--kl-weight", type=float, default=d.kl_weight,
+                   help="α: loss = (1-α) CE to the target's tokens + α KL to its distribution (0 = tokens only)")
+    p.add_argument("--kl-top-k", type=int, default=d.kl_top_k,
+                   help="KL to the target's k most likely draft tokens, renormalised (0 = all of the draft vocabulary)")
     p.add_argument("--target-cache", default=None, help="safetensors file for the target's hidden states")
     p.add_argument("--resume", action="store_true")
     add_backend_arguments(p, dtype_default="float32")
@@ -91,7 +95,7 @@ def run_train_command(args: argparse.Namespace) -> int:
                          lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
                          batch_tokens=args.batch_tokens, max_length=args.max_length,
                          eval_fraction=args.eval_fraction, eval_every=args.eval_every, save_every=args.save_every,
-                         seed=args.seed)
+                         seed=args.seed, kl_weight=args.kl_weight, kl_top_k=args.kl_top_k)
     summary = train(model_spec=args.model or DEFAULT_MODEL, data=args.data, out=args.out, config=config,
                     dtype=args.dtype, device=args.device, backend=args.backend, resume=args.resume, target_cache=args.target_cache,
                     progress=not args.no_progress, compile=args.compile)

@@ -36,10 +36,45 @@ class LossOutput:
     counts: torch.Tensor
 
 
+@dataclasses.dataclass
+class Teacher:
+    """The target's distribution after each position, over the drafter's vocabulary, for the KL term.
+
+    Attributes:
+        logits:  (batch, T, k) the target's logits after position t: all V_d of them (``indices``
+                 None) or its top k, renormalised among themselves by the loss.
+        indices: (batch, T, k) draft-vocabulary indices of ``logits`` (None: index j is token j).
+        weight:  α in loss = (1 - α) CE(label) + α CE(p_target, q), the soft cross-entropy being KL(p‖q)
+                 plus p's entropy, which does not depend on the drafter.
+    """
+
+    logits: torch.Tensor
+    indices: torch.Tensor | None
+    weight: float
+
+
+def teacher_from_hidden(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor | None,
+                        *, top_k: int, weight: float) -> Teacher:
+    """The target's logits over the draft vocabulary recomputed from its final hidden states.
+
+    ``head_weight`` (V_d, H) holds the rows of the target's LM head for the draft vocabulary (the
+    whole head without a reduced vocabulary); the target's distribution restricted to V_d is the
+    softmax of these logits. ``top_k`` > 0 keeps the k largest.
+    """
+    logits = hidden.to(head_weight.dtype) @ head_weight.T
+    if head_bias is not None:
+        logits = logits + head_bias
+    logits = logits.float()
+    if 0 < top_k < logits.shape[-1]:
+        values, indices = logits.topk(top_k, dim=-1)
+        return Teacher(values, indices, weight)
+    return Teacher(logits, None, weight)
+
+
 def multi_step_loss(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
                     tokens: torch.Tensor, next_tokens: torch.Tensor, label_mask: torch.Tensor, *, steps: int,
                     target_to_draft: torch.Tensor | None = None,
-                    context_mask: torch.Tensor | None = None) -> LossOutput:
+                    context_mask: torch.Tensor | None = None, teacher: Teacher | None = None) -> LossOutput:
     """Args:
         drafter:         the head being trained.
         embed:           the target's (frozen) input embedding.
@@ -52,6 +87,9 @@ def multi_step_loss(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tens
         steps:           N, tokens predicted per position.
         target_to_draft: (V,) long, the draft index of each target token or -1 (reduced vocabulary).
         context_mask:    (batch, T) bool, positions whose hidden state may serve as context (default all).
+        teacher:         the target's distributions for the optional KL term (step i at position t is
+                         matched to the target's distribution after position t+i, the one its label
+                         is the argmax of). ``correct`` and accuracy always refer to the labels.
     """
     batch, length, _ = hidden.shape
     device = hidden.device
@@ -78,6 +116,16 @@ def multi_step_loss(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tens
         logits = drafter.logits(hidden[trainable], state[trainable]).float()  # (M, V_d)
         picked = labels[trainable]
         step_sum = torch.nn.functional.cross_entropy(logits, picked, reduction="sum")
+        if teacher is not None and teacher.weight > 0:
+            at = torch.zeros(batch, length, dtype=torch.long, device=device)  # position t -> t + i
+            at[:, : length - i] = torch.arange(i, length, device=device)
+            rows = torch.arange(batch, device=device).view(batch, 1).expand(batch, length)
+            p = torch.softmax(teacher.logits[rows[trainable], at[trainable]], dim=-1)  # (M, k)
+            log_q = torch.log_softmax(logits, dim=-1)
+            if teacher.indices is not None:
+                log_q = log_q.gather(-1, teacher.indices[rows[trainable], at[trainable]])
+            soft_sum = -(p * log_q).sum()
+            step_sum = (1 - teacher.weight) * step_sum + teacher.weight * soft_sum
         sums.append(step_sum)
         counts.append(picked.numel())
         if picked.numel():

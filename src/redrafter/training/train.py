@@ -5,8 +5,10 @@
    next token at every position (the labels; on greedy target-written data they equal the data).
    Optionally store both in a safetensors file so later runs skip the target.
 3. Choose the draft vocabulary: the V_d most frequent label tokens of the training split.
-4. Train the head with the teacher-forced multi-step loss (training/loss.py): AdamW, linear warmup
-   then cosine decay, batches of about ``--batch-tokens`` tokens.
+4. Train the head with the teacher-forced multi-step loss (training/loss.py): cross-entropy to the
+   target's tokens, optionally mixed with a KL term to the target's (top-k) distribution recomputed
+   from the stored hidden states by its LM head (``--kl-weight``, ``--kl-top-k``); AdamW, linear
+   warmup then cosine decay, batches of about ``--batch-tokens`` tokens.
 5. Every ``--eval-every`` steps: held-out per-step top-1 accuracy and an estimated τ; every
    ``--save-every`` steps an atomic checkpoint (drafter + optimizer state) that ``--resume`` continues.
 6. At the end: ``OUT/drafter`` (the checkpoint layout ``generate --drafter`` reads), metrics.jsonl
@@ -31,7 +33,7 @@ from redrafter.drafter.model import Drafter, load_drafter, write_drafter_files
 from redrafter.errors import RedrafterError
 from redrafter.training.datagen import read_records
 from redrafter.training.distributed import Distributed
-from redrafter.training.loss import accepted_run_stats, multi_step_loss
+from redrafter.training.loss import accepted_run_stats, multi_step_loss, teacher_from_hidden
 from redrafter.utils import atomic_directory, write_text_atomic
 
 
@@ -51,6 +53,8 @@ class TrainConfig:
     eval_every: int = 200
     save_every: int = 200
     seed: int = 0
+    kl_weight: float = 0.0  # α: (1 - α) CE to the target's tokens + α CE to its distribution (KL)
+    kl_top_k: int = 0  # the target's k most likely draft tokens for the KL term (0: all of V_d)
 
     def __post_init__(self) -> None:
         if self.predict_tokens < 1:
@@ -59,6 +63,9 @@ class TrainConfig:
             raise RedrafterError("--epochs, --lr and --batch-tokens must be positive")
         if not 0 < self.eval_fraction < 1:
             raise RedrafterError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
+        if not 0 <= self.kl_weight <= 1 or self.kl_top_k < 0:
+            raise RedrafterError(f"--kl-weight must be in [0, 1] and --kl-top-k >= 0, got {self.kl_weight}, "
+                                 f"{self.kl_top_k}")
 
 
 @dataclasses.dataclass
@@ -327,6 +334,13 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
         drafter.draft_to_target.copy_(draft_to_target)
         target_to_draft = target_to_draft.to(device)
     embed = target.embed
+    teacher_head = None
+    if config.kl_weight > 0:  # the target's LM head rows for the draft vocabulary (the KL term's teacher)
+        head = target.model.get_output_embeddings()
+        rows = draft_to_target.to(head.weight.device) if draft_to_target is not None else slice(None)
+        teacher_head = (head.weight.detach()[rows].to(device=device, dtype=torch.float32).contiguous(),
+                        None if getattr(head, "bias", None) is None
+                        else head.bias.detach()[rows].to(device=device, dtype=torch.float32))
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     warmup = max(1, int(total_steps * config.warmup))
 
@@ -366,7 +380,7 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
     parameters = list(drafter.parameters())
     while step < total_steps:
         loss = global_loss(drafter, embed, [train_examples[i] for i in dist.shard(plan[step])], config,
-                           target_to_draft, device, dist)
+                           target_to_draft, device, dist, teacher_head)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         dist.sum_gradients(parameters)
@@ -402,15 +416,19 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
 
 
 def global_loss(drafter: Drafter, embed, examples: list[Example], config: TrainConfig, target_to_draft, device,
-                dist: Distributed) -> torch.Tensor:
+                dist: Distributed, teacher_head: tuple | None = None) -> torch.Tensor:
     """This process's share of the global batch loss: for each drafter step, the summed cross-entropy of
     its positions over the step's position count across all processes; averaged over steps. Summed
     over processes it is the mean-over-steps of per-step mean CE of the whole global batch."""
     counts = torch.zeros(config.predict_tokens, device=device)
     if examples:
         tokens, next_tokens, mask, context, hidden = collate(examples, device)
+        teacher = None
+        if teacher_head is not None:
+            with torch.no_grad():
+                teacher = teacher_from_hidden(hidden, *teacher_head, top_k=config.kl_top_k, weight=config.kl_weight)
         output = multi_step_loss(drafter, embed, hidden, tokens, next_tokens, mask, steps=config.predict_tokens,
-                                 target_to_draft=target_to_draft, context_mask=context)
+                                 target_to_draft=target_to_draft, context_mask=context, teacher=teacher)
         sums, counts = output.sums, output.counts.to(counts.dtype)
     else:  # more processes than examples in this batch: contribute zero gradients
         sums = torch.stack([sum(p.sum() for p in drafter.parameters()) * 0.0] * config.predict_tokens)
