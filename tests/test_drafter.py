@@ -94,3 +94,27 @@ def test_beam_resolution_flags_then_drafter_recommendation_then_default(tmp_path
     (tmp_path / "generation.json").write_text('{"beam_width": "x"}')
     with pytest.raises(RedrafterError, match="generation.json"):
         resolve_beam(None, None, tmp_path)
+
+
+def test_inference_copy_drafts_the_same_and_is_a_frozen_snapshot():
+    from redrafter.drafter.beam_search import beam_search
+    from redrafter.drafter.model import inference_copy
+    from redrafter.models.base import pack_linear_weight
+
+    torch.manual_seed(0)
+    drafter = Drafter(DrafterConfig(hidden_size=16, vocab_size=40, exit_dim=24, num_draft_layers=2))
+    fast = inference_copy(drafter)
+    assert inference_copy(fast) is fast and not any(p.requires_grad for p in fast.parameters())
+    if pack_linear_weight(torch.zeros(2, 2)) is not None:  # CPU with oneDNN: the forwards were replaced
+        assert all("forward" in vars(m) for m in fast.modules() if isinstance(m, torch.nn.Linear))
+    context, state = torch.randn(3, 16), torch.randn(3, 16)
+    torch.testing.assert_close(fast.logits(context, state), drafter.logits(context, state), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.next_state(state, context), drafter.next_state(state, context), atol=1e-5, rtol=1e-5)
+    table = torch.randn(40, 16)
+    embed = lambda t: table[t]  # noqa: E731
+    a = beam_search(drafter, embed, context, torch.tensor([1, 2, 3]), width=3, length=4)
+    b = beam_search(fast, embed, context, torch.tensor([1, 2, 3]), width=3, length=4)
+    assert torch.equal(a.beams, b.beams)
+    with torch.no_grad():
+        drafter.lm_head[-1].weight.zero_()  # later training does not reach the snapshot
+    assert fast.logits(context, state).abs().sum() > 0

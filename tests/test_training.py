@@ -61,39 +61,49 @@ def test_loss_alignment_golden():
 @pytest.mark.parametrize("top_k", [0, 3])
 def test_kl_term_matches_a_position_by_position_reference(top_k):
     """The mixed loss (1 - α) CE(label) + α CE(p_target, q) per step equals a plain loop that runs the
-    drafter position by position and takes the target's distribution after position t + i."""
+    drafter position by position and takes the target's distribution after position t + i (a batch
+    of two, a reduced draft vocabulary with labels outside it, and a context mask)."""
     from redrafter import Drafter, DrafterConfig
-    from redrafter.training.loss import teacher_from_hidden
+    from redrafter.training.loss import Teacher
 
     torch.manual_seed(0)
-    hidden_size, vocab, length, steps, alpha = 8, 6, 9, 3, 0.3
-    drafter = Drafter(DrafterConfig(hidden_size=hidden_size, vocab_size=vocab, exit_dim=12)).double()
+    hidden_size, vocab, draft_vocab, length, steps, alpha = 8, 9, 6, 9, 3, 0.3
+    draft_to_target = torch.tensor([0, 2, 3, 5, 7, 8])
+    target_to_draft = torch.full((vocab,), -1, dtype=torch.long)
+    target_to_draft[draft_to_target] = torch.arange(draft_vocab)
+    drafter = Drafter(DrafterConfig(hidden_size=hidden_size, vocab_size=draft_vocab, exit_dim=12)).double()
     table = torch.randn(vocab, hidden_size, dtype=torch.double)
     embed = lambda t: table[t]  # noqa: E731
-    head = torch.randn(vocab, hidden_size, dtype=torch.double)
-    hidden = torch.randn(1, length, hidden_size, dtype=torch.double)
-    tokens = torch.randint(0, vocab, (1, length))
-    next_tokens = torch.randint(0, vocab, (1, length))
-    mask = torch.tensor([[False, False] + [True] * (length - 2)])
-    teacher = teacher_from_hidden(hidden, head, None, top_k=top_k, weight=alpha)
-    out = multi_step_loss(drafter, embed, hidden, tokens, next_tokens, mask, steps=steps, teacher=teacher)
+    head = torch.randn(vocab, hidden_size, dtype=torch.double)  # the target's full LM head
+    hidden = torch.randn(2, length, hidden_size, dtype=torch.double)
+    tokens = torch.randint(0, vocab, (2, length))
+    next_tokens = torch.randint(0, vocab, (2, length))
+    mask = torch.tensor([[False, False] + [True] * (length - 2), [False] * 4 + [True] * (length - 6) + [False] * 2])
+    context = torch.ones(2, length, dtype=torch.bool)
+    context[1, :3] = False
+    teacher = Teacher(head[draft_to_target], None, top_k=top_k, weight=alpha)
+    out = multi_step_loss(drafter, embed, hidden, tokens, next_tokens, mask, steps=steps,
+                          target_to_draft=target_to_draft, context_mask=context, teacher=teacher)
 
-    target_logits = (hidden[0] @ head.T).double()
     for i in range(1, steps + 1):
-        expected = torch.zeros((), dtype=torch.double)
-        for t in range(length - i - 1):
-            if not mask[0, t + i + 1]:
-                continue
-            state = torch.zeros(hidden_size, dtype=torch.double)
-            for j in range(1, i + 1):
-                state = drafter.next_state(state, embed(tokens[0, t + j]))
-            log_q = torch.log_softmax(drafter.logits(hidden[0, t], state), dim=-1)
-            p = torch.softmax(target_logits[t + i], dim=-1)
-            if top_k:
-                keep = p.topk(top_k).indices
-                p = torch.zeros_like(p).index_copy_(0, keep, torch.softmax(target_logits[t + i][keep], dim=-1))
-            hard = -log_q[next_tokens[0, t + i]]
-            expected = expected + (1 - alpha) * hard - alpha * (p * log_q).sum()
+        expected, count = torch.zeros((), dtype=torch.double), 0
+        for b in range(2):
+            for t in range(length - i - 1):
+                label = int(target_to_draft[next_tokens[b, t + i]])
+                if not (mask[b, t + i + 1] and context[b, t]) or label < 0:
+                    continue
+                state = torch.zeros(hidden_size, dtype=torch.double)
+                for j in range(1, i + 1):
+                    state = drafter.next_state(state, embed(tokens[b, t + j]))
+                log_q = torch.log_softmax(drafter.logits(hidden[b, t], state), dim=-1)
+                target_logits = head[draft_to_target] @ hidden[b, t + i]
+                p = torch.softmax(target_logits, dim=-1)
+                if top_k:
+                    keep = p.topk(top_k).indices
+                    p = torch.zeros_like(p).index_copy_(0, keep, torch.softmax(target_logits[keep], dim=-1))
+                expected = expected + (1 - alpha) * -log_q[label] - alpha * (p * log_q).sum()
+                count += 1
+        assert int(out.counts[i - 1]) == count > 0
         torch.testing.assert_close(out.sums[i - 1].double(), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -101,8 +111,10 @@ CONFIG = TrainConfig(draft_vocab_size=48, exit_dim=64, predict_tokens=3, epochs=
                      eval_fraction=0.2, eval_every=10, save_every=10)
 
 
-@pytest.mark.parametrize("kl", [None, (0.5, 8)], ids=["labels", "labels+kl"])
+@pytest.mark.parametrize("kl", [None, (1.0, 8)], ids=["labels", "kl-only"])
 def test_train_learns(target, data_dir, tmp_path, kl):
+    # kl-only (α = 1): the labels are ignored, so the drafter learns the target's tokens only through
+    # the LM head rows train() picks for the draft vocabulary; wrong rows would leave it at chance.
     config = CONFIG if kl is None else dataclasses.replace(CONFIG, kl_weight=kl[0], kl_top_k=kl[1])
     summary = train(model_spec="tiny", data=str(data_dir), out=str(tmp_path), config=config, target=target,
                     progress=False)

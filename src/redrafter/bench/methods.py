@@ -15,6 +15,7 @@ from typing import Protocol, Sequence
 import torch
 
 from redrafter.config import BeamConfig, GenerationConfig, SamplingParams
+from redrafter.drafter.model import inference_copy
 from redrafter.engine import Engine, FinishEvent, ReDrafterProposer
 
 
@@ -177,6 +178,7 @@ def build_methods(names: Sequence[str], ctx: BenchContext, *, drafter=None, beam
         elif name == "redrafter":
             if drafter is None:
                 raise RedrafterError("method 'redrafter' needs --drafter DIR")
+            drafter = inference_copy(drafter)  # one packed copy shared by every beam setting
             for beam in beams:
                 methods.append(EngineMethod(redrafter_name(beam), Engine(target, ReDrafterProposer(drafter, target, beam)),
                                             stops, ctx.sampling))

@@ -40,35 +40,34 @@ class LossOutput:
 class Teacher:
     """The target's distribution after each position, over the drafter's vocabulary, for the KL term.
 
+    The target's logits after position u are its LM head applied to its final hidden state h_u, which
+    the loss already holds: ``head_weight`` (V_d, H) are the head's rows for the draft vocabulary (the
+    whole head without a reduced vocabulary), so their softmax is the target's distribution restricted
+    to V_d. Only the rows a step trains on are computed.
+
     Attributes:
-        logits:  (batch, T, k) the target's logits after position t: all V_d of them (``indices``
-                 None) or its top k, renormalised among themselves by the loss.
-        indices: (batch, T, k) draft-vocabulary indices of ``logits`` (None: index j is token j).
-        weight:  α in loss = (1 - α) CE(label) + α CE(p_target, q), the soft cross-entropy being KL(p‖q)
-                 plus p's entropy, which does not depend on the drafter.
+        head_weight, head_bias: those LM head rows (bias None for most models).
+        top_k:  > 0: keep the target's k most likely draft tokens, renormalised among themselves.
+        weight: α in loss = (1 - α) CE(label) + α CE(p_target, q); the soft cross-entropy is KL(p‖q)
+                plus p's entropy, which does not depend on the drafter.
     """
 
-    logits: torch.Tensor
-    indices: torch.Tensor | None
+    head_weight: torch.Tensor
+    head_bias: torch.Tensor | None
+    top_k: int
     weight: float
 
-
-def teacher_from_hidden(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor | None,
-                        *, top_k: int, weight: float) -> Teacher:
-    """The target's logits over the draft vocabulary recomputed from its final hidden states.
-
-    ``head_weight`` (V_d, H) holds the rows of the target's LM head for the draft vocabulary (the
-    whole head without a reduced vocabulary); the target's distribution restricted to V_d is the
-    softmax of these logits. ``top_k`` > 0 keeps the k largest.
-    """
-    logits = hidden.to(head_weight.dtype) @ head_weight.T
-    if head_bias is not None:
-        logits = logits + head_bias
-    logits = logits.float()
-    if 0 < top_k < logits.shape[-1]:
-        values, indices = logits.topk(top_k, dim=-1)
-        return Teacher(values, indices, weight)
-    return Teacher(logits, None, weight)
+    def log_probs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(M, H) hidden states -> (log p over the kept tokens (M, k), their draft indices (M, k) or
+        None when all V_d are kept)."""
+        logits = hidden.to(self.head_weight.dtype) @ self.head_weight.T
+        if self.head_bias is not None:
+            logits = logits + self.head_bias
+        logits = logits.float()
+        if 0 < self.top_k < logits.shape[-1]:
+            values, indices = logits.topk(self.top_k, dim=-1)
+            return torch.log_softmax(values, dim=-1), indices
+        return torch.log_softmax(logits, dim=-1), None
 
 
 def multi_step_loss(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
@@ -117,14 +116,16 @@ def multi_step_loss(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tens
         picked = labels[trainable]
         step_sum = torch.nn.functional.cross_entropy(logits, picked, reduction="sum")
         if teacher is not None and teacher.weight > 0:
-            at = torch.zeros(batch, length, dtype=torch.long, device=device)  # position t -> t + i
-            at[:, : length - i] = torch.arange(i, length, device=device)
-            rows = torch.arange(batch, device=device).view(batch, 1).expand(batch, length)
-            p = torch.softmax(teacher.logits[rows[trainable], at[trainable]], dim=-1)  # (M, k)
+            # Step i at position t is scored against the target's distribution after position t + i
+            # (its label is that distribution's argmax).
+            later = torch.zeros_like(hidden)
+            later[:, : length - i] = hidden[:, i:]
+            with torch.no_grad():
+                log_p, indices = teacher.log_probs(later[trainable])  # (M, k)
             log_q = torch.log_softmax(logits, dim=-1)
-            if teacher.indices is not None:
-                log_q = log_q.gather(-1, teacher.indices[rows[trainable], at[trainable]])
-            soft_sum = -(p * log_q).sum()
+            if indices is not None:
+                log_q = log_q.gather(-1, indices)
+            soft_sum = -(log_p.exp() * log_q).sum()
             step_sum = (1 - teacher.weight) * step_sum + teacher.weight * soft_sum
         sums.append(step_sum)
         counts.append(picked.numel())

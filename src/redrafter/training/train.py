@@ -33,7 +33,7 @@ from redrafter.drafter.model import Drafter, load_drafter, write_drafter_files
 from redrafter.errors import RedrafterError
 from redrafter.training.datagen import read_records
 from redrafter.training.distributed import Distributed
-from redrafter.training.loss import accepted_run_stats, multi_step_loss, teacher_from_hidden
+from redrafter.training.loss import Teacher, accepted_run_stats, multi_step_loss
 from redrafter.utils import atomic_directory, write_text_atomic
 
 
@@ -239,7 +239,7 @@ def evaluate(drafter, embed, examples: list[Example], config: TrainConfig, targe
     return {"eval_loss": sum(losses) / max(1, len(losses)), **stats}
 
 
-def plot_losses(metrics: list[dict], path: Path) -> None:
+def plot_losses(metrics: list[dict], path: Path, train_label: str = "train loss") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -249,7 +249,7 @@ def plot_losses(metrics: list[dict], path: Path) -> None:
     evals = [(m["step"], m["eval_loss"], m["tau_w1"]) for m in metrics if "eval_loss" in m]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=0.8)
+        ax.plot(*zip(*train), label=train_label, linewidth=0.8)
     if evals:
         ax.plot([e[0] for e in evals], [e[1] for e in evals], "o-", label="held-out loss")
         twin = ax.twinx()
@@ -334,13 +334,14 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
         drafter.draft_to_target.copy_(draft_to_target)
         target_to_draft = target_to_draft.to(device)
     embed = target.embed
-    teacher_head = None
+    teacher = None
     if config.kl_weight > 0:  # the target's LM head rows for the draft vocabulary (the KL term's teacher)
         head = target.model.get_output_embeddings()
         rows = draft_to_target.to(head.weight.device) if draft_to_target is not None else slice(None)
-        teacher_head = (head.weight.detach()[rows].to(device=device, dtype=torch.float32).contiguous(),
-                        None if getattr(head, "bias", None) is None
-                        else head.bias.detach()[rows].to(device=device, dtype=torch.float32))
+        bias = getattr(head, "bias", None)
+        teacher = Teacher(head.weight.detach()[rows].to(device=device, dtype=torch.float32).contiguous(),
+                          None if bias is None else bias.detach()[rows].to(device=device, dtype=torch.float32),
+                          top_k=config.kl_top_k, weight=config.kl_weight)
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     warmup = max(1, int(total_steps * config.warmup))
 
@@ -380,7 +381,7 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
     parameters = list(drafter.parameters())
     while step < total_steps:
         loss = global_loss(drafter, embed, [train_examples[i] for i in dist.shard(plan[step])], config,
-                           target_to_draft, device, dist, teacher_head)
+                           target_to_draft, device, dist, teacher)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         dist.sum_gradients(parameters)
@@ -405,7 +406,10 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
     dist.close()
     if not dist.is_main:
         return {"rank": dist.rank, "steps": step}
-    plot_losses(metrics, out_dir / "loss.png")
+    # Held-out loss is always the cross-entropy to the target's tokens; with --kl-weight the training
+    # loss mixes in the soft cross-entropy (which includes the target's entropy), so it sits higher.
+    plot_losses(metrics, out_dir / "loss.png",
+                "train loss" if config.kl_weight == 0 else f"train loss (CE mixed with KL term, α = {config.kl_weight})")
     final = next(m for m in reversed(metrics) if "eval_loss" in m)
     summary = {"train_records": len(train_examples), "eval_records": len(eval_examples),
                "train_tokens": sum(int(e.label_mask.sum()) for e in train_examples), "steps": step,
@@ -416,17 +420,13 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
 
 
 def global_loss(drafter: Drafter, embed, examples: list[Example], config: TrainConfig, target_to_draft, device,
-                dist: Distributed, teacher_head: tuple | None = None) -> torch.Tensor:
+                dist: Distributed, teacher: Teacher | None = None) -> torch.Tensor:
     """This process's share of the global batch loss: for each drafter step, the summed cross-entropy of
     its positions over the step's position count across all processes; averaged over steps. Summed
     over processes it is the mean-over-steps of per-step mean CE of the whole global batch."""
     counts = torch.zeros(config.predict_tokens, device=device)
     if examples:
         tokens, next_tokens, mask, context, hidden = collate(examples, device)
-        teacher = None
-        if teacher_head is not None:
-            with torch.no_grad():
-                teacher = teacher_from_hidden(hidden, *teacher_head, top_k=config.kl_top_k, weight=config.kl_weight)
         output = multi_step_loss(drafter, embed, hidden, tokens, next_tokens, mask, steps=config.predict_tokens,
                                  target_to_draft=target_to_draft, context_mask=context, teacher=teacher)
         sums, counts = output.sums, output.counts.to(counts.dtype)
