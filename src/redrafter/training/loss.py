@@ -114,15 +114,13 @@ def multi_step_loss(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tens
             trainable = ok
         logits = drafter.logits(hidden[trainable], state[trainable]).float()  # (M, V_d)
         picked = labels[trainable]
-        step_sum = torch.nn.functional.cross_entropy(logits, picked, reduction="sum")
+        log_q = torch.log_softmax(logits, dim=-1)
+        step_sum = torch.nn.functional.nll_loss(log_q, picked, reduction="sum")  # cross-entropy
         if teacher is not None and teacher.weight > 0:
             # Step i at position t is scored against the target's distribution after position t + i
-            # (its label is that distribution's argmax).
-            later = torch.zeros_like(hidden)
-            later[:, : length - i] = hidden[:, i:]
+            # (its label is that distribution's argmax); no position past length - i - 2 trains.
             with torch.no_grad():
-                log_p, indices = teacher.log_probs(later[trainable])  # (M, k)
-            log_q = torch.log_softmax(logits, dim=-1)
+                log_p, indices = teacher.log_probs(hidden[:, i:][trainable[:, : length - i]])  # (M, k)
             if indices is not None:
                 log_q = log_q.gather(-1, indices)
             soft_sum = -(log_p.exp() * log_q).sum()
