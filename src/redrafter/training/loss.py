@@ -95,11 +95,9 @@ def multi_step_loss(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tens
     state = torch.zeros_like(hidden)
     losses, correct, valid, sums, counts = [], [], [], [], []
     embedded = embed(tokens).to(hidden.dtype)  # (batch, T, H)
+    step_labels, step_ok, step_trainable = [], [], []
     for i in range(1, steps + 1):
-        # input x_{t+i}; label x_{t+i+1}; positions past the end are invalid (zero-padded here)
-        inputs = torch.zeros_like(embedded)
-        inputs[:, : length - i] = embedded[:, i:]
-        state = drafter.next_state(state, inputs)
+        # label x_{t+i+1}; positions past the end are invalid
         labels = torch.zeros(batch, length, dtype=torch.long, device=device)
         ok = torch.zeros(batch, length, dtype=torch.bool, device=device)
         if length - i - 1 > 0:
@@ -112,17 +110,40 @@ def multi_step_loss(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tens
             trainable = ok & (labels >= 0)
         else:
             trainable = ok
+        step_labels.append(labels)
+        step_ok.append(ok)
+        step_trainable.append(trainable)
+    teacher_log_p = teacher_indices = None
+    if teacher is not None and teacher.weight > 0:
+        # Step i at position t is scored against the target's distribution after position t + i (its
+        # label is that distribution's argmax). The steps share those distributions, so each position
+        # any step needs is computed once.
+        needed = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        for i, trainable in enumerate(step_trainable, start=1):
+            needed[:, i:] |= trainable[:, : length - i]
+        with torch.no_grad():
+            log_p, indices = teacher.log_probs(hidden[needed])  # (M, k)
+        teacher_log_p = log_p.new_zeros(batch, length, log_p.shape[-1])
+        teacher_log_p[needed] = log_p
+        if indices is not None:
+            teacher_indices = indices.new_zeros(batch, length, indices.shape[-1])
+            teacher_indices[needed] = indices
+    for i in range(1, steps + 1):
+        # input x_{t+i} (zero-padded past the end)
+        inputs = torch.zeros_like(embedded)
+        inputs[:, : length - i] = embedded[:, i:]
+        state = drafter.next_state(state, inputs)
+        labels, ok, trainable = step_labels[i - 1], step_ok[i - 1], step_trainable[i - 1]
         logits = drafter.logits(hidden[trainable], state[trainable]).float()  # (M, V_d)
         picked = labels[trainable]
         log_q = torch.log_softmax(logits, dim=-1)
         step_sum = torch.nn.functional.nll_loss(log_q, picked, reduction="sum")  # cross-entropy
-        if teacher is not None and teacher.weight > 0:
-            # Step i at position t is scored against the target's distribution after position t + i
-            # (its label is that distribution's argmax); no position past length - i - 2 trains.
-            with torch.no_grad():
-                log_p, indices = teacher.log_probs(hidden[:, i:][trainable[:, : length - i]])  # (M, k)
-            if indices is not None:
-                log_q = log_q.gather(-1, indices)
+        if teacher_log_p is not None:
+            # no position past length - i - 2 trains, so t + i stays inside the sequence
+            rows = trainable[:, : length - i]
+            log_p = teacher_log_p[:, i:][rows]  # (M, k)
+            if teacher_indices is not None:
+                log_q = log_q.gather(-1, teacher_indices[:, i:][rows])
             soft_sum = -(log_p.exp() * log_q).sum()
             step_sum = (1 - teacher.weight) * step_sum + teacher.weight * soft_sum
         sums.append(step_sum)
