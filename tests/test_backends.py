@@ -148,3 +148,40 @@ def test_native_cache_grows_and_matches_transformers_backend_on_a_ragged_batch(n
     for a, b in zip(outs["native"], outs["hf"]):
         torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=0)
         torch.testing.assert_close(a.hidden, b.hidden, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_released_transformers_weights_leave_the_packed_native_model_unchanged(kind):
+    """``release_transformers_weights`` frees the plain copy of every packed linear weight (what a
+    server keeps is the packed one); logits before and after are identical."""
+    target = tiny_target(kind, "native")
+    prompt = [[3, 1, 4, 1, 5, 9, 2, 6]]
+    _, before = prefill(target, prompt)
+    layer_bytes = sum(p.numel() * p.element_size() for name, p in target.model.named_parameters()
+                      if name.endswith("proj.weight") or name == "lm_head.weight")
+    assert target.release_transformers_weights() == layer_bytes
+    assert target.model is None
+    assert all(linear.weight is None for layer in target.layers
+               for linear in (layer.qkv, layer.o, layer.gate_up, layer.down))
+    _, after = prefill(target, prompt)
+    assert torch.equal(before.logits, after.logits)
+    assert target.release_transformers_weights() == 0  # nothing left to free
+
+
+@pytest.mark.parametrize("native_backend", ["native", "native-plain"])
+def test_plain_decoding_of_an_equal_length_batch_matches_transformers(native_backend):
+    """One new token per row with all rows at the same length runs attention without a mask (nothing
+    is masked); it must match the transformers backend step by step."""
+    native, hf = tiny_target("llama", native_backend), tiny_target("llama", "hf")
+    prompts = [[5, 4, 3, 2], [8, 1, 1, 7]]
+    (native_cache, native_out), (hf_cache, hf_out) = prefill(native, prompts), prefill(hf, prompts)
+    for step in range(4):
+        torch.testing.assert_close(native_out.logits[:, -1], hf_out.logits[:, -1], atol=1e-4, rtol=0)
+        tokens = hf_out.logits[:, -1].argmax(-1, keepdim=True)
+        outs = []
+        for target, cache in ((native, native_cache), (hf, hf_cache)):
+            out = target.forward(tokens, cache.lengths.view(2, 1), torch.ones(2, 1, 1, dtype=torch.bool), cache)
+            target.commit(cache, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, dtype=torch.long))
+            outs.append(out)
+        native_out, hf_out = outs
+    torch.testing.assert_close(native_out.logits, hf_out.logits, atol=1e-4, rtol=0)

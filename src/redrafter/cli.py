@@ -170,7 +170,7 @@ def run_generate(args: argparse.Namespace) -> int:
     sampling = sampling_params(args)
 
     target, tokenizer = load_target(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device,
-                                    backend=args.backend, compile=args.compile)
+                                    backend=args.backend, compile=args.compile, keep_transformers_model=False)
     proposer = None
     if not args.autoregressive:
         drafter = load_drafter(drafter_path, device=target.device, dtype=target.dtype)

@@ -74,8 +74,9 @@ class Linear:
     """A linear layer's weight and bias, run by the fastest kernel available for it.
 
     ``packed`` (see ``pack_linear_weight``) selects oneDNN's prepacked kernel; without it, the
-    product is ``few_row_linear`` with ``max_rows``. The plain ``weight`` is always kept: other code
-    (a tied embedding, the transformers modules the native backend shares its tensors with) uses it.
+    product is ``few_row_linear`` with ``max_rows``. The plain ``weight`` is kept for other code
+    (a tied embedding, the transformers modules the native backend shares its tensors with) unless
+    the owner releases it (``weight`` None, only with a packed copy).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, pack: bool = False,
@@ -83,10 +84,15 @@ class Linear:
         self.weight, self.bias, self.max_rows = weight, bias, max_rows
         self.packed = pack_linear_weight(weight) if pack else None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ weight^T + bias``, plus ``residual`` when given (fused into the product's output
+        where the kernel can: the same sum, one operation less)."""
         if self.packed is not None:
+            if residual is not None:
+                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.bias, "add")
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return few_row_linear(x, self.weight, self.bias, self.max_rows)
+        y = few_row_linear(x, self.weight, self.bias, self.max_rows)
+        return y if residual is None else residual + y
 
 
 class KVCache(Protocol):

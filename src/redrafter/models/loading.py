@@ -154,12 +154,16 @@ def converted_gguf(gguf: Path, out: Path) -> Path:
 
 
 def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
-                device: str | torch.device = "cpu", backend: str = "auto", compile: bool = False):
+                device: str | torch.device = "cpu", backend: str = "auto", compile: bool = False,
+                keep_transformers_model: bool = True):
     """Load SPEC as a target backend and its tokenizer.
 
     ``backend``: "native" (the lean static-cache implementation; Llama, Qwen2, Mistral), "hf" (any
     transformers causal LM), or "auto": native where the architecture is supported, else hf.
     ``compile``: ``torch.compile`` the native forward (native backend only).
+    ``keep_transformers_model``: False frees the native backend's plain weight copies that only the
+    transformers model needs (``NativeTarget.release_transformers_weights``; half the weight memory
+    with packed weights); ``target.model`` is then None.
 
     Returns:
         (target, tokenizer)
@@ -194,4 +198,8 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
         if backend == "auto":
             logging.getLogger(__name__).info("native backend does not support %s; using transformers", reason)
         return TransformersTarget(model, name=spec), tokenizer
-    return NativeTarget(model, name=spec, compile=compile), tokenizer
+    target = NativeTarget(model, name=spec, compile=compile)
+    if not keep_transformers_model:
+        freed = target.release_transformers_weights()
+        logging.getLogger(__name__).info("freed %.0f MB of unpacked weights", freed / 2**20)
+    return target, tokenizer

@@ -156,6 +156,34 @@ class NativeTarget:
         if compile:  # dynamic shapes: the context and the tree size change every step
             self.forward = torch.compile(self.forward, dynamic=True)
 
+    def release_transformers_weights(self) -> int:
+        """Free the plain weights that only the transformers model still needs; returns the bytes freed.
+
+        With packed weights (CPU), every linear weight exists twice: the oneDNN copy this backend runs
+        and the plain tensor the transformers modules (used by transformers-based baselines and
+        datagen's sampling path) hold. A server or ``redrafter generate`` needs only the packed copy,
+        so this halves the weights' memory. Afterwards ``self.model`` is None. The embedding (and an
+        LM head tied to it) stays. Without packed weights, nothing is freed.
+        """
+        if not self.packed or self.model is None:
+            return 0
+        freed = 0
+        empty = torch.empty(0, dtype=self.dtype, device=self.device)
+        embedding_storage = self.embedding.untyped_storage().data_ptr()
+        linears = [linear for layer in self.layers for linear in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        if self.lm_head.weight.untyped_storage().data_ptr() != embedding_storage:
+            linears.append(self.lm_head)
+        for linear in linears:
+            if linear.packed is None:  # runs the plain weight
+                continue
+            freed += linear.weight.numel() * linear.weight.element_size()
+            linear.weight = None
+        for module in self.model.modules():  # the transformers modules' views of the same tensors
+            if isinstance(module, nn.Linear) and module.weight.untyped_storage().data_ptr() != embedding_storage:
+                module.weight.data = empty
+        self.model = None
+        return freed
+
     # ------------------------------------------------------------------ cache
 
     @torch.inference_mode()
@@ -192,12 +220,14 @@ class NativeTarget:
         rows = torch.arange(batch, device=self.device).view(batch, 1)
         slots = start.view(batch, 1) + torch.arange(n, device=self.device)  # (batch, n) where new tokens go
         same_start = bool((start == start[0]).all())
-        # (batch, 1, n, span): the row's committed slots, then the tree mask over the new slots.
-        slot = torch.arange(span, device=self.device).view(1, span)
-        offset = slot - start.view(batch, 1)  # (batch, span) index of a slot among the new tokens
-        inside = (offset >= 0) & (offset < n)
-        tree = mask.gather(2, offset.clamp(0, n - 1).view(batch, 1, span).expand(batch, n, span))
-        allowed = ((offset < 0).view(batch, 1, span) | (inside.view(batch, 1, span) & tree)).unsqueeze(1)
+        allowed = None  # one new token per row, all rows at the same length: every slot is visible
+        if n > 1 or not same_start or not bool(mask.all()):
+            # (batch, 1, n, span): the row's committed slots, then the tree mask over the new slots.
+            slot = torch.arange(span, device=self.device).view(1, span)
+            offset = slot - start.view(batch, 1)  # (batch, span) index of a slot among the new tokens
+            inside = (offset >= 0) & (offset < n)
+            tree = mask.gather(2, offset.clamp(0, n - 1).view(batch, 1, span).expand(batch, n, span))
+            allowed = ((offset < 0).view(batch, 1, span) | (inside.view(batch, 1, span) & tree)).unsqueeze(1)
 
         x = self.embed(tokens)
         cos, sin = self.rotary(x, positions)  # (batch, n, head_dim) in the model dtype
@@ -226,10 +256,10 @@ class NativeTarget:
             attn = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=allowed,
                                                   enable_gqa=self.kv_heads != self.heads)
             attn = attn.transpose(1, 2).reshape(batch, n, q_size)
-            x = x + layer.o(attn)
+            x = layer.o(attn, residual=x)
             h = rms_norm(x, layer.post_norm, layer.eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            x = layer.down(F.silu(gate) * up, residual=x)
         hidden = rms_norm(x, self.norm, self.norm_eps)
         cache.pending = n
         return ForwardOutput(logits=self.project(hidden), hidden=hidden)
