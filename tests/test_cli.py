@@ -71,6 +71,8 @@ BAD_INPUTS = [
     (["--model", "some/model/dir", "--prompt", "hi"], "no drafter ships for model"),
     (["--autoregressive", "--prompt", "hi", "--max-new-tokens", "0"], "max-new-tokens must be >= 1"),
     (["--autoregressive", "--prompt", "hi", "--backend", "hf", "--compile"], "--compile needs the native backend"),
+    (["--autoregressive", "--prompt", "hi", "--draft-mode", "greedy"], "--draft-mode must be beam or sample"),
+    (["--autoregressive", "--prompt", "hi", "--draft-mode", "beam,sample"], "--draft-mode takes one mode"),
 ]
 
 
@@ -114,7 +116,8 @@ def test_sampling_flags_seeded_and_independent_per_prompt(capsys, smollm2, smoll
     prompts.write_text("Tell me a one-line story.\n" * 3)
     common = ["--prompts-file", str(prompts), "--max-new-tokens", "12", "--temperature", "1.0", "--top-p", "0.95",
               "--top-k", "50"]
-    for mode in (["--autoregressive"], ["--drafter", str(smollm2_drafter), "--beam-width", "2", "--beam-length", "3"]):
+    speculative = ["--drafter", str(smollm2_drafter), "--beam-width", "2", "--beam-length", "3"]
+    for mode in (["--autoregressive"], speculative, [*speculative, "--draft-mode", "sample"]):
         first = run_json(capsys, *common, *mode, "--seed", "7")
         again = run_json(capsys, *common, *mode, "--seed", "7")
         other = run_json(capsys, *common, *mode, "--seed", "8")

@@ -57,8 +57,8 @@ def exact_joint(model, params: SamplingParams) -> torch.Tensor:
     return joint.view(VOCAB, VOCAB, VOCAB)
 
 
-def sampled_counts(target, drafter, params: SamplingParams) -> torch.Tensor:
-    engine = Engine(target, ReDrafterProposer(drafter, target, BeamConfig(width=3, length=3)))
+def sampled_counts(target, drafter, params: SamplingParams, draft_mode: str = "sample") -> torch.Tensor:
+    engine = Engine(target, ReDrafterProposer(drafter, target, BeamConfig(width=3, length=3), draft_mode=draft_mode))
     counts = torch.zeros(VOCAB, VOCAB, VOCAB, dtype=torch.float64)
     config = GenerationConfig(max_new_tokens=3, sampling=params)
     for start in range(0, SAMPLES, BATCH):
@@ -80,13 +80,15 @@ def chi_square_p_value(counts: torch.Tensor, joint: torch.Tensor) -> float:
     return float(chi2.sf(statistic, int(keep.sum()) - 1))
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, seed=11), SamplingParams(temperature=0.5, seed=12),
-                                    SamplingParams(temperature=1.0, top_k=4, seed=13),
-                                    SamplingParams(temperature=1.0, top_p=0.8, seed=14)],
-                         ids=["T1", "T0.5", "top-k4", "top-p0.8"])
-def test_speculative_samples_follow_the_exact_joint(setup, params):
+@pytest.mark.parametrize("params,draft_mode", [
+    (SamplingParams(temperature=1.0, seed=11), "sample"), (SamplingParams(temperature=0.5, seed=12), "sample"),
+    (SamplingParams(temperature=1.0, top_k=4, seed=13), "sample"), (SamplingParams(temperature=1.0, top_p=0.8, seed=14), "sample"),
+    (SamplingParams(temperature=1.0, seed=15), "beam"), (SamplingParams(temperature=0.5, top_p=0.9, seed=16), "beam")],
+    ids=["T1", "T0.5", "top-k4", "top-p0.8", "beam-drafts-T1", "beam-drafts-T0.5-top-p0.9"])
+def test_speculative_samples_follow_the_exact_joint(setup, params, draft_mode):
+    """Drafts drawn from q ("sample") or made by beam search and tested as point masses ("beam")."""
     model, target, drafter = setup
-    counts = sampled_counts(target, drafter, params)
+    counts = sampled_counts(target, drafter, params, draft_mode)
     assert counts.sum() == SAMPLES
     p_value = chi_square_p_value(counts, exact_joint(model, params))
     assert p_value > 1e-3, f"chi-square p-value {p_value:.2e}: samples do not follow p"
@@ -129,9 +131,45 @@ def test_the_test_detects_the_biased_keep_longest_rule(setup, monkeypatch):
     assert chi_square_p_value(counts, exact_joint(model, params)) < 1e-6
 
 
-def test_seeded_runs_repeat_and_rows_are_independent(setup):
+def bonus_from_p_after_rejection(beams, unpacker, logits, params, draft_probs=None, generators=None):
+    """A biased rule for deterministic drafts: children are tested as point masses (accept x with
+    probability p(x)), but after rejecting them the bonus is drawn from p itself instead of the
+    residual without the rejected children, so drafted tokens come out too often."""
+    batch, width, length = beams.shape
+    chosen, counts, bonuses = [], [], []
+    for b in range(batch):
+        live, node, accepted, beam, bonus = list(range(width)), int(unpacker[b, 0, 0]), 0, 0, None
+        for j in range(1, length):
+            p = probabilities(logits[b, node], params)
+            hit = next((w for w in live if float(torch.rand((), generator=generators[b])) < float(p[beams[b, w, j]])),
+                       None)
+            if hit is None:
+                bonus = sample(p, generators[b])
+                break
+            accepted, beam, node = j, hit, int(unpacker[b, hit, j])
+            live = [w for w in live if int(unpacker[b, w, j]) == node]
+        if bonus is None:
+            bonus = sample(probabilities(logits[b, node], params), generators[b])
+        chosen.append(beam)
+        counts.append(accepted)
+        bonuses.append(bonus)
+    beam = torch.tensor(chosen)
+    return Acceptance(beam=beam, accepted=torch.tensor(counts), tokens=beams[torch.arange(batch), beam],
+                      bonus=torch.tensor(bonuses))
+
+
+def test_the_test_detects_a_bonus_drawn_from_p_after_rejected_beam_drafts(setup, monkeypatch):
+    model, target, drafter = setup
+    params = SamplingParams(temperature=1.0, seed=22)
+    monkeypatch.setattr(engine_module, "tree_accept", bonus_from_p_after_rejection)
+    counts = sampled_counts(target, drafter, params, draft_mode="beam")
+    assert chi_square_p_value(counts, exact_joint(model, params)) < 1e-6
+
+
+@pytest.mark.parametrize("draft_mode", ["beam", "sample"])
+def test_seeded_runs_repeat_and_rows_are_independent(setup, draft_mode):
     _, target, drafter = setup
-    engine = Engine(target, ReDrafterProposer(drafter, target, BeamConfig(width=2, length=3)))
+    engine = Engine(target, ReDrafterProposer(drafter, target, BeamConfig(width=2, length=3), draft_mode=draft_mode))
 
     def run(seed, offset=0):
         config = GenerationConfig(max_new_tokens=16, sampling=SamplingParams(temperature=1.0, seed=seed))

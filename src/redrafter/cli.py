@@ -14,6 +14,7 @@ from redrafter.errors import RedrafterError
 
 DEFAULT_BEAM = BeamConfig()
 DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_DRAFT_MODE = "beam"  # measured against "sample" in docs/BENCHMARKS.md (sampling)
 
 
 def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> list[str]:
@@ -110,11 +111,26 @@ def resolve_beam(width: int | None, length: int | None, drafter_path) -> BeamCon
     return BeamConfig(width=base.width if width is None else width, length=base.length if length is None else length)
 
 
-def add_sampling_arguments(parser) -> None:
+def add_sampling_arguments(parser, *, multiple: bool = False) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus: smallest set with this mass (1 = off)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed; prompt i uses random stream i")
+    parser.add_argument("--draft-mode", default=DEFAULT_DRAFT_MODE, help=(
+        "how the drafter drafts when sampling (both exact): beam = its beam search, each child tested as "
+        "a point mass; sample = W paths drawn from its q" + (" (bench: a comma list runs each)" if multiple else "")
+        + f"; default {DEFAULT_DRAFT_MODE}"))
+
+
+def draft_modes(value: str) -> list[str]:
+    """Parse --draft-mode (one mode, or a comma list for bench)."""
+    from redrafter.engine import DRAFT_MODES
+
+    modes = [m.strip() for m in value.split(",") if m.strip()]
+    bad = [m for m in modes if m not in DRAFT_MODES]
+    if bad or not modes:
+        raise RedrafterError(f"--draft-mode must be {' or '.join(DRAFT_MODES)}, got '{value}'")
+    return modes
 
 
 def sampling_params(args: argparse.Namespace):
@@ -168,13 +184,17 @@ def run_generate(args: argparse.Namespace) -> int:
             raise RedrafterError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     sampling = sampling_params(args)
+    modes = draft_modes(args.draft_mode)
+    if len(modes) != 1:
+        raise RedrafterError(f"--draft-mode takes one mode for generate, got '{args.draft_mode}'")
+    draft_mode = modes[0]
 
     target, tokenizer = load_target(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device,
                                     backend=args.backend, compile=args.compile, keep_transformers_model=False)
     proposer = None
     if not args.autoregressive:
         drafter = load_drafter(drafter_path, device=target.device, dtype=target.dtype)
-        proposer = ReDrafterProposer(drafter, target, beam)
+        proposer = ReDrafterProposer(drafter, target, beam, draft_mode=draft_mode)
     engine = Engine(target, proposer)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, stop_token_ids=stop_token_ids(tokenizer, target),
                               sampling=sampling)
@@ -206,6 +226,7 @@ def run_generate(args: argparse.Namespace) -> int:
                         "beam_length": None if args.autoregressive else beam.length,
                         "temperature": sampling.temperature,
                         "seed": sampling.seed,
+                        "draft_mode": None if args.autoregressive or sampling.greedy else draft_mode,
                         "dtype": str(target.dtype).removeprefix("torch."),
                         "backend": type(target).__name__,
                         "threads": torch.get_num_threads(),

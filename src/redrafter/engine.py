@@ -50,7 +50,12 @@ class Proposer(Protocol):
 
 
 class SamplingProposer(Proposer, Protocol):
-    """A proposer that can also draw its drafts at random (and say from which distributions)."""
+    """A proposer that can also draw its drafts at random (and say from which distributions).
+
+    ``draft_mode`` "sample" makes the engine call ``propose_sampled`` when sampling; "beam" keeps the
+    deterministic ``propose`` (verified as point masses). Both keep sampling exact."""
+
+    draft_mode: str
 
     def propose_sampled(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor,
                         params: SamplingParams, generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,17 +72,28 @@ class AutoregressiveProposer:
         return g0.view(-1, 1, 1)
 
 
+DRAFT_MODES = ("beam", "sample")
+
+
 class ReDrafterProposer:
     """Beam search over the recurrent drafter, embedding tokens with the target's table E.
 
     Drafts with a frozen snapshot of the drafter (``inference_copy``: packed linear layers)."""
 
-    def __init__(self, drafter: Drafter, target: TargetModel, beam: BeamConfig) -> None:
+    def __init__(self, drafter: Drafter, target: TargetModel, beam: BeamConfig, *, draft_mode: str = "beam") -> None:
+        """``draft_mode`` (sampling only; greedy always uses beam search): "beam" drafts by beam search
+        and the tree walk tests each child as a point mass, so a node accepts with probability
+        p(its children) (the p-mass the drafter's top beams cover); "sample" draws W paths from q and
+        accepts with the multi-draft rejection rule (better when q is close to p, worse when it is
+        flatter or off). Either way the output follows p exactly (verify.py)."""
+        if draft_mode not in DRAFT_MODES:
+            raise RedrafterError(f"unknown draft mode '{draft_mode}' (expected one of {', '.join(DRAFT_MODES)})")
         check_compatible(drafter, target)
         self.drafter = inference_copy(drafter)
         self.embed = target.embed
         self.beam = beam
         self.beam_length = beam.length
+        self.draft_mode = draft_mode
 
     def propose(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor) -> torch.Tensor:
         return beam_search(self.drafter, self.embed, context, g0, width=self.beam.width,
@@ -233,10 +249,10 @@ class Engine:
 
         while not all(row.finished for row in rows):
             num_generated = torch.tensor([len(row.tokens) for row in rows], device=device)
-            # 1. Draft: beam search when greedy; random draws when sampling (deterministic proposers
-            #    keep their drafts, verified as point masses).
+            # 1. Draft: beam search (any deterministic draft is verified as point masses), or random
+            #    draws from the drafter when sampling with draft_mode "sample".
             draft_probs = None
-            if not params.greedy and hasattr(self.proposer, "propose_sampled"):
+            if not params.greedy and getattr(self.proposer, "draft_mode", "beam") == "sample":
                 beams, draft_probs = self.proposer.propose_sampled(context, g0, num_generated, params, generators)
             else:
                 beams = self.proposer.propose(context, g0, num_generated)  # (batch, W, L)

@@ -46,7 +46,7 @@ def add_bench_parser(subparsers) -> None:
     p.add_argument("--prompt-lookup-tokens", type=int, default=10)
     p.add_argument("--warmup-tokens", type=int, default=16, help="tokens of the excluded warm-up run per method")
     p.add_argument("--no-chat-template", action="store_true")
-    add_sampling_arguments(p)
+    add_sampling_arguments(p, multiple=True)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_bench_command)
 
@@ -58,7 +58,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from redrafter.bench.report import print_table, write_outputs
     from redrafter.bench.runner import Item, machine_info, run_bench, summarise
     from redrafter.bench.workloads import load_workload
-    from redrafter.cli import encode_messages, resolve_beam, resolve_drafter, sampling_params, stop_token_ids
+    from redrafter.cli import (draft_modes, encode_messages, resolve_beam, resolve_drafter, sampling_params,
+                               stop_token_ids)
     from redrafter.drafter.model import load_drafter
     from redrafter.models.loading import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_gguf, load_target
 
@@ -77,6 +78,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     spec = args.model or DEFAULT_MODEL
     drafter_path = resolve_drafter(spec, args.drafter) if "redrafter" in names else None
     beams = parse_grid(args.grid) if args.grid else [resolve_beam(args.beam_width, args.beam_length, drafter_path)]
+    modes = draft_modes(args.draft_mode)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -91,7 +93,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     stops = stop_token_ids(tokenizer, target)
     ctx = BenchContext(target=target, tokenizer=tokenizer, stop_token_ids=stops, gguf_path=gguf, threads=args.threads,
                        sampling=sampling_params(args))
-    methods, skipped = build_methods(names, ctx, drafter=drafter, beams=beams, assistant_model=assistant,
+    methods, skipped = build_methods(names, ctx, drafter=drafter, beams=beams, draft_modes=modes,
+                                     assistant_model=assistant,
                                      prompt_lookup_tokens=args.prompt_lookup_tokens)
     if not methods:
         raise RedrafterError(f"no method can run: {skipped}")
@@ -104,7 +107,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     summary = summarise(rows)
     settings = {"dataset": args.dataset, "model": spec, "drafter": str(drafter_path) if drafter_path else None, "methods": [m.name for m in methods],
                 "max_new_tokens": args.max_new_tokens,
-                "sampling": dataclasses.asdict(sampling_params(args)), "turns": turns, "limit": args.limit,
+                "sampling": dataclasses.asdict(sampling_params(args)), "draft_modes": modes, "turns": turns, "limit": args.limit,
                 "per_category": args.per_category,
                 "categories": categories,
                 "machine": machine_info(torch.get_num_threads(), str(target.dtype).removeprefix("torch.")),

@@ -150,12 +150,14 @@ class LlamaCppMethod:
 METHOD_NAMES = ("hf-generate", "ar", "redrafter", "hf-prompt-lookup", "hf-assisted", "llamacpp")
 
 
-def redrafter_name(beam: BeamConfig) -> str:
-    return f"redrafter[W={beam.width},L={beam.length}]"
+def redrafter_name(beam: BeamConfig, draft_mode: str = "beam") -> str:
+    """``redrafter[W=..,L=..]``, with ``,sample`` when drafts are drawn from q (sampling only)."""
+    suffix = ",sample" if draft_mode == "sample" else ""
+    return f"redrafter[W={beam.width},L={beam.length}{suffix}]"
 
 
 def build_methods(names: Sequence[str], ctx: BenchContext, *, drafter=None, beams: Sequence[BeamConfig] = (),
-                  assistant_model=None, prompt_lookup_tokens: int = 10) -> tuple[list[Method], dict[str, str]]:
+                  draft_modes: Sequence[str] = ("beam",), assistant_model=None, prompt_lookup_tokens: int = 10) -> tuple[list[Method], dict[str, str]]:
     """Instantiate the requested methods in the requested order.
 
     Returns:
@@ -179,9 +181,13 @@ def build_methods(names: Sequence[str], ctx: BenchContext, *, drafter=None, beam
             if drafter is None:
                 raise RedrafterError("method 'redrafter' needs --drafter DIR")
             drafter = inference_copy(drafter)  # one packed copy shared by every beam setting
-            for beam in beams:
-                methods.append(EngineMethod(redrafter_name(beam), Engine(target, ReDrafterProposer(drafter, target, beam)),
-                                            stops, ctx.sampling))
+            # Draft modes differ only when sampling; greedy always runs beam search.
+            modes = ["beam"] if ctx.sampling.greedy else list(dict.fromkeys(draft_modes))
+            for mode in modes:
+                for beam in beams:
+                    proposer = ReDrafterProposer(drafter, target, beam, draft_mode=mode)
+                    methods.append(EngineMethod(redrafter_name(beam, mode), Engine(target, proposer), stops,
+                                                ctx.sampling))
         elif name == "hf-prompt-lookup":
             methods.append(HFGenerateMethod(name, target.model, stops, pad, ctx.sampling,
                                             prompt_lookup_num_tokens=prompt_lookup_tokens))
