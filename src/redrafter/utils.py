@@ -39,3 +39,20 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def release_free_heap() -> None:
+    """Hand freed heap memory back to the OS where the C library allows it (glibc ``malloc_trim``).
+
+    Tensors of a few MB come from the heap once glibc's adaptive mmap threshold has risen, and a
+    freed block in the middle of the heap stays mapped; trimming returns those pages. No-op elsewhere.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        pass

@@ -32,6 +32,7 @@ from torch import nn
 from redrafter.errors import RedrafterError
 from redrafter.models.base import ForwardOutput, Linear, TargetInfo
 from redrafter.models.hf import target_info
+from redrafter.utils import release_free_heap
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
@@ -182,6 +183,7 @@ class NativeTarget:
             if isinstance(module, nn.Linear) and module.weight.untyped_storage().data_ptr() != embedding_storage:
                 module.weight.data = empty
         self.model = None
+        release_free_heap()
         return freed
 
     # ------------------------------------------------------------------ cache
