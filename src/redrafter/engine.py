@@ -80,12 +80,14 @@ class ReDrafterProposer:
 
     Drafts with a frozen snapshot of the drafter (``inference_copy``: packed linear layers)."""
 
-    def __init__(self, drafter: Drafter, target: TargetModel, beam: BeamConfig, *, draft_mode: str = "beam") -> None:
+    def __init__(self, drafter: Drafter, target: TargetModel, beam: BeamConfig, *, draft_mode: str = "sample") -> None:
         """``draft_mode`` (sampling only; greedy always uses beam search): "beam" drafts by beam search
         and the tree walk tests each child as a point mass, so a node accepts with probability
         p(its children) (the p-mass the drafter's top beams cover); "sample" draws W paths from q and
-        accepts with the multi-draft rejection rule (better when q is close to p, worse when it is
-        flatter or off). Either way the output follows p exactly (verify.py)."""
+        accepts with the multi-draft rejection rule. Either way the output follows p exactly
+        (verify.py). "sample" (default) got as many or more tokens per step with SmolLM2's drafter at
+        T = 0.7 and 1.0 (docs/BENCHMARKS.md): beam search's W beams mostly share their first tokens,
+        while W draws from q spread over more of p."""
         if draft_mode not in DRAFT_MODES:
             raise RedrafterError(f"unknown draft mode '{draft_mode}' (expected one of {', '.join(DRAFT_MODES)})")
         check_compatible(drafter, target)
