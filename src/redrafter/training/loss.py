@@ -43,7 +43,7 @@ class Teacher:
     The target's logits after position u are its LM head applied to its final hidden state h_u, which
     the loss already holds: ``head_weight`` (V_d, H) are the head's rows for the draft vocabulary (the
     whole head without a reduced vocabulary), so their softmax is the target's distribution restricted
-    to V_d. Only the rows a step trains on are computed.
+    to V_d. Only positions some step trains against are computed, once each.
 
     Attributes:
         head_weight, head_bias: those LM head rows (bias None for most models).
