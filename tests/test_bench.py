@@ -12,6 +12,7 @@ from redrafter.bench.report import write_outputs
 from redrafter.bench.runner import Item, first_divergence, run_bench, schedule, summarise, summarise_rows
 from redrafter.bench.workloads import BenchPrompt, load_workload
 from redrafter.cli import main
+from redrafter.config import SamplingParams
 
 PROMPTS = [BenchPrompt(id=f"p{i}", category=c, turns=(t, "and then?")) for i, (c, t) in
            enumerate([("a", "abcde"), ("b", "hello world"), ("a", "xyz")])]
@@ -112,6 +113,27 @@ def test_real_methods_on_a_tiny_model_agree_and_write_outputs(tiny_methods, tmp_
         assert {"tokens_per_s", "tau", "speedup_vs_hf_generate", "speedup_vs_ar", "identical_to_ar"} <= set(entry)
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(rows)
     assert "| ar |" in (tmp_path / "summary.md").read_text()
+
+
+def test_draft_modes_are_separate_methods_when_sampling():
+    """``--draft-mode beam,sample`` runs each mode as its own method when sampling, only beam search
+    when greedy (where the modes coincide); sampled runs of both modes complete with τ >= 1."""
+    target = tiny_target("llama")
+    torch.manual_seed(0)
+    drafter = Drafter(DrafterConfig(hidden_size=64, vocab_size=TINY_VOCAB)).eval()
+    greedy = BenchContext(target=target, tokenizer=None, stop_token_ids=(), threads=1)
+    methods, _ = build_methods(["redrafter"], greedy, drafter=drafter, beams=[BeamConfig(2, 3)],
+                               draft_modes=("beam", "sample"))
+    assert [m.name for m in methods] == ["redrafter[W=2,L=3]"]
+    sampling = BenchContext(target=target, tokenizer=None, stop_token_ids=(), threads=1,
+                            sampling=SamplingParams(temperature=1.0, seed=3))
+    methods, _ = build_methods(["ar", "redrafter"], sampling, drafter=drafter, beams=[BeamConfig(2, 3)],
+                               draft_modes=("beam", "sample"))
+    assert [m.name for m in methods] == ["ar", "redrafter[W=2,L=3]", "redrafter[W=2,L=3,sample]"]
+    assert [m.engine.proposer.draft_mode for m in methods[1:]] == ["beam", "sample"]
+    rows = run_bench([Item(p, 1) for p in PROMPTS], methods, encode=encode, decode=decode, max_new_tokens=8,
+                     warmup_tokens=2, progress=False)
+    assert len(rows) == 3 * len(PROMPTS) and all(r["num_new_tokens"] == 8 and r["tau"] >= 1.0 for r in rows)
 
 
 def test_workloads():
