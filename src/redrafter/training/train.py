@@ -421,9 +421,10 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
 
 def global_loss(drafter: Drafter, embed, examples: list[Example], config: TrainConfig, target_to_draft, device,
                 dist: Distributed, teacher: Teacher | None = None) -> torch.Tensor:
-    """This process's share of the global batch loss: for each drafter step, the summed cross-entropy of
-    its positions over the step's position count across all processes; averaged over steps. Summed
-    over processes it is the mean-over-steps of per-step mean CE of the whole global batch."""
+    """This process's share of the global batch loss: for each drafter step, the summed loss of its
+    positions (cross-entropy, mixed with the KL term's soft cross-entropy when ``teacher`` is given)
+    over the step's position count across all processes; averaged over steps. Summed over processes
+    it is the mean-over-steps of the per-step mean loss of the whole global batch."""
     counts = torch.zeros(config.predict_tokens, device=device)
     if examples:
         tokens, next_tokens, mask, context, hidden = collate(examples, device)
