@@ -1,6 +1,7 @@
 """Beam search against brute-force enumeration on a tiny vocabulary."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -86,3 +87,22 @@ def test_pruned_beams_match_explicit_enumeration(setup, width):
         for i, seq in enumerate(kept):
             _, per_step = sequence_log_q(drafter, embedding, context[b], int(g0[b]), seq)
             torch.testing.assert_close(result.log_probs[b, i], torch.stack(per_step), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_min_prob_stops_at_the_depth_where_every_beam_falls_below_it(setup, width):
+    """Adaptive length: the result is exactly the beam search of the depth before the best beam's
+    probability (over all rows) drops below min_prob, and never shorter than one drafted token."""
+    drafter, embedding, context, g0 = setup
+    full = {n: beam_search(drafter, embedding, context, g0, width=width, length=n) for n in range(2, 7)}
+    best = {n: float(full[n].scores[:, 0].max()) for n in full}
+    for stop in (2, 3, 4, 5):
+        assert best[stop] > best[stop + 1]  # strictly, so a floor fits between them
+        min_prob = math.exp((best[stop] + best[stop + 1]) / 2)
+        result = beam_search(drafter, embedding, context, g0, width=width, length=6, min_prob=min_prob)
+        assert torch.equal(result.beams, full[stop].beams)
+        torch.testing.assert_close(result.scores, full[stop].scores, atol=0, rtol=0)
+    unsure = beam_search(drafter, embedding, context, g0, width=width, length=6, min_prob=0.999)
+    assert torch.equal(unsure.beams, full[2].beams)
+    assert torch.equal(beam_search(drafter, embedding, context, g0, width=width, length=6, min_prob=1e-9).beams,
+                       full[6].beams)

@@ -154,13 +154,15 @@ def test_smoke_on_smollm2(smollm2, tmp_path, capsys):
                                        exit_dim=64)), tmp_path / "drafter")
     code = main(["bench", "--dataset", "mt-bench", "--limit", "2", "--turns", "1", "--max-new-tokens", "16",
                  "--dtype", "float32", "--methods", "hf-generate,ar,redrafter,hf-prompt-lookup",
+                 "--min-draft-prob", "0,0.1",
                  "--drafter", str(tmp_path / "drafter"), "--out", str(tmp_path / "out"), "--no-progress"])
     assert code == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["settings"]["machine"]["threads"] == 2
     methods = summary["methods"]
-    assert set(methods) == {"hf-generate", "ar", "redrafter[W=4,L=5]", "hf-prompt-lookup"}
+    assert set(methods) == {"hf-generate", "ar", "redrafter[W=4,L=5]", "redrafter[W=4,L=5,p>=0.1]", "hf-prompt-lookup"}
     assert methods["redrafter[W=4,L=5]"]["identical_to_ar"] == "2/2"
+    assert methods["redrafter[W=4,L=5,p>=0.1]"]["identical_to_ar"] == "2/2"
     assert methods["hf-generate"]["identical_to_ar"] == "2/2"
     assert methods["ar"]["tau"] == 1.0
 

@@ -73,6 +73,9 @@ BAD_INPUTS = [
     (["--autoregressive", "--prompt", "hi", "--backend", "hf", "--compile"], "--compile needs the native backend"),
     (["--autoregressive", "--prompt", "hi", "--draft-mode", "greedy"], "--draft-mode must be beam or sample"),
     (["--autoregressive", "--prompt", "hi", "--draft-mode", "beam,sample"], "--draft-mode takes one mode"),
+    (["--autoregressive", "--prompt", "hi", "--min-draft-prob", "1.5"], "--min-draft-prob must be a probability"),
+    (["--autoregressive", "--prompt", "hi", "--min-draft-prob", "x"], "--min-draft-prob must be a probability"),
+    (["--autoregressive", "--prompt", "hi", "--min-draft-prob", "0.1,0.2"], "--min-draft-prob takes one value"),
 ]
 
 

@@ -91,6 +91,13 @@ def test_beam_resolution_flags_then_drafter_recommendation_then_default(tmp_path
     assert (resolve_beam(None, None, tmp_path).width, resolve_beam(None, None, tmp_path).length) == (2, 4)
     assert (resolve_beam(3, None, tmp_path).width, resolve_beam(3, None, tmp_path).length) == (3, 4)
     assert resolve_beam(None, 6, tmp_path).length == 6
+    assert resolve_beam(None, None, tmp_path).min_prob == 0.0  # no adaptive length stored
+    (tmp_path / "generation.json").write_text('{"beam_width": 1, "beam_length": 5, "min_draft_prob": 0.2}')
+    assert resolve_beam(None, None, tmp_path) == BeamConfig(1, 5, min_prob=0.2)
+    assert resolve_beam(None, None, tmp_path, 0.0).min_prob == 0.0  # the flag wins
+    (tmp_path / "generation.json").write_text('{"beam_width": 1, "beam_length": 5, "min_draft_prob": 2}')
+    with pytest.raises(RedrafterError, match="minimum draft probability"):
+        resolve_beam(None, None, tmp_path)
     (tmp_path / "generation.json").write_text('{"beam_width": "x"}')
     with pytest.raises(RedrafterError, match="generation.json"):
         resolve_beam(None, None, tmp_path)

@@ -103,12 +103,39 @@ def resolve_drafter(model_spec: str, drafter: str | None) -> Path:
     return shipped
 
 
-def resolve_beam(width: int | None, length: int | None, drafter_path) -> BeamConfig:
+def resolve_beam(width: int | None, length: int | None, drafter_path, min_prob: float | None = None) -> BeamConfig:
     """Explicit flags win, then the drafter's stored best setting, then the built-in default."""
     from redrafter.drafter.model import recommended_beam
 
     base = recommended_beam(drafter_path) or DEFAULT_BEAM
-    return BeamConfig(width=base.width if width is None else width, length=base.length if length is None else length)
+    return BeamConfig(width=base.width if width is None else width, length=base.length if length is None else length,
+                      min_prob=base.min_prob if min_prob is None else min_prob)
+
+
+def add_draft_shape_arguments(parser, *, multiple: bool = False) -> None:
+    """--beam-width, --beam-length and --min-draft-prob (generate and bench)."""
+    parser.add_argument("--beam-width", type=int, default=None,
+                        help=f"W, number of beams (default: the drafter's measured best, else {DEFAULT_BEAM.width})")
+    parser.add_argument("--beam-length", type=int, default=None,
+                        help="L, tokens per beam counting the target's own token, L-1 drafted (default: the "
+                             f"drafter's measured best, else {DEFAULT_BEAM.length})")
+    parser.add_argument("--min-draft-prob", default=None, metavar="P", help=(
+        "adaptive draft length: stop drafting deeper once no beam's drafter probability reaches P (at least "
+        "one drafted token; beam-search drafts only; 0 = always L-1 tokens; default: the drafter's measured "
+        "best, else 0)" + (" (a comma list runs each)" if multiple else "")))
+
+
+def min_draft_probs(value: str | None) -> list[float | None]:
+    """Parse --min-draft-prob (None = the drafter's default; a comma list for bench)."""
+    if value is None:
+        return [None]
+    try:
+        probs = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        probs = []
+    if not probs or not all(0.0 <= v < 1.0 for v in probs):
+        raise RedrafterError(f"--min-draft-prob must be a probability in [0, 1), got '{value}'")
+    return probs
 
 
 def add_sampling_arguments(parser, *, multiple: bool = False) -> None:
@@ -152,11 +179,7 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--prompts-file", default=None, metavar="FILE",
                    help='JSONL with a "prompt" field per line, or plain text with one prompt per line')
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    p.add_argument("--beam-width", type=int, default=None,
-                   help=f"W, number of beams (default: the drafter's measured best, else {DEFAULT_BEAM.width})")
-    p.add_argument("--beam-length", type=int, default=None,
-                   help="L, tokens per beam counting the target's own token, L-1 drafted (default: the "
-                        f"drafter's measured best, else {DEFAULT_BEAM.length})")
+    add_draft_shape_arguments(p)
     p.add_argument("--autoregressive", action="store_true", help="plain decoding on the same backend, no drafter")
     add_backend_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
@@ -175,10 +198,13 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise RedrafterError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    resolve_beam(args.beam_width, args.beam_length, None)  # bad flags fail before anything loads
+    probs = min_draft_probs(args.min_draft_prob)
+    if len(probs) != 1:
+        raise RedrafterError(f"--min-draft-prob takes one value for generate, got '{args.min_draft_prob}'")
+    resolve_beam(args.beam_width, args.beam_length, None, probs[0])  # bad flags fail before anything loads
     prompts = read_prompts([t for group in args.prompt or [] for t in group], args.prompts_file)
     drafter_path = None if args.autoregressive else resolve_drafter(args.model or DEFAULT_MODEL, args.drafter)
-    beam = resolve_beam(args.beam_width, args.beam_length, drafter_path)
+    beam = resolve_beam(args.beam_width, args.beam_length, drafter_path, probs[0])
     if args.threads is not None:
         if args.threads < 1:
             raise RedrafterError(f"--threads must be >= 1, got {args.threads}")
@@ -224,6 +250,7 @@ def run_generate(args: argparse.Namespace) -> int:
                         "mode": "autoregressive" if args.autoregressive else "redrafter",
                         "beam_width": None if args.autoregressive else beam.width,
                         "beam_length": None if args.autoregressive else beam.length,
+                        "min_draft_prob": None if args.autoregressive else beam.min_prob,
                         "temperature": sampling.temperature,
                         "seed": sampling.seed,
                         "draft_mode": None if args.autoregressive or sampling.greedy else draft_mode,

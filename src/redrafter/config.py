@@ -14,10 +14,18 @@ class BeamConfig:
 
     Each beam therefore carries ``length - 1`` drafted tokens; TensorRT-LLM calls that number
     ``draft_len_per_beam`` and W ``num_beams``.
+
+    ``min_prob`` > 0 makes the draft's length adaptive (beam-search drafts only): beam search stops
+    going deeper, and drops the depth it just drafted, once no beam's probability under the drafter
+    (the product of q along it) reaches ``min_prob``. The first drafted token is always kept
+    (verifying two tokens costs about as much as one decode step), so a step verifies between 2 and
+    L tokens per beam. Unsure drafts then cost no verification; drafts stay proposals, so the output
+    is unchanged.
     """
 
     width: int = 4
     length: int = 5
+    min_prob: float = 0.0
 
     def __post_init__(self) -> None:
         if self.width < 1:
@@ -27,6 +35,8 @@ class BeamConfig:
                 f"beam length must be >= 2 (it counts the target's own token g0, so L=1 would draft "
                 f"nothing), got {self.length}"
             )
+        if not 0.0 <= self.min_prob < 1.0:
+            raise RedrafterError(f"minimum draft probability must be in [0, 1), got {self.min_prob}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,8 +20,7 @@ def parse_grid(text: str) -> list[BeamConfig]:
 
 
 def add_bench_parser(subparsers) -> None:
-    from redrafter.cli import DEFAULT_BEAM
-    from redrafter.cli import add_sampling_arguments
+    from redrafter.cli import add_draft_shape_arguments, add_sampling_arguments
     from redrafter.models.loading import add_backend_arguments
 
     p = subparsers.add_parser("bench", help="benchmark ReDrafter against baselines on real prompts")
@@ -39,8 +38,7 @@ def add_bench_parser(subparsers) -> None:
     p.add_argument("--per-category", type=int, default=None,
                    help="first N prompts of each category (before --limit): a sample covering every category")
     p.add_argument("--turns", default="1,2", help="MT-Bench turns to run (turn 2 follows the model's turn-1 answer)")
-    p.add_argument("--beam-width", type=int, default=None, help=f"default: the drafter's best, else {DEFAULT_BEAM.width}")
-    p.add_argument("--beam-length", type=int, default=None, help=f"default: the drafter's best, else {DEFAULT_BEAM.length}")
+    add_draft_shape_arguments(p, multiple=True)
     p.add_argument("--grid", default=None, help="W×L grid for redrafter, e.g. 1,2,4x3,4,5 (overrides beam flags)")
     p.add_argument("--assistant-model", default=None, help="model spec of the draft model for hf-assisted")
     p.add_argument("--prompt-lookup-tokens", type=int, default=10)
@@ -58,8 +56,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from redrafter.bench.report import print_table, write_outputs
     from redrafter.bench.runner import Item, machine_info, run_bench, summarise
     from redrafter.bench.workloads import load_workload
-    from redrafter.cli import (draft_modes, encode_messages, resolve_beam, resolve_drafter, sampling_params,
-                               stop_token_ids)
+    from redrafter.cli import (draft_modes, encode_messages, min_draft_probs, resolve_beam, resolve_drafter,
+                               sampling_params, stop_token_ids)
     from redrafter.drafter.model import load_drafter
     from redrafter.models.loading import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_gguf, load_target
 
@@ -77,7 +75,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
                                                   per_category=args.per_category)]
     spec = args.model or DEFAULT_MODEL
     drafter_path = resolve_drafter(spec, args.drafter) if "redrafter" in names else None
-    beams = parse_grid(args.grid) if args.grid else [resolve_beam(args.beam_width, args.beam_length, drafter_path)]
+    shapes = parse_grid(args.grid) if args.grid else [resolve_beam(args.beam_width, args.beam_length, drafter_path)]
+    beams = [resolve_beam(shape.width, shape.length, drafter_path, prob)
+             for shape in shapes for prob in min_draft_probs(args.min_draft_prob)]
     modes = draft_modes(args.draft_mode)
 
     torch.set_num_threads(args.threads)

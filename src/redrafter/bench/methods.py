@@ -151,8 +151,10 @@ METHOD_NAMES = ("hf-generate", "ar", "redrafter", "hf-prompt-lookup", "hf-assist
 
 
 def redrafter_name(beam: BeamConfig, draft_mode: str = "beam") -> str:
-    """``redrafter[W=..,L=..]``, with ``,sample`` when drafts are drawn from q (sampling only)."""
-    suffix = ",sample" if draft_mode == "sample" else ""
+    """``redrafter[W=..,L=..]``, with ``,p>=..`` for an adaptive draft length and ``,sample`` when
+    drafts are drawn from q (sampling only)."""
+    suffix = f",p>={beam.min_prob:g}" if beam.min_prob > 0 else ""
+    suffix += ",sample" if draft_mode == "sample" else ""
     return f"redrafter[W={beam.width},L={beam.length}{suffix}]"
 
 

@@ -3,11 +3,14 @@
 All W beams start with g0. Step 1 expands only beam 0 (the others start at log-probability -inf),
 so the first drafted tokens of the W beams are the top-W tokens of q. Every later step keeps the
 top W of the W x V extensions by summed log q, carrying each beam's RNN state along its parent.
+With ``min_prob`` > 0 the search stops early (BeamConfig.min_prob): a depth beyond the first at which
+every row's best beam has summed log q below log(min_prob) is dropped, and so is everything deeper.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import torch
@@ -31,8 +34,9 @@ class BeamSearchResult:
 
 @torch.inference_mode()
 def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor], context: torch.Tensor,
-                g0: torch.Tensor, *, width: int, length: int, return_log_probs: bool = False) -> BeamSearchResult:
-    """Draft W beams of L tokens (g0 included).
+                g0: torch.Tensor, *, width: int, length: int, min_prob: float = 0.0,
+                return_log_probs: bool = False) -> BeamSearchResult:
+    """Draft W beams of L tokens (g0 included), or fewer with ``min_prob`` (at least 2).
 
     Args:
         drafter: the draft head.
@@ -40,6 +44,8 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
         context: (batch, H) the target's last hidden state h at the last accepted position.
         g0:      (batch,) the target's own next token.
         width, length: W and L.
+        min_prob: stop before the first depth > 1 at which no beam of any row keeps a drafter
+                  probability >= min_prob; the result is then exactly beam_search(length=that depth).
     Returns:
         BeamSearchResult.
     """
@@ -52,12 +58,16 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
     state = drafter.initial_state(h)  # (batch, W, H)
     log_probs: torch.Tensor | None = None
     rows = torch.arange(batch, device=device).view(batch, 1)
-    for _ in range(length - 1):
+    floor = math.log(min_prob) if min_prob > 0 else None
+    for depth in range(1, length):
         state = drafter.next_state(state, embed(beams[:, :, -1]).to(state.dtype))
         step_log_q = torch.log_softmax(drafter.logits(h, state).float(), dim=-1)  # (batch, W, V)
         vocab = step_log_q.shape[-1]
         candidates = (scores.unsqueeze(-1) + step_log_q).view(batch, width * vocab)
-        scores, flat = candidates.topk(width, dim=-1)  # (batch, W)
+        top, flat = candidates.topk(width, dim=-1)  # (batch, W), best first
+        if floor is not None and depth > 1 and bool((top[:, 0] < floor).all()):
+            break  # every beam's probability fell below min_prob: this depth is not worth verifying
+        scores = top
         parent, token = flat // vocab, drafter.to_target_ids(flat % vocab)
         beams = torch.cat([beams[rows, parent], token.unsqueeze(-1)], dim=-1)
         state = state[rows, parent]
