@@ -78,9 +78,9 @@ class ScriptedProposer:
     def _random(self, n: int) -> list[int]:
         return torch.randint(0, self.vocab, (n,), generator=self.generator).tolist()
 
-    def propose(self, context, g0, num_generated):
+    def propose(self, context, g0, num_generated, rows):
         beams = []
-        for row, (first, done) in enumerate(zip(g0.tolist(), num_generated.tolist())):
+        for row, first, done in zip(rows.tolist(), g0.tolist(), num_generated.tolist()):
             # The reference continuation after g0 (g0 is reference[row][done - 1]).
             truth = self.reference[row][done: done + self.beam_length - 1]
             truth = truth + self._random(self.beam_length - 1 - len(truth))

@@ -185,3 +185,56 @@ def test_plain_decoding_of_an_equal_length_batch_matches_transformers(native_bac
             outs.append(out)
         native_out, hf_out = outs
     torch.testing.assert_close(native_out.logits, hf_out.logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_selected_rows_continue_as_their_own_batch(backend):
+    """After ``select_rows`` (finished rows leave), the kept rows' next forward gives the logits a
+    batch of only those prompts gives, in the new order."""
+    target = tiny_target("llama", backend)
+    prompts = [[3, 1, 4, 1, 5, 9, 2], [6, 5, 3], [8, 8, 1, 2, 7]]
+    cache, _ = prefill(target, prompts)
+    target.select_rows(cache, torch.tensor([2, 0]))
+    assert cache.lengths.tolist() == [5, 7]
+    alone, _ = prefill(target, [prompts[2], prompts[0]])
+    tokens, mask = torch.tensor([[4, 2], [1, 6]]), torch.ones(2, 2, dtype=torch.bool).tril().expand(2, -1, -1)
+    positions = cache.lengths.view(2, 1) + torch.arange(2)
+    selected = target.forward(tokens, positions, mask, cache)
+    reference = target.forward(tokens, positions, mask, alone)
+    torch.testing.assert_close(selected.logits, reference.logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_grouped_attention_equals_the_fused_kernel(dtype, tolerance, masked):
+    from redrafter.models.native import grouped_attention
+
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, n, span, dim = 3, 6, 2, 4, 11, 8
+    q = torch.randn(batch, heads, n, dim, generator=generator).to(dtype)
+    k = torch.randn(batch, kv_heads, span, dim, generator=generator).to(dtype)
+    v = torch.randn(batch, kv_heads, span, dim, generator=generator).to(dtype)
+    allowed = None
+    if masked:
+        allowed = torch.rand(batch, 1, n, span, generator=generator) > 0.4
+        allowed[..., 0] = True  # every query sees at least one slot
+    reference = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed,
+                                                                 enable_gqa=True)
+    torch.testing.assert_close(grouped_attention(q, k, v, allowed).float(), reference, atol=tolerance, rtol=0)
+
+
+def test_native_forward_with_grouped_attention_matches_transformers(monkeypatch):
+    """The native forward with the grouped attention path forced on (it is chosen for bf16 batches)
+    still matches the transformers backend on a ragged prefill plus a tree step."""
+    import redrafter.models.native as native_module
+
+    monkeypatch.setattr(native_module, "use_grouped_attention", lambda *args: True)
+    native, hf = tiny_target("qwen2", "native"), tiny_target("qwen2", "hf")
+    prompts = [[5, 4, 3, 2, 1, 9], [8, 2]]
+    (native_cache, native_out), (hf_cache, hf_out) = prefill(native, prompts), prefill(hf, prompts)
+    torch.testing.assert_close(native_out.logits, hf_out.logits, atol=1e-4, rtol=0)
+    beams = torch.tensor([[[1, 2, 3], [1, 4, 5]], [[7, 7, 7], [7, 6, 5]]])
+    tree = pack(beams)
+    outs = [target.forward(tree.tokens, cache.lengths.view(2, 1) + tree.depths, tree.mask, cache)
+            for target, cache in ((native, native_cache), (hf, hf_cache))]
+    torch.testing.assert_close(outs[0].logits, outs[1].logits, atol=1e-4, rtol=0)

@@ -130,3 +130,21 @@ def test_returned_hidden_states_are_the_states_that_predicted_each_token(case):
     out = target.forward(torch.tensor([sequence]), torch.arange(n).view(1, n),
                          torch.ones(n, n, dtype=torch.bool).tril().view(1, n, n), cache)
     torch.testing.assert_close(states, out.hidden[0, len(prompt) - 1: n - 1], atol=1e-4, rtol=0)
+
+
+def test_finished_rows_leave_the_batch(case, monkeypatch):
+    """Rows that stop early leave the batch (the cache shrinks); every row still gets its
+    single-prompt result, with a scripted drafter and without one."""
+    target, references = case
+    stop = references[1][6]
+    expected = [ref[: ref.index(stop) + 1] if stop in ref else ref for ref in references]
+    assert len({len(e) for e in expected}) >= 2  # rows finish at different steps
+    calls = []
+    original = target.select_rows
+    monkeypatch.setattr(target, "select_rows", lambda cache, rows: (calls.append(rows.tolist()), original(cache, rows)))
+    config = GenerationConfig(max_new_tokens=MAX_NEW, stop_token_ids=(stop,))
+    for proposer in (None, ScriptedProposer(references, width=3, length=4, right=2, vocab=TINY_VOCAB)):
+        calls.clear()
+        results = run(Engine(target, proposer), PROMPTS, config)
+        assert [list(r.token_ids) for r in results] == expected
+        assert calls and all(len(c) < len(PROMPTS) for c in calls)

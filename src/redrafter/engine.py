@@ -13,7 +13,9 @@ One speculative step, for every row of the batch at once:
 
 Plain autoregressive decoding is the same loop with beams of width 1 and length 1 (just g0): the
 forward is a single-token decode step and nothing is drafted. Every row keeps its own length,
-positions, counters and stop state, so rows of different lengths share a batch.
+positions, counters and stop state, so rows of different lengths share a batch; rows that finished
+leave it (``select_rows`` on the cache) once they are a quarter of it, so a long answer does not keep
+the short ones' rows computing.
 """
 
 from __future__ import annotations
@@ -39,11 +41,14 @@ class Proposer(Protocol):
 
     beam_length: int
 
-    def propose(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor) -> torch.Tensor:
+    def propose(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor,
+                rows: torch.Tensor) -> torch.Tensor:
         """Args:
             context:       (batch, H) the target's hidden state at the last committed token.
             g0:            (batch,) the target's own next token (already emitted).
             num_generated: (batch,) how many tokens each row has emitted, g0 included.
+            rows:          (batch,) long, each row's prompt index in the ``generate`` call (finished
+                           rows leave the batch, so batch row b need not be prompt b).
         Returns:
             (batch, W, L) beams with ``beams[:, :, 0] == g0``.
         """
@@ -57,7 +62,7 @@ class SamplingProposer(Proposer, Protocol):
 
     draft_mode: str
 
-    def propose_sampled(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor,
+    def propose_sampled(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor, rows: torch.Tensor,
                         params: SamplingParams, generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (beams (batch, W, L), draft_probs (batch, W, L-1, V)): W paths drawn independently
         from the drafter, and the target-vocabulary distribution each drafted token was drawn from."""
@@ -68,7 +73,8 @@ class AutoregressiveProposer:
 
     beam_length = 1
 
-    def propose(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor) -> torch.Tensor:
+    def propose(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor,
+                rows: torch.Tensor) -> torch.Tensor:
         return g0.view(-1, 1, 1)
 
 
@@ -97,11 +103,12 @@ class ReDrafterProposer:
         self.beam_length = beam.length
         self.draft_mode = draft_mode
 
-    def propose(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor) -> torch.Tensor:
+    def propose(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor,
+                rows: torch.Tensor) -> torch.Tensor:
         return beam_search(self.drafter, self.embed, context, g0, width=self.beam.width,
                            length=self.beam.length, min_prob=self.beam.min_prob).beams
 
-    def propose_sampled(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor,
+    def propose_sampled(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor, rows: torch.Tensor,
                         params: SamplingParams, generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
         """W independent draws of L-1 tokens from the recurrent drafter, each token drawn from q after
         the same sampling transform as the target's p (any q keeps the output exact; a q close to p
@@ -248,17 +255,32 @@ class Engine:
         context = out.hidden[rows_index, last]  # (batch, H)
         g0 = draw(out.logits[rows_index, last], params, generators)  # (batch,)
         hidden = context.unsqueeze(1) if return_hidden else None  # (batch, 1, H): g0 came from it
-        yield from self._emit(rows, [[t] for t in g0.tolist()], [0] * batch, config, stop_ids, start, hidden)
+        yield from self._emit(rows, list(range(batch)), [[t] for t in g0.tolist()], [0] * batch, config, stop_ids,
+                              start, hidden)
 
+        live = list(range(batch))  # the original row of each cache row; finished rows leave in groups
         while not all(row.finished for row in rows):
-            num_generated = torch.tensor([len(row.tokens) for row in rows], device=device)
+            # 0. Rows that finished leave the batch once they are a quarter of it (one cache gather
+            #    each time; the remaining rows' results do not change).
+            if sum(rows[r].finished for r in live) * 4 >= len(live):
+                keep_rows = [b for b, r in enumerate(live) if not rows[r].finished]
+                index = torch.tensor(keep_rows, device=device)
+                target.select_rows(cache, index)
+                context, g0 = context[index], g0[index]
+                if generators is not None:
+                    generators = [generators[b] for b in keep_rows]
+                live = [live[b] for b in keep_rows]
+                batch, rows_index = len(live), torch.arange(len(live), device=device)
+            num_generated = torch.tensor([len(rows[r].tokens) for r in live], device=device)
+            prompt_rows = torch.tensor(live, device=device)
             # 1. Draft: beam search (any deterministic draft is verified as point masses), or random
             #    draws from the drafter when sampling with draft_mode "sample".
             draft_probs = None
             if not params.greedy and getattr(self.proposer, "draft_mode", "beam") == "sample":
-                beams, draft_probs = self.proposer.propose_sampled(context, g0, num_generated, params, generators)
+                beams, draft_probs = self.proposer.propose_sampled(context, g0, num_generated, prompt_rows, params,
+                                                                   generators)
             else:
-                beams = self.proposer.propose(context, g0, num_generated)  # (batch, W, L)
+                beams = self.proposer.propose(context, g0, num_generated, prompt_rows)  # (batch, W, L)
             # 2. Pack the beams into a tree.
             tree = pack(beams)
             # 3. Verify all beams in one forward.
@@ -267,7 +289,7 @@ class Engine:
             acceptance = tree_accept(beams, tree.unpacker, out.logits, params, draft_probs, generators)
             # 5. Commit g0 and the accepted tokens; finished rows keep their cache as it is.
             keep = tree.unpacker[rows_index, acceptance.beam]  # (batch, L) packed indices of the chosen beam
-            active = torch.tensor([not row.finished for row in rows], device=device)
+            active = torch.tensor([not rows[r].finished for r in live], device=device)
             target.commit(cache, keep, torch.where(active, acceptance.accepted + 1, 0))
             # 6. Carry h and g0 into the next step.
             last_kept = keep[rows_index, acceptance.accepted]
@@ -278,17 +300,19 @@ class Engine:
             chosen = acceptance.tokens.tolist()
             bonus = g0.tolist()
             new = [chosen[b][1: 1 + accepted[b]] + [bonus[b]] for b in range(batch)]
-            for row in rows:
-                row.steps += 0 if row.finished else 1
+            for r in live:
+                rows[r].steps += 0 if rows[r].finished else 1
             # The kept tokens' states predicted the new ones: g0's the first drafted token, ... the last's the bonus.
             hidden = out.hidden[rows_index.view(batch, 1), keep] if return_hidden else None  # (batch, L, H)
-            yield from self._emit(rows, new, accepted, config, stop_ids, start, hidden)
+            yield from self._emit(rows, live, new, accepted, config, stop_ids, start, hidden)
 
     @staticmethod
-    def _emit(rows: list[_Row], new: list[list[int]], accepted: list[int], config: GenerationConfig,
+    def _emit(rows: list[_Row], live: list[int], new: list[list[int]], accepted: list[int], config: GenerationConfig,
               stop_ids: set[int], start: float, hidden: torch.Tensor | None = None) -> Iterator[Event]:
+        """Events for the batch's rows: ``new[b]``, ``accepted[b]`` and ``hidden[b]`` belong to row ``live[b]``."""
         now = time.perf_counter() - start
-        for b, row in enumerate(rows):
+        for b, index in enumerate(live):
+            row = rows[index]
             if row.finished:
                 continue
             tokens = new[b][: config.max_new_tokens - len(row.tokens)]
@@ -303,9 +327,9 @@ class Engine:
             if reason is None and len(row.tokens) >= config.max_new_tokens:
                 reason = "length"
             states = None if hidden is None else hidden[b, : len(tokens)].clone()
-            yield TokensEvent(row=b, token_ids=tuple(tokens), accepted=accepted[b], hidden=states)
+            yield TokensEvent(row=index, token_ids=tuple(tokens), accepted=accepted[b], hidden=states)
             if reason is not None:
                 row.finished = True
                 stats = GenerationStats(num_prompt_tokens=row.prompt_length, num_new_tokens=len(row.tokens),
                                         num_steps=row.steps, first_token_s=row.first_token_s, elapsed_s=now)
-                yield FinishEvent(row=b, reason=reason, token_ids=tuple(row.tokens), stats=stats)
+                yield FinishEvent(row=index, reason=reason, token_ids=tuple(row.tokens), stats=stats)

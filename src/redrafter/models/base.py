@@ -129,3 +129,7 @@ class TargetModel(Protocol):
         """Keep, per row, the first ``counts[b]`` of the new tokens listed in ``keep[b]`` (indices
         into the last forward's n tokens, in sequence order), appended after the committed ones;
         drop every other pending token. keep: (batch, A) long; counts: (batch,) long, <= A."""
+
+    def select_rows(self, cache: KVCache, rows: torch.Tensor) -> None:
+        """Keep only these rows of the cache, in this order (rows that finished leave the batch).
+        rows: (new_batch,) long indices into the current batch; no forward may be pending."""

@@ -114,6 +114,14 @@ class TransformersTarget:
         cache.lengths = new_lengths
         cache.pending = 0
 
+    @torch.inference_mode()
+    def select_rows(self, cache: HFCache, rows: torch.Tensor) -> None:
+        if cache.pending:
+            raise RuntimeError("select_rows called with a pending forward")
+        for layer in self.cache_layers(cache):
+            layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
+        cache.lengths = cache.lengths[rows]
+
     @staticmethod
     def cache_layers(cache: HFCache) -> list[DynamicLayer]:
         layers = cache.kv.layers

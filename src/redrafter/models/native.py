@@ -116,6 +116,39 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
+def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      allowed: torch.Tensor | None) -> torch.Tensor:
+    """Attention with grouped key/value heads as two batched matrix products (softmax in float32).
+
+    Args:
+        q:       (batch, heads, n, head_dim) queries.
+        keys:    (batch, kv_heads, span, head_dim); values the same shape.
+        allowed: (batch, 1, n, span) bool, or None for all slots.
+    Returns:
+        (batch, heads, n, head_dim), what ``F.scaled_dot_product_attention(..., enable_gqa=True)``
+        computes. The query heads that share a key/value head become rows of one product, so nothing is
+        repeated per head. On CPUs in bfloat16 this beats the fused kernel wherever there is more than
+        one row or one new token (decoding 64 rows over 300 slots: 1.9 ms against 19 ms per layer;
+        docs/PERFORMANCE.md).
+    """
+    batch, heads, n, head_dim = q.shape
+    kv_heads, span = keys.shape[1], keys.shape[2]
+    group = heads // kv_heads
+    scores = torch.matmul(q.reshape(batch, kv_heads, group * n, head_dim), keys.transpose(-1, -2))
+    scores = scores.float().mul_(head_dim ** -0.5).view(batch, kv_heads, group, n, span)
+    if allowed is not None:
+        scores.masked_fill_(~allowed.view(batch, 1, 1, n, span), float("-inf"))
+    weights = torch.softmax(scores, dim=-1).to(q.dtype).view(batch, kv_heads, group * n, span)
+    return torch.matmul(weights, values).view(batch, heads, n, head_dim)
+
+
+def use_grouped_attention(dtype: torch.dtype, device: torch.device, batch: int, n: int) -> bool:
+    """Where ``grouped_attention`` is faster than the fused kernel (measured on CPU, docs/PERFORMANCE.md):
+    reduced precision with several rows or a single new token. float32 keeps the fused kernel (both
+    cost the same there, and the exactness tests run in float32)."""
+    return device.type == "cpu" and dtype != torch.float32 and (batch > 1 or n == 1)
+
+
 class NativeTarget:
     """The native implementation of the TargetModel protocol (see the module docstring)."""
 
@@ -239,6 +272,7 @@ class NativeTarget:
         signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
         cos, signed_sin = cos.unsqueeze(2), signed_sin.unsqueeze(2)  # (batch, n, 1, head_dim): over heads
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        grouped = use_grouped_attention(x.dtype, x.device, batch, n)
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, layer.eps)
             qkv = layer.qkv(h)
@@ -255,8 +289,11 @@ class NativeTarget:
             else:
                 keys[rows, :, slots] = k.transpose(1, 2)
                 values[rows, :, slots] = v.transpose(1, 2)
-            attn = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=allowed,
-                                                  enable_gqa=self.kv_heads != self.heads)
+            if grouped:
+                attn = grouped_attention(q, keys[:, :, :span], values[:, :, :span], allowed)
+            else:
+                attn = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=allowed,
+                                                      enable_gqa=self.kv_heads != self.heads)
             attn = attn.transpose(1, 2).reshape(batch, n, q_size)
             x = layer.o(attn, residual=x)
             h = rms_norm(x, layer.post_norm, layer.eps)
@@ -269,6 +306,13 @@ class NativeTarget:
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head logits (..., V) in float32."""
         return self.lm_head(hidden).float()
+
+    @torch.inference_mode()
+    def select_rows(self, cache: NativeCache, rows: torch.Tensor) -> None:
+        if cache.pending:
+            raise RuntimeError("select_rows called with a pending forward")
+        cache.kv = cache.kv.index_select(2, rows)
+        cache.lengths = cache.lengths[rows]
 
     @torch.inference_mode()
     def commit(self, cache: NativeCache, keep: torch.Tensor, counts: torch.Tensor) -> None:
