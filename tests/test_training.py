@@ -272,3 +272,35 @@ def test_more_data_directories_add_training_records_but_never_a_held_out_prompt(
                     target=target, progress=False)
     assert summary["eval_records"] == held  # from the first directory only
     assert summary["train_records"] == 2 * (total - held)  # the second copy of each held-out prompt is left out
+
+
+def test_warm_start_carries_weights_by_token_id():
+    from redrafter import Drafter, DrafterConfig
+    from redrafter.errors import RedrafterError
+    from redrafter.training.train import warm_start
+
+    config = DrafterConfig(hidden_size=16, vocab_size=6, exit_dim=24, target_vocab_size=20)
+    source, drafter = Drafter(config), Drafter(config)
+    source.draft_to_target.copy_(torch.tensor([1, 3, 5, 7, 9, 11]))
+    drafter.draft_to_target.copy_(torch.tensor([0, 3, 4, 9, 11, 12]))  # 3, 9 and 11 are shared
+    fresh = drafter.lm_head[2].weight.detach().clone()
+    assert warm_start(drafter, source) == 3
+    h, state = torch.randn(4, 16), torch.randn(4, 16)
+    torch.testing.assert_close(drafter.logits(h, state)[:, [1, 3, 4]], source.logits(h, state)[:, [1, 4, 5]])
+    torch.testing.assert_close(drafter.lm_head[2].weight[[0, 2, 5]], fresh[[0, 2, 5]])  # new tokens keep their init
+    for name in ("rnn_u.weight", "rnn_w.weight", "input_proj.bias", "lm_head.1.linear.weight"):
+        assert torch.equal(drafter.state_dict()[name], source.state_dict()[name])
+    with pytest.raises(RedrafterError, match="exit_dim 24, this run 32"):
+        warm_start(Drafter(DrafterConfig(hidden_size=16, vocab_size=6, exit_dim=32, target_vocab_size=20)), source)
+
+
+def test_training_from_init_starts_where_the_init_drafter_ended(target, data_dir, tmp_path):
+    first = train(model_spec="tiny", data=str(data_dir), out=str(tmp_path / "a"), config=CONFIG, target=target,
+                  progress=False)
+    config = dataclasses.replace(CONFIG, epochs=1, lr=1e-4, eval_every=1)
+    second = train(model_spec="tiny", data=str(data_dir), out=str(tmp_path / "b"), config=config, target=target,
+                   progress=False, init=str(tmp_path / "a" / "drafter"))
+    metrics = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    random_start = next(m for m in metrics if "eval_loss" in m)["eval_loss"]
+    assert second["init_vocabulary_rows"] == CONFIG.draft_vocab_size  # the same data: the same vocabulary
+    assert abs(second["eval_loss"] - first["eval_loss"]) < 0.05 < random_start - first["eval_loss"]

@@ -76,6 +76,9 @@ def add_train_parser(subparsers) -> None:
                    help="KL to the target's k most likely draft tokens, renormalised (0 = all of the draft vocabulary)")
     p.add_argument("--target-cache", default=None, help="safetensors file for the target's hidden states")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--init", default=None, metavar="DRAFTER_DIR",
+                   help="start from this drafter (same shape; vocabulary rows carried over by token id) instead "
+                        "of a random initialisation")
     add_backend_arguments(p, dtype_default="float32")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
@@ -98,6 +101,6 @@ def run_train_command(args: argparse.Namespace) -> int:
                          seed=args.seed, kl_weight=args.kl_weight, kl_top_k=args.kl_top_k)
     summary = train(model_spec=args.model or DEFAULT_MODEL, data=args.data, out=args.out, config=config,
                     dtype=args.dtype, device=args.device, backend=args.backend, resume=args.resume, target_cache=args.target_cache,
-                    progress=not args.no_progress, compile=args.compile)
+                    progress=not args.no_progress, compile=args.compile, init=args.init)
     print(json.dumps(summary))
     return 0

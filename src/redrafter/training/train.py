@@ -190,6 +190,38 @@ def draft_vocabulary(examples: list[Example], size: int, vocab: int) -> tuple[to
     return draft_to_target, target_to_draft
 
 
+def warm_start(drafter: Drafter, source: Drafter) -> int:
+    """Copy a trained drafter's weights into a new one of the same shape (``train --init``).
+
+    Everything but the vocabulary projection is copied as is. The projection's rows follow the token
+    ids: a token in both draft vocabularies gets the source's row, a token new to this drafter keeps
+    its fresh initialisation (the new data may rank other tokens among its V_d most frequent).
+
+    Returns:
+        how many vocabulary rows came from ``source``.
+    """
+    mine, theirs = drafter.config, source.config
+    for name in ("hidden_size", "exit_dim", "num_draft_layers", "rnn", "full_vocab_size"):
+        if getattr(mine, name) != getattr(theirs, name):
+            raise RedrafterError(f"--init drafter has {name} {getattr(theirs, name)}, this run {getattr(mine, name)} "
+                                 f"(pass the --init drafter's shape, e.g. --exit-dim {theirs.exit_dim} "
+                                 f"--num-layers {theirs.num_draft_layers})")
+    projection = f"lm_head.{mine.num_draft_layers}.weight"
+    state = {k: v for k, v in source.state_dict().items() if k not in (projection, "draft_to_target")}
+    drafter.load_state_dict(state, strict=False)
+    full = mine.full_vocab_size
+    source_ids = source.draft_to_target if source.draft_to_target is not None else torch.arange(full)
+    ids = drafter.draft_to_target if drafter.draft_to_target is not None else torch.arange(full)
+    source_row = torch.full((full,), -1, dtype=torch.long)
+    source_row[source_ids.cpu()] = torch.arange(len(source_ids))
+    rows = source_row[ids.cpu()]  # (V_d,) the source row of each of this drafter's tokens, or -1
+    shared = rows >= 0
+    with torch.no_grad():
+        weight = drafter.lm_head[mine.num_draft_layers].weight
+        weight[shared.to(weight.device)] = source.lm_head[theirs.num_draft_layers].weight[rows[shared].to(weight.device)].to(weight.dtype)
+    return int(shared.sum())
+
+
 def batches(examples: list[Example], batch_tokens: int, rng: random.Random) -> list[list[int]]:
     """Length-bucketed batches of about ``batch_tokens`` padded tokens, in random order."""
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i].tokens), rng.random()))
@@ -266,8 +298,9 @@ def plot_losses(metrics: list[dict], path: Path, train_label: str = "train loss"
 
 def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConfig, dtype: str = "float32",
           device: str = "cpu", backend: str = "auto", resume: bool = False, target_cache: str | None = None, progress: bool = True,
-          target=None, compile: bool = False) -> dict:
-    """Run training end to end; returns the final metrics."""
+          target=None, compile: bool = False, init: str | None = None) -> dict:
+    """Run training end to end; returns the final metrics. ``init``: a drafter directory to start
+    from (``warm_start``) instead of a random initialisation."""
     from tqdm import tqdm
 
     from redrafter.models.loading import load_target
@@ -333,6 +366,11 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
     if draft_to_target is not None:
         drafter.draft_to_target.copy_(draft_to_target)
         target_to_draft = target_to_draft.to(device)
+    carried_rows = None
+    if init is not None and not resume:
+        carried_rows = warm_start(drafter, load_drafter(init, device=device))
+        if progress:
+            print(f"warm start from {init}: {carried_rows} of {drafter.config.vocab_size} vocabulary rows carried over")
     embed = target.embed
     teacher = None
     if config.kl_weight > 0:  # the target's LM head rows for the draft vocabulary (the KL term's teacher)
@@ -414,6 +452,7 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
     summary = {"train_records": len(train_examples), "eval_records": len(eval_examples),
                "train_tokens": sum(int(e.label_mask.sum()) for e in train_examples), "steps": step,
                "processes": dist.world, "seconds": round(time.perf_counter() - start, 1), **final,
+               **({"init": str(init), "init_vocabulary_rows": carried_rows} if carried_rows is not None else {}),
                "drafter": str(out_dir / "drafter")}
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
