@@ -304,3 +304,4 @@ def test_training_from_init_starts_where_the_init_drafter_ended(target, data_dir
     random_start = next(m for m in metrics if "eval_loss" in m)["eval_loss"]
     assert second["init_vocabulary_rows"] == CONFIG.draft_vocab_size  # the same data: the same vocabulary
     assert abs(second["eval_loss"] - first["eval_loss"]) < 0.05 < random_start - first["eval_loss"]
+    assert abs(second["init_eval"]["eval_loss"] - first["eval_loss"]) < 1e-4  # step 0: the init drafter itself

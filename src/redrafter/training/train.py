@@ -413,6 +413,11 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
                             "config": dataclasses.asdict(config)}, tmp / "trainer.pt")
         write_text_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
 
+    if carried_rows is not None and dist.is_main:  # where the init drafter stands on this held-out split
+        metrics.append({"step": 0, **evaluate(drafter, embed, eval_examples, config, target_to_draft, device)})
+        if progress:
+            print(f"init drafter: held-out loss {metrics[-1]['eval_loss']:.3f}, accuracy per step "
+                  f"{[round(a, 3) for a in metrics[-1]['accuracy']]}, estimated τ (W=1) {metrics[-1]['tau_w1']:.2f}")
     drafter.train()
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress)
     start = time.perf_counter()
@@ -452,7 +457,8 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
     summary = {"train_records": len(train_examples), "eval_records": len(eval_examples),
                "train_tokens": sum(int(e.label_mask.sum()) for e in train_examples), "steps": step,
                "processes": dist.world, "seconds": round(time.perf_counter() - start, 1), **final,
-               **({"init": str(init), "init_vocabulary_rows": carried_rows} if carried_rows is not None else {}),
+               **({"init": str(init), "init_vocabulary_rows": carried_rows,
+                   "init_eval": next(m for m in metrics if m["step"] == 0)} if carried_rows is not None else {}),
                "drafter": str(out_dir / "drafter")}
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
