@@ -134,7 +134,8 @@ def test_returned_hidden_states_are_the_states_that_predicted_each_token(case):
 
 def test_finished_rows_leave_the_batch(case, monkeypatch):
     """Rows that stop early leave the batch (the cache shrinks); every row still gets its
-    single-prompt result, with a scripted drafter and without one."""
+    single-prompt result: tokens, steps (the scripted drafter is right exactly ``right`` times per step
+    only when it is asked about the right prompt) and the hidden states datagen stores."""
     target, references = case
     stop = references[1][6]
     expected = [ref[: ref.index(stop) + 1] if stop in ref else ref for ref in references]
@@ -143,8 +144,20 @@ def test_finished_rows_leave_the_batch(case, monkeypatch):
     original = target.select_rows
     monkeypatch.setattr(target, "select_rows", lambda cache, rows: (calls.append(rows.tolist()), original(cache, rows)))
     config = GenerationConfig(max_new_tokens=MAX_NEW, stop_token_ids=(stop,))
-    for proposer in (None, ScriptedProposer(references, width=3, length=4, right=2, vocab=TINY_VOCAB)):
+
+    def generate(proposer, prompts):
+        events = list(Engine(target, proposer).generate(prompts, config, return_hidden=True))
+        finished = {e.row: e for e in events if isinstance(e, FinishEvent)}
+        states = {row: torch.cat([e.hidden for e in events if isinstance(e, TokensEvent) and e.row == row])
+                  for row in finished}
+        return [(list(finished[r].token_ids), finished[r].stats.num_steps, states[r]) for r in range(len(prompts))]
+
+    for make in (lambda refs: None,
+                 lambda refs: ScriptedProposer(refs, width=3, length=4, right=2, vocab=TINY_VOCAB)):
         calls.clear()
-        results = run(Engine(target, proposer), PROMPTS, config)
-        assert [list(r.token_ids) for r in results] == expected
+        batched = generate(make(references), PROMPTS)
         assert calls and all(len(c) < len(PROMPTS) for c in calls)
+        for (tokens, steps, states), prompt, reference, want in zip(batched, PROMPTS, references, expected):
+            ((alone_tokens, alone_steps, alone_states),) = generate(make([reference]), [prompt])
+            assert tokens == alone_tokens == want and steps == alone_steps
+            torch.testing.assert_close(states, alone_states, atol=1e-5, rtol=0)

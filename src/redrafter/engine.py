@@ -41,7 +41,7 @@ class Proposer(Protocol):
 
     beam_length: int
 
-    def propose(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor,
+    def propose(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor, *,
                 rows: torch.Tensor) -> torch.Tensor:
         """Args:
             context:       (batch, H) the target's hidden state at the last committed token.
@@ -62,8 +62,9 @@ class SamplingProposer(Proposer, Protocol):
 
     draft_mode: str
 
-    def propose_sampled(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor, rows: torch.Tensor,
-                        params: SamplingParams, generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    def propose_sampled(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor,
+                        params: SamplingParams, generators: Sequence[torch.Generator], *,
+                        rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (beams (batch, W, L), draft_probs (batch, W, L-1, V)): W paths drawn independently
         from the drafter, and the target-vocabulary distribution each drafted token was drawn from."""
 
@@ -73,7 +74,7 @@ class AutoregressiveProposer:
 
     beam_length = 1
 
-    def propose(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor,
+    def propose(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor, *,
                 rows: torch.Tensor) -> torch.Tensor:
         return g0.view(-1, 1, 1)
 
@@ -103,13 +104,14 @@ class ReDrafterProposer:
         self.beam_length = beam.length
         self.draft_mode = draft_mode
 
-    def propose(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor,
+    def propose(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor, *,
                 rows: torch.Tensor) -> torch.Tensor:
         return beam_search(self.drafter, self.embed, context, g0, width=self.beam.width,
                            length=self.beam.length, min_prob=self.beam.min_prob).beams
 
-    def propose_sampled(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor, rows: torch.Tensor,
-                        params: SamplingParams, generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    def propose_sampled(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor,
+                        params: SamplingParams, generators: Sequence[torch.Generator], *,
+                        rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """W independent draws of L-1 tokens from the recurrent drafter, each token drawn from q after
         the same sampling transform as the target's p (any q keeps the output exact; a q close to p
         gets more tokens accepted). Always L-1 tokens: ``beam.min_prob`` does not apply, because
@@ -277,10 +279,10 @@ class Engine:
             #    draws from the drafter when sampling with draft_mode "sample".
             draft_probs = None
             if not params.greedy and getattr(self.proposer, "draft_mode", "beam") == "sample":
-                beams, draft_probs = self.proposer.propose_sampled(context, g0, num_generated, prompt_rows, params,
-                                                                   generators)
+                beams, draft_probs = self.proposer.propose_sampled(context, g0, num_generated, params, generators,
+                                                                   rows=prompt_rows)
             else:
-                beams = self.proposer.propose(context, g0, num_generated, prompt_rows)  # (batch, W, L)
+                beams = self.proposer.propose(context, g0, num_generated, rows=prompt_rows)  # (batch, W, L)
             # 2. Pack the beams into a tree.
             tree = pack(beams)
             # 3. Verify all beams in one forward.

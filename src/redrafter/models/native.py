@@ -5,7 +5,9 @@ What it does differently from the transformers backend, all in plain device-agno
 - One pre-allocated cache tensor for every layer, (layers, 2, batch, kv_heads, capacity, head_dim).
   A forward writes its n new tokens at slots ``lengths[b] .. lengths[b] + n - 1`` of each row and
   attends over slots ``0 .. max(lengths) + n - 1`` with one boolean mask (committed slots of the row,
-  then the given tree mask), through ``scaled_dot_product_attention`` with grouped KV heads.
+  then the given tree mask), through ``scaled_dot_product_attention`` with grouped KV heads, or, for
+  bf16 batches of a few new tokens per row on CPUs, the same attention as two batched products
+  (``grouped_attention``), which is ten times faster there.
 - Commit moves the accepted tree tokens down to ``lengths[b] + j`` with one gather and one scatter over
   the whole cache tensor (all layers, keys and values at once); plain decoding and prefill, whose kept
   tokens are already in place, move nothing.
@@ -129,7 +131,9 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         computes. The query heads that share a key/value head become rows of one product, so nothing is
         repeated per head. On CPUs in bfloat16 this beats the fused kernel wherever there is more than
         one row or one new token (decoding 64 rows over 300 slots: 1.9 ms against 19 ms per layer;
-        docs/PERFORMANCE.md).
+        docs/PERFORMANCE.md). It holds all scores at once (the fused kernel works in blocks), so it is
+        meant for few new tokens per row. A query that may see no slot at all gets NaN (the fused kernel
+        gives 0); the engine never builds such a mask (every token sees itself).
     """
     batch, heads, n, head_dim = q.shape
     kv_heads, span = keys.shape[1], keys.shape[2]
@@ -142,11 +146,16 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return torch.matmul(weights, values).view(batch, heads, n, head_dim)
 
 
+GROUPED_ATTENTION_MAX_TOKENS = 64  # new tokens per row; prefills of longer prompts keep the fused kernel
+
+
 def use_grouped_attention(dtype: torch.dtype, device: torch.device, batch: int, n: int) -> bool:
     """Where ``grouped_attention`` is faster than the fused kernel (measured on CPU, docs/PERFORMANCE.md):
-    reduced precision with several rows or a single new token. float32 keeps the fused kernel (both
-    cost the same there, and the exactness tests run in float32)."""
-    return device.type == "cpu" and dtype != torch.float32 and (batch > 1 or n == 1)
+    bf16/fp16 with a single new token, or several rows of at most 64 new tokens (prefills of 128 or
+    256 tokens are faster fused). float32 keeps the fused kernel (both cost the same there, and the
+    exactness tests run in float32)."""
+    return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+            and (n == 1 or (batch > 1 and n <= GROUPED_ATTENTION_MAX_TOKENS)))
 
 
 class NativeTarget:

@@ -78,7 +78,7 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--init", default=None, metavar="DRAFTER_DIR",
                    help="start from this drafter (same shape; vocabulary rows carried over by token id) instead "
-                        "of a random initialisation")
+                        "of a random initialisation (with --resume the checkpoint wins)")
     add_backend_arguments(p, dtype_default="float32")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")

@@ -201,14 +201,19 @@ def warm_start(drafter: Drafter, source: Drafter) -> int:
         how many vocabulary rows came from ``source``.
     """
     mine, theirs = drafter.config, source.config
-    for name in ("hidden_size", "exit_dim", "num_draft_layers", "rnn", "full_vocab_size"):
+    for name in ("hidden_size", "full_vocab_size", "rnn"):
+        if getattr(mine, name) != getattr(theirs, name):
+            raise RedrafterError(f"--init drafter has {name} {getattr(theirs, name)}, this model "
+                                 f"{getattr(mine, name)}: it was trained for another model")
+    for name in ("exit_dim", "num_draft_layers"):
         if getattr(mine, name) != getattr(theirs, name):
             raise RedrafterError(f"--init drafter has {name} {getattr(theirs, name)}, this run {getattr(mine, name)} "
-                                 f"(pass the --init drafter's shape, e.g. --exit-dim {theirs.exit_dim} "
-                                 f"--num-layers {theirs.num_draft_layers})")
+                                 f"(pass its shape: --exit-dim {theirs.exit_dim} --num-layers {theirs.num_draft_layers})")
     projection = f"lm_head.{mine.num_draft_layers}.weight"
     state = {k: v for k, v in source.state_dict().items() if k not in (projection, "draft_to_target")}
-    drafter.load_state_dict(state, strict=False)
+    missing, unexpected = drafter.load_state_dict(state, strict=False)
+    if set(missing) - {projection, "draft_to_target"} or unexpected:
+        raise RedrafterError(f"--init drafter's weights do not fit: missing {missing}, unexpected {unexpected}")
     full = mine.full_vocab_size
     source_ids = source.draft_to_target if source.draft_to_target is not None else torch.arange(full)
     ids = drafter.draft_to_target if drafter.draft_to_target is not None else torch.arange(full)
