@@ -194,8 +194,10 @@ def warm_start(drafter: Drafter, source: Drafter) -> int:
     """Copy a trained drafter's weights into a new one of the same shape (``train --init``).
 
     Everything but the vocabulary projection is copied as is. The projection's rows follow the token
-    ids: a token in both draft vocabularies gets the source's row, a token new to this drafter keeps
-    its fresh initialisation (the new data may rank other tokens among its V_d most frequent).
+    ids: a token in both draft vocabularies gets the source's row; a token new to this drafter (the new
+    data may rank other tokens among its V_d most frequent) gets the mean of the carried rows, so it
+    starts with an ordinary token's low logit. (A fresh random row scores about 0 against the trained
+    features, above most trained tokens, and takes probability from them until it is learnt.)
 
     Returns:
         how many vocabulary rows came from ``source``.
@@ -223,7 +225,10 @@ def warm_start(drafter: Drafter, source: Drafter) -> int:
     shared = rows >= 0
     with torch.no_grad():
         weight = drafter.lm_head[mine.num_draft_layers].weight
-        weight[shared.to(weight.device)] = source.lm_head[theirs.num_draft_layers].weight[rows[shared].to(weight.device)].to(weight.dtype)
+        carried = source.lm_head[theirs.num_draft_layers].weight[rows[shared].to(weight.device)].to(weight.dtype)
+        weight[shared.to(weight.device)] = carried
+        if len(carried) and not bool(shared.all()):
+            weight[(~shared).to(weight.device)] = carried.mean(dim=0)
     return int(shared.sum())
 
 
