@@ -80,8 +80,8 @@ def test_adaptive_draft_length_equals_generate(case):
     proposer = ReDrafterProposer(drafter, target, BeamConfig(width=2, length=5, min_prob=0.02))
     lengths, propose = [], proposer.propose
 
-    def recording(*args):
-        beams = propose(*args)
+    def recording(*args, **kwargs):
+        beams = propose(*args, **kwargs)
         lengths.append(beams.shape[-1])
         return beams
 
