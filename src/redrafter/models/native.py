@@ -129,9 +129,9 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     Returns:
         (batch, heads, n, head_dim), what ``F.scaled_dot_product_attention(..., enable_gqa=True)``
         computes. The query heads that share a key/value head become rows of one product, so nothing is
-        repeated per head. On CPUs in bfloat16 this beats the fused kernel wherever there is more than
-        one row or one new token (decoding 64 rows over 300 slots: 1.9 ms against 19 ms per layer;
-        docs/PERFORMANCE.md). It holds all scores at once (the fused kernel works in blocks), so it is
+        repeated per head. On CPUs in bfloat16 this beats the fused kernel for one new token, or several
+        rows of a few tokens each (``use_grouped_attention``; decoding 64 rows over 300 slots: 1.9 ms
+        against 19 ms per layer; docs/PERFORMANCE.md). It holds all scores at once (the fused kernel works in blocks), so it is
         meant for few new tokens per row. A query that may see no slot at all gets NaN (the fused kernel
         gives 0); the engine never builds such a mask (every token sees itself).
     """
