@@ -106,3 +106,27 @@ def test_min_prob_stops_at_the_depth_where_every_beam_falls_below_it(setup, widt
     assert torch.equal(unsure.beams, full[2].beams)
     assert torch.equal(beam_search(drafter, embedding, context, g0, width=width, length=6, min_prob=1e-9).beams,
                        full[6].beams)
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_path_scores_are_the_prefix_log_q_and_the_cap_keeps_the_best_nodes(setup, width):
+    """path_scores[b, w, k] is the log q of the beam's first k drafted tokens (scored one by one),
+    and max_tree_tokens keeps the K most probable distinct nodes (g0 included)."""
+    drafter, embedding, context, g0 = setup
+    full = beam_search(drafter, embedding, context, g0, width=width, length=4)
+    for b in range(2):
+        for w in range(width):
+            drafted = full.beams[b, w, 1:].tolist()
+            for k in range(1, 4):
+                expected, _ = sequence_log_q(drafter, embedding, context[b], int(g0[b]), drafted[:k])
+                assert abs(float(full.path_scores[b, w, k]) - expected) < 1e-5
+    cap = 4
+    capped = beam_search(drafter, embedding, context, g0, width=width, length=4, max_tree_tokens=cap).beams
+    for b in range(2):
+        nodes = {}
+        for w, k in itertools.product(range(width), range(4)):
+            nodes.setdefault(tuple(full.beams[b, w, : k + 1].tolist()), float(full.path_scores[b, w, k]))
+        best = sorted(nodes, key=lambda p: (-nodes[p], len(p)))[:cap]
+        kept = {tuple(capped[b, w, : k + 1].tolist()) for w, k in itertools.product(range(width), range(4))
+                if capped[b, w, k] >= 0}
+        assert kept == set(best)

@@ -76,6 +76,9 @@ BAD_INPUTS = [
     (["--autoregressive", "--prompt", "hi", "--min-draft-prob", "1.5"], "--min-draft-prob must be a probability"),
     (["--autoregressive", "--prompt", "hi", "--min-draft-prob", "x"], "--min-draft-prob must be a probability"),
     (["--autoregressive", "--prompt", "hi", "--min-draft-prob", "0.1,0.2"], "--min-draft-prob takes one value"),
+    (["--autoregressive", "--prompt", "hi", "--max-tree-tokens", "1"], "--max-tree-tokens must be 0"),
+    (["--autoregressive", "--prompt", "hi", "--max-tree-tokens", "x"], "--max-tree-tokens must be 0"),
+    (["--autoregressive", "--prompt", "hi", "--max-tree-tokens", "8,16"], "--max-tree-tokens takes one value"),
 ]
 
 

@@ -95,6 +95,12 @@ def test_beam_resolution_flags_then_drafter_recommendation_then_default(tmp_path
     (tmp_path / "generation.json").write_text('{"beam_width": 1, "beam_length": 5, "min_draft_prob": 0.2}')
     assert resolve_beam(None, None, tmp_path) == BeamConfig(1, 5, min_prob=0.2)
     assert resolve_beam(None, None, tmp_path, 0.0).min_prob == 0.0  # the flag wins
+    (tmp_path / "generation.json").write_text('{"beam_width": 8, "beam_length": 4, "max_tree_tokens": 12}')
+    assert resolve_beam(None, None, tmp_path) == BeamConfig(8, 4, max_tree_tokens=12)
+    assert resolve_beam(None, None, tmp_path, None, 0).max_tree_tokens == 0  # the flag wins
+    (tmp_path / "generation.json").write_text('{"beam_width": 8, "beam_length": 4, "max_tree_tokens": 1}')
+    with pytest.raises(RedrafterError, match="max tree tokens"):
+        resolve_beam(None, None, tmp_path)
     (tmp_path / "generation.json").write_text('{"beam_width": 1, "beam_length": 5, "min_draft_prob": 2}')
     with pytest.raises(RedrafterError, match="minimum draft probability"):
         resolve_beam(None, None, tmp_path)

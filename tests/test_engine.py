@@ -6,6 +6,7 @@ import torch
 from helpers import TINY_VOCAB, ScriptedProposer, hf_greedy, tiny_target
 from redrafter import BeamConfig, Drafter, DrafterConfig, Engine, FinishEvent, GenerationConfig, ReDrafterProposer
 from redrafter.engine import TokensEvent
+from redrafter.tree import NO_TOKEN
 
 PROMPTS = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5, 8, 9, 7], [2]]
 MAX_NEW = 48
@@ -90,6 +91,27 @@ def test_adaptive_draft_length_equals_generate(case):
     for result, reference in zip(results, references):
         assert list(result.token_ids) == reference
     assert len(set(lengths)) >= 2 and min(lengths) >= 2 and max(lengths) <= 5
+
+
+def test_capped_tree_equals_generate(case):
+    """max_tree_tokens verifies only the drafter's most probable nodes, so beams end early (checked:
+    the cap binds); the output is still plain greedy decoding."""
+    target, references = case
+    torch.manual_seed(1)
+    drafter = Drafter(DrafterConfig(hidden_size=64, vocab_size=TINY_VOCAB)).eval()
+    proposer = ReDrafterProposer(drafter, target, BeamConfig(width=4, length=5, max_tree_tokens=6))
+    ended, propose = [], proposer.propose
+
+    def recording(*args, **kwargs):
+        beams = propose(*args, **kwargs)
+        ended.append(bool((beams == NO_TOKEN).any()))
+        return beams
+
+    proposer.propose = recording
+    results = run(Engine(target, proposer), PROMPTS, GenerationConfig(max_new_tokens=MAX_NEW))
+    for result, reference in zip(results, references):
+        assert list(result.token_ids) == reference
+    assert all(ended)
 
 
 def test_batch_rows_are_independent(case):

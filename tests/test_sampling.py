@@ -57,8 +57,9 @@ def exact_joint(model, params: SamplingParams) -> torch.Tensor:
     return joint.view(VOCAB, VOCAB, VOCAB)
 
 
-def sampled_counts(target, drafter, params: SamplingParams, draft_mode: str = "sample") -> torch.Tensor:
-    engine = Engine(target, ReDrafterProposer(drafter, target, BeamConfig(width=3, length=3), draft_mode=draft_mode))
+def sampled_counts(target, drafter, params: SamplingParams, draft_mode: str = "sample",
+                   beam: BeamConfig = BeamConfig(width=3, length=3)) -> torch.Tensor:
+    engine = Engine(target, ReDrafterProposer(drafter, target, beam, draft_mode=draft_mode))
     counts = torch.zeros(VOCAB, VOCAB, VOCAB, dtype=torch.float64)
     config = GenerationConfig(max_new_tokens=3, sampling=params)
     for start in range(0, SAMPLES, BATCH):
@@ -80,15 +81,18 @@ def chi_square_p_value(counts: torch.Tensor, joint: torch.Tensor) -> float:
     return float(chi2.sf(statistic, int(keep.sum()) - 1))
 
 
-@pytest.mark.parametrize("params,draft_mode", [
-    (SamplingParams(temperature=1.0, seed=11), "sample"), (SamplingParams(temperature=0.5, seed=12), "sample"),
-    (SamplingParams(temperature=1.0, top_k=4, seed=13), "sample"), (SamplingParams(temperature=1.0, top_p=0.8, seed=14), "sample"),
-    (SamplingParams(temperature=1.0, seed=15), "beam"), (SamplingParams(temperature=0.5, top_p=0.9, seed=16), "beam")],
-    ids=["T1", "T0.5", "top-k4", "top-p0.8", "beam-drafts-T1", "beam-drafts-T0.5-top-p0.9"])
-def test_speculative_samples_follow_the_exact_joint(setup, params, draft_mode):
-    """Drafts drawn from q ("sample") or made by beam search and tested as point masses ("beam")."""
+@pytest.mark.parametrize("params,draft_mode,beam", [
+    (SamplingParams(temperature=1.0, seed=11), "sample", None), (SamplingParams(temperature=0.5, seed=12), "sample", None),
+    (SamplingParams(temperature=1.0, top_k=4, seed=13), "sample", None),
+    (SamplingParams(temperature=1.0, top_p=0.8, seed=14), "sample", None),
+    (SamplingParams(temperature=1.0, seed=15), "beam", None), (SamplingParams(temperature=0.5, top_p=0.9, seed=16), "beam", None),
+    (SamplingParams(temperature=1.0, seed=17), "beam", BeamConfig(width=3, length=3, max_tree_tokens=4))],
+    ids=["T1", "T0.5", "top-k4", "top-p0.8", "beam-drafts-T1", "beam-drafts-T0.5-top-p0.9", "beam-drafts-T1-capped-tree"])
+def test_speculative_samples_follow_the_exact_joint(setup, params, draft_mode, beam):
+    """Drafts drawn from q ("sample") or made by beam search and tested as point masses ("beam"),
+    also with the tree capped to its 4 most probable nodes (beams that end early)."""
     model, target, drafter = setup
-    counts = sampled_counts(target, drafter, params, draft_mode)
+    counts = sampled_counts(target, drafter, params, draft_mode, beam or BeamConfig(width=3, length=3))
     assert counts.sum() == SAMPLES
     p_value = chi_square_p_value(counts, exact_joint(model, params))
     assert p_value > 1e-3, f"chi-square p-value {p_value:.2e}: samples do not follow p"

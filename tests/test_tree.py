@@ -4,7 +4,7 @@ import itertools
 
 import torch
 
-from redrafter.tree import owners, pack, prefix_match, unpack
+from redrafter.tree import NO_TOKEN, cap_tree, owners, pack, prefix_match, unpack
 
 # Row 0: the module docstring's example. Row 1: beam 1 duplicates beam 0; beam 2 branches at depth 1.
 BEAMS = torch.tensor([
@@ -94,3 +94,56 @@ def test_pack_matches_brute_force_on_random_beams():
                 assert bool(tree.mask[b, q, k]) == ancestor
             for i, k in itertools.product(range(width), range(length)):
                 assert nodes[int(tree.unpacker[b, i, k])] == tuple(beams[b, i, : k + 1].tolist())
+
+
+def random_scored_beams(generator, batch, width, length, vocab=3):
+    """Random beams plus consistent path scores: every distinct prefix gets its own log q < 0."""
+    beams = torch.randint(0, vocab, (batch, width, length), generator=generator)
+    beams[:, :, 0] = beams[:, :1, 0]
+    step = {}
+    scores = torch.zeros(batch, width, length)
+    for b, i in itertools.product(range(batch), range(width)):
+        for k in range(1, length):
+            prefix = (b,) + tuple(beams[b, i, : k + 1].tolist())
+            if prefix not in step:
+                step[prefix] = -float(torch.rand((), generator=generator)) * 3
+            scores[b, i, k] = scores[b, i, k - 1] + step[prefix]
+    return beams, scores
+
+
+def test_cap_tree_keeps_the_most_probable_nodes_and_their_ancestors():
+    """Brute force: the kept nodes are the K best distinct prefixes by (score, then shallower first),
+    and packing the capped beams gives exactly the tree of those prefixes."""
+    generator = torch.Generator().manual_seed(1)
+    capped_somewhere = 0
+    for _ in range(60):
+        width, length = int(torch.randint(1, 6, (1,), generator=generator)), int(torch.randint(2, 6, (1,), generator=generator))
+        beams, scores = random_scored_beams(generator, 2, width, length)
+        cap = int(torch.randint(1, 9, (1,), generator=generator))
+        capped = cap_tree(beams, scores, cap)
+        tree = pack(capped)
+        for b in range(2):
+            nodes = {}  # distinct prefix -> (score, depth)
+            for i, k in itertools.product(range(width), range(length)):
+                nodes.setdefault(tuple(beams[b, i, : k + 1].tolist()), (float(scores[b, i, k]), k))
+            ranked = sorted(nodes, key=lambda p: (-nodes[p][0], nodes[p][1]))
+            kept = set(ranked[:cap])
+            capped_somewhere += len(kept) < len(nodes)
+            assert all(p[:d] in kept for p in kept for d in range(1, len(p)))  # ancestors stay
+            for i in range(width):
+                row = capped[b, i].tolist()
+                ends = [k for k in range(length) if tuple(beams[b, i, : k + 1].tolist()) not in kept]
+                end = ends[0] if ends else length
+                assert row[:end] == beams[b, i, :end].tolist()  # a beam keeps a prefix...
+                assert row[end:] == [NO_TOKEN] * (length - end)  # ...and loses the rest
+            assert int(tree.lengths[b]) == len(kept)
+            packed = [tuple(capped[b, i, : k + 1].tolist()) for i, k in itertools.product(range(width), range(length))
+                      if capped[b, i, k] != NO_TOKEN]
+            order = list(dict.fromkeys(packed))  # beam-major first occurrence, as pack orders nodes
+            assert tree.tokens[b, : len(kept)].tolist() == [p[-1] for p in order]
+            for q, k in itertools.product(range(len(order)), range(len(order))):
+                assert bool(tree.mask[b, q, k]) == (order[q][: len(order[k])] == order[k])
+            for i, k in itertools.product(range(width), range(length)):
+                if capped[b, i, k] != NO_TOKEN:
+                    assert order[int(tree.unpacker[b, i, k])] == tuple(capped[b, i, : k + 1].tolist())
+    assert capped_somewhere > 20  # the cap was binding in many cases

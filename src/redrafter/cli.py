@@ -103,17 +103,19 @@ def resolve_drafter(model_spec: str, drafter: str | None) -> Path:
     return shipped
 
 
-def resolve_beam(width: int | None, length: int | None, drafter_path, min_prob: float | None = None) -> BeamConfig:
+def resolve_beam(width: int | None, length: int | None, drafter_path, min_prob: float | None = None,
+                 max_tree_tokens: int | None = None) -> BeamConfig:
     """Explicit flags win, then the drafter's stored best setting, then the built-in default."""
     from redrafter.drafter.model import recommended_beam
 
     base = recommended_beam(drafter_path) or DEFAULT_BEAM
     return BeamConfig(width=base.width if width is None else width, length=base.length if length is None else length,
-                      min_prob=base.min_prob if min_prob is None else min_prob)
+                      min_prob=base.min_prob if min_prob is None else min_prob,
+                      max_tree_tokens=base.max_tree_tokens if max_tree_tokens is None else max_tree_tokens)
 
 
 def add_draft_shape_arguments(parser, *, multiple: bool = False) -> None:
-    """--beam-width, --beam-length and --min-draft-prob (generate and bench)."""
+    """--beam-width, --beam-length, --min-draft-prob and --max-tree-tokens (generate and bench)."""
     parser.add_argument("--beam-width", type=int, default=None,
                         help=f"W, number of beams (default: the drafter's measured best, else {DEFAULT_BEAM.width})")
     parser.add_argument("--beam-length", type=int, default=None,
@@ -123,6 +125,23 @@ def add_draft_shape_arguments(parser, *, multiple: bool = False) -> None:
         "adaptive draft length: stop drafting deeper once no beam's drafter probability reaches P (at least "
         "one drafted token; beam-search drafts only; 0 = always L-1 tokens; default: the drafter's measured "
         "best, else 0)" + (" (a comma list runs each)" if multiple else "")))
+    parser.add_argument("--max-tree-tokens", default=None, metavar="N", help=(
+        "verify at most N tree tokens per step (g0 included): the N nodes of the beams' tree most probable "
+        "under the drafter (beam-search drafts only; 0 = all; default: the drafter's measured best, else 0)"
+        + (" (a comma list runs each)" if multiple else "")))
+
+
+def max_tree_tokens_values(value: str | None) -> list[int | None]:
+    """Parse --max-tree-tokens (None = the drafter's default; a comma list for bench)."""
+    if value is None:
+        return [None]
+    try:
+        counts = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        counts = []
+    if not counts or not all(v == 0 or v >= 2 for v in counts):
+        raise RedrafterError(f"--max-tree-tokens must be 0 (no cap) or an integer >= 2, got '{value}'")
+    return counts
 
 
 def min_draft_probs(value: str | None) -> list[float | None]:
@@ -201,10 +220,13 @@ def run_generate(args: argparse.Namespace) -> int:
     probs = min_draft_probs(args.min_draft_prob)
     if len(probs) != 1:
         raise RedrafterError(f"--min-draft-prob takes one value for generate, got '{args.min_draft_prob}'")
-    resolve_beam(args.beam_width, args.beam_length, None, probs[0])  # bad flags fail before anything loads
+    caps = max_tree_tokens_values(args.max_tree_tokens)
+    if len(caps) != 1:
+        raise RedrafterError(f"--max-tree-tokens takes one value for generate, got '{args.max_tree_tokens}'")
+    resolve_beam(args.beam_width, args.beam_length, None, probs[0], caps[0])  # bad flags fail before anything loads
     prompts = read_prompts([t for group in args.prompt or [] for t in group], args.prompts_file)
     drafter_path = None if args.autoregressive else resolve_drafter(args.model or DEFAULT_MODEL, args.drafter)
-    beam = resolve_beam(args.beam_width, args.beam_length, drafter_path, probs[0])
+    beam = resolve_beam(args.beam_width, args.beam_length, drafter_path, probs[0], caps[0])
     if args.threads is not None:
         if args.threads < 1:
             raise RedrafterError(f"--threads must be >= 1, got {args.threads}")
@@ -251,6 +273,7 @@ def run_generate(args: argparse.Namespace) -> int:
                         "beam_width": None if args.autoregressive else beam.width,
                         "beam_length": None if args.autoregressive else beam.length,
                         "min_draft_prob": None if args.autoregressive else beam.min_prob,
+                        "max_tree_tokens": None if args.autoregressive else beam.max_tree_tokens,
                         "temperature": sampling.temperature,
                         "seed": sampling.seed,
                         "draft_mode": None if args.autoregressive or sampling.greedy else draft_mode,

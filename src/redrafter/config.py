@@ -21,11 +21,19 @@ class BeamConfig:
     (verifying two tokens costs about as much as one decode step), so a step verifies between 2 and
     L tokens per beam. Unsure drafts then cost no verification; drafts stay proposals, so the output
     is unchanged.
+
+    ``max_tree_tokens`` > 0 caps the verified tree (beam-search drafts only): of the distinct tree
+    nodes, g0 included, only the ``max_tree_tokens`` most probable under the drafter are verified
+    (the probability of a node is the product of q along its path, so a kept node's ancestors are
+    kept too). Wide, deep beam searches then cost the verification of a small tree: on a CPU, a
+    forward of K tokens grows with K once the matrix products stop being memory-bound. 0 = verify
+    every node.
     """
 
     width: int = 4
     length: int = 5
     min_prob: float = 0.0
+    max_tree_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.width < 1:
@@ -37,6 +45,9 @@ class BeamConfig:
             )
         if not 0.0 <= self.min_prob < 1.0:
             raise RedrafterError(f"minimum draft probability must be in [0, 1), got {self.min_prob}")
+        if self.max_tree_tokens != 0 and self.max_tree_tokens < 2:
+            raise RedrafterError(f"max tree tokens must be 0 (no cap) or >= 2 (g0 and one drafted token), "
+                                 f"got {self.max_tree_tokens}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -107,7 +107,8 @@ class ReDrafterProposer:
     def propose(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor, *,
                 rows: torch.Tensor) -> torch.Tensor:
         return beam_search(self.drafter, self.embed, context, g0, width=self.beam.width,
-                           length=self.beam.length, min_prob=self.beam.min_prob).beams
+                           length=self.beam.length, min_prob=self.beam.min_prob,
+                           max_tree_tokens=self.beam.max_tree_tokens).beams
 
     def propose_sampled(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor,
                         params: SamplingParams, generators: Sequence[torch.Generator], *,
@@ -115,7 +116,8 @@ class ReDrafterProposer:
         """W independent draws of L-1 tokens from the recurrent drafter, each token drawn from q after
         the same sampling transform as the target's p (any q keeps the output exact; a q close to p
         gets more tokens accepted). Always L-1 tokens: ``beam.min_prob`` does not apply, because
-        cutting paths by the probability of what was drawn would bias which children a node gets."""
+        cutting paths by the probability of what was drawn would bias which children a node gets, and
+        for the same reason ``beam.max_tree_tokens`` does not apply either."""
         drafter, width = self.drafter, self.beam.width
         batch = g0.shape[0]
         h = context.to(next(drafter.parameters()).dtype).unsqueeze(1).expand(batch, width, -1)

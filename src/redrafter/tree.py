@@ -22,6 +22,10 @@ Worked example (one row, W = 3, L = 3)::
 Node (beam i, position k) is *owned* by the smallest beam index j whose first k+1 tokens equal
 beam i's; only owned nodes are packed, in beam-major order, so every ancestor precedes its
 descendants. All functions are pure tensor code without Python loops over beams.
+
+A beam may end early: positions holding ``NO_TOKEN`` (always a suffix of the beam) are no nodes at
+all; they are not packed and never accepted. ``cap_tree`` makes such beams, keeping only the most
+probable nodes of a draft (``BeamConfig.max_tree_tokens``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+
+NO_TOKEN = -1  # a beam position past the beam's end (cap_tree); never packed, never accepted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +46,8 @@ class PackedTree:
         depths:   (batch, n) depth of each packed token in its beam (g0 has depth 0).
         mask:     (batch, n, n) bool, True where packed token q may attend packed token k.
                   Padding tokens attend only themselves (so no attention row is empty).
-        unpacker: (batch, W, L) index into the packed axis with ``tokens[b, unpacker[b]] == beams[b]``.
+        unpacker: (batch, W, L) index into the packed axis with ``tokens[b, unpacker[b]] == beams[b]``
+                  (at ``NO_TOKEN`` positions some valid index that callers must not use).
         lengths:  (batch,) number of real (non-padding) packed tokens per row.
     """
 
@@ -78,11 +85,43 @@ def owners(beams: torch.Tensor) -> torch.Tensor:
     return match.to(torch.uint8).argmax(dim=2)
 
 
+def cap_tree(beams: torch.Tensor, path_scores: torch.Tensor, max_tokens: int) -> torch.Tensor:
+    """Keep only the ``max_tokens`` most probable distinct nodes of each row's tree.
+
+    Args:
+        beams:       (batch, W, L) token ids, g0 first.
+        path_scores: (batch, W, L) summed log q of each beam's drafted tokens up to and including
+                     position k (0 at g0); non-increasing along a beam, equal for beams sharing a prefix.
+        max_tokens:  how many distinct nodes (g0 included) may stay, >= 1.
+    Returns:
+        beams with ``NO_TOKEN`` at every dropped node. Nodes rank by score, ties by depth (shallower
+        first), so a node is only kept together with all its ancestors and a beam loses a suffix.
+    """
+    batch, width, length = beams.shape
+    if width * length <= max_tokens:
+        return beams
+    device = beams.device
+    owner = owners(beams)
+    is_owner = (owner == torch.arange(width, device=device).view(1, width, 1)) & (beams != NO_TOKEN)
+    depth = torch.arange(length, device=device).view(1, 1, length).expand(batch, width, length)
+    score = torch.where(is_owner, path_scores.float(), torch.full_like(path_scores, float("-inf"), dtype=torch.float))
+    # Rank by (score desc, depth asc): a stable sort by depth, then a stable sort by score.
+    by_depth = depth.reshape(batch, -1).argsort(dim=1, stable=True)
+    by_score = score.reshape(batch, -1).gather(1, by_depth).argsort(dim=1, descending=True, stable=True)
+    order = by_depth.gather(1, by_score)  # flat node indices, best first
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(width * length, device=device).expand(batch, -1))
+    kept_node = (rank < max_tokens).view(batch, width, length) & is_owner
+    # A position is kept when the node owning it is.
+    kept = kept_node.reshape(batch, -1).gather(1, (owner * length + depth).reshape(batch, -1)).view(batch, width, length)
+    return torch.where(kept, beams, torch.full_like(beams, NO_TOKEN))
+
+
 def pack(beams: torch.Tensor) -> PackedTree:
     """Deduplicate shared prefixes and build the packed tokens, depths, mask and unpacker.
 
     Args:
-        beams: (batch, W, L) token ids (position 0 is g0, identical across a row's beams).
+        beams: (batch, W, L) token ids (position 0 is g0, identical across a row's beams); a beam
+               may end early with ``NO_TOKEN`` positions, which are left out.
     Returns:
         PackedTree with n = the largest number of distinct nodes in any row (n <= W * L).
     """
@@ -90,7 +129,7 @@ def pack(beams: torch.Tensor) -> PackedTree:
     device = beams.device
     owner = owners(beams)  # (batch, W, L)
     beam_index = torch.arange(width, device=device).view(1, width, 1)
-    is_owner = owner == beam_index  # (batch, W, L)
+    is_owner = (owner == beam_index) & (beams != NO_TOKEN)  # (batch, W, L)
 
     flat_owned = is_owner.reshape(batch, width * length)  # beam-major order
     packed_slot = flat_owned.long().cumsum(dim=1) - 1  # (batch, W*L): slot of each owned node

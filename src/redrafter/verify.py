@@ -35,6 +35,7 @@ import torch
 
 from redrafter.config import SamplingParams
 from redrafter.sampling import probabilities, sample
+from redrafter.tree import NO_TOKEN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +70,8 @@ def tree_accept(beams: torch.Tensor, unpacker: torch.Tensor, logits: torch.Tenso
     """Verify a batch of drafted beams against the target's logits at the packed tree nodes.
 
     Args:
-        beams:       (batch, W, L) token ids; ``beams[:, :, 0]`` is g0.
+        beams:       (batch, W, L) token ids; ``beams[:, :, 0]`` is g0; ``NO_TOKEN`` past a beam's
+                     end (tree.cap_tree) is never a candidate.
         unpacker:    (batch, W, L) packed node index of each beam token (tree.pack).
         logits:      (batch, n, V) the target's logits after each packed node.
         params:      the sampling transform (greedy when temperature is 0).
@@ -97,6 +99,8 @@ def tree_accept(beams: torch.Tensor, unpacker: torch.Tensor, logits: torch.Tenso
                 hit = None
                 for w in live:
                     x = tokens[b][w][j]
+                    if x == NO_TOKEN:  # this beam ended before depth j (a capped tree)
+                        continue
                     q_x = 1.0 if draft_probs is None else float(draft_probs[b, w, j - 1, x])
                     if float(torch.rand((), generator=generators[b], device=device)) * q_x < float(residual[x]):
                         hit = w
@@ -114,7 +118,7 @@ def tree_accept(beams: torch.Tensor, unpacker: torch.Tensor, logits: torch.Tenso
             if hit is None:
                 break
             accepted, chosen, node = j, hit, nodes[b][hit][j]
-            live = [w for w in live if nodes[b][w][j] == node]
+            live = [w for w in live if tokens[b][w][j] != NO_TOKEN and nodes[b][w][j] == node]
         if bonus is None:  # the whole beam was accepted: the bonus comes from p at its last node
             bonus = best[b][node] if params.greedy else sample(probabilities(logits[b, node], params), generators[b])
         chosen_beam.append(chosen)

@@ -56,8 +56,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from redrafter.bench.report import print_table, write_outputs
     from redrafter.bench.runner import Item, machine_info, run_bench, summarise
     from redrafter.bench.workloads import load_workload
-    from redrafter.cli import (draft_modes, encode_messages, min_draft_probs, resolve_beam, resolve_drafter,
-                               sampling_params, stop_token_ids)
+    from redrafter.cli import (draft_modes, encode_messages, max_tree_tokens_values, min_draft_probs, resolve_beam,
+                               resolve_drafter, sampling_params, stop_token_ids)
     from redrafter.drafter.model import load_drafter
     from redrafter.models.loading import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_gguf, load_target
 
@@ -76,8 +76,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
     spec = args.model or DEFAULT_MODEL
     drafter_path = resolve_drafter(spec, args.drafter) if "redrafter" in names else None
     shapes = parse_grid(args.grid) if args.grid else [resolve_beam(args.beam_width, args.beam_length, drafter_path)]
-    beams = [resolve_beam(shape.width, shape.length, drafter_path, prob)
-             for shape in shapes for prob in min_draft_probs(args.min_draft_prob)]
+    beams = [resolve_beam(shape.width, shape.length, drafter_path, prob, cap)
+             for shape in shapes for prob in min_draft_probs(args.min_draft_prob)
+             for cap in max_tree_tokens_values(args.max_tree_tokens)]
     modes = draft_modes(args.draft_mode)
 
     torch.set_num_threads(args.threads)

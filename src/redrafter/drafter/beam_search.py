@@ -5,6 +5,8 @@ so the first drafted tokens of the W beams are the top-W tokens of q. Every late
 top W of the W x V extensions by summed log q, carrying each beam's RNN state along its parent.
 With ``min_prob`` > 0 the search stops early (BeamConfig.min_prob): a depth beyond the first at which
 every row's best beam has summed log q below log(min_prob) is dropped, and so is everything deeper.
+With ``max_tree_tokens`` > 0 only that many distinct nodes of the beams' tree stay (tree.cap_tree):
+the others become ``NO_TOKEN``, so beams may end early.
 """
 
 from __future__ import annotations
@@ -16,26 +18,29 @@ from typing import Callable
 import torch
 
 from redrafter.drafter.model import Drafter
+from redrafter.tree import cap_tree
 
 
 @dataclasses.dataclass(frozen=True)
 class BeamSearchResult:
     """Attributes:
-        beams:     (batch, W, L) token ids, g0 first.
+        beams:     (batch, W, L) token ids, g0 first (``NO_TOKEN`` past a beam's end when capped).
         scores:    (batch, W) summed log q of each beam's drafted tokens, best first.
+        path_scores: (batch, W, L) the same sum up to each position (0 at g0).
         log_probs: (batch, W, L-1, V_d) the drafter's log q at each drafted position of each beam
                    (over the drafter's own vocabulary), or None when not requested.
     """
 
     beams: torch.Tensor
     scores: torch.Tensor
+    path_scores: torch.Tensor
     log_probs: torch.Tensor | None
 
 
 @torch.inference_mode()
 def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor], context: torch.Tensor,
                 g0: torch.Tensor, *, width: int, length: int, min_prob: float = 0.0,
-                return_log_probs: bool = False) -> BeamSearchResult:
+                max_tree_tokens: int = 0, return_log_probs: bool = False) -> BeamSearchResult:
     """Draft W beams of L tokens (g0 included), or fewer with ``min_prob`` (at least 2).
 
     Args:
@@ -46,6 +51,7 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
         width, length: W and L.
         min_prob: stop before the first depth > 1 at which no beam of any row keeps a drafter
                   probability >= min_prob; the result is then exactly beam_search(length=that depth).
+        max_tree_tokens: > 0 keeps only the most probable distinct nodes (g0 included) of the tree.
     Returns:
         BeamSearchResult.
     """
@@ -55,6 +61,7 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
     beams = g0.view(batch, 1, 1).expand(batch, width, 1)  # (batch, W, 1)
     scores = torch.full((batch, width), float("-inf"), device=device)
     scores[:, 0] = 0.0
+    path_scores = torch.zeros(batch, width, 1, device=device)
     state = drafter.initial_state(h)  # (batch, W, H)
     log_probs: torch.Tensor | None = None
     rows = torch.arange(batch, device=device).view(batch, 1)
@@ -70,8 +77,11 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
         scores = top
         parent, token = flat // vocab, drafter.to_target_ids(flat % vocab)
         beams = torch.cat([beams[rows, parent], token.unsqueeze(-1)], dim=-1)
+        path_scores = torch.cat([path_scores[rows, parent], top.unsqueeze(-1)], dim=-1)
         state = state[rows, parent]
         if return_log_probs:
             chosen = step_log_q[rows, parent].unsqueeze(2)  # (batch, W, 1, V)
             log_probs = chosen if log_probs is None else torch.cat([log_probs[rows, parent], chosen], dim=2)
-    return BeamSearchResult(beams=beams, scores=scores, log_probs=log_probs)
+    if max_tree_tokens > 0:
+        beams = cap_tree(beams, path_scores, max_tree_tokens)
+    return BeamSearchResult(beams=beams, scores=scores, path_scores=path_scores, log_probs=log_probs)

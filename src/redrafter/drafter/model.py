@@ -163,7 +163,7 @@ def write_drafter_files(drafter: Drafter, directory: Path, dtype: torch.dtype | 
 
 def recommended_beam(path: str | os.PathLike | None):
     """The draft shape stored next to a drafter as the best one measured (``generation.json`` with
-    ``beam_width``, ``beam_length`` and optionally ``min_draft_prob``), or None."""
+    ``beam_width``, ``beam_length`` and optionally ``min_draft_prob`` and ``max_tree_tokens``), or None."""
     from redrafter.config import BeamConfig
 
     if path is None or not (Path(path) / RECOMMENDED_NAME).is_file():
@@ -171,6 +171,7 @@ def recommended_beam(path: str | os.PathLike | None):
     try:
         data = json.loads((Path(path) / RECOMMENDED_NAME).read_text())
         return BeamConfig(width=int(data["beam_width"]), length=int(data["beam_length"]),
-                          min_prob=float(data.get("min_draft_prob", 0.0)))
+                          min_prob=float(data.get("min_draft_prob", 0.0)),
+                          max_tree_tokens=int(data.get("max_tree_tokens", 0)))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise RedrafterError(f"{Path(path) / RECOMMENDED_NAME} is not a valid beam recommendation: {exc}") from None
