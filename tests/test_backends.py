@@ -6,7 +6,7 @@ import torch
 from transformers import DynamicCache
 
 from helpers import BACKENDS, TINY_VOCAB, cache_layer, tiny_target
-from redrafter.tree import pack, unpack
+from redrafter.tree import NO_TOKEN, pack, unpack
 
 
 def sequential(model, tokens: list[int]):
@@ -92,6 +92,34 @@ def test_compacted_cache_equals_plain_cache(kind, backend):
         beam = int(torch.randint(0, 3, (1,), generator=generator))
         target.commit(cache, tree.unpacker[:, beam], torch.tensor([count]))
         path += beams[0, beam, :count].tolist()
+    plain = DynamicCache(config=target.model.config)
+    with torch.no_grad():
+        target.model(input_ids=torch.tensor([path]), cache=plain, use_cache=True)
+    assert cache.lengths.tolist() == [len(path)]
+    for layer, theirs in enumerate(plain.layers):
+        keys, values = cache_layer(cache, layer)
+        torch.testing.assert_close(keys[:, :, : len(path)], theirs.keys, atol=1e-5, rtol=0)
+        torch.testing.assert_close(values[:, :, : len(path)], theirs.values, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_capped_tree_commit_at_the_end_of_the_cache(backend):
+    """A capped tree can hold fewer tokens than its beams have positions; committing a branch of it
+    when the row fills the cache up to its last slot moves exactly the kept tokens (no slot past the
+    forward's tokens is touched), and the cache equals plain decoding of the same tokens."""
+    target = tiny_target("llama", backend)
+    capacity = 16
+    prompt = list(range(1, capacity - 2))  # 13 tokens: the 3-token tree fills slots 13..15
+    cache = target.new_cache(1, capacity) if backend.startswith("native") else target.new_cache(1)
+    positions = torch.arange(len(prompt)).view(1, -1)
+    target.forward(torch.tensor([prompt]), positions, torch.ones(len(prompt), len(prompt), dtype=torch.bool).tril()[None], cache)
+    target.commit(cache, positions, torch.tensor([len(prompt)]))
+    beams = torch.tensor([[[5, 6, NO_TOKEN, NO_TOKEN, NO_TOKEN], [5, 7, NO_TOKEN, NO_TOKEN, NO_TOKEN]]])  # W=2, L=5, 3 nodes
+    tree = pack(beams)
+    assert tree.tokens.tolist() == [[5, 6, 7]]
+    target.forward(tree.tokens, cache.lengths.view(1, 1) + tree.depths, tree.mask, cache)
+    target.commit(cache, tree.unpacker[:, 1], torch.tensor([2]))  # keep g0 and the second branch
+    path = prompt + [5, 7]
     plain = DynamicCache(config=target.model.config)
     with torch.no_grad():
         target.model(input_ids=torch.tensor([path]), cache=plain, use_cache=True)

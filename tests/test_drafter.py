@@ -98,6 +98,8 @@ def test_beam_resolution_flags_then_drafter_recommendation_then_default(tmp_path
     (tmp_path / "generation.json").write_text('{"beam_width": 8, "beam_length": 4, "max_tree_tokens": 12}')
     assert resolve_beam(None, None, tmp_path) == BeamConfig(8, 4, max_tree_tokens=12)
     assert resolve_beam(None, None, tmp_path, None, 0).max_tree_tokens == 0  # the flag wins
+    assert resolve_beam(4, None, tmp_path).max_tree_tokens == 0  # measured for 8 x 4 only
+    assert resolve_beam(None, 3, tmp_path, None, 6).max_tree_tokens == 6
     (tmp_path / "generation.json").write_text('{"beam_width": 8, "beam_length": 4, "max_tree_tokens": 1}')
     with pytest.raises(RedrafterError, match="max tree tokens"):
         resolve_beam(None, None, tmp_path)

@@ -58,7 +58,8 @@ def exact_joint(model, params: SamplingParams) -> torch.Tensor:
 
 
 def sampled_counts(target, drafter, params: SamplingParams, draft_mode: str = "sample",
-                   beam: BeamConfig = BeamConfig(width=3, length=3)) -> torch.Tensor:
+                   beam: BeamConfig | None = None) -> torch.Tensor:
+    beam = beam or BeamConfig(width=3, length=3)
     engine = Engine(target, ReDrafterProposer(drafter, target, beam, draft_mode=draft_mode))
     counts = torch.zeros(VOCAB, VOCAB, VOCAB, dtype=torch.float64)
     config = GenerationConfig(max_new_tokens=3, sampling=params)
@@ -92,7 +93,7 @@ def test_speculative_samples_follow_the_exact_joint(setup, params, draft_mode, b
     """Drafts drawn from q ("sample") or made by beam search and tested as point masses ("beam"),
     also with the tree capped to its 4 most probable nodes (beams that end early)."""
     model, target, drafter = setup
-    counts = sampled_counts(target, drafter, params, draft_mode, beam or BeamConfig(width=3, length=3))
+    counts = sampled_counts(target, drafter, params, draft_mode, beam)
     assert counts.sum() == SAMPLES
     p_value = chi_square_p_value(counts, exact_joint(model, params))
     assert p_value > 1e-3, f"chi-square p-value {p_value:.2e}: samples do not follow p"
@@ -185,3 +186,36 @@ def test_seeded_runs_repeat_and_rows_are_independent(setup, draft_mode):
     assert len(set(first)) == 4  # the same prompt in 4 rows: 4 different samples
     assert run(6) != first
     assert run(5, offset=1)[0] == first[1]  # a row's stream depends on its global row number only
+
+
+def test_a_beam_that_ended_is_never_a_candidate():
+    """NO_TOKEN past a beam's end (a capped tree) is skipped: here p puts all its mass on the last
+    vocabulary id, which a NO_TOKEN (-1) used as an index would read."""
+    from redrafter.tree import NO_TOKEN, pack
+    from redrafter.verify import tree_accept
+
+    beams = torch.tensor([[[4, NO_TOKEN, NO_TOKEN], [4, 2, NO_TOKEN]]])
+    tree = pack(beams)
+    logits = torch.full((1, tree.tokens.shape[1], VOCAB), -30.0)
+    logits[..., VOCAB - 1] = 30.0
+    for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=1)):
+        generators = None if params.greedy else [torch.Generator().manual_seed(1)]
+        result = tree_accept(beams, tree.unpacker, logits, params, None, generators)
+        assert result.accepted.tolist() == [0] and result.bonus.tolist() == [VOCAB - 1]
+
+
+def test_sampled_drafts_under_a_tree_cap_draw_fewer_paths(setup):
+    """Drafts drawn from q are never chosen by value; the cap limits how many are drawn instead."""
+    from redrafter.engine import sampled_paths
+
+    assert sampled_paths(BeamConfig(width=16, length=3)) == 16
+    assert sampled_paths(BeamConfig(width=16, length=3, max_tree_tokens=8)) == 3  # 1 + 3 * 2 <= 8
+    assert sampled_paths(BeamConfig(width=2, length=3, max_tree_tokens=8)) == 2
+    assert sampled_paths(BeamConfig(width=4, length=5, max_tree_tokens=3)) == 1
+    _, target, drafter = setup
+    proposer = ReDrafterProposer(drafter, target, BeamConfig(width=16, length=3, max_tree_tokens=8))
+    params = SamplingParams(temperature=1.0, seed=1)
+    beams, probs = proposer.propose_sampled(torch.randn(2, 64), torch.tensor([1, 2]), torch.ones(2, dtype=torch.long),
+                                            params, [torch.Generator().manual_seed(i) for i in range(2)],
+                                            rows=torch.arange(2))
+    assert beams.shape == (2, 3, 3) and probs.shape == (2, 3, 2, VOCAB)

@@ -106,7 +106,9 @@ def random_scored_beams(generator, batch, width, length, vocab=3):
         for k in range(1, length):
             prefix = (b,) + tuple(beams[b, i, : k + 1].tolist())
             if prefix not in step:
-                step[prefix] = -float(torch.rand((), generator=generator)) * 3
+                # Few distinct steps, zero included: ties between a node and its child (q = 1) and between
+                # unrelated nodes are common, so the shallower-first order is exercised.
+                step[prefix] = -float(torch.randint(0, 3, (), generator=generator))
             scores[b, i, k] = scores[b, i, k - 1] + step[prefix]
     return beams, scores
 
@@ -127,7 +129,7 @@ def test_cap_tree_keeps_the_most_probable_nodes_and_their_ancestors():
             for i, k in itertools.product(range(width), range(length)):
                 nodes.setdefault(tuple(beams[b, i, : k + 1].tolist()), (float(scores[b, i, k]), k))
             ranked = sorted(nodes, key=lambda p: (-nodes[p][0], nodes[p][1]))
-            kept = set(ranked[:cap])
+            kept = set(ranked[:cap])  # full ties (score and depth) keep the beam-major first, as cap_tree does
             capped_somewhere += len(kept) < len(nodes)
             assert all(p[:d] in kept for p in kept for d in range(1, len(p)))  # ancestors stay
             for i in range(width):
@@ -141,6 +143,7 @@ def test_cap_tree_keeps_the_most_probable_nodes_and_their_ancestors():
                       if capped[b, i, k] != NO_TOKEN]
             order = list(dict.fromkeys(packed))  # beam-major first occurrence, as pack orders nodes
             assert tree.tokens[b, : len(kept)].tolist() == [p[-1] for p in order]
+            assert tree.depths[b, : len(kept)].tolist() == [len(p) - 1 for p in order]
             for q, k in itertools.product(range(len(order)), range(len(order))):
                 assert bool(tree.mask[b, q, k]) == (order[q][: len(order[k])] == order[k])
             for i, k in itertools.product(range(width), range(length)):

@@ -105,13 +105,17 @@ def resolve_drafter(model_spec: str, drafter: str | None) -> Path:
 
 def resolve_beam(width: int | None, length: int | None, drafter_path, min_prob: float | None = None,
                  max_tree_tokens: int | None = None) -> BeamConfig:
-    """Explicit flags win, then the drafter's stored best setting, then the built-in default."""
+    """Explicit flags win, then the drafter's stored best setting, then the built-in default.
+
+    A stored tree cap was measured for the stored W x L only: an explicit width or length without
+    ``max_tree_tokens`` verifies the whole tree."""
     from redrafter.drafter.model import recommended_beam
 
     base = recommended_beam(drafter_path) or DEFAULT_BEAM
+    if max_tree_tokens is None:
+        max_tree_tokens = base.max_tree_tokens if width is None and length is None else 0
     return BeamConfig(width=base.width if width is None else width, length=base.length if length is None else length,
-                      min_prob=base.min_prob if min_prob is None else min_prob,
-                      max_tree_tokens=base.max_tree_tokens if max_tree_tokens is None else max_tree_tokens)
+                      min_prob=base.min_prob if min_prob is None else min_prob, max_tree_tokens=max_tree_tokens)
 
 
 def add_draft_shape_arguments(parser, *, multiple: bool = False) -> None:
@@ -133,28 +137,26 @@ def add_draft_shape_arguments(parser, *, multiple: bool = False) -> None:
 
 def max_tree_tokens_values(value: str | None) -> list[int | None]:
     """Parse --max-tree-tokens (None = the drafter's default; a comma list for bench)."""
-    if value is None:
-        return [None]
-    try:
-        counts = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        counts = []
-    if not counts or not all(v == 0 or v >= 2 for v in counts):
-        raise RedrafterError(f"--max-tree-tokens must be 0 (no cap) or an integer >= 2, got '{value}'")
-    return counts
+    return comma_values(value, int, lambda v: v == 0 or v >= 2,
+                        "--max-tree-tokens must be 0 (no cap) or an integer >= 2")
 
 
 def min_draft_probs(value: str | None) -> list[float | None]:
     """Parse --min-draft-prob (None = the drafter's default; a comma list for bench)."""
+    return comma_values(value, float, lambda v: 0.0 <= v < 1.0, "--min-draft-prob must be a probability in [0, 1)")
+
+
+def comma_values(value: str | None, parse, valid, message: str) -> list:
+    """A flag's comma list parsed by ``parse``, each value passing ``valid``; [None] when not given."""
     if value is None:
         return [None]
     try:
-        probs = [float(v) for v in value.split(",") if v.strip()]
+        values = [parse(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        probs = []
-    if not probs or not all(0.0 <= v < 1.0 for v in probs):
-        raise RedrafterError(f"--min-draft-prob must be a probability in [0, 1), got '{value}'")
-    return probs
+        values = []
+    if not values or not all(valid(v) for v in values):
+        raise RedrafterError(f"{message}, got '{value}'")
+    return values
 
 
 def add_sampling_arguments(parser, *, multiple: bool = False) -> None:

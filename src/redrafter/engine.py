@@ -116,9 +116,10 @@ class ReDrafterProposer:
         """W independent draws of L-1 tokens from the recurrent drafter, each token drawn from q after
         the same sampling transform as the target's p (any q keeps the output exact; a q close to p
         gets more tokens accepted). Always L-1 tokens: ``beam.min_prob`` does not apply, because
-        cutting paths by the probability of what was drawn would bias which children a node gets, and
-        for the same reason ``beam.max_tree_tokens`` does not apply either."""
-        drafter, width = self.drafter, self.beam.width
+        cutting paths by the probability of what was drawn would bias which children a node gets.
+        For the same reason ``beam.max_tree_tokens`` does not choose among the draws; it caps their
+        number instead (``sampled_paths``), fixed before anything is drawn."""
+        drafter, width = self.drafter, sampled_paths(self.beam)
         batch = g0.shape[0]
         h = context.to(next(drafter.parameters()).dtype).unsqueeze(1).expand(batch, width, -1)
         state = drafter.initial_state(h)
@@ -133,6 +134,14 @@ class ReDrafterProposer:
                 q = torch.zeros(batch, width, vocab, device=q.device).index_copy_(-1, drafter.draft_to_target, q)
             draws.append(q)
         return beams, torch.stack(draws, dim=2)
+
+
+def sampled_paths(beam: BeamConfig) -> int:
+    """How many paths ``propose_sampled`` draws: W, or fewer under ``max_tree_tokens`` K, so that the
+    tree of the draws has at most K tokens whatever they are (1 + paths * (L-1) <= K, at least 1)."""
+    if beam.max_tree_tokens <= 0:
+        return beam.width
+    return max(1, min(beam.width, (beam.max_tree_tokens - 1) // (beam.length - 1)))
 
 
 def check_compatible(drafter: Drafter, target: TargetModel) -> None:

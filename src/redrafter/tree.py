@@ -85,6 +85,14 @@ def owners(beams: torch.Tensor) -> torch.Tensor:
     return match.to(torch.uint8).argmax(dim=2)
 
 
+def owned_nodes(beams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(owners(beams), whether each position is its node's owner): the distinct tree nodes, one
+    position each; ``NO_TOKEN`` positions own nothing."""
+    owner = owners(beams)
+    beam_index = torch.arange(beams.shape[1], device=beams.device).view(1, -1, 1)
+    return owner, (owner == beam_index) & (beams != NO_TOKEN)
+
+
 def cap_tree(beams: torch.Tensor, path_scores: torch.Tensor, max_tokens: int) -> torch.Tensor:
     """Keep only the ``max_tokens`` most probable distinct nodes of each row's tree.
 
@@ -101,8 +109,7 @@ def cap_tree(beams: torch.Tensor, path_scores: torch.Tensor, max_tokens: int) ->
     if width * length <= max_tokens:
         return beams
     device = beams.device
-    owner = owners(beams)
-    is_owner = (owner == torch.arange(width, device=device).view(1, width, 1)) & (beams != NO_TOKEN)
+    owner, is_owner = owned_nodes(beams)
     depth = torch.arange(length, device=device).view(1, 1, length).expand(batch, width, length)
     score = torch.where(is_owner, path_scores.float(), torch.full_like(path_scores, float("-inf"), dtype=torch.float))
     # Rank by (score desc, depth asc): a stable sort by depth, then a stable sort by score.
@@ -127,9 +134,7 @@ def pack(beams: torch.Tensor) -> PackedTree:
     """
     batch, width, length = beams.shape
     device = beams.device
-    owner = owners(beams)  # (batch, W, L)
-    beam_index = torch.arange(width, device=device).view(1, width, 1)
-    is_owner = (owner == beam_index) & (beams != NO_TOKEN)  # (batch, W, L)
+    owner, is_owner = owned_nodes(beams)  # (batch, W, L) each
 
     flat_owned = is_owner.reshape(batch, width * length)  # beam-major order
     packed_slot = flat_owned.long().cumsum(dim=1) - 1  # (batch, W*L): slot of each owned node

@@ -46,7 +46,8 @@ class Acceptance:
         beam:     (batch,) index of a beam holding the accepted path.
         accepted: (batch,) number of drafted tokens accepted on it (0 .. L-1).
         tokens:   (batch, L) that beam's tokens; ``tokens[b, 1:1+accepted[b]]`` are the newly
-                  accepted ones (position 0 is g0, emitted by the previous step).
+                  accepted ones (position 0 is g0, emitted by the previous step); past them the
+                  beam may hold ``NO_TOKEN`` (a capped tree).
         bonus:    (batch,) the target's own token after the accepted run (next g0).
     """
 

@@ -327,6 +327,9 @@ class NativeTarget:
     def commit(self, cache: NativeCache, keep: torch.Tensor, counts: torch.Tensor) -> None:
         if not cache.pending:
             raise RuntimeError("commit called without a pending forward")
+        # Only the first counts.max() columns matter: a capped tree can have fewer tokens than keep has
+        # columns, and slots past the forward's tokens may lie beyond the reserved cache.
+        keep = keep[:, : int(counts.max()) if counts.numel() else 0]
         batch, kept = keep.shape
         start = cache.lengths.view(batch, 1)
         order = torch.arange(kept, device=self.device).view(1, kept)
