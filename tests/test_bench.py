@@ -152,6 +152,8 @@ def test_smoke_on_smollm2(smollm2, tmp_path, capsys):
     torch.manual_seed(0)
     save_drafter(Drafter(DrafterConfig(hidden_size=target.info.hidden_size, vocab_size=target.info.vocab_size,
                                        exit_dim=64)), tmp_path / "drafter")
+    # The drafter's stored setting, tree cap included, is what bench runs without beam flags.
+    (tmp_path / "drafter" / "generation.json").write_text('{"beam_width": 4, "beam_length": 5, "max_tree_tokens": 6}')
     code = main(["bench", "--dataset", "mt-bench", "--limit", "2", "--turns", "1", "--max-new-tokens", "16",
                  "--dtype", "float32", "--methods", "hf-generate,ar,redrafter,hf-prompt-lookup",
                  "--min-draft-prob", "0,0.1",
@@ -160,9 +162,10 @@ def test_smoke_on_smollm2(smollm2, tmp_path, capsys):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["settings"]["machine"]["threads"] == 2
     methods = summary["methods"]
-    assert set(methods) == {"hf-generate", "ar", "redrafter[W=4,L=5]", "redrafter[W=4,L=5,p>=0.1]", "hf-prompt-lookup"}
-    assert methods["redrafter[W=4,L=5]"]["identical_to_ar"] == "2/2"
-    assert methods["redrafter[W=4,L=5,p>=0.1]"]["identical_to_ar"] == "2/2"
+    assert set(methods) == {"hf-generate", "ar", "redrafter[W=4,L=5,K<=6]", "redrafter[W=4,L=5,p>=0.1,K<=6]",
+                            "hf-prompt-lookup"}
+    assert methods["redrafter[W=4,L=5,K<=6]"]["identical_to_ar"] == "2/2"
+    assert methods["redrafter[W=4,L=5,p>=0.1,K<=6]"]["identical_to_ar"] == "2/2"
     assert methods["hf-generate"]["identical_to_ar"] == "2/2"
     assert methods["ar"]["tau"] == 1.0
 

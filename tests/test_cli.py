@@ -148,5 +148,6 @@ def test_shipped_drafter_is_used_by_default_and_lossless(capsys, smollm2):
     (ar,) = run_json(capsys, *common, "--autoregressive")
     (spec,) = run_json(capsys, *common)
     assert spec["mode"] == "redrafter" and (spec["beam_width"], spec["beam_length"]) == (beam.width, beam.length)
+    assert spec["max_tree_tokens"] == beam.max_tree_tokens
     assert spec["token_ids"] == ar["token_ids"]
     assert spec["tokens_per_step"] > 1.2  # a trained drafter gets drafted tokens accepted on a chat prompt

@@ -75,9 +75,10 @@ def run_bench_command(args: argparse.Namespace) -> int:
                                                   per_category=args.per_category)]
     spec = args.model or DEFAULT_MODEL
     drafter_path = resolve_drafter(spec, args.drafter) if "redrafter" in names else None
-    shapes = parse_grid(args.grid) if args.grid else [resolve_beam(args.beam_width, args.beam_length, drafter_path)]
-    beams = [resolve_beam(shape.width, shape.length, drafter_path, prob, cap)
-             for shape in shapes for prob in min_draft_probs(args.min_draft_prob)
+    shapes = ([(shape.width, shape.length) for shape in parse_grid(args.grid)] if args.grid
+              else [(args.beam_width, args.beam_length)])
+    beams = [resolve_beam(width, length, drafter_path, prob, cap)
+             for width, length in shapes for prob in min_draft_probs(args.min_draft_prob)
              for cap in max_tree_tokens_values(args.max_tree_tokens)]
     modes = draft_modes(args.draft_mode)
 
