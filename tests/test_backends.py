@@ -75,6 +75,18 @@ def test_tree_logits_equal_sequential_then_commit(kind, backend):
         torch.testing.assert_close(out.logits[b, 0], reference, atol=1e-4, rtol=0)
 
 
+def assert_cache_is_plain_decoding(target, cache, path: list[int]) -> None:
+    """The one-row cache holds exactly the keys and values of the plain model run over ``path``."""
+    plain = DynamicCache(config=target.model.config)
+    with torch.no_grad():
+        target.model(input_ids=torch.tensor([path]), cache=plain, use_cache=True)
+    assert cache.lengths.tolist() == [len(path)]
+    for layer, theirs in enumerate(plain.layers):
+        keys, values = cache_layer(cache, layer)
+        torch.testing.assert_close(keys[:, :, : len(path)], theirs.keys, atol=1e-5, rtol=0)
+        torch.testing.assert_close(values[:, :, : len(path)], theirs.values, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_compacted_cache_equals_plain_cache(kind, backend):
@@ -92,14 +104,7 @@ def test_compacted_cache_equals_plain_cache(kind, backend):
         beam = int(torch.randint(0, 3, (1,), generator=generator))
         target.commit(cache, tree.unpacker[:, beam], torch.tensor([count]))
         path += beams[0, beam, :count].tolist()
-    plain = DynamicCache(config=target.model.config)
-    with torch.no_grad():
-        target.model(input_ids=torch.tensor([path]), cache=plain, use_cache=True)
-    assert cache.lengths.tolist() == [len(path)]
-    for layer, theirs in enumerate(plain.layers):
-        keys, values = cache_layer(cache, layer)
-        torch.testing.assert_close(keys[:, :, : len(path)], theirs.keys, atol=1e-5, rtol=0)
-        torch.testing.assert_close(values[:, :, : len(path)], theirs.values, atol=1e-5, rtol=0)
+    assert_cache_is_plain_decoding(target, cache, path)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -120,14 +125,7 @@ def test_capped_tree_commit_at_the_end_of_the_cache(backend):
     target.forward(tree.tokens, cache.lengths.view(1, 1) + tree.depths, tree.mask, cache)
     target.commit(cache, tree.unpacker[:, 1], torch.tensor([2]))  # keep g0 and the second branch
     path = prompt + [5, 7]
-    plain = DynamicCache(config=target.model.config)
-    with torch.no_grad():
-        target.model(input_ids=torch.tensor([path]), cache=plain, use_cache=True)
-    assert cache.lengths.tolist() == [len(path)]
-    for layer, theirs in enumerate(plain.layers):
-        keys, values = cache_layer(cache, layer)
-        torch.testing.assert_close(keys[:, :, : len(path)], theirs.keys, atol=1e-5, rtol=0)
-        torch.testing.assert_close(values[:, :, : len(path)], theirs.values, atol=1e-5, rtol=0)
+    assert_cache_is_plain_decoding(target, cache, path)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
