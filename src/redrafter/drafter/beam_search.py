@@ -67,11 +67,21 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
     rows = torch.arange(batch, device=device).view(batch, 1)
     floor = math.log(min_prob) if min_prob > 0 else None
     for depth in range(1, length):
-        state = drafter.next_state(state, embed(beams[:, :, -1]).to(state.dtype))
-        step_log_q = torch.log_softmax(drafter.logits(h, state).float(), dim=-1)  # (batch, W, V)
+        if depth == 1:  # every beam is g0 alone: run the head on one row per batch row, shared by all W
+            first = drafter.next_state(state[:, :1], embed(g0).unsqueeze(1).to(state.dtype))
+            state = first.expand(batch, width, -1)
+            step_log_q = torch.log_softmax(drafter.logits(h[:, :1], first).float(), dim=-1).expand(batch, width, -1)
+        else:
+            state = drafter.next_state(state, embed(beams[:, :, -1]).to(state.dtype))
+            step_log_q = torch.log_softmax(drafter.logits(h, state).float(), dim=-1)  # (batch, W, V)
         vocab = step_log_q.shape[-1]
-        candidates = (scores.unsqueeze(-1) + step_log_q).view(batch, width * vocab)
-        top, flat = candidates.topk(width, dim=-1)  # (batch, W), best first
+        if depth == 1 and vocab >= width:  # only beam 0 is live (score 0): its top W tokens
+            top, flat = step_log_q[:, 0].topk(width, dim=-1)  # (batch, W), best first; parent 0
+        else:  # the top W of W x V: each beam's top W, then the top W of those W x W
+            per_beam = min(width, vocab)
+            beam_top, beam_index = (scores.unsqueeze(-1) + step_log_q).topk(per_beam, dim=-1)  # (batch, W, per_beam)
+            top, pick = beam_top.view(batch, width * per_beam).topk(width, dim=-1)
+            flat = (pick // per_beam) * vocab + beam_index.view(batch, -1).gather(1, pick)
         if floor is not None and depth > 1 and bool((top[:, 0] < floor).all()):
             break  # every beam's probability fell below min_prob: this depth is not worth verifying
         scores = top
