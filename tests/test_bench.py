@@ -194,10 +194,10 @@ def test_profile_curve_and_phase_breakdown_on_both_backends():
 @pytest.mark.slow
 def test_profile_command_on_smollm2_writes_its_report(smollm2, tmp_path, capsys):
     code = main(["profile", "--backends", "native", "--dtype", "float32", "--context", "16",
-                 "--tree-sizes", "1,2", "--beams", "1x2", "--repeats", "1", "--max-new-tokens", "4",
+                 "--tree-sizes", "1,2", "--beams", "1x2,4x3x3", "--repeats", "1", "--max-new-tokens", "4",
                  "--out", str(tmp_path / "out")])
     assert code == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "out" / "profile.json").read_text())
     entry = next(iter(report["backends"].values()))
     assert sorted(entry["verify_ms"], key=int) == ["1", "2"]
-    assert "1x2" in entry["phases_redrafter"]
+    assert set(entry["phases_redrafter"]) == set(entry["draft_ms"]) == {"1x2", "4x3x3"}

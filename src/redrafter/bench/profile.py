@@ -3,7 +3,7 @@
 1. Verify-cost curve: one forward of K tree tokens (K = 1 is a plain decode step) on top of a
    ``--context``-token cache, median of ``--repeats`` runs, for each backend; the ratio to K = 1 is
    what a speculative step pays for verifying K tokens at once.
-2. Drafting cost: beam search of the drafter for each W x L of ``--beams``.
+2. Drafting cost: beam search of the drafter for each W x L (x K, a tree cap) of ``--beams``.
 3. Phase breakdown of real generation (a chat prompt, plain and speculative): time in the target
    forward, commit, drafting, tree packing and everything else (acceptance, bookkeeping, Python).
 
@@ -78,9 +78,25 @@ def draft_cost(drafter, target, beams: list[BeamConfig], repeats: int) -> dict[s
     result = {}
     with torch.inference_mode():
         for beam in beams:
-            result[f"{beam.width}x{beam.length}"] = median_ms(
-                lambda: beam_search(drafter, target.embed, context, g0, width=beam.width, length=beam.length), repeats)
+            result[beam_label(beam)] = median_ms(
+                lambda: beam_search(drafter, target.embed, context, g0, width=beam.width, length=beam.length,
+                                    max_tree_tokens=beam.max_tree_tokens), repeats)
     return result
+
+
+def parse_beams(text: str) -> list[BeamConfig]:
+    """"1x4,16x3x8" -> W x L, or W x L x K with the tree capped at K tokens."""
+    beams = []
+    for item in text.split(","):
+        numbers = [int(n) for n in item.lower().split("x")]
+        if len(numbers) not in (2, 3):
+            raise ValueError(item)
+        beams.append(BeamConfig(width=numbers[0], length=numbers[1], max_tree_tokens=numbers[2] if len(numbers) == 3 else 0))
+    return beams
+
+
+def beam_label(beam: BeamConfig) -> str:
+    return f"{beam.width}x{beam.length}" + (f"x{beam.max_tree_tokens}" if beam.max_tree_tokens else "")
 
 
 class PhaseTimer:
@@ -163,7 +179,8 @@ def add_profile_parser(subparsers) -> None:
     p.add_argument("--context", type=int, default=300, help="committed tokens before the measured forwards")
     p.add_argument("--tree-sizes", default="1,2,4,8,16,32,64")
     p.add_argument("--beams", default=f"{DEFAULT_BEAM.width}x{DEFAULT_BEAM.length}",
-                   help="W x L settings to time drafting for, comma separated (e.g. 1x4,2x4,4x5)")
+                   help="W x L settings to time drafting for, comma separated (e.g. 1x4,2x4,4x5); "
+                        "WxLxK caps the verified tree at K tokens (--max-tree-tokens)")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens of the phase-breakdown generation")
     p.add_argument("--prompt", default="Explain how a hash table works, with an example in Python.")
@@ -179,9 +196,10 @@ def run_profile_command(args: argparse.Namespace) -> int:
 
     try:
         sizes = [int(k) for k in args.tree_sizes.split(",")]
-        beams = [BeamConfig(*map(int, b.lower().split("x"))) for b in args.beams.split(",")]
+        beams = parse_beams(args.beams)
     except (ValueError, TypeError):
-        raise RedrafterError("--tree-sizes is a comma list of integers, --beams of WxL pairs") from None
+        raise RedrafterError("--tree-sizes is a comma list of integers, --beams of WxL or WxLxK "
+                             "(K: --max-tree-tokens)") from None
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     spec = args.model or DEFAULT_MODEL
     drafter_path = resolve_drafter(spec, args.drafter) if (args.drafter or shipped_drafter(spec)) else None
@@ -200,7 +218,7 @@ def run_profile_command(args: argparse.Namespace) -> int:
             drafter = load_drafter(drafter_path, device=target.device, dtype=target.dtype)
             entry["draft_ms"] = draft_cost(drafter, target, beams, args.repeats)
             entry["phases_redrafter"] = {
-                f"{b.width}x{b.length}": phase_breakdown(target, ReDrafterProposer(drafter, target, b), ids,
+                beam_label(b): phase_breakdown(target, ReDrafterProposer(drafter, target, b), ids,
                                                          args.max_new_tokens, stops) for b in beams}
         report["backends"][name] = entry
         print(json.dumps({name: entry}, indent=1), flush=True)
