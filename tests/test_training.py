@@ -291,8 +291,32 @@ def test_warm_start_carries_weights_by_token_id():
         torch.testing.assert_close(drafter.lm_head[2].weight[row], carried_mean)
     for name in ("rnn_u.weight", "rnn_w.weight", "input_proj.bias", "lm_head.1.linear.weight"):
         assert torch.equal(drafter.state_dict()[name], source.state_dict()[name])
-    with pytest.raises(RedrafterError, match="exit_dim 24, this run 32"):
+    with pytest.raises(RedrafterError, match="exit_dim 24 and 2 layers, this run 32 and 2"):
         warm_start(Drafter(DrafterConfig(hidden_size=16, vocab_size=6, exit_dim=32, target_vocab_size=20)), source)
+    with pytest.raises(RedrafterError, match="2 layers, this run 24 and 1"):
+        warm_start(Drafter(DrafterConfig(hidden_size=16, vocab_size=6, exit_dim=24, num_draft_layers=1,
+                                         target_vocab_size=20)), source)
+
+
+def test_warm_start_into_more_layers_keeps_the_source_function_and_trains_the_new_blocks():
+    from redrafter import Drafter, DrafterConfig
+    from redrafter.training.train import warm_start
+
+    torch.manual_seed(0)
+    source = Drafter(DrafterConfig(hidden_size=16, vocab_size=6, exit_dim=24, target_vocab_size=20))
+    deeper = Drafter(DrafterConfig(hidden_size=16, vocab_size=6, exit_dim=24, num_draft_layers=4, target_vocab_size=20))
+    source.draft_to_target.copy_(torch.tensor([1, 3, 5, 7, 9, 11]))
+    deeper.draft_to_target.copy_(source.draft_to_target)
+    assert warm_start(deeper, source) == 6
+    h, state = torch.randn(4, 16), torch.randn(4, 16)
+    torch.testing.assert_close(deeper.logits(h, state), source.logits(h, state))  # exactly the source's q
+    torch.testing.assert_close(deeper.lm_head[4].weight, source.lm_head[2].weight)
+    for i in (0, 1):
+        assert torch.equal(deeper.lm_head[i].linear.weight, source.lm_head[i].linear.weight)
+    deeper.logits(h, state).logsumexp(-1).sum().backward()
+    for i in (2, 3):  # the added blocks start at zero but are not stuck there
+        assert torch.equal(deeper.lm_head[i].linear.weight, torch.zeros(24, 24))
+        assert deeper.lm_head[i].linear.weight.grad.abs().sum() > 0
 
 
 def test_training_from_init_starts_where_the_init_drafter_ended(target, data_dir, tmp_path):

@@ -191,9 +191,12 @@ def draft_vocabulary(examples: list[Example], size: int, vocab: int) -> tuple[to
 
 
 def warm_start(drafter: Drafter, source: Drafter) -> int:
-    """Copy a trained drafter's weights into a new one of the same shape (``train --init``).
+    """Copy a trained drafter's weights into a new one of the same shape (``train --init``), or one
+    with more residual blocks.
 
-    Everything but the vocabulary projection is copied as is. The projection's rows follow the token
+    Everything but the vocabulary projection is copied as is. Blocks beyond the source's come after
+    its blocks and start at zero weight and bias: x + SiLU(0) = x, so the new drafter computes exactly
+    the source's q at step 0 and learns to use the extra depth from there. The projection's rows follow the token
     ids: a token in both draft vocabularies gets the source's row; a token new to this drafter (the new
     data may rank other tokens among its V_d most frequent) gets the mean of the carried rows, so it
     starts with an ordinary token's low logit. (A fresh random row scores about 0 against the trained
@@ -207,15 +210,22 @@ def warm_start(drafter: Drafter, source: Drafter) -> int:
         if getattr(mine, name) != getattr(theirs, name):
             raise RedrafterError(f"--init drafter has {name} {getattr(theirs, name)}, this model "
                                  f"{getattr(mine, name)}: it was trained for another model")
-    for name in ("exit_dim", "num_draft_layers"):
-        if getattr(mine, name) != getattr(theirs, name):
-            raise RedrafterError(f"--init drafter has {name} {getattr(theirs, name)}, this run {getattr(mine, name)} "
-                                 f"(pass its shape: --exit-dim {theirs.exit_dim} --num-layers {theirs.num_draft_layers})")
+    if mine.exit_dim != theirs.exit_dim or mine.num_draft_layers < theirs.num_draft_layers:
+        raise RedrafterError(f"--init drafter has exit_dim {theirs.exit_dim} and {theirs.num_draft_layers} layers, this run "
+                             f"{mine.exit_dim} and {mine.num_draft_layers} (pass --exit-dim {theirs.exit_dim} and "
+                             f"--num-layers {theirs.num_draft_layers} or more)")
     projection = f"lm_head.{mine.num_draft_layers}.weight"
-    state = {k: v for k, v in source.state_dict().items() if k not in (projection, "draft_to_target")}
+    source_projection = f"lm_head.{theirs.num_draft_layers}.weight"
+    state = {k: v for k, v in source.state_dict().items() if k not in (source_projection, "draft_to_target")}
+    added = {f"lm_head.{i}.linear.{p}" for i in range(theirs.num_draft_layers, mine.num_draft_layers)
+             for p in ("weight", "bias")}
     missing, unexpected = drafter.load_state_dict(state, strict=False)
-    if set(missing) - {projection, "draft_to_target"} or unexpected:
+    if set(missing) - {projection, "draft_to_target"} - added or unexpected:
         raise RedrafterError(f"--init drafter's weights do not fit: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        for i in range(theirs.num_draft_layers, mine.num_draft_layers):
+            drafter.lm_head[i].linear.weight.zero_()
+            drafter.lm_head[i].linear.bias.zero_()
     full = mine.full_vocab_size
     source_ids = source.draft_to_target if source.draft_to_target is not None else torch.arange(full)
     ids = drafter.draft_to_target if drafter.draft_to_target is not None else torch.arange(full)
