@@ -254,7 +254,7 @@ def test_native_forward_with_grouped_attention_matches_transformers(monkeypatch)
     still matches the transformers backend on a ragged prefill plus a tree step."""
     import redrafter.models.native as native_module
 
-    monkeypatch.setattr(native_module, "use_grouped_attention", lambda *args: True)
+    monkeypatch.setattr(native_module, "use_grouped_attention", lambda *args, **kwargs: True)
     native, hf = tiny_target("qwen2", "native"), tiny_target("qwen2", "hf")
     prompts = [[5, 4, 3, 2, 1, 9], [8, 2]]
     (native_cache, native_out), (hf_cache, hf_out) = prefill(native, prompts), prefill(hf, prompts)
@@ -264,3 +264,42 @@ def test_native_forward_with_grouped_attention_matches_transformers(monkeypatch)
     outs = [target.forward(tree.tokens, cache.lengths.view(2, 1) + tree.depths, tree.mask, cache)
             for target, cache in ((native, native_cache), (hf, hf_cache))]
     torch.testing.assert_close(outs[0].logits, outs[1].logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("prompts", [[[5, 4, 3, 2, 1, 9, 7]], [[5, 4, 3, 2, 1, 9], [8, 2]]], ids=["one-row", "ragged"])
+def test_plain_decoding_cache_of_a_bf16_model_is_float32_and_decodes_like_the_bf16_cache(prompts):
+    """A bf16 model's plain-decoding cache on CPU is float32 (attention in float32 over the model's own
+    bf16 k and v): prefill and decode steps give the bf16 cache's logits up to bf16 rounding, on the
+    fused (one row) and the grouped (several rows) attention paths."""
+    from helpers import tiny_model
+    from redrafter.models.native import NativeTarget
+
+    target = NativeTarget(tiny_model("qwen2").to(torch.bfloat16), name="tiny-qwen2", pack_weights=False)
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.zeros(batch, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p)
+    positions = torch.arange(width).expand(batch, width)
+    causal = torch.ones(width, width, dtype=torch.bool).tril().expand(batch, -1, -1)
+    lengths = torch.tensor([len(p) for p in prompts])
+    caches = {plain: target.new_cache(batch, plain_decoding=plain) for plain in (False, True)}
+    assert caches[True].kv.dtype == torch.float32 and caches[False].kv.dtype == torch.bfloat16
+    logits = {}
+    for plain, cache in caches.items():
+        out = target.forward(tokens, positions, causal, cache)
+        target.commit(cache, positions, lengths)
+        steps = [out.logits[torch.arange(batch), lengths - 1].float()]
+        next_token = steps[0].argmax(-1)
+        for _ in range(4):  # both caches decode the same tokens (the bf16 cache's choices)
+            out = target.forward(next_token.view(batch, 1), cache.lengths.view(batch, 1),
+                                 torch.ones(batch, 1, 1, dtype=torch.bool), cache)
+            target.commit(cache, cache.lengths.view(batch, 1) * 0, torch.ones(batch, dtype=torch.long))
+            steps.append(out.logits[:, 0].float())
+            next_token = torch.tensor([3, 6][:batch])
+        logits[plain] = torch.stack(steps)
+    scale = logits[False].abs().max()
+    assert (logits[True] - logits[False]).abs().max() <= 0.02 * scale
+    for layer in range(target.num_layers):  # the float32 cache holds the bf16 values exactly
+        for held in cache_layer(caches[True], layer):
+            held = held[:, :, : int(lengths.max())]
+            assert torch.equal(held.bfloat16().float(), held)

@@ -261,7 +261,7 @@ class Engine:
             tokens[i, : len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
         positions = torch.arange(width, device=device).expand(batch, width)
         causal = torch.ones(width, width, dtype=torch.bool, device=device).tril().expand(batch, width, width)
-        cache = target.new_cache(batch)
+        cache = target.new_cache(batch, plain_decoding=self.proposer.beam_length == 1)
         out = target.forward(tokens, positions, causal, cache)
         target.commit(cache, positions, lengths)
         last = lengths - 1

@@ -35,25 +35,28 @@ def median_ms(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times) * 1e3
 
 
-def filled_cache(target, context: int, seed: int = 0):
-    """A batch-1 cache holding ``context`` committed random tokens."""
+def filled_cache(target, context: int, seed: int = 0, *, plain_decoding: bool = False):
+    """A batch-1 cache holding ``context`` committed random tokens (``plain_decoding``: the layout plain
+    decoding uses, ``TargetModel.new_cache``)."""
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, target.info.vocab_size, (1, context), generator=generator).to(target.device)
     positions = torch.arange(context, device=target.device).view(1, context)
     causal = torch.ones(context, context, dtype=torch.bool, device=target.device).tril().view(1, context, context)
-    cache = target.new_cache(1)
+    cache = target.new_cache(1, plain_decoding=plain_decoding)
     target.forward(tokens, positions, causal, cache)
     target.commit(cache, positions, torch.tensor([context], device=target.device))
     return cache
 
 
 def verify_curve(target, context: int, sizes: list[int], repeats: int) -> dict[int, float]:
-    """Median ms of one forward of K causal tree tokens (then a commit keeping none) per K."""
-    cache = filled_cache(target, context)
+    """Median ms of one forward of K causal tree tokens (then a commit keeping none) per K. K = 1 is a
+    plain decoding step, on the cache plain decoding uses."""
+    caches = {plain: filled_cache(target, context, plain_decoding=plain) for plain in {False, 1 in sizes}}
     device = target.device
     result = {}
     with torch.inference_mode():
         for k in sizes:
+            cache = caches[k == 1]
             tokens = torch.randint(0, target.info.vocab_size, (1, k)).to(device)
             positions = cache.lengths.view(1, 1) + torch.arange(k, device=device)
             mask = torch.ones(k, k, dtype=torch.bool, device=device).tril().view(1, k, k)

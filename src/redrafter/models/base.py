@@ -107,8 +107,9 @@ class TargetModel(Protocol):
     device: torch.device
     dtype: torch.dtype
 
-    def new_cache(self, batch_size: int) -> KVCache:
-        """An empty cache for ``batch_size`` rows."""
+    def new_cache(self, batch_size: int, *, plain_decoding: bool = False) -> KVCache:
+        """An empty cache for ``batch_size`` rows. ``plain_decoding``: every step after the prefill will
+        bring one token per row (no trees), so the backend may lay the cache out for that."""
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """The input embedding E: (...,) token ids -> (..., H)."""

@@ -59,7 +59,8 @@ class TransformersTarget:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
 
-    def new_cache(self, batch_size: int) -> HFCache:
+    def new_cache(self, batch_size: int, *, plain_decoding: bool = False) -> HFCache:
+        """``plain_decoding`` (a layout hint the native backend uses) changes nothing here."""
         return HFCache(kv=DynamicCache(config=self.model.config),
                        lengths=torch.zeros(batch_size, dtype=torch.long, device=self.device))
 
