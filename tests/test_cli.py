@@ -149,6 +149,7 @@ def test_shipped_drafter_is_used_by_default_and_lossless(capsys, smollm2):
     common = ["--prompt", "Describe a rainbow to a child.", "--max-new-tokens", "48", "--dtype", "float32"]
     (ar,) = run_json(capsys, *common, "--autoregressive")
     (spec,) = run_json(capsys, *common)
+    assert spec["weights"] == ar["weights"] == "dense"  # float32: --weights auto keeps the exact dense products
     assert spec["mode"] == "redrafter" and (spec["beam_width"], spec["beam_length"]) == (beam.width, beam.length)
     assert spec["max_tree_tokens"] == beam.max_tree_tokens
     assert spec["token_ids"] == ar["token_ids"]

@@ -100,6 +100,13 @@ def test_beam_resolution_flags_then_drafter_recommendation_then_default(tmp_path
     assert resolve_beam(None, None, tmp_path, None, 0).max_tree_tokens == 0  # the flag wins
     assert resolve_beam(4, None, tmp_path).max_tree_tokens == 0  # measured for 8 x 4 only
     assert resolve_beam(None, 3, tmp_path, None, 6).max_tree_tokens == 6
+    # A section per weight format: the target's format picks it, a format without one gets the top level.
+    (tmp_path / "generation.json").write_text('{"beam_width": 16, "beam_length": 3, "max_tree_tokens": 8, '
+                                              '"int4": {"beam_width": 4, "beam_length": 3, "max_tree_tokens": 4}}')
+    assert resolve_beam(None, None, tmp_path) == BeamConfig(16, 3, max_tree_tokens=8)
+    assert resolve_beam(None, None, tmp_path, weights="dense") == BeamConfig(16, 3, max_tree_tokens=8)
+    assert resolve_beam(None, None, tmp_path, weights="int4") == BeamConfig(4, 3, max_tree_tokens=4)
+    assert resolve_beam(8, None, tmp_path, weights="int4") == BeamConfig(8, 3, max_tree_tokens=0)
     (tmp_path / "generation.json").write_text('{"beam_width": 8, "beam_length": 4, "max_tree_tokens": 1}')
     with pytest.raises(RedrafterError, match="max tree tokens"):
         resolve_beam(None, None, tmp_path)

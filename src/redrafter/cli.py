@@ -104,14 +104,15 @@ def resolve_drafter(model_spec: str, drafter: str | None) -> Path:
 
 
 def resolve_beam(width: int | None, length: int | None, drafter_path, min_prob: float | None = None,
-                 max_tree_tokens: int | None = None) -> BeamConfig:
-    """Explicit flags win, then the drafter's stored best setting, then the built-in default.
+                 max_tree_tokens: int | None = None, weights: str = "dense") -> BeamConfig:
+    """Explicit flags win, then the drafter's stored best setting for the target's weight format
+    (``weights``, ``TargetModel.weights``), then the built-in default.
 
     A stored tree cap was measured for the stored W x L only: an explicit width or length without
     ``max_tree_tokens`` verifies the whole tree."""
     from redrafter.drafter.model import recommended_beam
 
-    base = recommended_beam(drafter_path) or DEFAULT_BEAM
+    base = recommended_beam(drafter_path, weights) or DEFAULT_BEAM
     if max_tree_tokens is None:
         max_tree_tokens = base.max_tree_tokens if width is None and length is None else 0
     return BeamConfig(width=base.width if width is None else width, length=base.length if length is None else length,
@@ -228,7 +229,6 @@ def run_generate(args: argparse.Namespace) -> int:
     resolve_beam(args.beam_width, args.beam_length, None, probs[0], caps[0])  # bad flags fail before anything loads
     prompts = read_prompts([t for group in args.prompt or [] for t in group], args.prompts_file)
     drafter_path = None if args.autoregressive else resolve_drafter(args.model or DEFAULT_MODEL, args.drafter)
-    beam = resolve_beam(args.beam_width, args.beam_length, drafter_path, probs[0], caps[0])
     if args.threads is not None:
         if args.threads < 1:
             raise RedrafterError(f"--threads must be >= 1, got {args.threads}")
@@ -240,9 +240,11 @@ def run_generate(args: argparse.Namespace) -> int:
     draft_mode = modes[0]
 
     target, tokenizer = load_target(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device,
-                                    backend=args.backend, compile=args.compile, keep_transformers_model=False)
+                                    backend=args.backend, compile=args.compile, keep_transformers_model=False,
+                                    weights=args.weights)
     proposer = None
     if not args.autoregressive:
+        beam = resolve_beam(args.beam_width, args.beam_length, drafter_path, probs[0], caps[0], target.weights)
         drafter = load_drafter(drafter_path, device=target.device, dtype=target.dtype)
         proposer = ReDrafterProposer(drafter, target, beam, draft_mode=draft_mode)
     engine = Engine(target, proposer)
@@ -281,6 +283,7 @@ def run_generate(args: argparse.Namespace) -> int:
                         "draft_mode": None if args.autoregressive or sampling.greedy else draft_mode,
                         "dtype": str(target.dtype).removeprefix("torch."),
                         "backend": type(target).__name__,
+                        "weights": target.weights,
                         "threads": torch.get_num_threads(),
                     }
                     print(json.dumps(record, ensure_ascii=False), flush=True)

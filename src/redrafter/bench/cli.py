@@ -77,15 +77,16 @@ def run_bench_command(args: argparse.Namespace) -> int:
     drafter_path = resolve_drafter(spec, args.drafter) if "redrafter" in names else None
     shapes = ([(shape.width, shape.length) for shape in parse_grid(args.grid)] if args.grid
               else [(args.beam_width, args.beam_length)])
-    beams = [resolve_beam(width, length, drafter_path, prob, cap)
-             for width, length in shapes for prob in min_draft_probs(args.min_draft_prob)
-             for cap in max_tree_tokens_values(args.max_tree_tokens)]
+    shape_flags = [(width, length, prob, cap) for width, length in shapes for prob in min_draft_probs(args.min_draft_prob)
+                   for cap in max_tree_tokens_values(args.max_tree_tokens)]
     modes = draft_modes(args.draft_mode)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     target, tokenizer = load_target(spec, dtype=args.dtype, device=args.device, backend=args.backend,
-                                    compile=args.compile)
+                                    compile=args.compile, weights=args.weights)
+    beams = [resolve_beam(width, length, drafter_path, prob, cap, target.weights)
+             for width, length, prob, cap in shape_flags]
     drafter = load_drafter(drafter_path, device=target.device, dtype=target.dtype) if drafter_path else None
     assistant = None
     if "hf-assisted" in names and args.assistant_model:
@@ -113,7 +114,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
                 "per_category": args.per_category,
                 "categories": categories,
                 "machine": machine_info(torch.get_num_threads(), str(target.dtype).removeprefix("torch.")),
-                "backend": type(target).__name__, "skipped": skipped}
+                "backend": type(target).__name__, "weights": target.weights, "skipped": skipped}
     paths = write_outputs(Path(args.out), rows, summary, settings)
     print_table(summary["methods"])
     for name, reason in skipped.items():

@@ -161,15 +161,22 @@ def write_drafter_files(drafter: Drafter, directory: Path, dtype: torch.dtype | 
     (directory / CONFIG_NAME).write_text(json.dumps(drafter.config.to_dict(), indent=2) + "\n")
 
 
-def recommended_beam(path: str | os.PathLike | None):
+def recommended_beam(path: str | os.PathLike | None, weights: str = "dense"):
     """The draft shape stored next to a drafter as the best one measured (``generation.json`` with
-    ``beam_width``, ``beam_length`` and optionally ``min_draft_prob`` and ``max_tree_tokens``), or None."""
+    ``beam_width``, ``beam_length`` and optionally ``min_draft_prob`` and ``max_tree_tokens``), or None.
+
+    The best shape depends on what a tree of K tokens costs against a decode step, which depends on the
+    target's weight format (``weights``: "dense" or "int4"); an object under the format's name (e.g.
+    ``"int4": {"beam_width": 8, ...}``) holds the shape measured for it, and the top-level keys the
+    dense one (also used for a format with no entry)."""
     from redrafter.config import BeamConfig
 
     if path is None or not (Path(path) / RECOMMENDED_NAME).is_file():
         return None
     try:
         data = json.loads((Path(path) / RECOMMENDED_NAME).read_text())
+        if isinstance(data.get(weights), dict):
+            data = data[weights]
         return BeamConfig(width=int(data["beam_width"]), length=int(data["beam_length"]),
                           min_prob=float(data.get("min_draft_prob", 0.0)),
                           max_tree_tokens=int(data.get("max_tree_tokens", 0)))

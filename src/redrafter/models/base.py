@@ -74,19 +74,27 @@ class Linear:
     """A linear layer's weight and bias, run by the fastest kernel available for it.
 
     ``packed`` (see ``pack_linear_weight``) selects oneDNN's prepacked kernel; without it, the
-    product is ``few_row_linear`` with ``max_rows``. The plain ``weight`` is kept for other code
-    (a tied embedding, the transformers modules the native backend shares its tensors with) unless
-    the owner releases it (``weight`` None, only with a packed copy).
+    product is ``few_row_linear`` with ``max_rows``. ``int4`` (``models.int4.Int4Weight``, for
+    weights on a 4-bit grid) runs products of up to ``int4_max_rows`` rows with the int4 kernel, which
+    streams a quarter of the bytes but grows faster with the rows. The plain ``weight`` is kept for
+    other code (a tied embedding, the transformers modules the native backend shares its tensors
+    with) unless the owner releases it (``weight`` None, only with a packed copy).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, pack: bool = False,
-                 max_rows: int = 64) -> None:
+                 max_rows: int = 64, int4=None, int4_max_rows: int = 0) -> None:
         self.weight, self.bias, self.max_rows = weight, bias, max_rows
         self.packed = pack_linear_weight(weight) if pack else None
+        self.int4, self.int4_max_rows = int4, int4_max_rows
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ weight^T + bias``, plus ``residual`` when given (fused into the product's output
         where the kernel can: the same sum, one operation less)."""
+        if self.int4 is not None and x.numel() <= self.int4_max_rows * x.shape[-1]:
+            y = self.int4(x)
+            if self.bias is not None:
+                y = y + self.bias
+            return y if residual is None else residual + y
         if self.packed is not None:
             if residual is not None:
                 return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.bias, "add")
@@ -106,6 +114,7 @@ class TargetModel(Protocol):
     info: TargetInfo
     device: torch.device
     dtype: torch.dtype
+    weights: str  # "dense" or "int4" (4-bit products for steps of a few tokens; models/int4.py)
 
     def new_cache(self, batch_size: int, *, plain_decoding: bool = False) -> KVCache:
         """An empty cache for ``batch_size`` rows. ``plain_decoding``: every step after the prefill will

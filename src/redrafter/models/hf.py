@@ -58,6 +58,7 @@ class TransformersTarget:
         self.info = target_info(model, name)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        self.weights = "dense"  # the weight format (``loading.WEIGHT_FORMATS``); 4-bit products are native only
 
     def new_cache(self, batch_size: int, *, plain_decoding: bool = False) -> HFCache:
         """``plain_decoding`` (a layout hint the native backend uses) changes nothing here."""

@@ -30,6 +30,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DTYPE_CHOICES = ("auto", *DTYPES)
 BACKENDS = ("auto", "native", "hf")
+WEIGHT_FORMATS = ("auto", "dense", "int4")
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
@@ -60,6 +61,11 @@ def add_backend_arguments(parser, *, dtype_default: str = "auto") -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the native backend's forward (pays off on GPUs; see docs/PERFORMANCE.md)")
+    parser.add_argument("--weights", choices=WEIGHT_FORMATS, default="auto",
+                        help="int4: the native backend runs steps of a few tokens with 4-bit products, for "
+                             "models whose weights are 4-bit (a Q4_0/Q4_1 GGUF, e.g. the embedded default; "
+                             "CPU); auto: int4 for such a GGUF in bfloat16 on CPU, else dense "
+                             "(docs/PERFORMANCE.md)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,14 +159,28 @@ def converted_gguf(gguf: Path, out: Path) -> Path:
     return out
 
 
+def auto_weights(spec: str, backend: str, dtype: torch.dtype, device: str | torch.device) -> str:
+    """What ``--weights auto`` tries: "int4" for a GGUF source (the embedded models, a .gguf path) on the
+    native backend in bfloat16 on CPU, where 4-bit products make a decode step ~0.6x as long
+    (docs/PERFORMANCE.md); "dense" otherwise (float32 keeps the exact dense products: its int4 kernel is
+    slow). Whether the weights really are 4-bit is checked on loading."""
+    gguf = spec in EMBEDDED_MODELS or Path(spec).suffix == ".gguf"
+    cpu_bf16 = torch.device(device).type == "cpu" and dtype == torch.bfloat16
+    return "int4" if gguf and cpu_bf16 and backend != "hf" else "dense"
+
+
 def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
                 device: str | torch.device = "cpu", backend: str = "auto", compile: bool = False,
-                keep_transformers_model: bool = True):
+                keep_transformers_model: bool = True, weights: str = "auto"):
     """Load SPEC as a target backend and its tokenizer.
 
     ``backend``: "native" (the lean static-cache implementation; Llama, Qwen2, Mistral), "hf" (any
     transformers causal LM), or "auto": native where the architecture is supported, else hf.
     ``compile``: ``torch.compile`` the native forward (native backend only).
+    ``weights``: "int4" gives the native backend 4-bit products for steps of a few tokens
+    (``models.int4``; the model's linear weights must lie on a 4-bit grid, as a Q4_0/Q4_1 GGUF's do).
+    "auto" (``auto_weights``) tries int4 for a GGUF source in bfloat16 on CPU and keeps dense weights
+    when they are not 4-bit; "dense" never uses int4. ``target.weights`` says what was chosen.
     ``keep_transformers_model``: False frees the native backend's plain weight copies that only the
     transformers model needs (``NativeTarget.release_transformers_weights``; half the weight memory
     with packed weights); ``target.model`` is then None.
@@ -177,14 +197,23 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
         raise RedrafterError(f"unknown backend '{backend}' (expected one of {', '.join(BACKENDS)})")
     if compile and backend == "hf":
         raise RedrafterError("--compile needs the native backend (--backend native or auto)")
+    if weights not in WEIGHT_FORMATS:
+        raise RedrafterError(f"unknown weight format '{weights}' (expected one of {', '.join(WEIGHT_FORMATS)})")
+    if weights == "int4" and (backend == "hf" or torch.device(device).type != "cpu"):
+        raise RedrafterError("--weights int4 needs the native backend on CPU")
     torch_dtype = resolve_dtype(dtype, device)
+    requested = weights
+    if weights == "auto":
+        weights = auto_weights(spec, backend, torch_dtype, device)
     directory = resolve_model_dir(spec)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a reload takes about a second; no bar needed
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch_dtype).to(device)
+        # int4 recovers the 4-bit grid from float32 weights, then the model takes its dtype.
+        load_dtype = torch.float32 if weights == "int4" else torch_dtype
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=load_dtype).to(device)
     except Exception as exc:  # transformers raises many types for missing or corrupt files
         raise RedrafterError(f"cannot load model from {directory}: {exc}") from None
     finally:
@@ -194,11 +223,29 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
         raise RedrafterError(f"the native backend does not support {reason}; use --backend hf")
     if compile and reason is not None:
         raise RedrafterError(f"--compile needs the native backend, which does not support {reason}")
+    if weights == "int4" and reason is not None:
+        if requested == "auto":
+            weights, model = "dense", model.to(torch_dtype)
+        else:
+            raise RedrafterError(f"--weights int4 needs the native backend, which does not support {reason}")
     if backend == "hf" or reason is not None:
         if backend == "auto":
             logging.getLogger(__name__).info("native backend does not support %s; using transformers", reason)
         return TransformersTarget(model, name=spec), tokenizer
-    target = NativeTarget(model, name=spec, compile=compile)
+    int4_layers = None
+    if weights == "int4":
+        from redrafter.models.native import int4_layer_weights
+
+        try:
+            int4_layers = int4_layer_weights(model, torch_dtype)
+        except RedrafterError as exc:
+            if requested != "auto":
+                raise
+            logging.getLogger(__name__).info("dense weights: %s", exc)
+        model = model.to(torch_dtype)
+    target = NativeTarget(model, name=spec, compile=compile, int4_layers=int4_layers)
+    if int4_layers is not None:
+        logging.getLogger(__name__).info("int4 products for steps of up to %d tokens", target.int4_max_rows)
     if not keep_transformers_model:
         freed = target.release_transformers_weights()
         logging.getLogger(__name__).info("freed %.0f MB of unpacked weights", freed / 2**20)

@@ -77,7 +77,7 @@ class _Layer:
     """One decoder layer's weights, with q|k|v and gate|up fused."""
 
     def __init__(self, hf_layer: nn.Module, heads: int, kv_heads: int, head_dim: int, *, pack: bool,
-                 max_rows: int) -> None:
+                 max_rows: int, int4: dict | None = None, int4_max_rows: int = 0) -> None:
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.input_norm = hf_layer.input_layernorm.weight
@@ -105,10 +105,42 @@ class _Layer:
         def bias(module: nn.Module) -> torch.Tensor | None:
             return None if module.bias is None else module.bias.detach()
 
-        self.qkv = Linear(qkv, qkv_bias, pack=pack, max_rows=max_rows)
-        self.o = Linear(attn.o_proj.weight.detach(), bias(attn.o_proj), pack=pack, max_rows=max_rows)
-        self.gate_up = Linear(gate_up, gate_up_bias, pack=pack, max_rows=max_rows)
-        self.down = Linear(mlp.down_proj.weight.detach(), bias(mlp.down_proj), pack=pack, max_rows=max_rows)
+        int4 = int4 or {}
+
+        def linear(name: str, weight: torch.Tensor, b: torch.Tensor | None) -> Linear:
+            return Linear(weight, b, pack=pack, max_rows=max_rows, int4=int4.get(name), int4_max_rows=int4_max_rows)
+
+        self.qkv = linear("qkv", qkv, qkv_bias)
+        self.o = linear("o", attn.o_proj.weight.detach(), bias(attn.o_proj))
+        self.gate_up = linear("gate_up", gate_up, gate_up_bias)
+        self.down = linear("down", mlp.down_proj.weight.detach(), bias(mlp.down_proj))
+
+
+def int4_layer_weights(model: nn.Module, dtype: torch.dtype) -> list[dict]:
+    """Every decoder layer's q|k|v, o, gate|up and down weights as ``int4.Int4Weight`` for activations
+    in ``dtype``, fused in ``_Layer``'s order. ``model`` should hold float32 weights (a dequantized
+    4-bit GGUF loaded in float32), so the 4-bit grid is exact. Raises ``RedrafterError`` naming the
+    first weight that is not on a 4-bit grid."""
+    from redrafter.models.int4 import Int4GridError, pack_int4
+
+    layers = []
+    for index, layer in enumerate(model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        weights = {
+            "qkv": torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+            "o": attn.o_proj.weight,
+            "gate_up": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+            "down": mlp.down_proj.weight,
+        }
+        packed = {}
+        for name, weight in weights.items():
+            try:
+                packed[name] = pack_int4(weight.detach(), dtype)
+            except Int4GridError as exc:
+                raise RedrafterError(f"--weights int4: layer {index} {name} weight: {exc} (int4 needs 4-bit "
+                                     "weights, e.g. a Q4_0 / Q4_1 GGUF)") from None
+        layers.append(packed)
+    return layers
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -174,7 +206,8 @@ class NativeTarget:
     """The native implementation of the TargetModel protocol (see the module docstring)."""
 
     def __init__(self, model: nn.Module, *, name: str = "", weight_major_rows: int | None = None,
-                 pack_weights: bool | None = None, compile: bool = False) -> None:
+                 pack_weights: bool | None = None, compile: bool = False, int4_layers: list[dict] | None = None,
+                 int4_max_rows: int | None = None) -> None:
         config = model.config
         reason = unsupported_reason(config)
         if reason is not None:
@@ -205,8 +238,17 @@ class NativeTarget:
         head_bias = getattr(head, "bias", None)
         self.lm_head = Linear(head.weight.detach(), None if head_bias is None else head_bias.detach(),
                               pack=pack_weights, max_rows=weight_major_rows)
+        # int4_layers (``int4_layer_weights``): products of up to int4_max_rows rows run 4-bit.
+        if int4_layers is not None and len(int4_layers) != len(base.layers):
+            raise RedrafterError(f"{len(int4_layers)} int4 layers for a model of {len(base.layers)}")
+        if int4_max_rows is None:
+            from redrafter.models.int4 import INT4_MAX_ROWS as int4_max_rows
+        self.int4_max_rows = int4_max_rows if int4_layers is not None else 0
+        self.weights = "int4" if int4_layers is not None else "dense"  # what --weights chose
         self.layers = [_Layer(layer, self.heads, self.kv_heads, self.head_dim, pack=pack_weights,
-                              max_rows=weight_major_rows) for layer in base.layers]
+                              max_rows=weight_major_rows, int4=None if int4_layers is None else int4_layers[i],
+                              int4_max_rows=self.int4_max_rows)
+                       for i, layer in enumerate(base.layers)]
         self.packed = self.lm_head.packed is not None
         if compile:  # dynamic shapes: the context and the tree size change every step
             self.forward = torch.compile(self.forward, dynamic=True)

@@ -41,7 +41,8 @@ def run_datagen_command(args: argparse.Namespace) -> int:
                           temperature=args.temperature, batch_size=args.batch_size, shard_size=args.shard_size,
                           dtype=args.dtype, device=args.device, backend=args.backend,
                           max_prompt_tokens=args.max_prompt_tokens,
-                          seed=args.seed, answers=args.answers, progress=not args.no_progress, compile=args.compile)
+                          seed=args.seed, answers=args.answers, progress=not args.no_progress, compile=args.compile,
+                          weights=args.weights)
     print(json.dumps(summary))
     return 0
 
@@ -101,6 +102,7 @@ def run_train_command(args: argparse.Namespace) -> int:
                          seed=args.seed, kl_weight=args.kl_weight, kl_top_k=args.kl_top_k)
     summary = train(model_spec=args.model or DEFAULT_MODEL, data=args.data, out=args.out, config=config,
                     dtype=args.dtype, device=args.device, backend=args.backend, resume=args.resume, target_cache=args.target_cache,
-                    progress=not args.no_progress, compile=args.compile, init=args.init)
+                    progress=not args.no_progress, compile=args.compile, init=args.init,
+                    weights=args.weights)
     print(json.dumps(summary))
     return 0

@@ -134,7 +134,7 @@ def teacher_forced_states(target, records: list[dict], batch_tokens: int = 4096)
 def run_datagen(*, model_spec: str, dataset: str, out: str, num_prompts: int, max_new_tokens: int,
                 temperature: float, batch_size: int, shard_size: int, dtype: str, device: str, backend: str = "auto",
                 max_prompt_tokens: int, seed: int = 0, answers: str = "model", progress: bool = True,
-                compile: bool = False) -> dict:
+                compile: bool = False, weights: str = "dense") -> dict:
     """Generate answers for the first ``num_prompts`` (shuffled, benchmark-free) prompts."""
     from tqdm import tqdm
 
@@ -162,7 +162,8 @@ def run_datagen(*, model_spec: str, dataset: str, out: str, num_prompts: int, ma
 
     done = {r["id"] for r in read_records(directory)} if any(directory.glob(SHARD_GLOB)) else set()
     next_shard = len(list(directory.glob(SHARD_GLOB)))
-    target, tokenizer = load_target(model_spec, dtype=dtype, device=device, backend=backend, compile=compile)
+    target, tokenizer = load_target(model_spec, dtype=dtype, device=device, backend=backend, compile=compile,
+                                    weights=weights)
     stops = stop_token_ids(tokenizer, target)
     todo, skipped_long = [], 0
     for prompt_id, text, answer in load_training_prompts(dataset, seed=seed):

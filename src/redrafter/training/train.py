@@ -318,7 +318,8 @@ def plot_losses(metrics: list[dict], path: Path, train_label: str = "train loss"
 
 def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConfig, dtype: str = "float32",
           device: str = "cpu", backend: str = "auto", resume: bool = False, target_cache: str | None = None, progress: bool = True,
-          target=None, compile: bool = False, init: str | None = None) -> dict:
+          target=None, compile: bool = False, init: str | None = None,
+          weights: str = "dense") -> dict:
     """Run training end to end; returns the final metrics. ``init``: a drafter directory to start
     from (``warm_start``) instead of a random initialisation."""
     from tqdm import tqdm
@@ -348,7 +349,7 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
         train_records += [r for r in read_records(*directories[1:], with_states=True) if r["id"] not in held_ids]
 
     if target is None:
-        target, _ = load_target(model_spec, dtype=dtype, device=device, backend=backend, compile=compile)
+        target, _ = load_target(model_spec, dtype=dtype, device=device, backend=backend, compile=compile, weights=weights)
     train_examples = make_examples(train_records, config.max_length)
     eval_examples = make_examples(eval_records, config.max_length)
     steps_per_epoch = len(batches(train_examples, config.batch_tokens, random.Random(0)))

@@ -1,0 +1,152 @@
+"""4-bit products for weights on a 4-bit grid (``models.int4``, ``--weights int4``): the grid is
+recovered exactly, the kernel computes with exactly the dense weights in float32, the native backend
+gives the dense backend's logits, and greedy decoding of the real Q4_1 model stays token-identical to
+transformers' ``generate``."""
+
+import pytest
+import torch
+
+from helpers import tiny_model
+from redrafter.errors import RedrafterError
+from redrafter.models.int4 import GROUP_SIZE, Int4GridError, Int4Weight, grid_4bit, pack_int4
+from redrafter.models.native import NativeTarget, int4_layer_weights
+
+
+def q4_1_weight(out_features: int, in_features: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float32 weight w = d * q + m per block of 32 inputs (d, m fp16 values as in GGUF's Q4_1),
+    with some blocks on coarser grids (q even only, or q in 0..5) and one constant block. Returns
+    (w, q)."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = in_features // GROUP_SIZE
+    q = torch.randint(0, 16, (out_features, blocks, GROUP_SIZE), generator=g)
+    q[:, :, 0], q[:, :, 1] = 0, 15  # a Q4_1 quantizer maps each block's min and max to 0 and 15
+    q[0, 0] = torch.randint(0, 8, (GROUP_SIZE,), generator=g) * 2  # levels 0, 2, ..., 14 only
+    q[1 % out_features, 0] = torch.randint(0, 6, (GROUP_SIZE,), generator=g)
+    q[2 % out_features, blocks - 1] = 7  # constant
+    d = (torch.rand(out_features, blocks, 1, generator=g) * 0.02 + 0.001).half().float()
+    m = (-torch.rand(out_features, blocks, 1, generator=g) * 0.1).half().float()
+    return (d * q + m).view(out_features, in_features), q.view(out_features, in_features)
+
+
+def test_grid_is_recovered_exactly_from_q4_1_weights():
+    w, q = q4_1_weight(8, 96)
+    found, step, low = grid_4bit(w)
+    blocks = found.view(8, 3, GROUP_SIZE).float()
+    rebuilt = (blocks * step.unsqueeze(-1) + low.unsqueeze(-1)).view_as(w)
+    assert (rebuilt - w).abs().max() <= 1e-6 * w.abs().max()
+    assert int(found.min()) >= 0 and int(found.max()) <= 15
+    full = torch.ones(8, 3, dtype=torch.bool)  # blocks whose levels span 0..15 come back as the same q
+    full[0, 0] = full[1, 0] = full[2, 2] = False
+    assert torch.equal(found.view(8, 3, GROUP_SIZE)[full], q.view(8, 3, GROUP_SIZE)[full])
+
+
+def test_weights_off_a_4bit_grid_are_rejected_by_name():
+    with pytest.raises(Int4GridError, match="not on a 4-bit grid"):
+        grid_4bit(torch.randn(4, 64))
+    with pytest.raises(Int4GridError, match="not a multiple of the group size"):
+        grid_4bit(torch.randn(4, 48))
+    model = tiny_model("llama")  # random dense weights
+    with pytest.raises(RedrafterError, match="layer 0 qkv weight.*Q4_0 / Q4_1 GGUF"):
+        int4_layer_weights(model, torch.float32)
+
+
+def test_float32_int4_products_use_exactly_the_dense_weight():
+    w, _ = q4_1_weight(64, 128, seed=1)
+    packed = pack_int4(w, torch.float32)
+    assert torch.equal(packed.dequantize(), w)
+    x = torch.randn(3, 128)
+    assert (packed(x) - x @ w.T).abs().max() <= 1e-5 * (x.abs() @ w.abs().T).max()
+
+
+def snap_to_q4_1(model):
+    """Round every decoder linear weight of ``model`` (float32) to a Q4_1 grid per 32 inputs, as a
+    Q4_1 GGUF dequantized by transformers would hold it."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for linear in [*layer.self_attn.children(), *layer.mlp.children()]:
+                if isinstance(linear, torch.nn.Linear):
+                    w = linear.weight.view(linear.out_features, -1, GROUP_SIZE)
+                    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+                    step = (high - low) / 15
+                    linear.weight.copy_((((w - low) / step).round() * step + low).view_as(linear.weight))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_int4_gives_the_dense_backends_logits(kind, dtype, monkeypatch):
+    """Prefill (dense products: more rows than int4_max_rows), decode steps and a 4-token tree (int4)
+    on a tiny model with Q4_1-grid weights: logits equal the dense native backend's to float32
+    precision (bf16: to bf16 rounding), and the int4 kernel really runs."""
+    model = snap_to_q4_1(tiny_model(kind))
+    int4 = int4_layer_weights(model, dtype)
+    dense_target = NativeTarget(snap_to_q4_1(tiny_model(kind)).to(dtype), name="dense")  # the same seed
+    int4_target = NativeTarget(model.to(dtype), name="int4", int4_layers=int4, int4_max_rows=8)
+    calls = []
+    original = Int4Weight.__call__
+    monkeypatch.setattr(Int4Weight, "__call__", lambda self, x: calls.append(x.shape) or original(self, x))
+
+    prompt = torch.tensor([[5, 17, 3, 42, 8, 61, 29, 11, 70, 2, 33, 14]])
+    causal = torch.ones(12, 12, dtype=torch.bool).tril().view(1, 12, 12)
+    tree_mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=torch.bool).view(1, 4, 4)
+    results = {}
+    for name, target in (("dense", dense_target), ("int4", int4_target)):
+        cache = target.new_cache(1)
+        steps = [target.forward(prompt, torch.arange(12).view(1, 12), causal, cache).logits]
+        target.commit(cache, torch.arange(12).view(1, 12), torch.tensor([12]))
+        if name == "int4":
+            assert not calls  # the prefill ran dense
+        for token in (7, 19):
+            steps.append(target.forward(torch.tensor([[token]]), cache.lengths.view(1, 1),
+                                        torch.ones(1, 1, 1, dtype=torch.bool), cache).logits)
+            target.commit(cache, torch.zeros(1, 1, dtype=torch.long), torch.tensor([1]))
+        tree = torch.tensor([[4, 9, 23, 40]])
+        positions = cache.lengths.view(1, 1) + torch.tensor([[0, 1, 1, 2]])
+        steps.append(target.forward(tree, positions, tree_mask, cache).logits)
+        target.commit(cache, torch.tensor([[0, 2, 3]]), torch.tensor([3]))
+        steps.append(target.forward(torch.tensor([[1]]), cache.lengths.view(1, 1),
+                                    torch.ones(1, 1, 1, dtype=torch.bool), cache).logits)
+        results[name] = torch.cat([s.float().flatten() for s in steps])
+    assert len(calls) == 4 * 2 * 4  # 4 products per layer, 2 layers, 4 int4 forwards
+    scale = results["dense"].abs().max()
+    tolerance = 1e-5 if dtype == torch.float32 else 0.03
+    assert (results["int4"] - results["dense"]).abs().max() <= tolerance * scale
+
+
+@pytest.mark.slow
+def test_int4_greedy_on_the_real_q4_1_model_matches_generate(smollm2):
+    """The embedded SmolLM2 is a Q4_1 GGUF: with --weights int4 every decoder product of a step of up to
+    8 tokens runs 4-bit. In float32 the weights are exactly the dense ones, so greedy decoding (plain
+    and speculative with the shipped drafter) gives transformers' generate tokens."""
+    from redrafter import Engine, FinishEvent, GenerationConfig, ReDrafterProposer
+    from redrafter.cli import encode_prompt, stop_token_ids
+    from redrafter.drafter.model import load_drafter, recommended_beam
+    from redrafter.models.loading import load_target, shipped_drafter
+
+    reference_target, tokenizer = smollm2
+    target, _ = load_target("smollm2-135m-instruct", dtype="float32", weights="int4")
+    assert all(linear.int4 is not None for layer in target.layers
+               for linear in (layer.qkv, layer.o, layer.gate_up, layer.down))
+    stops = stop_token_ids(tokenizer, target)
+    config = GenerationConfig(max_new_tokens=24, stop_token_ids=stops)
+    drafter_dir = shipped_drafter("smollm2-135m-instruct")
+    proposer = ReDrafterProposer(load_drafter(drafter_dir), target, recommended_beam(drafter_dir, "int4"))
+    for text in ("Give me three tips for staying focused.",):  # the float32 int4 kernel is slow: one prompt
+        ids = encode_prompt(tokenizer, text, chat_template=True)
+        with torch.no_grad():
+            out = reference_target.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                                  do_sample=False, max_new_tokens=24, eos_token_id=list(stops),
+                                                  pad_token_id=tokenizer.pad_token_id)
+        reference = out[0, len(ids):].tolist()
+        for engine in (Engine(target), Engine(target, proposer)):
+            result = next(e for e in engine.generate([ids], config) if isinstance(e, FinishEvent))
+            assert list(result.token_ids) == reference
+
+
+def test_int4_needs_the_native_backend_on_cpu():
+    from redrafter.models.loading import load_target
+
+    with pytest.raises(RedrafterError, match="--weights int4 needs the native backend"):
+        load_target("smollm2-135m-instruct", backend="hf", weights="int4")
+    with pytest.raises(RedrafterError, match="unknown weight format"):
+        load_target("smollm2-135m-instruct", weights="int8")
