@@ -46,8 +46,15 @@ def test_weights_off_a_4bit_grid_are_rejected_by_name():
     with pytest.raises(Int4GridError, match="not a multiple of the group size"):
         grid_4bit(torch.randn(4, 48))
     model = tiny_model("llama")  # random dense weights
-    with pytest.raises(RedrafterError, match="layer 0 qkv weight.*Q4_0 / Q4_1 GGUF"):
+    with pytest.raises(RedrafterError, match="no weight is 4-bit.*layer 0 qkv weight"):
         int4_layer_weights(model, torch.float32)
+    snap_to_q4_1(model)  # a mix (as in GGUF's Q4_K_M): weights off the grid keep dense products
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.add_(torch.randn_like(model.model.layers[1].mlp.down_proj.weight) * 1e-3)
+    layers = int4_layer_weights(model, torch.float32)
+    assert [sorted(layer) for layer in layers] == [["down", "gate_up", "o", "qkv"], ["gate_up", "o", "qkv"]]
+    target = NativeTarget(model, int4_layers=layers)
+    assert target.int4_count == 7 and target.layers[1].down.int4 is None and target.layers[1].o.int4 is not None
 
 
 def test_float32_int4_products_use_exactly_the_dense_weight():

@@ -117,13 +117,14 @@ class _Layer:
 
 
 def int4_layer_weights(model: nn.Module, dtype: torch.dtype) -> list[dict]:
-    """Every decoder layer's q|k|v, o, gate|up and down weights as ``int4.Int4Weight`` for activations
-    in ``dtype``, fused in ``_Layer``'s order. ``model`` should hold float32 weights (a dequantized
-    4-bit GGUF loaded in float32), so the 4-bit grid is exact. Raises ``RedrafterError`` naming the
-    first weight that is not on a 4-bit grid."""
+    """Each decoder layer's q|k|v, o, gate|up and down weights that lie on a 4-bit grid, as
+    ``int4.Int4Weight`` for activations in ``dtype``, fused in ``_Layer``'s order (a dict per layer;
+    a weight not on a grid is left out and keeps dense products: GGUF's Q4_K_M mixes in 6-bit
+    weights). ``model`` should hold float32 weights (a dequantized GGUF loaded in float32), so the
+    grid is exact. Raises ``RedrafterError`` naming the first weight when no weight is on a grid."""
     from redrafter.models.int4 import Int4GridError, pack_int4
 
-    layers = []
+    layers, first_error = [], None
     for index, layer in enumerate(model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
         weights = {
@@ -137,9 +138,11 @@ def int4_layer_weights(model: nn.Module, dtype: torch.dtype) -> list[dict]:
             try:
                 packed[name] = pack_int4(weight.detach(), dtype)
             except Int4GridError as exc:
-                raise RedrafterError(f"--weights int4: layer {index} {name} weight: {exc} (int4 needs 4-bit "
-                                     "weights, e.g. a Q4_0 / Q4_1 GGUF)") from None
+                first_error = first_error or f"layer {index} {name} weight: {exc}"
         layers.append(packed)
+    if not any(layers):
+        raise RedrafterError(f"--weights int4: no weight is 4-bit ({first_error}); int4 needs 4-bit weights, "
+                             "e.g. a Q4_0 / Q4_1 / Q4_K GGUF")
     return layers
 
 
@@ -245,6 +248,7 @@ class NativeTarget:
             from redrafter.models.int4 import INT4_MAX_ROWS as int4_max_rows
         self.int4_max_rows = int4_max_rows if int4_layers is not None else 0
         self.weights = "int4" if int4_layers is not None else "dense"  # what --weights chose
+        self.int4_count = sum(len(layer) for layer in int4_layers or [])  # of the 4 * layers decoder weights
         self.layers = [_Layer(layer, self.heads, self.kv_heads, self.head_dim, pack=pack_weights,
                               max_rows=weight_major_rows, int4=None if int4_layers is None else int4_layers[i],
                               int4_max_rows=self.int4_max_rows)
