@@ -155,5 +155,7 @@ def test_int4_needs_the_native_backend_on_cpu():
 
     with pytest.raises(RedrafterError, match="--weights int4 needs the native backend"):
         load_target("smollm2-135m-instruct", backend="hf", weights="int4")
+    with pytest.raises(RedrafterError, match="do not go together"):
+        load_target("smollm2-135m-instruct", weights="int4", compile=True)
     with pytest.raises(RedrafterError, match="unknown weight format"):
         load_target("smollm2-135m-instruct", weights="int8")

@@ -63,7 +63,7 @@ def add_backend_arguments(parser, *, dtype_default: str = "auto") -> None:
                         help="torch.compile the native backend's forward (pays off on GPUs; see docs/PERFORMANCE.md)")
     parser.add_argument("--weights", choices=WEIGHT_FORMATS, default="auto",
                         help="int4: the native backend runs steps of a few tokens with 4-bit products, for "
-                             "models whose weights are 4-bit (a Q4_0/Q4_1 GGUF, e.g. the embedded default; "
+                             "models whose weights are 4-bit (a Q4_0/Q4_1/Q4_K GGUF, e.g. the embedded default; "
                              "CPU); auto: int4 for such a GGUF in bfloat16 on CPU, else dense "
                              "(docs/PERFORMANCE.md)")
 
@@ -201,10 +201,12 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
         raise RedrafterError(f"unknown weight format '{weights}' (expected one of {', '.join(WEIGHT_FORMATS)})")
     if weights == "int4" and (backend == "hf" or torch.device(device).type != "cpu"):
         raise RedrafterError("--weights int4 needs the native backend on CPU")
+    if weights == "int4" and compile:
+        raise RedrafterError("--weights int4 and --compile do not go together (compile is for GPUs)")
     torch_dtype = resolve_dtype(dtype, device)
     requested = weights
     if weights == "auto":
-        weights = auto_weights(spec, backend, torch_dtype, device)
+        weights = "dense" if compile else auto_weights(spec, backend, torch_dtype, device)
     directory = resolve_model_dir(spec)
     from transformers.utils import logging as hf_logging
 
