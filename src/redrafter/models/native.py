@@ -36,6 +36,7 @@ from torch import nn
 from redrafter.errors import RedrafterError
 from redrafter.models.base import ForwardOutput, Linear, TargetInfo
 from redrafter.models.hf import target_info
+from redrafter.models.int4 import INT4_MAX_ROWS, Int4GridError, pack_int4
 from redrafter.utils import release_free_heap
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -73,6 +74,22 @@ class NativeCache:
         return self.kv.shape[4]
 
 
+def fused_weights(hf_layer: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """A decoder layer's four products as {name: (weight (out, in), bias or None)}, with q|k|v and
+    gate|up concatenated: the layout ``_Layer`` runs and ``int4_layer_weights`` packs."""
+    attn, mlp = hf_layer.self_attn, hf_layer.mlp
+
+    def cat(modules: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bias = None if modules[0].bias is None else torch.cat([m.bias for m in modules]).detach()
+        return torch.cat([m.weight for m in modules]).detach(), bias
+
+    def single(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return module.weight.detach(), None if module.bias is None else module.bias.detach()
+
+    return {"qkv": cat([attn.q_proj, attn.k_proj, attn.v_proj]), "o": single(attn.o_proj),
+            "gate_up": cat([mlp.gate_proj, mlp.up_proj]), "down": single(mlp.down_proj)}
+
+
 class _Layer:
     """One decoder layer's weights, with q|k|v and gate|up fused."""
 
@@ -83,12 +100,8 @@ class _Layer:
         self.input_norm = hf_layer.input_layernorm.weight
         self.post_norm = hf_layer.post_attention_layernorm.weight
         self.eps = hf_layer.input_layernorm.variance_epsilon
-        qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
-        biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
-        qkv_bias = None if biases[0] is None else torch.cat(biases).detach()
-        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
-        gate_up_bias = (None if mlp.gate_proj.bias is None
-                        else torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]).detach())
+        weights = fused_weights(hf_layer)
+        (qkv, qkv_bias), (gate_up, gate_up_bias) = weights["qkv"], weights["gate_up"]
         # The transformers modules now view the fused tensors, so the model stays usable without a copy.
         q_size, kv_size = heads * head_dim, kv_heads * head_dim
         for name, tensor in (("weight", qkv), ("bias", qkv_bias)):
@@ -102,18 +115,10 @@ class _Layer:
                 getattr(mlp.gate_proj, name).data = tensor[:intermediate]
                 getattr(mlp.up_proj, name).data = tensor[intermediate:]
 
-        def bias(module: nn.Module) -> torch.Tensor | None:
-            return None if module.bias is None else module.bias.detach()
-
         int4 = int4 or {}
-
-        def linear(name: str, weight: torch.Tensor, b: torch.Tensor | None) -> Linear:
-            return Linear(weight, b, pack=pack, max_rows=max_rows, int4=int4.get(name), int4_max_rows=int4_max_rows)
-
-        self.qkv = linear("qkv", qkv, qkv_bias)
-        self.o = linear("o", attn.o_proj.weight.detach(), bias(attn.o_proj))
-        self.gate_up = linear("gate_up", gate_up, gate_up_bias)
-        self.down = linear("down", mlp.down_proj.weight.detach(), bias(mlp.down_proj))
+        self.qkv, self.o, self.gate_up, self.down = (
+            Linear(weight, bias, pack=pack, max_rows=max_rows, int4=int4.get(name), int4_max_rows=int4_max_rows)
+            for name, (weight, bias) in weights.items())
 
 
 def int4_layer_weights(model: nn.Module, dtype: torch.dtype) -> list[dict]:
@@ -122,21 +127,12 @@ def int4_layer_weights(model: nn.Module, dtype: torch.dtype) -> list[dict]:
     a weight not on a grid is left out and keeps dense products: GGUF's Q4_K_M mixes in 6-bit
     weights). ``model`` should hold float32 weights (a dequantized GGUF loaded in float32), so the
     grid is exact. Raises ``RedrafterError`` naming the first weight when no weight is on a grid."""
-    from redrafter.models.int4 import Int4GridError, pack_int4
-
     layers, first_error = [], None
     for index, layer in enumerate(model.model.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        weights = {
-            "qkv": torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
-            "o": attn.o_proj.weight,
-            "gate_up": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-            "down": mlp.down_proj.weight,
-        }
         packed = {}
-        for name, weight in weights.items():
+        for name, (weight, _) in fused_weights(layer).items():
             try:
-                packed[name] = pack_int4(weight.detach(), dtype)
+                packed[name] = pack_int4(weight, dtype)
             except Int4GridError as exc:
                 first_error = first_error or f"layer {index} {name} weight: {exc}"
         layers.append(packed)
@@ -245,7 +241,7 @@ class NativeTarget:
         if int4_layers is not None and len(int4_layers) != len(base.layers):
             raise RedrafterError(f"{len(int4_layers)} int4 layers for a model of {len(base.layers)}")
         if int4_max_rows is None:
-            from redrafter.models.int4 import INT4_MAX_ROWS as int4_max_rows
+            int4_max_rows = INT4_MAX_ROWS
         self.int4_max_rows = int4_max_rows if int4_layers is not None else 0
         self.weights = "int4" if int4_layers is not None else "dense"  # what --weights chose
         self.int4_count = sum(len(layer) for layer in int4_layers or [])  # of the 4 * layers decoder weights
