@@ -8,6 +8,7 @@ import torch
 
 from redrafter.config import DrafterConfig
 from redrafter.drafter import Drafter, beam_search
+from redrafter.tree import NO_TOKEN
 
 VOCAB, HIDDEN = 4, 8
 
@@ -90,21 +91,28 @@ def test_pruned_beams_match_explicit_enumeration(setup, width):
 
 
 @pytest.mark.parametrize("width", [1, 3])
-def test_min_prob_stops_at_the_depth_where_every_beam_falls_below_it(setup, width):
-    """Adaptive length: the result is exactly the beam search of the depth before the best beam's
-    probability (over all rows) drops below min_prob, and never shorter than one drafted token."""
+def test_min_prob_drops_every_node_below_it_and_stops_where_none_is_left(setup, width):
+    """Adaptive draft: the result is the beam search of depth d with every node of drafter probability
+    below min_prob set to NO_TOKEN (down to g0 alone), where d is the deepest search whose best beam
+    of some row still reaches min_prob."""
     drafter, embedding, context, g0 = setup
     full = {n: beam_search(drafter, embedding, context, g0, width=width, length=n) for n in range(2, 7)}
-    best = {n: float(full[n].scores[:, 0].max()) for n in full}
-    for stop in (2, 3, 4, 5):
-        assert best[stop] > best[stop + 1]  # strictly, so a floor fits between them
-        min_prob = math.exp((best[stop] + best[stop + 1]) / 2)
-        result = beam_search(drafter, embedding, context, g0, width=width, length=6, min_prob=min_prob)
-        assert torch.equal(result.beams, full[stop].beams)
-        torch.testing.assert_close(result.scores, full[stop].scores, atol=0, rtol=0)
+    scores = full[6].path_scores.flatten().unique().sort(descending=True).values  # 0 (g0) first
+    assert len(scores) > 6
+    depths = set()
+    for i in (0, 1, 2, len(scores) // 2, len(scores) - 2):
+        floor = float((scores[i] + scores[i + 1]) / 2)
+        result = beam_search(drafter, embedding, context, g0, width=width, length=6, min_prob=math.exp(floor))
+        depth = max([n for n in full if float(full[n].scores[:, 0].max()) >= floor], default=1)
+        reference = full[max(depth, 2)]
+        expected = torch.where(reference.path_scores >= floor, reference.beams,
+                               torch.full_like(reference.beams, NO_TOKEN))[..., :depth]
+        assert torch.equal(result.beams, expected)
+        depths.add(depth)
+    assert len(depths) >= 3
     unsure = beam_search(drafter, embedding, context, g0, width=width, length=6, min_prob=0.999)
-    assert torch.equal(unsure.beams, full[2].beams)
-    assert torch.equal(beam_search(drafter, embedding, context, g0, width=width, length=6, min_prob=1e-9).beams,
+    assert torch.equal(unsure.beams, g0.view(-1, 1, 1).expand(-1, width, 1))  # g0 alone: a plain decode step
+    assert torch.equal(beam_search(drafter, embedding, context, g0, width=width, length=6, min_prob=1e-12).beams,
                        full[6].beams)
 
 

@@ -70,27 +70,30 @@ def test_random_drafter_equals_generate(case):
         assert list(result.token_ids) == reference
 
 
-def test_adaptive_draft_length_equals_generate(case):
-    """min_prob makes beam search stop at different depths from step to step (checked: several
-    lengths occur in a ragged batch); the output is still plain greedy decoding."""
+def test_adaptive_draft_equals_generate(case):
+    """min_prob makes beam search verify only the nodes the drafter is sure enough of (checked: some
+    steps verify g0 alone, others several tokens, at several depths in a ragged batch); the output is
+    still plain greedy decoding."""
     target, references = case
     torch.manual_seed(1)
     drafter = Drafter(DrafterConfig(hidden_size=64, vocab_size=TINY_VOCAB)).eval()
     for p in drafter.parameters():
         torch.nn.init.normal_(p, std=0.1)  # q peaked enough that the path probability varies
-    proposer = ReDrafterProposer(drafter, target, BeamConfig(width=2, length=5, min_prob=0.02))
-    lengths, propose = [], proposer.propose
+    proposer = ReDrafterProposer(drafter, target, BeamConfig(width=2, length=5, min_prob=0.1))
+    lengths, nodes, propose = [], [], proposer.propose
 
     def recording(*args, **kwargs):
         beams = propose(*args, **kwargs)
         lengths.append(beams.shape[-1])
+        nodes.extend(int(n) for n in (beams != NO_TOKEN).sum(dim=(1, 2)))
         return beams
 
     proposer.propose = recording
     results = run(Engine(target, proposer), PROMPTS, GenerationConfig(max_new_tokens=MAX_NEW))
     for result, reference in zip(results, references):
         assert list(result.token_ids) == reference
-    assert len(set(lengths)) >= 2 and min(lengths) >= 2 and max(lengths) <= 5
+    assert len(set(lengths)) >= 2 and max(lengths) <= 5
+    assert min(nodes) == 2 and max(nodes) > 2  # W=2 copies of g0 alone, and real drafts
 
 
 def test_capped_tree_equals_generate(case):

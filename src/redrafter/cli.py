@@ -127,9 +127,9 @@ def add_draft_shape_arguments(parser, *, multiple: bool = False) -> None:
                         help="L, tokens per beam counting the target's own token, L-1 drafted (default: the "
                              f"drafter's measured best, else {DEFAULT_BEAM.length})")
     parser.add_argument("--min-draft-prob", default=None, metavar="P", help=(
-        "adaptive draft length: stop drafting deeper once no beam's drafter probability reaches P (at least "
-        "one drafted token; beam-search drafts only; 0 = always L-1 tokens; default: the drafter's measured "
-        "best, else 0)" + (" (a comma list runs each)" if multiple else "")))
+        "adaptive draft: verify only the tree nodes whose drafter probability (the product of q along the "
+        "path) is at least P, possibly none but g0 (beam-search drafts only; 0 = the whole tree; default: "
+        "the drafter's measured best, else 0)" + (" (a comma list runs each)" if multiple else "")))
     parser.add_argument("--max-tree-tokens", default=None, metavar="N", help=(
         "verify at most N tree tokens per step (g0 included): the N nodes of the beams' tree most probable "
         "under the drafter (beam-search drafts only; 0 = all; default: the drafter's measured best, else 0)"

@@ -15,12 +15,11 @@ class BeamConfig:
     Each beam therefore carries ``length - 1`` drafted tokens; TensorRT-LLM calls that number
     ``draft_len_per_beam`` and W ``num_beams``.
 
-    ``min_prob`` > 0 makes the draft's length adaptive (beam-search drafts only): beam search stops
-    going deeper, and drops the depth it just drafted, once no beam's probability under the drafter
-    (the product of q along it) reaches ``min_prob``. The first drafted token is always kept
-    (verifying two tokens costs about as much as one decode step), so a step verifies between 2 and
-    L tokens per beam. Unsure drafts then cost no verification; drafts stay proposals, so the output
-    is unchanged.
+    ``min_prob`` > 0 makes the draft adaptive (beam-search drafts only): a tree node whose probability
+    under the drafter (the product of q along its path) is below ``min_prob`` is not verified, and
+    beam search stops going deeper once no beam reaches it. A step then verifies anything from g0
+    alone (a plain decode step: unsure drafts cost no verification) to the whole tree. Drafts stay
+    proposals, so the output is unchanged.
 
     ``max_tree_tokens`` > 0 caps the verified tree (beam-search drafts only): of the distinct tree
     nodes, g0 included, only the ``max_tree_tokens`` most probable under the drafter are verified

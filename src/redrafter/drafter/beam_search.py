@@ -3,8 +3,9 @@
 All W beams start with g0. Step 1 expands only beam 0 (the others start at log-probability -inf),
 so the first drafted tokens of the W beams are the top-W tokens of q. Every later step keeps the
 top W of the W x V extensions by summed log q, carrying each beam's RNN state along its parent.
-With ``min_prob`` > 0 the search stops early (BeamConfig.min_prob): a depth beyond the first at which
-every row's best beam has summed log q below log(min_prob) is dropped, and so is everything deeper.
+With ``min_prob`` > 0 (BeamConfig.min_prob) every node whose summed log q is below log(min_prob) becomes
+``NO_TOKEN``, so a row may keep g0 alone, and the search stops at the first depth at which no beam of
+any row reaches the floor (that depth and everything deeper would all be dropped anyway).
 With ``max_tree_tokens`` > 0 only that many distinct nodes of the beams' tree stay (tree.cap_tree):
 the others become ``NO_TOKEN``, so beams may end early.
 """
@@ -18,7 +19,7 @@ from typing import Callable
 import torch
 
 from redrafter.drafter.model import Drafter
-from redrafter.tree import cap_tree
+from redrafter.tree import NO_TOKEN, cap_tree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +42,7 @@ class BeamSearchResult:
 def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor], context: torch.Tensor,
                 g0: torch.Tensor, *, width: int, length: int, min_prob: float = 0.0,
                 max_tree_tokens: int = 0, return_log_probs: bool = False) -> BeamSearchResult:
-    """Draft W beams of L tokens (g0 included), or fewer with ``min_prob`` (at least 2).
+    """Draft W beams of L tokens (g0 included), or fewer with ``min_prob``.
 
     Args:
         drafter: the draft head.
@@ -49,8 +50,9 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
         context: (batch, H) the target's last hidden state h at the last accepted position.
         g0:      (batch,) the target's own next token.
         width, length: W and L.
-        min_prob: stop before the first depth > 1 at which no beam of any row keeps a drafter
-                  probability >= min_prob; the result is then exactly beam_search(length=that depth).
+        min_prob: drop (``NO_TOKEN``) every node whose drafter probability (the product of q along its
+                  path) is below min_prob, and stop before the first depth at which that leaves no
+                  node in any row; the beams then hold at least g0 (length >= 1).
         max_tree_tokens: > 0 keeps only the most probable distinct nodes (g0 included) of the tree.
     Returns:
         BeamSearchResult.
@@ -82,7 +84,7 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
             beam_top, beam_index = (scores.unsqueeze(-1) + step_log_q).topk(per_beam, dim=-1)  # (batch, W, per_beam)
             top, pick = beam_top.view(batch, width * per_beam).topk(width, dim=-1)
             flat = (pick // per_beam) * vocab + beam_index.view(batch, -1).gather(1, pick)
-        if floor is not None and depth > 1 and bool((top[:, 0] < floor).all()):
+        if floor is not None and bool((top[:, 0] < floor).all()):
             break  # every beam's probability fell below min_prob: this depth is not worth verifying
         scores = top
         parent, token = flat // vocab, drafter.to_target_ids(flat % vocab)
@@ -92,6 +94,8 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
         if return_log_probs:
             chosen = step_log_q[rows, parent].unsqueeze(2)  # (batch, W, 1, V)
             log_probs = chosen if log_probs is None else torch.cat([log_probs[rows, parent], chosen], dim=2)
+    if floor is not None:  # a suffix of each beam: path scores never rise along it
+        beams = torch.where(path_scores >= floor, beams, torch.full_like(beams, NO_TOKEN))
     if max_tree_tokens > 0:
         beams = cap_tree(beams, path_scores, max_tree_tokens)
     return BeamSearchResult(beams=beams, scores=scores, path_scores=path_scores, log_probs=log_probs)
