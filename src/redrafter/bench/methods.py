@@ -151,7 +151,7 @@ METHOD_NAMES = ("hf-generate", "ar", "redrafter", "hf-prompt-lookup", "hf-assist
 
 
 def redrafter_name(beam: BeamConfig, draft_mode: str = "beam") -> str:
-    """``redrafter[W=..,L=..]``, with ``,p>=..`` for an adaptive draft length, ``,K<=..`` for a capped
+    """``redrafter[W=..,L=..]``, with ``,p>=..`` for an adaptive draft (--min-draft-prob), ``,K<=..`` for a capped
     tree and ``,sample`` when drafts are drawn from q (sampling only)."""
     suffix = f",p>={beam.min_prob:g}" if beam.min_prob > 0 else ""
     suffix += f",K<={beam.max_tree_tokens}" if beam.max_tree_tokens > 0 else ""
