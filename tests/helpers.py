@@ -78,7 +78,7 @@ class ScriptedProposer:
     def _random(self, n: int) -> list[int]:
         return torch.randint(0, self.vocab, (n,), generator=self.generator).tolist()
 
-    def propose(self, context, g0, num_generated, *, rows):
+    def propose(self, context, g0, num_generated, *, rows, history=None):
         beams = []
         for row, first, done in zip(rows.tolist(), g0.tolist(), num_generated.tolist()):
             # The reference continuation after g0 (g0 is reference[row][done - 1]).

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from helpers import TINY_VOCAB, ScriptedProposer, hf_greedy, tiny_target
-from redrafter import BeamConfig, Drafter, DrafterConfig, Engine, FinishEvent, GenerationConfig, ReDrafterProposer
+from redrafter import (BeamConfig, Drafter, DrafterConfig, Engine, FinishEvent, GenerationConfig, LookupProposer,
+                       ReDrafterProposer)
 from redrafter.engine import TokensEvent
 from redrafter.tree import NO_TOKEN
 
@@ -115,6 +116,22 @@ def test_capped_tree_equals_generate(case):
     for result, reference in zip(results, references):
         assert list(result.token_ids) == reference
     assert all(ended)
+
+
+def test_context_lookup_equals_generate(case):
+    """Context lookup alone, and as one more beam beside a capped drafter tree (beams of different
+    lengths): the output is plain greedy decoding, and the looked-up tokens are accepted at times."""
+    target, references = case
+    torch.manual_seed(2)
+    drafter = Drafter(DrafterConfig(hidden_size=64, vocab_size=TINY_VOCAB)).eval()
+    both = ReDrafterProposer(drafter, target, BeamConfig(width=2, length=3, max_tree_tokens=3, lookup_tokens=5))
+    assert both.beam_length == 6
+    for proposer in (LookupProposer(4), both):
+        results = run(Engine(target, proposer), PROMPTS, GenerationConfig(max_new_tokens=MAX_NEW))
+        for result, reference in zip(results, references):
+            assert list(result.token_ids) == reference
+        tokens = sum(r.stats.num_new_tokens - 1 for r in results)
+        assert tokens > sum(r.stats.num_steps for r in results)  # some steps kept drafted tokens
 
 
 def test_batch_rows_are_independent(case):

@@ -87,11 +87,15 @@ def chi_square_p_value(counts: torch.Tensor, joint: torch.Tensor) -> float:
     (SamplingParams(temperature=1.0, top_k=4, seed=13), "sample", None),
     (SamplingParams(temperature=1.0, top_p=0.8, seed=14), "sample", None),
     (SamplingParams(temperature=1.0, seed=15), "beam", None), (SamplingParams(temperature=0.5, top_p=0.9, seed=16), "beam", None),
-    (SamplingParams(temperature=1.0, seed=17), "beam", BeamConfig(width=3, length=3, max_tree_tokens=4))],
-    ids=["T1", "T0.5", "top-k4", "top-p0.8", "beam-drafts-T1", "beam-drafts-T0.5-top-p0.9", "beam-drafts-T1-capped-tree"])
+    (SamplingParams(temperature=1.0, seed=17), "beam", BeamConfig(width=3, length=3, max_tree_tokens=4)),
+    (SamplingParams(temperature=1.0, seed=18), "sample", BeamConfig(width=2, length=3, lookup_tokens=3)),
+    (SamplingParams(temperature=0.7, top_k=6, seed=19), "beam", BeamConfig(width=2, length=2, lookup_tokens=2))],
+    ids=["T1", "T0.5", "top-k4", "top-p0.8", "beam-drafts-T1", "beam-drafts-T0.5-top-p0.9", "beam-drafts-T1-capped-tree",
+         "T1-lookup", "beam-drafts-T0.7-top-k6-lookup"])
 def test_speculative_samples_follow_the_exact_joint(setup, params, draft_mode, beam):
     """Drafts drawn from q ("sample") or made by beam search and tested as point masses ("beam"),
-    also with the tree capped to its 4 most probable nodes (beams that end early)."""
+    also with the tree capped to its 4 most probable nodes (beams that end early), and with the
+    context-lookup beam (point masses, longer than the drafter's beams) after the drafter's."""
     model, target, drafter = setup
     counts = sampled_counts(target, drafter, params, draft_mode, beam)
     assert counts.sum() == SAMPLES

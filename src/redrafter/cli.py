@@ -104,19 +104,23 @@ def resolve_drafter(model_spec: str, drafter: str | None) -> Path:
 
 
 def resolve_beam(width: int | None, length: int | None, drafter_path, min_prob: float | None = None,
-                 max_tree_tokens: int | None = None, weights: str = "dense") -> BeamConfig:
+                 max_tree_tokens: int | None = None, weights: str = "dense", lookup_tokens: int | None = None,
+                 lookup_ngram: int | None = None) -> BeamConfig:
     """Explicit flags win, then the drafter's stored best setting for the target's weight format
     (``weights``, ``TargetModel.weights``), then the built-in default.
 
     A stored tree cap was measured for the stored W x L only: an explicit width or length without
-    ``max_tree_tokens`` verifies the whole tree."""
+    ``max_tree_tokens`` verifies the whole tree. The context-lookup beam is a branch of its own and
+    keeps its stored setting."""
     from redrafter.drafter.model import recommended_beam
 
     base = recommended_beam(drafter_path, weights) or DEFAULT_BEAM
     if max_tree_tokens is None:
         max_tree_tokens = base.max_tree_tokens if width is None and length is None else 0
     return BeamConfig(width=base.width if width is None else width, length=base.length if length is None else length,
-                      min_prob=base.min_prob if min_prob is None else min_prob, max_tree_tokens=max_tree_tokens)
+                      min_prob=base.min_prob if min_prob is None else min_prob, max_tree_tokens=max_tree_tokens,
+                      lookup_tokens=base.lookup_tokens if lookup_tokens is None else lookup_tokens,
+                      lookup_ngram=base.lookup_ngram if lookup_ngram is None else lookup_ngram)
 
 
 def add_draft_shape_arguments(parser, *, multiple: bool = False) -> None:
@@ -134,12 +138,24 @@ def add_draft_shape_arguments(parser, *, multiple: bool = False) -> None:
         "verify at most N tree tokens per step (g0 included): the N nodes of the beams' tree most probable "
         "under the drafter (beam-search drafts only; 0 = all; default: the drafter's measured best, else 0)"
         + (" (a comma list runs each)" if multiple else "")))
+    parser.add_argument("--lookup-tokens", default=None, metavar="N", help=(
+        "context lookup: also verify, as one more beam, the up to N tokens that followed the last earlier "
+        "occurrence of the row's last n tokens in its prompt and output (0 = off; default: the drafter's "
+        "measured best, else 0)" + (" (a comma list runs each)" if multiple else "")))
+    parser.add_argument("--lookup-ngram", type=int, default=None, metavar="N",
+                        help="longest n-gram the context lookup matches, trying shorter ones down to 1 "
+                             f"(default: the drafter's measured best, else {DEFAULT_BEAM.lookup_ngram})")
 
 
 def max_tree_tokens_values(value: str | None) -> list[int | None]:
     """Parse --max-tree-tokens (None = the drafter's default; a comma list for bench)."""
     return comma_values(value, int, lambda v: v == 0 or v >= 2,
                         "--max-tree-tokens must be 0 (no cap) or an integer >= 2")
+
+
+def lookup_tokens_values(value: str | None) -> list[int | None]:
+    """Parse --lookup-tokens (None = the drafter's default; a comma list for bench)."""
+    return comma_values(value, int, lambda v: v >= 0, "--lookup-tokens must be an integer >= 0 (0 = off)")
 
 
 def min_draft_probs(value: str | None) -> list[float | None]:
@@ -226,7 +242,11 @@ def run_generate(args: argparse.Namespace) -> int:
     caps = max_tree_tokens_values(args.max_tree_tokens)
     if len(caps) != 1:
         raise RedrafterError(f"--max-tree-tokens takes one value for generate, got '{args.max_tree_tokens}'")
-    resolve_beam(args.beam_width, args.beam_length, None, probs[0], caps[0])  # bad flags fail before anything loads
+    lookups = lookup_tokens_values(args.lookup_tokens)
+    if len(lookups) != 1:
+        raise RedrafterError(f"--lookup-tokens takes one value for generate, got '{args.lookup_tokens}'")
+    resolve_beam(args.beam_width, args.beam_length, None, probs[0], caps[0], lookup_tokens=lookups[0],
+                 lookup_ngram=args.lookup_ngram)  # bad flags fail before anything loads
     prompts = read_prompts([t for group in args.prompt or [] for t in group], args.prompts_file)
     drafter_path = None if args.autoregressive else resolve_drafter(args.model or DEFAULT_MODEL, args.drafter)
     if args.threads is not None:
@@ -244,7 +264,8 @@ def run_generate(args: argparse.Namespace) -> int:
                                     weights=args.weights)
     proposer = None
     if not args.autoregressive:
-        beam = resolve_beam(args.beam_width, args.beam_length, drafter_path, probs[0], caps[0], target.weights)
+        beam = resolve_beam(args.beam_width, args.beam_length, drafter_path, probs[0], caps[0], target.weights,
+                            lookups[0], args.lookup_ngram)
         drafter = load_drafter(drafter_path, device=target.device, dtype=target.dtype)
         proposer = ReDrafterProposer(drafter, target, beam, draft_mode=draft_mode)
     engine = Engine(target, proposer)
@@ -278,6 +299,8 @@ def run_generate(args: argparse.Namespace) -> int:
                         "beam_length": None if args.autoregressive else beam.length,
                         "min_draft_prob": None if args.autoregressive else beam.min_prob,
                         "max_tree_tokens": None if args.autoregressive else beam.max_tree_tokens,
+                        "lookup_tokens": None if args.autoregressive else beam.lookup_tokens,
+                        "lookup_ngram": None if args.autoregressive else beam.lookup_ngram,
                         "temperature": sampling.temperature,
                         "seed": sampling.seed,
                         "draft_mode": None if args.autoregressive or sampling.greedy else draft_mode,

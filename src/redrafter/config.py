@@ -27,12 +27,18 @@ class BeamConfig:
     kept too). Wide, deep beam searches then cost the verification of a small tree: on a CPU, a
     forward of K tokens grows with K once the matrix products stop being memory-bound. 0 = verify
     every node.
+
+    ``lookup_tokens`` > 0 adds one more beam (drafter/lookup.py): the up to ``lookup_tokens`` tokens
+    that followed the last occurrence, earlier in the row's own prompt and output, of its last n
+    tokens (n = ``lookup_ngram`` down to 1). It is verified in the same forward, outside the cap.
     """
 
     width: int = 4
     length: int = 5
     min_prob: float = 0.0
     max_tree_tokens: int = 0
+    lookup_tokens: int = 0
+    lookup_ngram: int = 3
 
     def __post_init__(self) -> None:
         if self.width < 1:
@@ -47,6 +53,9 @@ class BeamConfig:
         if self.max_tree_tokens != 0 and self.max_tree_tokens < 2:
             raise RedrafterError(f"max tree tokens must be 0 (no cap) or >= 2 (g0 and one drafted token), "
                                  f"got {self.max_tree_tokens}")
+        if self.lookup_tokens < 0 or self.lookup_ngram < 1:
+            raise RedrafterError(f"lookup tokens must be >= 0 (0 = off) and the lookup n-gram >= 1, got "
+                                 f"{self.lookup_tokens} and {self.lookup_ngram}")
 
 
 @dataclasses.dataclass(frozen=True)

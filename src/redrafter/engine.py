@@ -28,6 +28,7 @@ import torch
 
 from redrafter.config import BeamConfig, GenerationConfig, SamplingParams
 from redrafter.drafter.beam_search import beam_search
+from redrafter.drafter.lookup import join_beams, lookup_beams, pad_length, point_masses
 from redrafter.drafter.model import Drafter, inference_copy
 from redrafter.errors import RedrafterError
 from redrafter.models.base import TargetModel
@@ -42,13 +43,14 @@ class Proposer(Protocol):
     beam_length: int
 
     def propose(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor, *,
-                rows: torch.Tensor) -> torch.Tensor:
+                rows: torch.Tensor, history: Sequence[Sequence[int]]) -> torch.Tensor:
         """Args:
             context:       (batch, H) the target's hidden state at the last committed token.
             g0:            (batch,) the target's own next token (already emitted).
             num_generated: (batch,) how many tokens each row has emitted, g0 included.
             rows:          (batch,) long, each row's prompt index in the ``generate`` call (finished
                            rows leave the batch, so batch row b need not be prompt b).
+            history:       each row's prompt and emitted tokens, ending with g0.
         Returns:
             (batch, W, L) beams with ``beams[:, :, 0] == g0``.
         """
@@ -64,7 +66,7 @@ class SamplingProposer(Proposer, Protocol):
 
     def propose_sampled(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor,
                         params: SamplingParams, generators: Sequence[torch.Generator], *,
-                        rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        rows: torch.Tensor, history: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (beams (batch, W, L), draft_probs (batch, W, L-1, V)): W paths drawn independently
         from the drafter, and the target-vocabulary distribution each drafted token was drawn from."""
 
@@ -75,8 +77,24 @@ class AutoregressiveProposer:
     beam_length = 1
 
     def propose(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor, *,
-                rows: torch.Tensor) -> torch.Tensor:
+                rows: torch.Tensor, history: Sequence[Sequence[int]]) -> torch.Tensor:
         return g0.view(-1, 1, 1)
+
+
+class LookupProposer:
+    """Context lookup alone (prompt lookup decoding, drafter/lookup.py): one beam per row copied from
+    the row's own history, no drafter; the baseline that shows what the recurrent drafter adds."""
+
+    def __init__(self, num_tokens: int, max_ngram: int = 3) -> None:
+        BeamConfig(width=1, length=2, lookup_tokens=num_tokens, lookup_ngram=max_ngram)  # validates
+        if num_tokens < 1:
+            raise RedrafterError(f"context lookup needs at least 1 token, got {num_tokens}")
+        self.num_tokens, self.max_ngram = num_tokens, max_ngram
+        self.beam_length = 1 + num_tokens
+
+    def propose(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor, *,
+                rows: torch.Tensor, history: Sequence[Sequence[int]]) -> torch.Tensor:
+        return lookup_beams(g0, history, num_tokens=self.num_tokens, max_ngram=self.max_ngram)
 
 
 DRAFT_MODES = ("beam", "sample")
@@ -101,24 +119,32 @@ class ReDrafterProposer:
         self.drafter = inference_copy(drafter)
         self.embed = target.embed
         self.beam = beam
-        self.beam_length = beam.length
+        self.beam_length = max(beam.length, 1 + beam.lookup_tokens)
         self.draft_mode = draft_mode
 
     def propose(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor, *,
-                rows: torch.Tensor) -> torch.Tensor:
-        return beam_search(self.drafter, self.embed, context, g0, width=self.beam.width,
-                           length=self.beam.length, min_prob=self.beam.min_prob,
-                           max_tree_tokens=self.beam.max_tree_tokens).beams
+                rows: torch.Tensor, history: Sequence[Sequence[int]]) -> torch.Tensor:
+        """The drafter's beam search; with ``beam.lookup_tokens`` the context-lookup beam after them."""
+        beams = beam_search(self.drafter, self.embed, context, g0, width=self.beam.width,
+                            length=self.beam.length, min_prob=self.beam.min_prob,
+                            max_tree_tokens=self.beam.max_tree_tokens).beams
+        if self.beam.lookup_tokens:
+            beams = join_beams(beams, self._lookup(g0, history))
+        return beams
+
+    def _lookup(self, g0: torch.Tensor, history: Sequence[Sequence[int]]) -> torch.Tensor:
+        return lookup_beams(g0, history, num_tokens=self.beam.lookup_tokens, max_ngram=self.beam.lookup_ngram)
 
     def propose_sampled(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor,
                         params: SamplingParams, generators: Sequence[torch.Generator], *,
-                        rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        rows: torch.Tensor, history: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """W independent draws of L-1 tokens from the recurrent drafter, each token drawn from q after
         the same sampling transform as the target's p (any q keeps the output exact; a q close to p
         gets more tokens accepted). Always L-1 tokens: ``beam.min_prob`` does not apply, because
         cutting paths by the probability of what was drawn would bias which children a node gets.
         For the same reason ``beam.max_tree_tokens`` does not choose among the draws; it caps their
-        number instead (``sampled_paths``), fixed before anything is drawn."""
+        number instead (``sampled_paths``), fixed before anything is drawn. The context-lookup beam
+        (``beam.lookup_tokens``) comes last, its tokens proposed as point masses."""
         drafter, width = self.drafter, sampled_paths(self.beam)
         batch = g0.shape[0]
         h = context.to(next(drafter.parameters()).dtype).unsqueeze(1).expand(batch, width, -1)
@@ -133,7 +159,14 @@ class ReDrafterProposer:
             if drafter.draft_to_target is not None:  # reduced draft vocabulary: q is zero outside it
                 q = torch.zeros(batch, width, vocab, device=q.device).index_copy_(-1, drafter.draft_to_target, q)
             draws.append(q)
-        return beams, torch.stack(draws, dim=2)
+        draft_probs = torch.stack(draws, dim=2)  # (batch, W, L-1, V)
+        if self.beam.lookup_tokens:
+            looked_up = self._lookup(g0, history)
+            length = max(beams.shape[-1], looked_up.shape[-1])
+            draft_probs = torch.cat([pad_length(draft_probs, length - 1, 0.0),
+                                     pad_length(point_masses(looked_up, vocab, draft_probs.dtype), length - 1, 0.0)], dim=1)
+            beams = join_beams(beams, looked_up)
+        return beams, draft_probs
 
 
 def sampled_paths(beam: BeamConfig) -> int:
@@ -285,15 +318,17 @@ class Engine:
                 live = [live[b] for b in keep_rows]
                 batch, rows_index = len(live), torch.arange(len(live), device=device)
             num_generated = torch.tensor([len(rows[r].tokens) for r in live], device=device)
+            history = [list(prompts[r]) + rows[r].tokens for r in live]
             prompt_rows = torch.tensor(live, device=device)
             # 1. Draft: beam search (any deterministic draft is verified as point masses), or random
             #    draws from the drafter when sampling with draft_mode "sample".
             draft_probs = None
             if not params.greedy and getattr(self.proposer, "draft_mode", "beam") == "sample":
                 beams, draft_probs = self.proposer.propose_sampled(context, g0, num_generated, params, generators,
-                                                                   rows=prompt_rows)
+                                                                   rows=prompt_rows, history=history)
             else:
-                beams = self.proposer.propose(context, g0, num_generated, rows=prompt_rows)  # (batch, W, L)
+                beams = self.proposer.propose(context, g0, num_generated, rows=prompt_rows,
+                                              history=history)  # (batch, W, L)
             # 2. Pack the beams into a tree.
             tree = pack(beams)
             # 3. Verify all beams in one forward.

@@ -28,7 +28,8 @@ def add_bench_parser(subparsers) -> None:
     p.add_argument("--drafter", default=None, help="drafter directory (default: the one shipped for the model)")
     p.add_argument("--dataset", required=True, help="mt-bench, humaneval, or a prompts file (JSONL or text)")
     p.add_argument("--methods", default="hf-generate,ar,redrafter",
-                   help="comma list of hf-generate, ar, redrafter, hf-prompt-lookup, hf-assisted, llamacpp")
+                   help="comma list of hf-generate, ar, redrafter, lookup (our engine with context lookup alone), "
+                        "hf-prompt-lookup, hf-assisted, llamacpp")
     p.add_argument("--max-new-tokens", type=int, default=128)
     add_backend_arguments(p)
     p.add_argument("--threads", type=int, default=2, help="torch threads for every method (recorded)")
@@ -41,7 +42,8 @@ def add_bench_parser(subparsers) -> None:
     add_draft_shape_arguments(p, multiple=True)
     p.add_argument("--grid", default=None, help="W×L grid for redrafter, e.g. 1,2,4x3,4,5 (overrides beam flags)")
     p.add_argument("--assistant-model", default=None, help="model spec of the draft model for hf-assisted")
-    p.add_argument("--prompt-lookup-tokens", type=int, default=10)
+    p.add_argument("--prompt-lookup-tokens", type=int, default=10,
+                   help="tokens proposed per step by hf-prompt-lookup and lookup")
     p.add_argument("--warmup-tokens", type=int, default=16, help="tokens of the excluded warm-up run per method")
     p.add_argument("--no-chat-template", action="store_true")
     add_sampling_arguments(p, multiple=True)
@@ -56,8 +58,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from redrafter.bench.report import print_table, write_outputs
     from redrafter.bench.runner import Item, machine_info, run_bench, summarise
     from redrafter.bench.workloads import load_workload
-    from redrafter.cli import (draft_modes, encode_messages, max_tree_tokens_values, min_draft_probs, resolve_beam,
-                               resolve_drafter, sampling_params, stop_token_ids)
+    from redrafter.cli import (draft_modes, encode_messages, lookup_tokens_values, max_tree_tokens_values,
+                               min_draft_probs, resolve_beam, resolve_drafter, sampling_params, stop_token_ids)
     from redrafter.drafter.model import load_drafter
     from redrafter.models.loading import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_gguf, load_target
 
@@ -77,16 +79,17 @@ def run_bench_command(args: argparse.Namespace) -> int:
     drafter_path = resolve_drafter(spec, args.drafter) if "redrafter" in names else None
     shapes = ([(shape.width, shape.length) for shape in parse_grid(args.grid)] if args.grid
               else [(args.beam_width, args.beam_length)])
-    shape_flags = [(width, length, prob, cap) for width, length in shapes for prob in min_draft_probs(args.min_draft_prob)
-                   for cap in max_tree_tokens_values(args.max_tree_tokens)]
+    shape_flags = [(width, length, prob, cap, look) for width, length in shapes
+                   for prob in min_draft_probs(args.min_draft_prob) for cap in max_tree_tokens_values(args.max_tree_tokens)
+                   for look in lookup_tokens_values(args.lookup_tokens)]
     modes = draft_modes(args.draft_mode)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     target, tokenizer = load_target(spec, dtype=args.dtype, device=args.device, backend=args.backend,
                                     compile=args.compile, weights=args.weights)
-    beams = [resolve_beam(width, length, drafter_path, prob, cap, target.weights)
-             for width, length, prob, cap in shape_flags]
+    beams = [resolve_beam(width, length, drafter_path, prob, cap, target.weights, look, args.lookup_ngram)
+             for width, length, prob, cap, look in shape_flags]
     drafter = load_drafter(drafter_path, device=target.device, dtype=target.dtype) if drafter_path else None
     assistant = None
     if "hf-assisted" in names and args.assistant_model:

@@ -16,7 +16,7 @@ import torch
 
 from redrafter.config import BeamConfig, GenerationConfig, SamplingParams
 from redrafter.drafter.model import inference_copy
-from redrafter.engine import Engine, FinishEvent, ReDrafterProposer
+from redrafter.engine import Engine, FinishEvent, LookupProposer, ReDrafterProposer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,14 +147,16 @@ class LlamaCppMethod:
         return RunResult(tokens, max(len(tokens) - 1, 0), elapsed, first)
 
 
-METHOD_NAMES = ("hf-generate", "ar", "redrafter", "hf-prompt-lookup", "hf-assisted", "llamacpp")
+METHOD_NAMES = ("hf-generate", "ar", "redrafter", "lookup", "hf-prompt-lookup", "hf-assisted", "llamacpp")
 
 
 def redrafter_name(beam: BeamConfig, draft_mode: str = "beam") -> str:
     """``redrafter[W=..,L=..]``, with ``,p>=..`` for an adaptive draft (--min-draft-prob), ``,K<=..`` for a capped
-    tree and ``,sample`` when drafts are drawn from q (sampling only)."""
+    tree, ``,look=..`` with the context-lookup beam and ``,sample`` when drafts are drawn from q (sampling only)."""
     suffix = f",p>={beam.min_prob:g}" if beam.min_prob > 0 else ""
     suffix += f",K<={beam.max_tree_tokens}" if beam.max_tree_tokens > 0 else ""
+    suffix += f",look={beam.lookup_tokens}" if beam.lookup_tokens > 0 else ""
+    suffix += f"/{beam.lookup_ngram}" if beam.lookup_tokens > 0 and beam.lookup_ngram != BeamConfig.lookup_ngram else ""
     suffix += ",sample" if draft_mode == "sample" else ""
     return f"redrafter[W={beam.width},L={beam.length}{suffix}]"
 
@@ -191,6 +193,9 @@ def build_methods(names: Sequence[str], ctx: BenchContext, *, drafter=None, beam
                     proposer = ReDrafterProposer(drafter, target, beam, draft_mode=mode)
                     methods.append(EngineMethod(redrafter_name(beam, mode), Engine(target, proposer), stops,
                                                 ctx.sampling))
+        elif name == "lookup":
+            methods.append(EngineMethod(f"lookup[{prompt_lookup_tokens}]", Engine(target, LookupProposer(prompt_lookup_tokens)),
+                                        stops, ctx.sampling))
         elif name == "hf-prompt-lookup":
             methods.append(HFGenerateMethod(name, target.model, stops, pad, ctx.sampling,
                                             prompt_lookup_num_tokens=prompt_lookup_tokens))

@@ -163,7 +163,8 @@ def write_drafter_files(drafter: Drafter, directory: Path, dtype: torch.dtype | 
 
 def recommended_beam(path: str | os.PathLike | None, weights: str = "dense"):
     """The draft shape stored next to a drafter as the best one measured (``generation.json`` with
-    ``beam_width``, ``beam_length`` and optionally ``min_draft_prob`` and ``max_tree_tokens``), or None.
+    ``beam_width``, ``beam_length`` and optionally ``min_draft_prob``, ``max_tree_tokens``,
+    ``lookup_tokens`` and ``lookup_ngram``), or None.
 
     The best shape depends on what a tree of K tokens costs against a decode step, which depends on the
     target's weight format (``weights``: "dense" or "int4"); an object under the format's name (e.g.
@@ -179,6 +180,8 @@ def recommended_beam(path: str | os.PathLike | None, weights: str = "dense"):
             data = data[weights]
         return BeamConfig(width=int(data["beam_width"]), length=int(data["beam_length"]),
                           min_prob=float(data.get("min_draft_prob", 0.0)),
-                          max_tree_tokens=int(data.get("max_tree_tokens", 0)))
+                          max_tree_tokens=int(data.get("max_tree_tokens", 0)),
+                          lookup_tokens=int(data.get("lookup_tokens", 0)),
+                          lookup_ngram=int(data.get("lookup_ngram", BeamConfig.lookup_ngram)))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise RedrafterError(f"{Path(path) / RECOMMENDED_NAME} is not a valid beam recommendation: {exc}") from None
