@@ -1,6 +1,7 @@
 """Context lookup (drafter/lookup.py): the n-gram search on hand-worked histories and against a
 brute-force search, the beams it adds, and the point masses that make it exact when sampling."""
 
+import math
 import random
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from redrafter import BeamConfig, LookupProposer, RedrafterError
 from redrafter.drafter.lookup import context_lookup, join_beams, lookup_beams, point_masses
-from redrafter.tree import NO_TOKEN
+from redrafter.tree import NO_TOKEN, cap_tree, node_scores
 
 
 def brute_force_lookup(history, num_tokens, max_ngram):
@@ -51,10 +52,17 @@ def test_lookup_equals_brute_force_on_random_histories():
 
 def test_lookup_beams_join_the_drafters_beams_with_no_token_padding():
     g0 = torch.tensor([9, 4])
-    looked = lookup_beams(g0, [[1, 9, 2, 3, 9], [4, 5, 6, 4]], num_tokens=3, max_ngram=2)
+    looked, scores = lookup_beams(g0, [[1, 9, 2, 3, 9], [4, 5, 6, 4]], num_tokens=3, max_ngram=2,
+                                  confidence=(0.5, 0.8))
     assert looked.tolist() == [[[9, 2, 3, 9]], [[4, 5, 6, 4]]]
-    none = lookup_beams(torch.tensor([7]), [[1, 2, 7]], num_tokens=2, max_ngram=2)
+    # both rows matched a 1-gram ("9", "4"): depth j scores j * log 0.5
+    torch.testing.assert_close(scores, torch.tensor([0.0, 1, 2, 3]).mul(math.log(0.5)).expand(2, 1, 4))
+    none, none_scores = lookup_beams(torch.tensor([7]), [[1, 2, 7]], num_tokens=2, max_ngram=2)
     assert none.tolist() == [[[7, NO_TOKEN, NO_TOKEN]]]
+    assert none_scores.tolist() == [[[0.0, -math.inf, -math.inf]]]
+    _, long_match = lookup_beams(torch.tensor([3]), [[1, 2, 3, 8, 1, 2, 3]], num_tokens=1, max_ngram=4,
+                                 confidence=(0.5, 0.8))
+    assert long_match[0, 0, 1].item() == pytest.approx(math.log(0.8))  # 3-gram: the last confidence
     drafted = torch.tensor([[[9, 1, 1], [9, 2, 5]], [[4, 0, 0], [4, 6, 6]]])
     joined = join_beams(drafted, looked)
     assert joined.shape == (2, 3, 4)
@@ -76,3 +84,41 @@ def test_flags_are_validated():
         BeamConfig(lookup_tokens=2, lookup_ngram=0)
     with pytest.raises(RedrafterError, match="at least 1 token"):
         LookupProposer(0)
+
+
+def test_node_scores_agree_on_shared_nodes_and_never_rise():
+    """Drafter beams [5 1 2], [5 4 6] (log q path scores) and a lookup beam [5 4 6 8] scored higher:
+    the shared nodes 4 and 6 take the lookup's scores; node 1's child 2 cannot outrank node 1."""
+    beams = torch.tensor([[[5, 1, 2, NO_TOKEN], [5, 4, 6, NO_TOKEN], [5, 4, 6, 8]]])
+    scores = torch.tensor([[[0.0, -1.0, -0.5, 0.0], [0.0, -2.0, -3.0, 0.0], [0.0, -0.1, -0.2, -0.3]]])
+    got = node_scores(beams, scores)
+    inf = math.inf
+    torch.testing.assert_close(got, torch.tensor([[[0.0, -1.0, -1.0, -inf], [0.0, -0.1, -0.2, -inf],
+                                                  [0.0, -0.1, -0.2, -0.3]]]))
+    # K = 4: g0, then 4, 6, 8 (lookup) beat 1 and 2 (drafter)
+    assert cap_tree(beams, got, 4).tolist() == [[[5, NO_TOKEN, NO_TOKEN, NO_TOKEN], [5, 4, 6, NO_TOKEN], [5, 4, 6, 8]]]
+    # K = 5: node 1 joins, and its child 2 (tied with it) does not come before it
+    assert cap_tree(beams, got, 5)[0, 0].tolist() == [5, 1, NO_TOKEN, NO_TOKEN]
+
+
+def test_capped_union_of_drafter_and_lookup(monkeypatch):
+    """ReDrafterProposer under a cap: a 4-gram match's tokens take the slots; a 1-gram match's do not."""
+    from redrafter import Drafter, DrafterConfig, ReDrafterProposer
+    from helpers import tiny_target
+
+    target = tiny_target("llama", "native")
+    torch.manual_seed(0)
+    drafter = Drafter(DrafterConfig(hidden_size=64, vocab_size=target.info.vocab_size)).eval()
+    beam = BeamConfig(width=4, length=3, max_tree_tokens=4, lookup_tokens=3, lookup_confidence=(1e-6, 1e-6, 1e-6, 0.999))
+    proposer = ReDrafterProposer(drafter, target, beam)
+    context, g0 = torch.randn(2, 64), torch.tensor([3, 3])
+    weak = [1, 2, 3, 11, 12, 13, 1, 2, 3]  # 3-gram match: confidence 1e-6, below every drafter node
+    strong4 = [0, 1, 2, 3, 11, 12, 13, 0, 1, 2, 3]  # 4-gram match, confidence 0.999
+    beams = proposer.propose(context, g0, torch.ones(2, dtype=torch.long), rows=torch.arange(2),
+                             history=[weak, strong4])
+    assert beams.shape == (2, 5, 4)
+    for b in range(2):
+        nodes = {tuple(beams[b, w, : k + 1].tolist()) for w in range(5) for k in range(4) if beams[b, w, k] != NO_TOKEN}
+        assert len(nodes) == 4  # the cap holds for the union
+    assert beams[1, 4].tolist() == [3, 11, 12, 13]  # the confident lookup beam is kept whole
+    assert beams[0, 4, 1:].tolist() == [NO_TOKEN] * 3  # the weak one loses every slot

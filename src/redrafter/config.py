@@ -30,7 +30,10 @@ class BeamConfig:
 
     ``lookup_tokens`` > 0 adds one more beam (drafter/lookup.py): the up to ``lookup_tokens`` tokens
     that followed the last occurrence, earlier in the row's own prompt and output, of its last n
-    tokens (n = ``lookup_ngram`` down to 1). It is verified in the same forward, outside the cap.
+    tokens (n = ``lookup_ngram`` down to 1). Under a tree cap its tokens compete with the drafter's
+    nodes, a token at depth j after an n-gram match scored c_n^j with c_n =
+    ``lookup_confidence[n - 1]`` (the last entry for longer matches) against the drafter's path
+    probability; drafts drawn from q (sampling) keep the whole lookup beam beside their capped paths.
     """
 
     width: int = 4
@@ -38,7 +41,8 @@ class BeamConfig:
     min_prob: float = 0.0
     max_tree_tokens: int = 0
     lookup_tokens: int = 0
-    lookup_ngram: int = 3
+    lookup_ngram: int = 4
+    lookup_confidence: tuple[float, ...] = (0.25, 0.6, 0.6, 0.9)
 
     def __post_init__(self) -> None:
         if self.width < 1:
@@ -56,6 +60,8 @@ class BeamConfig:
         if self.lookup_tokens < 0 or self.lookup_ngram < 1:
             raise RedrafterError(f"lookup tokens must be >= 0 (0 = off) and the lookup n-gram >= 1, got "
                                  f"{self.lookup_tokens} and {self.lookup_ngram}")
+        if not self.lookup_confidence or not all(0 < c <= 1 for c in self.lookup_confidence):
+            raise RedrafterError(f"lookup confidences must be probabilities in (0, 1], got {self.lookup_confidence}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,11 +28,11 @@ import torch
 
 from redrafter.config import BeamConfig, GenerationConfig, SamplingParams
 from redrafter.drafter.beam_search import beam_search
-from redrafter.drafter.lookup import join_beams, lookup_beams, pad_length, point_masses
+from redrafter.drafter.lookup import join, join_beams, lookup_beams, pad_length, point_masses
 from redrafter.drafter.model import Drafter, inference_copy
 from redrafter.errors import RedrafterError
 from redrafter.models.base import TargetModel
-from redrafter.tree import pack
+from redrafter.tree import cap_tree, node_scores, pack
 from redrafter.sampling import probabilities, row_generators
 from redrafter.verify import draw, tree_accept
 
@@ -85,7 +85,7 @@ class LookupProposer:
     """Context lookup alone (prompt lookup decoding, drafter/lookup.py): one beam per row copied from
     the row's own history, no drafter; the baseline that shows what the recurrent drafter adds."""
 
-    def __init__(self, num_tokens: int, max_ngram: int = 3) -> None:
+    def __init__(self, num_tokens: int, max_ngram: int = BeamConfig.lookup_ngram) -> None:
         BeamConfig(width=1, length=2, lookup_tokens=num_tokens, lookup_ngram=max_ngram)  # validates
         if num_tokens < 1:
             raise RedrafterError(f"context lookup needs at least 1 token, got {num_tokens}")
@@ -94,7 +94,7 @@ class LookupProposer:
 
     def propose(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor, *,
                 rows: torch.Tensor, history: Sequence[Sequence[int]]) -> torch.Tensor:
-        return lookup_beams(g0, history, num_tokens=self.num_tokens, max_ngram=self.max_ngram)
+        return lookup_beams(g0, history, num_tokens=self.num_tokens, max_ngram=self.max_ngram)[0]
 
 
 DRAFT_MODES = ("beam", "sample")
@@ -124,16 +124,23 @@ class ReDrafterProposer:
 
     def propose(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor, *,
                 rows: torch.Tensor, history: Sequence[Sequence[int]]) -> torch.Tensor:
-        """The drafter's beam search; with ``beam.lookup_tokens`` the context-lookup beam after them."""
-        beams = beam_search(self.drafter, self.embed, context, g0, width=self.beam.width,
-                            length=self.beam.length, min_prob=self.beam.min_prob,
-                            max_tree_tokens=self.beam.max_tree_tokens).beams
-        if self.beam.lookup_tokens:
-            beams = join_beams(beams, self._lookup(g0, history))
+        """The drafter's beam search; with ``beam.lookup_tokens`` the context-lookup beam after them.
+        A tree cap then keeps the K best nodes of both (drafter/lookup.py: q against c_n^depth)."""
+        beam, lookup = self.beam, self.beam.lookup_tokens > 0
+        result = beam_search(self.drafter, self.embed, context, g0, width=beam.width, length=beam.length,
+                             min_prob=beam.min_prob, max_tree_tokens=0 if lookup else beam.max_tree_tokens)
+        if not lookup:
+            return result.beams
+        looked_up, scores = self._lookup(g0, history)
+        beams = join_beams(result.beams, looked_up)
+        if beam.max_tree_tokens:
+            scores = node_scores(beams, join(result.path_scores, scores, float("-inf")))
+            beams = cap_tree(beams, scores, beam.max_tree_tokens)
         return beams
 
-    def _lookup(self, g0: torch.Tensor, history: Sequence[Sequence[int]]) -> torch.Tensor:
-        return lookup_beams(g0, history, num_tokens=self.beam.lookup_tokens, max_ngram=self.beam.lookup_ngram)
+    def _lookup(self, g0: torch.Tensor, history: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return lookup_beams(g0, history, num_tokens=self.beam.lookup_tokens, max_ngram=self.beam.lookup_ngram,
+                            confidence=self.beam.lookup_confidence)
 
     def propose_sampled(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor,
                         params: SamplingParams, generators: Sequence[torch.Generator], *,
@@ -161,7 +168,7 @@ class ReDrafterProposer:
             draws.append(q)
         draft_probs = torch.stack(draws, dim=2)  # (batch, W, L-1, V)
         if self.beam.lookup_tokens:
-            looked_up = self._lookup(g0, history)
+            looked_up = self._lookup(g0, history)[0]
             length = max(beams.shape[-1], looked_up.shape[-1])
             draft_probs = torch.cat([pad_length(draft_probs, length - 1, 0.0),
                                      pad_length(point_masses(looked_up, vocab, draft_probs.dtype), length - 1, 0.0)], dim=1)

@@ -93,6 +93,27 @@ def owned_nodes(beams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return owner, (owner == beam_index) & (beams != NO_TOKEN)
 
 
+def node_scores(beams: torch.Tensor, path_scores: torch.Tensor) -> torch.Tensor:
+    """Path scores made fit for ``cap_tree`` when the beams come from several proposers.
+
+    Beams of one beam search agree on the score of a shared node and never score a node above its
+    parent; beams scored by different rules (the drafter's q, context lookup's confidence) need not.
+    Each node takes the best score of any beam through it, then each position the lowest score on
+    its path from g0, so shared nodes agree again and scores never rise with depth.
+
+    Args:
+        beams, path_scores: (batch, W, L); ``NO_TOKEN`` positions are ignored.
+    Returns:
+        (batch, W, L) float, -inf at ``NO_TOKEN``.
+    """
+    batch, width, length = beams.shape
+    owner, _ = owned_nodes(beams)
+    node = (owner * length + torch.arange(length, device=beams.device)).reshape(batch, -1)  # (batch, W*L)
+    scores = torch.where(beams != NO_TOKEN, path_scores.float(), float("-inf")).reshape(batch, -1)
+    best = torch.full_like(scores, float("-inf")).scatter_reduce(1, node, scores, reduce="amax")
+    return best.gather(1, node).view(batch, width, length).cummin(dim=-1).values
+
+
 def cap_tree(beams: torch.Tensor, path_scores: torch.Tensor, max_tokens: int) -> torch.Tensor:
     """Keep only the ``max_tokens`` most probable distinct nodes of each row's tree.
 

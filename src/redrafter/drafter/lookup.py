@@ -12,10 +12,19 @@ Worked example (``max_ngram`` 3, ``num_tokens`` 3): history ``[7 3 9 4 1 3 9]`` 
 3-gram ``1 3 9``, which does not occur earlier; the 2-gram ``3 9`` does, at index 1, followed by
 ``4 1 3``: the proposal is ``[4, 1, 3]``. With several earlier occurrences the most recent wins;
 with none for any n >= 1 there is no proposal.
+
+Under a tree cap (``BeamConfig.max_tree_tokens``) the looked-up tokens compete with the drafter's
+nodes for the K verified slots. A drafter node is ranked by its path probability under q; a looked-up
+token at depth j by c_n^j, where c_n (``BeamConfig.lookup_confidence``) is how often a token copied
+after an n-gram match is right. A long match is a strong guess and a 1-gram match a weak one: on 300
+SmolLM2 answers to ShareGPT prompts, the first copied token was right 25% of the time after a
+1-gram match, 58% after 2, 62% after 3 and 92% after 4 (where 54% of positions had a 4-gram match),
+and each later token about as often as the first, given the ones before it.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -31,6 +40,11 @@ def context_lookup(history: Sequence[int], *, num_tokens: int, max_ngram: int) -
     Args:
         history: the row's tokens so far (prompt and output, ending with g0).
     """
+    return matched_lookup(history, num_tokens=num_tokens, max_ngram=max_ngram)[1]
+
+
+def matched_lookup(history: Sequence[int], *, num_tokens: int, max_ngram: int) -> tuple[int, list[int]]:
+    """``context_lookup`` and the length n of the n-gram it matched (0 when nothing matched)."""
     tokens = np.asarray(history, dtype=np.int64)
     length = len(tokens)
     for n in range(min(max_ngram, length - 1), 0, -1):
@@ -41,26 +55,34 @@ def context_lookup(history: Sequence[int], *, num_tokens: int, max_ngram: int) -
         starts = np.flatnonzero(match)
         if len(starts):
             follow = starts[-1] + n
-            return tokens[follow: follow + num_tokens].tolist()
-    return []
+            return n, tokens[follow: follow + num_tokens].tolist()
+    return 0, []
 
 
-def lookup_beams(g0: torch.Tensor, history: Sequence[Sequence[int]], *, num_tokens: int,
-                 max_ngram: int) -> torch.Tensor:
+def lookup_beams(g0: torch.Tensor, history: Sequence[Sequence[int]], *, num_tokens: int, max_ngram: int,
+                 confidence: Sequence[float] = (1.0,)) -> tuple[torch.Tensor, torch.Tensor]:
     """One beam per row, ``[g0, looked-up tokens...]``, ``NO_TOKEN`` where the lookup found fewer.
 
     Args:
-        g0:      (batch,) the target's own next token (the last token of each history).
-        history: one token sequence per row, ending with g0.
+        g0:         (batch,) the target's own next token (the last token of each history).
+        history:    one token sequence per row, ending with g0.
+        confidence: c_n for an n-gram match, n = 1, 2, ... (the last one for longer matches).
     Returns:
-        (batch, 1, 1 + num_tokens) long.
+        beams (batch, 1, 1 + num_tokens) long, and their path scores (batch, 1, 1 + num_tokens):
+        j * log c_n at depth j (0 at g0, -inf past the looked-up tokens), comparable with the
+        drafter's summed log q.
     """
-    beams = torch.full((len(history), 1, 1 + num_tokens), NO_TOKEN, dtype=torch.long)
-    beams[:, 0, 0] = g0.cpu()
+    batch, length = len(history), 1 + num_tokens
+    beams = torch.full((batch, 1, length), NO_TOKEN, dtype=torch.long)
+    scores = torch.full((batch, 1, length), float("-inf"))
+    beams[:, 0, 0], scores[:, 0, 0] = g0.cpu(), 0.0
     for b, tokens in enumerate(history):
-        found = context_lookup(tokens, num_tokens=num_tokens, max_ngram=max_ngram)
-        beams[b, 0, 1: 1 + len(found)] = torch.tensor(found, dtype=torch.long)
-    return beams.to(g0.device)
+        n, found = matched_lookup(tokens, num_tokens=num_tokens, max_ngram=max_ngram)
+        if found:
+            beams[b, 0, 1: 1 + len(found)] = torch.tensor(found, dtype=torch.long)
+            step = math.log(confidence[min(n, len(confidence)) - 1])
+            scores[b, 0, 1: 1 + len(found)] = step * torch.arange(1, 1 + len(found))
+    return beams.to(g0.device), scores.to(g0.device)
 
 
 def join_beams(beams: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
@@ -71,8 +93,13 @@ def join_beams(beams: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
     Returns:
         (batch, W + W', max(L, L')).
     """
-    length = max(beams.shape[-1], extra.shape[-1])
-    return torch.cat([pad_length(beams, length, NO_TOKEN), pad_length(extra, length, NO_TOKEN)], dim=1)
+    return join(beams, extra, NO_TOKEN)
+
+
+def join(values: torch.Tensor, extra: torch.Tensor, fill) -> torch.Tensor:
+    """(batch, W, L, ...) and (batch, W', L', ...) -> (batch, W + W', max(L, L'), ...), padded with ``fill``."""
+    length = max(values.shape[2], extra.shape[2])
+    return torch.cat([pad_length(values, length, fill), pad_length(extra, length, fill)], dim=1)
 
 
 def pad_length(values: torch.Tensor, length: int, fill) -> torch.Tensor:
