@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import TINY_VOCAB, hf_greedy, tiny_target
-from redrafter import BeamConfig, Engine, FinishEvent, GenerationConfig, ReDrafterProposer, load_drafter
+from redrafter import BeamConfig, Engine, FinishEvent, GenerationConfig, ReDrafterProposer, RedrafterError, load_drafter
 from redrafter.training.loss import accepted_run_stats, multi_step_loss
 from redrafter.training.train import TrainConfig, train
 
@@ -124,6 +124,31 @@ def test_train_learns(target, data_dir, tmp_path, kl):
     assert summary["accuracy"][0] > 0.1  # chance is ~1/48
     assert summary["tau_w1"] > 1.1
     assert (tmp_path / "loss.png").is_file() and (tmp_path / "drafter" / "model.safetensors").is_file()
+
+
+def test_bf16_mixed_precision_runs_the_products_in_bf16_and_learns(target, data_dir, tmp_path, monkeypatch):
+    """--mixed-precision bf16: the drafter's logits come out of bf16 products (autocast), the
+    checkpoint stays float32, and the drafter learns as in float32."""
+    from redrafter.drafter.model import Drafter
+
+    seen, logits = set(), Drafter.logits
+
+    def recording(self, context, state):
+        out = logits(self, context, state)
+        seen.add(out.dtype)
+        return out
+
+    monkeypatch.setattr(Drafter, "logits", recording)
+    summary = train(model_spec="tiny", data=str(data_dir), out=str(tmp_path), progress=False, target=target,
+                    config=dataclasses.replace(CONFIG, mixed_precision="bf16"))
+    assert seen == {torch.bfloat16}
+    assert summary["accuracy"][0] > 0.1 and summary["tau_w1"] > 1.1
+    from safetensors.torch import load_file
+
+    assert {v.dtype for k, v in load_file(tmp_path / "drafter" / "model.safetensors").items()
+            if k != "draft_to_target"} == {torch.float32}
+    with pytest.raises(RedrafterError, match="mixed-precision"):
+        TrainConfig(mixed_precision="fp8")
 
 
 def test_interrupted_training_resumes_to_the_same_weights(target, data_dir, tmp_path):

@@ -28,7 +28,7 @@ import torch
 
 from redrafter.config import BeamConfig, GenerationConfig, SamplingParams
 from redrafter.drafter.beam_search import beam_search
-from redrafter.drafter.lookup import join, join_beams, lookup_beams, pad_length, point_masses
+from redrafter.drafter.lookup import join, join_beams, lookup_beams, point_masses
 from redrafter.drafter.model import Drafter, inference_copy
 from redrafter.errors import RedrafterError
 from redrafter.models.base import TargetModel
@@ -169,9 +169,7 @@ class ReDrafterProposer:
         draft_probs = torch.stack(draws, dim=2)  # (batch, W, L-1, V)
         if self.beam.lookup_tokens:
             looked_up = self._lookup(g0, history)[0]
-            length = max(beams.shape[-1], looked_up.shape[-1])
-            draft_probs = torch.cat([pad_length(draft_probs, length - 1, 0.0),
-                                     pad_length(point_masses(looked_up, vocab, draft_probs.dtype), length - 1, 0.0)], dim=1)
+            draft_probs = join(draft_probs, point_masses(looked_up, vocab, draft_probs.dtype), 0.0)
             beams = join_beams(beams, looked_up)
         return beams, draft_probs
 

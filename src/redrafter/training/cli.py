@@ -75,6 +75,9 @@ def add_train_parser(subparsers) -> None:
                    help="α: loss = (1-α) CE to the target's tokens + α KL to its distribution (0 = tokens only)")
     p.add_argument("--kl-top-k", type=int, default=d.kl_top_k,
                    help="KL to the target's k most likely draft tokens, renormalised (0 = all of the draft vocabulary)")
+    p.add_argument("--mixed-precision", choices=("no", "bf16"), default=d.mixed_precision,
+                   help="bf16: the drafter's products in bfloat16 under autocast, weights and optimizer in float32 "
+                        "(about 2x faster on CPUs with AVX-512-BF16/AMX and on GPUs; default no)")
     p.add_argument("--target-cache", default=None, help="safetensors file for the target's hidden states")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--init", default=None, metavar="DRAFTER_DIR",
@@ -99,7 +102,8 @@ def run_train_command(args: argparse.Namespace) -> int:
                          lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
                          batch_tokens=args.batch_tokens, max_length=args.max_length,
                          eval_fraction=args.eval_fraction, eval_every=args.eval_every, save_every=args.save_every,
-                         seed=args.seed, kl_weight=args.kl_weight, kl_top_k=args.kl_top_k)
+                         seed=args.seed, kl_weight=args.kl_weight, kl_top_k=args.kl_top_k,
+                         mixed_precision=args.mixed_precision)
     summary = train(model_spec=args.model or DEFAULT_MODEL, data=args.data, out=args.out, config=config,
                     dtype=args.dtype, device=args.device, backend=args.backend, resume=args.resume, target_cache=args.target_cache,
                     progress=not args.no_progress, compile=args.compile, init=args.init,
