@@ -4,6 +4,7 @@ distribution of the first three tokens on a 12-token vocabulary; and the test de
 the "verify each beam on its own, keep the longest" rule."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from redrafter import BeamConfig, Drafter, DrafterConfig, Engine, FinishEvent, G
 from redrafter.config import SamplingParams
 from redrafter.models.native import NativeTarget
 from redrafter.sampling import probabilities, sample
+from redrafter.tree import NO_TOKEN
 from redrafter.verify import Acceptance
 
 VOCAB, PROMPT, SAMPLES, BATCH = 12, [1, 5, 7], 20_000, 2_000
@@ -89,9 +91,11 @@ def chi_square_p_value(counts: torch.Tensor, joint: torch.Tensor) -> float:
     (SamplingParams(temperature=1.0, seed=15), "beam", None), (SamplingParams(temperature=0.5, top_p=0.9, seed=16), "beam", None),
     (SamplingParams(temperature=1.0, seed=17), "beam", BeamConfig(width=3, length=3, max_tree_tokens=4)),
     (SamplingParams(temperature=1.0, seed=18), "sample", BeamConfig(width=2, length=3, lookup_tokens=3)),
-    (SamplingParams(temperature=0.7, top_k=6, seed=19), "beam", BeamConfig(width=2, length=2, lookup_tokens=2))],
+    (SamplingParams(temperature=0.7, top_k=6, seed=19), "beam", BeamConfig(width=2, length=2, lookup_tokens=2)),
+    (SamplingParams(temperature=1.0, seed=20), "sample",
+     BeamConfig(width=3, length=3, max_tree_tokens=4, lookup_tokens=3, lookup_confidence=(0.6, 0.9)))],
     ids=["T1", "T0.5", "top-k4", "top-p0.8", "beam-drafts-T1", "beam-drafts-T0.5-top-p0.9", "beam-drafts-T1-capped-tree",
-         "T1-lookup", "beam-drafts-T0.7-top-k6-lookup"])
+         "T1-lookup", "beam-drafts-T0.7-top-k6-lookup", "T1-lookup-capped"])
 def test_speculative_samples_follow_the_exact_joint(setup, params, draft_mode, beam):
     """Drafts drawn from q ("sample") or made by beam search and tested as point masses ("beam"),
     also with the tree capped to its 4 most probable nodes (beams that end early), and with the
@@ -223,3 +227,21 @@ def test_sampled_drafts_under_a_tree_cap_draw_fewer_paths(setup):
                                             params, [torch.Generator().manual_seed(i) for i in range(2)],
                                             rows=torch.arange(2))
     assert beams.shape == (2, 3, 3) and probs.shape == (2, 3, 2, VOCAB)
+
+
+def test_a_capped_sampled_tree_gives_confident_lookups_their_slots_first():
+    """K = 5 (4 drafted slots), L = 3: row 0's lookup is confident (c^depth >= 0.5) for 2 tokens
+    (0.75, 0.56; then 0.42), row 1's for none (0.4): one path of 2 fits both rows, and each row keeps
+    4 - 2 = 2 looked-up tokens. A lookup confident for all 4 slots leaves no path."""
+    from redrafter.engine import split_budget
+
+    beam = BeamConfig(width=4, length=3, max_tree_tokens=5, lookup_tokens=4)
+    looked_up = torch.tensor([[[7, 1, 2, 3, 4]], [[8, 5, 6, NO_TOKEN, NO_TOKEN]]])
+    log = torch.log(torch.tensor([0.75, 0.4]))
+    scores = log.view(2, 1, 1) * torch.arange(5.0)
+    scores[1, 0, 3:] = -math.inf
+    paths, cut = split_budget(looked_up, scores, beam)
+    assert paths == 1
+    assert cut.tolist() == [[[7, 1, 2, NO_TOKEN, NO_TOKEN]], [[8, 5, 6, NO_TOKEN, NO_TOKEN]]]
+    paths, cut = split_budget(looked_up[:1], scores[:1] / 10, beam)  # c = 0.99: all 4 slots are its
+    assert paths == 0 and cut.tolist() == [[[7, 1, 2, 3, 4]]]

@@ -21,6 +21,7 @@ the short ones' rows computing.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Iterator, Protocol, Sequence, Union
 
@@ -32,7 +33,7 @@ from redrafter.drafter.lookup import join, join_beams, lookup_beams, point_masse
 from redrafter.drafter.model import Drafter, inference_copy
 from redrafter.errors import RedrafterError
 from redrafter.models.base import TargetModel
-from redrafter.tree import cap_tree, node_scores, pack
+from redrafter.tree import NO_TOKEN, cap_tree, node_scores, pack
 from redrafter.sampling import probabilities, row_generators
 from redrafter.verify import draw, tree_accept
 
@@ -151,13 +152,21 @@ class ReDrafterProposer:
         cutting paths by the probability of what was drawn would bias which children a node gets.
         For the same reason ``beam.max_tree_tokens`` does not choose among the draws; it caps their
         number instead (``sampled_paths``), fixed before anything is drawn. The context-lookup beam
-        (``beam.lookup_tokens``) comes last, its tokens proposed as point masses."""
+        (``beam.lookup_tokens``) comes last, its tokens proposed as point masses; under a cap it is
+        given its slots first, from the history alone (``split_budget``), and the paths the rest."""
         drafter, width = self.drafter, sampled_paths(self.beam)
         batch = g0.shape[0]
+        vocab = drafter.config.full_vocab_size
+        looked_up = None
+        if self.beam.lookup_tokens:
+            looked_up, scores = self._lookup(g0, history)
+            if self.beam.max_tree_tokens:
+                width, looked_up = split_budget(looked_up, scores, self.beam)
+            if width == 0:  # the lookup fills the cap: no drafter draws this step
+                return looked_up, point_masses(looked_up, vocab)
         h = context.to(next(drafter.parameters()).dtype).unsqueeze(1).expand(batch, width, -1)
         state = drafter.initial_state(h)
         beams, draws = g0.view(batch, 1, 1).expand(batch, width, 1), []
-        vocab = drafter.config.full_vocab_size
         for _ in range(self.beam.length - 1):
             state = drafter.next_state(state, self.embed(beams[:, :, -1]).to(state.dtype))
             q = probabilities(drafter.logits(h, state), params)  # (batch, W, V_d)
@@ -167,11 +176,34 @@ class ReDrafterProposer:
                 q = torch.zeros(batch, width, vocab, device=q.device).index_copy_(-1, drafter.draft_to_target, q)
             draws.append(q)
         draft_probs = torch.stack(draws, dim=2)  # (batch, W, L-1, V)
-        if self.beam.lookup_tokens:
-            looked_up = self._lookup(g0, history)[0]
+        if looked_up is not None:
             draft_probs = join(draft_probs, point_masses(looked_up, vocab, draft_probs.dtype), 0.0)
             beams = join_beams(beams, looked_up)
         return beams, draft_probs
+
+
+SAMPLED_LOOKUP_MIN = 0.5  # a looked-up token goes before drawn paths when c_n^depth says it is more likely right
+
+
+def split_budget(looked_up: torch.Tensor, scores: torch.Tensor, beam: BeamConfig) -> tuple[int, torch.Tensor]:
+    """Share the K - 1 drafted slots of a capped tree between the lookup beam and paths drawn from q.
+
+    Drawn paths cannot be chosen by what they drew (that would bias the tree walk), so the split is
+    fixed from the history alone: in each row the looked-up tokens with confidence c_n^depth of at
+    least ``SAMPLED_LOOKUP_MIN`` come first; then as many whole paths of L-1 tokens as every row has
+    room for; slots left in a row go to its further looked-up tokens.
+
+    Args:
+        looked_up, scores: (batch, 1, 1 + N) the lookup beams and their scores (``lookup_beams``).
+    Returns:
+        (number of paths to draw, possibly 0; the lookup beams cut to their share of the slots).
+    """
+    budget = beam.max_tree_tokens - 1
+    confident = (scores[:, 0, 1:] >= math.log(SAMPLED_LOOKUP_MIN)).sum(dim=-1).clamp(max=budget)  # (batch,)
+    paths = min(beam.width, int((budget - confident).min()) // (beam.length - 1))
+    allowed = budget - paths * (beam.length - 1)  # looked-up tokens each row may keep
+    depth = torch.arange(looked_up.shape[-1], device=looked_up.device)
+    return paths, torch.where(depth > allowed, torch.full_like(looked_up, NO_TOKEN), looked_up)
 
 
 def sampled_paths(beam: BeamConfig) -> int:
