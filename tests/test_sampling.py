@@ -225,7 +225,7 @@ def test_sampled_drafts_under_a_tree_cap_draw_fewer_paths(setup):
     params = SamplingParams(temperature=1.0, seed=1)
     beams, probs = proposer.propose_sampled(torch.randn(2, 64), torch.tensor([1, 2]), torch.ones(2, dtype=torch.long),
                                             params, [torch.Generator().manual_seed(i) for i in range(2)],
-                                            rows=torch.arange(2))
+                                            rows=torch.arange(2), history=[[1], [2]])
     assert beams.shape == (2, 3, 3) and probs.shape == (2, 3, 2, VOCAB)
 
 
