@@ -275,11 +275,16 @@ Event = Union[TokensEvent, FinishEvent]
 
 @dataclasses.dataclass
 class _Row:
+    ids: list[int]  # the prompt, then every emitted token: what a proposer may look back on
     prompt_length: int
-    tokens: list[int] = dataclasses.field(default_factory=list)
     steps: int = 0
     first_token_s: float = 0.0
     finished: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        """How many tokens the row has emitted."""
+        return len(self.ids) - self.prompt_length
 
 
 class Engine:
@@ -318,7 +323,7 @@ class Engine:
         start = time.perf_counter()
         batch = len(prompts)
         rows_index = torch.arange(batch, device=device)
-        rows = [_Row(prompt_length=len(p)) for p in prompts]
+        rows = [_Row(ids=list(p), prompt_length=len(p)) for p in prompts]
         stop_ids = set(config.stop_token_ids)
         params = config.sampling
         generators = None if params.greedy else row_generators(params.seed, batch, device, offset=row_offset)
@@ -354,8 +359,8 @@ class Engine:
                     generators = [generators[b] for b in keep_rows]
                 live = [live[b] for b in keep_rows]
                 batch, rows_index = len(live), torch.arange(len(live), device=device)
-            num_generated = torch.tensor([len(rows[r].tokens) for r in live], device=device)
-            history = [list(prompts[r]) + rows[r].tokens for r in live]
+            num_generated = torch.tensor([rows[r].num_tokens for r in live], device=device)
+            history = [rows[r].ids for r in live]  # no copies: proposers only read them
             prompt_rows = torch.tensor(live, device=device)
             # 1. Draft: beam search (any deterministic draft is verified as point masses), or random
             #    draws from the drafter when sampling with draft_mode "sample".
@@ -400,21 +405,21 @@ class Engine:
             row = rows[index]
             if row.finished:
                 continue
-            tokens = new[b][: config.max_new_tokens - len(row.tokens)]
+            tokens = new[b][: config.max_new_tokens - row.num_tokens]
             reason = None
             for i, token in enumerate(tokens):
                 if token in stop_ids:
                     tokens, reason = tokens[: i + 1], "stop"
                     break
-            if not row.tokens:
+            if not row.num_tokens:
                 row.first_token_s = now
-            row.tokens.extend(tokens)
-            if reason is None and len(row.tokens) >= config.max_new_tokens:
+            row.ids.extend(tokens)
+            if reason is None and row.num_tokens >= config.max_new_tokens:
                 reason = "length"
             states = None if hidden is None else hidden[b, : len(tokens)].clone()
             yield TokensEvent(row=index, token_ids=tuple(tokens), accepted=accepted[b], hidden=states)
             if reason is not None:
                 row.finished = True
-                stats = GenerationStats(num_prompt_tokens=row.prompt_length, num_new_tokens=len(row.tokens),
+                stats = GenerationStats(num_prompt_tokens=row.prompt_length, num_new_tokens=row.num_tokens,
                                         num_steps=row.steps, first_token_s=row.first_token_s, elapsed_s=now)
-                yield FinishEvent(row=index, reason=reason, token_ids=tuple(row.tokens), stats=stats)
+                yield FinishEvent(row=index, reason=reason, token_ids=tuple(row.ids[row.prompt_length:]), stats=stats)
