@@ -159,3 +159,73 @@ def test_int4_needs_the_native_backend_on_cpu():
         load_target("smollm2-135m-instruct", weights="int4", compile=True)
     with pytest.raises(RedrafterError, match="unknown weight format"):
         load_target("smollm2-135m-instruct", weights="int8")
+
+
+# --- our AVX-512 kernel (models/int4_kernel.py, csrc/int4_gemm.cpp) ---------------------------------
+
+from redrafter.models import int4_kernel  # noqa: E402
+
+
+def avx512_kernel():
+    """The kernel, which must build wherever the CPU can run it (a failed build fails here)."""
+    reason = int4_kernel.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"no AVX-512 int4 kernel on this machine: {reason}")
+    module = int4_kernel.load()
+    assert module is not None, "the CPU has AVX-512 BF16 but the int4 kernel did not build (see the log)"
+    return module
+
+
+@pytest.mark.parametrize("shape", [(48, 96), (64, 32), (160, 1536)])
+def test_avx512_kernel_equals_an_exact_product_for_any_row_count(shape):
+    """Every row count (one tile pass for chunks of up to 8 rows, and a remainder) gives the product
+    of the bf16 activations with exactly q * step + low, computed in float64, to bf16 output
+    rounding; the result does not depend on how many threads split the tiles."""
+    avx512_kernel()
+    out_features, in_features = shape
+    w, _ = q4_1_weight(out_features, in_features, seed=out_features)
+    packed = pack_int4(w, torch.bfloat16, kernel="avx512")
+    assert packed.kernel == "avx512" and packed.max_rows == 16
+    g = torch.Generator().manual_seed(1)
+    for rows in (1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 33):
+        x = torch.randn(rows, in_features, generator=g).bfloat16()
+        y = packed(x)
+        assert y.dtype == torch.bfloat16 and y.shape == (rows, out_features)
+        exact = x.double() @ w.double().T
+        bound = 2.0 ** -8 * exact.abs() + 1e-6 * (x.double().abs() @ w.double().abs().T)
+        assert bool(((y.double() - exact).abs() <= bound).all()), rows
+    x = torch.randn(11, in_features, generator=g).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = packed(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, packed(x.view(1, 11, in_features)).view(11, out_features))
+
+
+def test_int4_kernel_choice():
+    """bf16 takes our kernel where it runs and the groups suit it (32 inputs); float32 and other
+    groups take torch's, whose row limit stays 8; a Linear follows its weight's limit."""
+    from redrafter.models.base import Linear
+    from redrafter.models.int4 import INT4_MAX_ROWS
+
+    w, _ = q4_1_weight(64, 64, seed=3)
+    assert pack_int4(w, torch.float32).kernel == "torch"
+    q = torch.randint(0, 16, (64, 64), generator=torch.Generator().manual_seed(4))
+    q[:, 0], q[:, 1] = 0, 15
+    wide = q.float() * 0.0078125 - 0.0625  # one grid per 64 inputs
+    coarse = pack_int4(wide, torch.bfloat16, group=64)
+    assert coarse.kernel == "torch"
+    assert Linear(wide, int4=coarse).int4_max_rows == INT4_MAX_ROWS
+    assert Linear(w, int4=pack_int4(w, torch.bfloat16), int4_max_rows=4).int4_max_rows == 4
+    if int4_kernel.unavailable_reason() is None:
+        packed = pack_int4(w, torch.bfloat16)
+        assert packed.kernel == "avx512" and Linear(w, int4=packed).int4_max_rows == 16
+    with pytest.raises(ValueError, match="unknown int4 kernel"):
+        pack_int4(w, torch.bfloat16, kernel="amx")
+
+
+def test_avx512_kernel_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("REDRAFTER_INT4_KERNEL", "torch")
+    assert int4_kernel.unavailable_reason() == "REDRAFTER_INT4_KERNEL=torch"

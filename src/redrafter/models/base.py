@@ -75,17 +75,22 @@ class Linear:
 
     ``packed`` (see ``pack_linear_weight``) selects oneDNN's prepacked kernel; without it, the
     product is ``few_row_linear`` with ``max_rows``. ``int4`` (``models.int4.Int4Weight``, for
-    weights on a 4-bit grid) runs products of up to ``int4_max_rows`` rows with the int4 kernel, which
-    streams a quarter of the bytes but grows faster with the rows. The plain ``weight`` is kept for
+    weights on a 4-bit grid) runs products of up to ``int4_max_rows`` rows (default: the kernel's own
+    ``max_rows``) with the int4 kernel, which streams a quarter of the bytes but grows faster with the rows. The plain ``weight`` is kept for
     other code (a tied embedding, the transformers modules the native backend shares its tensors
     with) unless the owner releases it (``weight`` None, only with a packed copy).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, pack: bool = False,
-                 max_rows: int = 64, int4=None, int4_max_rows: int = 0) -> None:
+                 max_rows: int = 64, int4=None, int4_max_rows: int | None = None) -> None:
         self.weight, self.bias, self.max_rows = weight, bias, max_rows
         self.packed = pack_linear_weight(weight) if pack else None
-        self.int4, self.int4_max_rows = int4, int4_max_rows
+        self.int4 = int4
+        if int4 is None:
+            int4_max_rows = 0
+        elif int4_max_rows is None:
+            int4_max_rows = int4.max_rows
+        self.int4_max_rows = int4_max_rows
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ weight^T + bias``, plus ``residual`` when given (fused into the product's output

@@ -29,8 +29,11 @@ import dataclasses
 
 import torch
 
+from redrafter.models import int4_kernel
+
 GROUP_SIZE = 32  # inputs per (scale, zero) pair: the block size of GGUF's Q4_0 / Q4_1
-INT4_MAX_ROWS = 8  # rows up to which the int4 kernel beats dense bf16 products (docs/PERFORMANCE.md)
+INT4_MAX_ROWS = 8  # rows up to which torch's int4 kernel beats dense bf16 products (docs/PERFORMANCE.md)
+INT4_MAX_ROWS_AVX512 = 16  # the same for ours (int4_kernel)
 INNER_K_TILES = 8  # the CPU kernel's packing parameter (2, 4 or 8)
 
 
@@ -43,27 +46,43 @@ class Int4Weight:
     """A linear weight (out_features, in_features) as packed 4-bit values and per-group scale/zero.
 
     Attributes:
-        packed:          the kernel's packed int4 tensor (from ``_convert_weight_to_int4pack_for_cpu``).
-        scales_zeros:    (in_features / group, out_features, 2) in the activation dtype: scale, zero.
-        group:           inputs per group.
+        packed:       the 4-bit values, in the layout of ``kernel``.
+        scales:       per group of inputs, in the layout of ``kernel``.
+        group:        inputs per group.
         out_features, in_features: the weight's shape.
+        kernel:       "torch": ``aten._weight_int4pack_mm_for_cpu`` (packed from
+                      ``_convert_weight_to_int4pack_for_cpu``; scales (in / group, out, 2) scale and zero
+                      in the activation dtype). "avx512": ours (``int4_kernel``, bf16 activations;
+                      scales are float32 steps and lows, so the weights are exactly q * step + low).
     """
 
     packed: torch.Tensor
-    scales_zeros: torch.Tensor
+    scales: torch.Tensor
     group: int
     out_features: int
     in_features: int
+    kernel: str = "torch"
+    matmul: object = dataclasses.field(default=None, repr=False, compare=False)  # "avx512": int4_mm
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in_features) -> (..., out_features), in x's dtype (which must be scales_zeros')."""
+        """x (..., in_features) -> (..., out_features), in x's dtype (bf16 for "avx512"; the
+        activation dtype the weight was packed for with "torch")."""
         rows = x.reshape(-1, self.in_features)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scales_zeros)
+        if self.kernel == "avx512":
+            y = self.matmul(rows.contiguous(), self.packed, self.scales)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scales)
         return y.view(*x.shape[:-1], self.out_features)
+
+    @property
+    def max_rows(self) -> int:
+        """Rows up to which this kernel's products beat dense bf16 ones (docs/PERFORMANCE.md)."""
+        return INT4_MAX_ROWS_AVX512 if self.kernel == "avx512" else INT4_MAX_ROWS
 
     def dequantize(self) -> torch.Tensor:
         """The dense (out_features, in_features) weight this computes with (float32), for tests."""
-        eye = torch.eye(self.in_features, dtype=self.scales_zeros.dtype, device=self.packed.device)
+        dtype = torch.bfloat16 if self.kernel == "avx512" else self.scales.dtype
+        eye = torch.eye(self.in_features, dtype=dtype, device=self.packed.device)
         return self(eye).float().T.contiguous()
 
 
@@ -111,14 +130,29 @@ def grid_4bit(weight: torch.Tensor, group: int = GROUP_SIZE, tolerance: float = 
     return q.view(out_features, in_features), step, low
 
 
-def pack_int4(weight: torch.Tensor, dtype: torch.dtype, group: int = GROUP_SIZE) -> Int4Weight:
+def pack_int4(weight: torch.Tensor, dtype: torch.dtype, group: int = GROUP_SIZE, kernel: str = "auto") -> Int4Weight:
     """An ``Int4Weight`` computing with ``weight`` (out, in), for activations in ``dtype`` (bf16 or
-    float32 on CPU). Raises ``Int4GridError`` when the weight is not on a 4-bit grid."""
+    float32 on CPU). ``kernel``: "auto" takes ours ("avx512") for bf16 where it loads and the shape
+    suits it (out a multiple of 16, groups of 32), else torch's. Raises ``Int4GridError`` when the
+    weight is not on a 4-bit grid."""
     if weight.device.type != "cpu":
         raise Int4GridError(f"int4 kernels run on CPU here, not {weight.device.type}")
+    if kernel not in ("auto", "torch", "avx512"):
+        raise ValueError(f"unknown int4 kernel {kernel!r}")
     q, step, low = grid_4bit(weight, group)
+    out_features, in_features = weight.shape
+    if kernel == "auto":
+        fits = dtype == torch.bfloat16 and group == 32 and out_features % 16 == 0
+        kernel = "avx512" if fits and int4_kernel.load() is not None else "torch"
+    if kernel == "avx512":
+        module = int4_kernel.load()
+        if module is None:
+            raise Int4GridError(f"the AVX-512 int4 kernel is not available: {int4_kernel.unavailable_reason() or 'its build failed'}")
+        packed, scales = module.pack_weight(q, step, low)
+        return Int4Weight(packed=packed, scales=scales, group=group, out_features=out_features,
+                          in_features=in_features, kernel="avx512", matmul=module.int4_mm)
     zero = low + 8 * step  # (q - 8) * step + (low + 8 step) = q * step + low
     scales_zeros = torch.stack([step.T, zero.T], dim=-1).contiguous().to(dtype)  # (in / group, out, 2)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), INNER_K_TILES)
-    return Int4Weight(packed=packed, scales_zeros=scales_zeros, group=group,
-                      out_features=weight.shape[0], in_features=weight.shape[1])
+    return Int4Weight(packed=packed, scales=scales_zeros, group=group, out_features=out_features,
+                      in_features=in_features)

@@ -247,8 +247,9 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
         model = model.to(torch_dtype)
     target = NativeTarget(model, name=spec, compile=compile, int4_layers=int4_layers)
     if int4_layers is not None:
-        logging.getLogger(__name__).info("int4 products for %d of %d weights, steps of up to %d tokens",
-                                         target.int4_count, 4 * target.num_layers, target.int4_max_rows)
+        logging.getLogger(__name__).info("int4 products for %d of %d weights (%s kernel), steps of up to %d tokens",
+                                         target.int4_count, 4 * target.num_layers, "/".join(target.int4_kernels),
+                                         target.int4_max_rows)
     if not keep_transformers_model:
         freed = target.release_transformers_weights()
         logging.getLogger(__name__).info("freed %.0f MB of unpacked weights", freed / 2**20)

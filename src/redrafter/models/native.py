@@ -36,7 +36,7 @@ from torch import nn
 from redrafter.errors import RedrafterError
 from redrafter.models.base import ForwardOutput, Linear, TargetInfo
 from redrafter.models.hf import target_info
-from redrafter.models.int4 import INT4_MAX_ROWS, Int4GridError, pack_int4
+from redrafter.models.int4 import Int4GridError, pack_int4
 from redrafter.utils import release_free_heap
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -94,7 +94,7 @@ class _Layer:
     """One decoder layer's weights, with q|k|v and gate|up fused."""
 
     def __init__(self, hf_layer: nn.Module, heads: int, kv_heads: int, head_dim: int, *, pack: bool,
-                 max_rows: int, int4: dict | None = None, int4_max_rows: int = 0) -> None:
+                 max_rows: int, int4: dict | None = None, int4_max_rows: int | None = None) -> None:
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.input_norm = hf_layer.input_layernorm.weight
@@ -240,15 +240,17 @@ class NativeTarget:
         # int4_layers (``int4_layer_weights``): products of up to int4_max_rows rows run 4-bit.
         if int4_layers is not None and len(int4_layers) != len(base.layers):
             raise RedrafterError(f"{len(int4_layers)} int4 layers for a model of {len(base.layers)}")
-        if int4_max_rows is None:
-            int4_max_rows = INT4_MAX_ROWS
-        self.int4_max_rows = int4_max_rows if int4_layers is not None else 0
+        # int4_max_rows None: each weight's kernel decides (``Int4Weight.max_rows``).
         self.weights = "int4" if int4_layers is not None else "dense"  # what --weights chose
         self.int4_count = sum(len(layer) for layer in int4_layers or [])  # of the 4 * layers decoder weights
         self.layers = [_Layer(layer, self.heads, self.kv_heads, self.head_dim, pack=pack_weights,
                               max_rows=weight_major_rows, int4=None if int4_layers is None else int4_layers[i],
-                              int4_max_rows=self.int4_max_rows)
+                              int4_max_rows=int4_max_rows)
                        for i, layer in enumerate(base.layers)]
+        self.int4_max_rows = max((linear.int4_max_rows for layer in self.layers
+                                  for linear in (layer.qkv, layer.o, layer.gate_up, layer.down)), default=0)
+        self.int4_kernels = sorted({linear.int4.kernel for layer in self.layers
+                                    for linear in (layer.qkv, layer.o, layer.gate_up, layer.down) if linear.int4})
         self.packed = self.lm_head.packed is not None
         if compile:  # dynamic shapes: the context and the tree size change every step
             self.forward = torch.compile(self.forward, dynamic=True)

@@ -1,0 +1,138 @@
+// Products of a few bf16 rows with a 4-bit weight, in one pass over the weight.
+//
+// Weight layout (pack_weight): the output features in tiles of 16; per tile, the inputs in quads
+// (k = 4u .. 4u+3) of 32 bytes, byte 2j+e = q[n0+j][4u+e] | q[n0+j][4u+e+2] << 4 (j the feature in
+// the tile, e in {0, 1}); per tile and group of 32 inputs, 16 steps then 16 lows (float32), with
+// w = q * step + low. A quad's bytes widened to 32 words give, through a 32-entry table, the bf16
+// values of inputs (4u, 4u+1) of the 16 features as 16 bf16 pairs (low nibbles) and of (4u+2, 4u+3)
+// (high nibbles): the operands of vdpbf16ps, whose other operand is the activation pair broadcast.
+// Per group, sum_k a_k (q_k step + low) = step * sum_k a_k q_k + low * sum_k a_k.
+//
+// Every row chunk of a tile re-reads the tile's weights from L1, so the weight stream from memory
+// is one pass whatever the number of rows (torch's kernel streams it once per 4 rows).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kTile = 16;   // output features per tile (one zmm of float32)
+constexpr int kGroup = 32;  // inputs per (step, low)
+constexpr int kQuadBytes = 32;
+
+template <int R>
+inline void tile_rows(const uint8_t* wq, const float* sm, const uint32_t* a, int64_t a_stride32,
+                      const float* asum, int64_t groups, at::BFloat16* out, int64_t out_stride,
+                      const __m512i table) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 tmp[R], tmp2[R];  // two chains per row: vdpbf16ps's latency exceeds its issue interval
+    for (int r = 0; r < R; ++r) tmp[r] = tmp2[r] = _mm512_setzero_ps();
+    const uint8_t* wg = wq + g * (kGroup / 4) * kQuadBytes;
+    const uint32_t* ag = a + g * (kGroup / 2);
+#pragma GCC unroll 8
+    for (int u = 0; u < kGroup / 4; ++u) {
+      __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + u * kQuadBytes)));
+      __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(x, table);
+      __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(x, 4), table);
+      for (int r = 0; r < R; ++r) {
+        const uint32_t* ar = ag + r * a_stride32;
+        tmp[r] = _mm512_dpbf16_ps(tmp[r], (__m512bh)_mm512_set1_epi32((int)ar[2 * u]), lo);
+        tmp2[r] = _mm512_dpbf16_ps(tmp2[r], (__m512bh)_mm512_set1_epi32((int)ar[2 * u + 1]), hi);
+      }
+    }
+    const __m512 step = _mm512_loadu_ps(sm + g * 2 * kTile);
+    const __m512 low = _mm512_loadu_ps(sm + g * 2 * kTile + kTile);
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm512_fmadd_ps(_mm512_add_ps(tmp[r], tmp2[r]), step, acc[r]);
+      acc[r] = _mm512_fmadd_ps(low, _mm512_set1_ps(asum[r * groups + g]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m256bh v = _mm512_cvtneps_pbh(acc[r]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * out_stride), (__m256i)v);
+  }
+}
+
+using TileFn = void (*)(const uint8_t*, const float*, const uint32_t*, int64_t, const float*, int64_t,
+                        at::BFloat16*, int64_t, const __m512i);
+constexpr int kMaxChunk = 8;
+const TileFn kTileFns[kMaxChunk + 1] = {nullptr, tile_rows<1>, tile_rows<2>, tile_rows<3>, tile_rows<4>,
+                                        tile_rows<5>, tile_rows<6>, tile_rows<7>, tile_rows<8>};
+
+}  // namespace
+
+// x (M, K) bf16 contiguous, wq (N/16, K/4, 32) uint8, sm (N/16, K/32, 32) float32 -> (M, N) bf16.
+torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sm) {
+  TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x: contiguous 2-D bf16");
+  TORCH_CHECK(wq.dtype() == torch::kUInt8 && wq.dim() == 3 && wq.size(2) == kQuadBytes, "wq: (N/16, K/4, 32) uint8");
+  TORCH_CHECK(sm.dtype() == torch::kFloat32 && sm.dim() == 3 && sm.size(2) == 2 * kTile, "sm: (N/16, K/32, 32) float32");
+  const int64_t M = x.size(0), K = x.size(1), tiles = wq.size(0), N = tiles * kTile;
+  TORCH_CHECK(wq.size(1) * 4 == K && K % kGroup == 0 && sm.size(1) * kGroup == K && sm.size(0) == tiles,
+              "shapes of x, wq and sm disagree");
+  const int64_t groups = K / kGroup;
+  auto out = torch::empty({M, N}, x.options());
+  if (M == 0) return out;
+  // Per row and group: the sum of the (bf16) activations, for the lows (a dot product with ones).
+  std::vector<float> asum(M * groups);
+  const uint32_t* a = reinterpret_cast<const uint32_t*>(x.data_ptr<at::BFloat16>());
+  {
+    const __m512bh ones = (__m512bh)_mm512_set1_epi16((short)0x3F80);  // bf16 1.0
+    for (int64_t i = 0; i < M * groups; ++i) {
+      const __m512i pairs = _mm512_loadu_si512(a + i * (kGroup / 2));
+      asum[i] = _mm512_reduce_add_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)pairs, ones));
+    }
+  }
+  const float* s = asum.data();
+  const uint8_t* w = wq.data_ptr<uint8_t>();
+  const float* scales = sm.data_ptr<float>();
+  at::BFloat16* o = out.data_ptr<at::BFloat16>();
+  const int64_t a_stride32 = K / 2;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) uint16_t tbl[32];
+    for (int i = 0; i < 32; ++i) {
+      float f = (float)(i & 15);
+      uint32_t bits;
+      std::memcpy(&bits, &f, 4);
+      tbl[i] = (uint16_t)(bits >> 16);  // exact: small integers are bf16 values
+    }
+    const __m512i table = _mm512_load_si512(tbl);
+    for (int64_t t = begin; t < end; ++t) {
+      const uint8_t* wt = w + t * (K / 4) * kQuadBytes;
+      const float* st = scales + t * groups * 2 * kTile;
+      for (int64_t r0 = 0; r0 < M; r0 += kMaxChunk) {
+        const int rows = (int)std::min<int64_t>(kMaxChunk, M - r0);
+        kTileFns[rows](wt, st, a + r0 * a_stride32, a_stride32, s + r0 * groups, groups,
+                       o + r0 * N + t * kTile, N, table);
+      }
+    }
+  });
+  return out;
+}
+
+// q (N, K) integer 0..15, step/low (N, K/32) float32 -> (wq, sm) in the layout above.
+std::vector<torch::Tensor> pack_weight(const torch::Tensor& q, const torch::Tensor& step, const torch::Tensor& low) {
+  TORCH_CHECK(q.dim() == 2 && q.size(0) % kTile == 0 && q.size(1) % kGroup == 0,
+              "q: (N, K) with N a multiple of 16 and K of 32");
+  const int64_t N = q.size(0), K = q.size(1), tiles = N / kTile, groups = K / kGroup;
+  auto qi = q.to(torch::kUInt8).contiguous();
+  // (tiles, 16, K/4, 4): feature j, quad u, input e within the quad
+  auto t = qi.view({tiles, kTile, K / 4, 4});
+  auto lo = t.index({"...", torch::indexing::Slice(0, 2)});  // inputs 4u, 4u+1
+  auto hi = t.index({"...", torch::indexing::Slice(2, 4)});  // inputs 4u+2, 4u+3
+  auto bytes = lo.bitwise_or(hi.bitwise_left_shift(4));      // (tiles, 16, K/4, 2)
+  auto wq = bytes.permute({0, 2, 1, 3}).contiguous().view({tiles, K / 4, kQuadBytes});
+  auto st = step.to(torch::kFloat32).view({tiles, kTile, groups}).permute({0, 2, 1});
+  auto lw = low.to(torch::kFloat32).view({tiles, kTile, groups}).permute({0, 2, 1});
+  auto sm = torch::cat({st, lw}, 2).contiguous();
+  return {wq, sm};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int4_mm", &int4_mm, "bf16 rows x 4-bit weight (one pass over the weight)");
+  m.def("pack_weight", &pack_weight, "pack a 4-bit weight for int4_mm");
+}

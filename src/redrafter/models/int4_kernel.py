@@ -1,0 +1,99 @@
+"""The AVX-512 int4 kernel (``csrc/int4_gemm.cpp``): built once on the machine, loaded on demand.
+
+torch's CPU int4 kernel (``aten._weight_int4pack_mm_for_cpu``) works through the rows in blocks of
+4 and streams and unpacks the whole weight once per block, so 5 rows cost about twice 4 (the "int4
+cliff" in docs/PERFORMANCE.md). Ours walks the weight once: each tile of 16 output features is
+unpacked from 4-bit to bf16 (a 32-entry table lookup, ``vpermw``) and multiplied into every row with
+``vdpbf16ps`` while it sits in L1, so a tree of 16 tokens costs about 3x one token where torch's
+kernel costs 5.5x. It needs AVX-512 BW and AVX-512 BF16 (Zen 4, Sapphire Rapids and later), a C++
+compiler and ninja; elsewhere ``load()`` returns None and int4 products use torch's kernel.
+
+The build (about 40 s on 2 cores) happens once and is cached under ``REDRAFTER_KERNEL_CACHE``
+(default ``~/.cache/redrafter/kernels``), keyed by the source and torch's version; ``make install``
+runs it (``python -m redrafter.models.int4_kernel``). ``REDRAFTER_INT4_KERNEL=torch`` turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "int4_gemm.cpp"
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
+
+log = logging.getLogger(__name__)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot run here, or None when it can be built and run."""
+    if os.environ.get("REDRAFTER_INT4_KERNEL", "auto") == "torch":
+        return "REDRAFTER_INT4_KERNEL=torch"
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"not an x86-64 CPU ({platform.machine()})"
+    missing = [flag for flag in REQUIRED_FLAGS if flag not in cpu_flags()]
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    return None
+
+
+def cache_dir() -> Path:
+    """Where the built extension lives: one directory per source text and torch version."""
+    root = Path(os.environ.get("REDRAFTER_KERNEL_CACHE", Path.home() / ".cache" / "redrafter" / "kernels"))
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    return root / f"int4-{key}"
+
+
+@functools.cache
+def load():
+    """The compiled extension (``int4_mm``, ``pack_weight``), building it on first use; None when the
+    machine cannot run it or the build fails (logged once; int4 then uses torch's kernel)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        log.info("int4 kernel: torch's (%s)", reason)
+        return None
+    from torch.utils import cpp_extension
+
+    directory = cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    if not any(directory.glob("*.so")):
+        log.warning("building the int4 kernel in %s (once per machine, about a minute)", directory)
+    try:
+        return cpp_extension.load("redrafter_int4", [str(SOURCE)], extra_cflags=COMPILE_FLAGS,
+                                  extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
+    except Exception as exc:  # no compiler or ninja, an old assembler: fall back, loudly
+        log.warning("int4 kernel: the build failed, using torch's (%s)", str(exc).strip().splitlines()[-1:])
+        return None
+
+
+def main() -> int:
+    """Build (or find) the kernel and say whether int4 products will use it."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    module = load()
+    if module is None:
+        print(f"int4 kernel: not available ({unavailable_reason() or 'build failed'}); torch's kernel is used")
+        return 0
+    print(f"int4 kernel: ready in {cache_dir()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
