@@ -23,6 +23,9 @@ constexpr int kTile = 16;   // output features per tile (one zmm of float32)
 constexpr int kGroup = 32;  // inputs per (step, low)
 constexpr int kQuadBytes = 32;
 
+// R rows of one tile. Up to 8 rows: two accumulator chains per row (vdpbf16ps's latency exceeds its
+// issue interval); 9 to 12 rows: one chain per row, which leaves registers for 12 rows (12 sums,
+// 12 accumulators and 5 temporaries of the 32) and is faster than a second pass of the tile.
 template <int R>
 inline void tile_rows(const uint8_t* wq, const float* sm, const uint32_t* a, int64_t a_stride32,
                       const float* asum, int64_t groups, at::BFloat16* out, int64_t out_stride,
@@ -30,8 +33,12 @@ inline void tile_rows(const uint8_t* wq, const float* sm, const uint32_t* a, int
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512 tmp[R], tmp2[R];  // two chains per row: vdpbf16ps's latency exceeds its issue interval
-    for (int r = 0; r < R; ++r) tmp[r] = tmp2[r] = _mm512_setzero_ps();
+    constexpr int kChains = R <= 8 ? 2 : 1;
+    __m512 tmp[R], tmp2[R];
+    for (int r = 0; r < R; ++r) tmp[r] = _mm512_setzero_ps();
+    if constexpr (kChains == 2) {
+      for (int r = 0; r < R; ++r) tmp2[r] = _mm512_setzero_ps();
+    }
     const uint8_t* wg = wq + g * (kGroup / 4) * kQuadBytes;
     const uint32_t* ag = a + g * (kGroup / 2);
 #pragma GCC unroll 8
@@ -42,13 +49,18 @@ inline void tile_rows(const uint8_t* wq, const float* sm, const uint32_t* a, int
       for (int r = 0; r < R; ++r) {
         const uint32_t* ar = ag + r * a_stride32;
         tmp[r] = _mm512_dpbf16_ps(tmp[r], (__m512bh)_mm512_set1_epi32((int)ar[2 * u]), lo);
-        tmp2[r] = _mm512_dpbf16_ps(tmp2[r], (__m512bh)_mm512_set1_epi32((int)ar[2 * u + 1]), hi);
+        if constexpr (kChains == 2) {
+          tmp2[r] = _mm512_dpbf16_ps(tmp2[r], (__m512bh)_mm512_set1_epi32((int)ar[2 * u + 1]), hi);
+        } else {
+          tmp[r] = _mm512_dpbf16_ps(tmp[r], (__m512bh)_mm512_set1_epi32((int)ar[2 * u + 1]), hi);
+        }
       }
     }
     const __m512 step = _mm512_loadu_ps(sm + g * 2 * kTile);
     const __m512 low = _mm512_loadu_ps(sm + g * 2 * kTile + kTile);
     for (int r = 0; r < R; ++r) {
-      acc[r] = _mm512_fmadd_ps(_mm512_add_ps(tmp[r], tmp2[r]), step, acc[r]);
+      const __m512 dot = kChains == 2 ? _mm512_add_ps(tmp[r], tmp2[r]) : tmp[r];
+      acc[r] = _mm512_fmadd_ps(dot, step, acc[r]);
       acc[r] = _mm512_fmadd_ps(low, _mm512_set1_ps(asum[r * groups + g]), acc[r]);
     }
   }
@@ -60,9 +72,10 @@ inline void tile_rows(const uint8_t* wq, const float* sm, const uint32_t* a, int
 
 using TileFn = void (*)(const uint8_t*, const float*, const uint32_t*, int64_t, const float*, int64_t,
                         at::BFloat16*, int64_t, const __m512i);
-constexpr int kMaxChunk = 8;
-const TileFn kTileFns[kMaxChunk + 1] = {nullptr, tile_rows<1>, tile_rows<2>, tile_rows<3>, tile_rows<4>,
-                                        tile_rows<5>, tile_rows<6>, tile_rows<7>, tile_rows<8>};
+constexpr int kMaxChunk = 12;
+const TileFn kTileFns[kMaxChunk + 1] = {nullptr,        tile_rows<1>,  tile_rows<2>, tile_rows<3>, tile_rows<4>,
+                                        tile_rows<5>,   tile_rows<6>,  tile_rows<7>, tile_rows<8>, tile_rows<9>,
+                                        tile_rows<10>,  tile_rows<11>, tile_rows<12>};
 
 }  // namespace
 
@@ -104,8 +117,10 @@ torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& wq, const tor
     for (int64_t t = begin; t < end; ++t) {
       const uint8_t* wt = w + t * (K / 4) * kQuadBytes;
       const float* st = scales + t * groups * 2 * kTile;
-      for (int64_t r0 = 0; r0 < M; r0 += kMaxChunk) {
-        const int rows = (int)std::min<int64_t>(kMaxChunk, M - r0);
+      // Up to 12 rows in one chunk; more in even chunks of at most 8 (16 rows: 8 + 8, not 12 + 4).
+      const int64_t chunks = M <= kMaxChunk ? 1 : (M + 7) / 8, chunk = (M + chunks - 1) / chunks;
+      for (int64_t r0 = 0; r0 < M; r0 += chunk) {
+        const int rows = (int)std::min<int64_t>(chunk, M - r0);
         kTileFns[rows](wt, st, a + r0 * a_stride32, a_stride32, s + r0 * groups, groups,
                        o + r0 * N + t * kTile, N, table);
       }
