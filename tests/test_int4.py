@@ -224,8 +224,24 @@ def test_int4_kernel_choice():
         assert packed.kernel == "avx512" and Linear(w, int4=packed).int4_max_rows == 16
     with pytest.raises(ValueError, match="unknown int4 kernel"):
         pack_int4(w, torch.bfloat16, kernel="amx")
+    with pytest.raises(ValueError, match="takes bfloat16 activations"):
+        pack_int4(w, torch.float32, kernel="avx512")
+    odd, _ = q4_1_weight(40, 64, seed=5)
+    with pytest.raises(Int4GridError, match="not a multiple of 16"):
+        pack_int4(odd, torch.bfloat16)
 
 
-def test_avx512_kernel_can_be_turned_off(monkeypatch):
+def test_int4_kernel_choice_on_the_command_line(monkeypatch):
+    """--int4-kernel torch loads torch's kernel everywhere; avx512 is refused, with the reason, where
+    it cannot run (here: turned off by the environment) and for float32."""
+    from redrafter.models.loading import load_target
+
+    target, _ = load_target("smollm2-135m-instruct", dtype="bfloat16", weights="int4", int4_kernel="torch")
+    assert target.int4_kernels == ["torch"] and target.int4_max_rows == 8
+    with pytest.raises(RedrafterError, match="runs bfloat16 models only"):
+        load_target("smollm2-135m-instruct", dtype="float32", weights="int4", int4_kernel="avx512")
     monkeypatch.setenv("REDRAFTER_INT4_KERNEL", "torch")
+    monkeypatch.setattr(int4_kernel, "load", lambda: None)
     assert int4_kernel.unavailable_reason() == "REDRAFTER_INT4_KERNEL=torch"
+    with pytest.raises(RedrafterError, match="cannot run here: REDRAFTER_INT4_KERNEL=torch"):
+        load_target("smollm2-135m-instruct", dtype="bfloat16", weights="int4", int4_kernel="avx512")

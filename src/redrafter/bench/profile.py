@@ -179,8 +179,8 @@ def add_profile_parser(subparsers) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the native backend's forward")
     p.add_argument("--weights", default="auto",
-                   help="comma list of the native backend's weight formats to profile (auto, dense, int4; "
-                        "see redrafter generate --help)")
+                   help="comma list of the native backend's weight formats to profile (auto, dense, int4, "
+                        "int4:avx512, int4:torch for one int4 kernel; see redrafter generate --help)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--context", type=int, default=300, help="committed tokens before the measured forwards")
     p.add_argument("--tree-sizes", default="1,2,4,8,16,32,64")
@@ -198,7 +198,7 @@ def run_profile_command(args: argparse.Namespace) -> int:
     from redrafter.cli import encode_prompt, resolve_drafter, stop_token_ids
     from redrafter.drafter.model import load_drafter
     from redrafter.engine import ReDrafterProposer
-    from redrafter.models.loading import DEFAULT_MODEL, WEIGHT_FORMATS, load_target, shipped_drafter
+    from redrafter.models.loading import DEFAULT_MODEL, INT4_KERNELS, WEIGHT_FORMATS, load_target, shipped_drafter
 
     try:
         sizes = [int(k) for k in args.tree_sizes.split(",")]
@@ -208,16 +208,20 @@ def run_profile_command(args: argparse.Namespace) -> int:
                              "(K: --max-tree-tokens)") from None
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     formats = [w.strip() for w in args.weights.split(",") if w.strip()]
-    if not formats or any(w not in WEIGHT_FORMATS for w in formats):
-        raise RedrafterError(f"--weights is a comma list of {', '.join(WEIGHT_FORMATS)}, got '{args.weights}'")
+    choices = [*WEIGHT_FORMATS, *(f"int4:{k}" for k in INT4_KERNELS if k != "auto")]
+    if not formats or any(w not in choices for w in formats):
+        raise RedrafterError(f"--weights is a comma list of {', '.join(choices)}, got '{args.weights}'")
     spec = args.model or DEFAULT_MODEL
     drafter_path = resolve_drafter(spec, args.drafter) if (args.drafter or shipped_drafter(spec)) else None
     torch.set_num_threads(args.threads)
     report = {"model": spec, "context": args.context, "threads": args.threads, "backends": {}}
     for backend, weights in [(b, w) for b in backends for w in (formats if b == "native" else ["dense"])]:
+        weights, _, kernel = weights.partition(":")
         target, tokenizer = load_target(spec, dtype=args.dtype, device=args.device, backend=backend,
-                                        compile=args.compile and backend == "native", weights=weights)
-        name = f"{backend} ({str(target.dtype).removeprefix('torch.')}{', int4' if target.weights == 'int4' else ''})"
+                                        compile=args.compile and backend == "native", weights=weights,
+                                        int4_kernel=kernel or "auto")
+        int4 = f", int4 {'/'.join(target.int4_kernels)}" if getattr(target, "weights", "") == "int4" else ""
+        name = f"{backend} ({str(target.dtype).removeprefix('torch.')}{int4})"
         curve = verify_curve(target, args.context, sizes, args.repeats)
         entry = {"verify_ms": curve, "verify_over_decode": {k: round(v / curve[sizes[0]], 3) for k, v in curve.items()}}
         ids = encode_prompt(tokenizer, args.prompt, chat_template=True)

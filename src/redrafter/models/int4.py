@@ -14,13 +14,18 @@ layouts or of the row permutations transformers applies to Llama's q/k weights, 
 itself: a weight that is not on a 4-bit grid is reported by name (``Int4GridError``), never
 re-quantized.
 
-Where it pays (docs/PERFORMANCE.md): in bfloat16 on CPU, SmolLM2's 30 layers of products take
-about 5.5 ms for one row against 14.6 ms dense (the weight stream shrinks 3.5x), but the kernel's cost
-grows with the rows (one row is memory-bound, eight are not), so ``base.Linear`` uses it only up to
-``INT4_MAX_ROWS`` rows and the dense oneDNN weight beyond. Numerics: in bfloat16 the kernel holds
-scale and zero in bf16, so its weights differ from the dense bf16 ones by rounding (both are within
-bf16 precision of the file's values); in float32 the weights are exactly the dense ones (tested),
-but the float32 kernel is slow, so float32 models keep dense products by default.
+Two kernels (docs/PERFORMANCE.md). Ours (``int4_kernel``, AVX-512 BF16, bf16 activations) walks
+the weight once for up to 12 rows: SmolLM2's 30 layers of products take about 4.5 ms for one row
+against 14.6 ms dense (the weight stream shrinks 3.5x) and about 9 ms for 8 rows, so ``base.Linear``
+uses it up to ``INT4_MAX_ROWS_AVX512`` rows. torch's kernel (everywhere else, and for float32)
+streams and unpacks the weight once per 4 rows, so 5 rows cost about twice 4; it is used up to
+``INT4_MAX_ROWS`` rows. Beyond, the dense oneDNN weight runs (prefills, batched datagen).
+
+Numerics: ours holds each group's step and low in float32, so its weights are exactly
+``q * step + low``; products of bf16 activations accumulate in float32 and round once to bf16.
+torch's kernel holds scale and zero in the activation dtype: in bf16 its weights differ from the
+dense bf16 ones by rounding; in float32 they are exactly the dense ones (tested), but the float32
+kernel is slow, so float32 models keep dense products by default.
 """
 
 from __future__ import annotations
@@ -139,10 +144,14 @@ def pack_int4(weight: torch.Tensor, dtype: torch.dtype, group: int = GROUP_SIZE,
         raise Int4GridError(f"int4 kernels run on CPU here, not {weight.device.type}")
     if kernel not in ("auto", "torch", "avx512"):
         raise ValueError(f"unknown int4 kernel {kernel!r}")
-    q, step, low = grid_4bit(weight, group)
     out_features, in_features = weight.shape
+    if out_features % 16:
+        raise Int4GridError(f"{out_features} output features are not a multiple of 16 (both int4 kernels' tile)")
+    if kernel == "avx512" and (dtype != torch.bfloat16 or group != 32):
+        raise ValueError("the AVX-512 int4 kernel takes bfloat16 activations and groups of 32 inputs")
+    q, step, low = grid_4bit(weight, group)
     if kernel == "auto":
-        fits = dtype == torch.bfloat16 and group == 32 and out_features % 16 == 0
+        fits = dtype == torch.bfloat16 and group == 32
         kernel = "avx512" if fits and int4_kernel.load() is not None else "torch"
     if kernel == "avx512":
         module = int4_kernel.load()

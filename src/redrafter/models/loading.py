@@ -31,6 +31,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DTYPE_CHOICES = ("auto", *DTYPES)
 BACKENDS = ("auto", "native", "hf")
 WEIGHT_FORMATS = ("auto", "dense", "int4")
+INT4_KERNELS = ("auto", "avx512", "torch")
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
@@ -66,6 +67,9 @@ def add_backend_arguments(parser, *, dtype_default: str = "auto") -> None:
                              "models whose weights are 4-bit (a Q4_0/Q4_1/Q4_K GGUF, e.g. the embedded default; "
                              "CPU); auto: int4 for such a GGUF in bfloat16 on CPU, else dense "
                              "(docs/PERFORMANCE.md)")
+    parser.add_argument("--int4-kernel", choices=INT4_KERNELS, default="auto",
+                        help="which kernel runs int4 products: avx512 (ours: one pass over the weight for up "
+                             "to 12 rows; bf16 on AVX-512-BF16 CPUs), torch (aten's), or auto: ours where it runs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +175,7 @@ def auto_weights(spec: str, backend: str, dtype: torch.dtype, device: str | torc
 
 def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
                 device: str | torch.device = "cpu", backend: str = "auto", compile: bool = False,
-                keep_transformers_model: bool = True, weights: str = "auto"):
+                keep_transformers_model: bool = True, weights: str = "auto", int4_kernel: str = "auto"):
     """Load SPEC as a target backend and its tokenizer.
 
     ``backend``: "native" (the lean static-cache implementation; Llama, Qwen2, Mistral), "hf" (any
@@ -181,6 +185,8 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
     (``models.int4``; the model's linear weights must lie on a 4-bit grid, as a Q4_0/Q4_1 GGUF's do).
     "auto" (``auto_weights``) tries int4 for a GGUF source in bfloat16 on CPU and keeps dense weights
     when they are not 4-bit; "dense" never uses int4. ``target.weights`` says what was chosen.
+    ``int4_kernel``: "avx512" (ours, ``models.int4_kernel``), "torch", or "auto" (ours for bf16 where it
+    runs); ``target.int4_kernels`` says which ran.
     ``keep_transformers_model``: False frees the native backend's plain weight copies that only the
     transformers model needs (``NativeTarget.release_transformers_weights``; half the weight memory
     with packed weights); ``target.model`` is then None.
@@ -203,7 +209,17 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
         raise RedrafterError("--weights int4 needs the native backend on CPU")
     if weights == "int4" and compile:
         raise RedrafterError("--weights int4 and --compile do not go together (compile is for GPUs)")
+    if int4_kernel not in INT4_KERNELS:
+        raise RedrafterError(f"unknown int4 kernel '{int4_kernel}' (expected one of {', '.join(INT4_KERNELS)})")
     torch_dtype = resolve_dtype(dtype, device)
+    if int4_kernel == "avx512" and torch_dtype != torch.bfloat16:
+        raise RedrafterError("--int4-kernel avx512 runs bfloat16 models only (--dtype bfloat16)")
+    if int4_kernel == "avx512":
+        from redrafter.models import int4_kernel as kernel_module
+
+        if kernel_module.load() is None:
+            raise RedrafterError("--int4-kernel avx512 cannot run here: "
+                                 f"{kernel_module.unavailable_reason() or 'its build failed (see the log)'}")
     requested = weights
     if weights == "auto":
         weights = "dense" if compile else auto_weights(spec, backend, torch_dtype, device)
@@ -239,7 +255,7 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
         from redrafter.models.native import int4_layer_weights
 
         try:
-            int4_layers = int4_layer_weights(model, torch_dtype)
+            int4_layers = int4_layer_weights(model, torch_dtype, kernel=int4_kernel)
         except RedrafterError as exc:
             if requested != "auto":
                 raise

@@ -121,18 +121,19 @@ class _Layer:
             for name, (weight, bias) in weights.items())
 
 
-def int4_layer_weights(model: nn.Module, dtype: torch.dtype) -> list[dict]:
+def int4_layer_weights(model: nn.Module, dtype: torch.dtype, kernel: str = "auto") -> list[dict]:
     """Each decoder layer's q|k|v, o, gate|up and down weights that lie on a 4-bit grid, as
     ``int4.Int4Weight`` for activations in ``dtype``, fused in ``_Layer``'s order (a dict per layer;
     a weight not on a grid is left out and keeps dense products: GGUF's Q4_K_M mixes in 6-bit
     weights). ``model`` should hold float32 weights (a dequantized GGUF loaded in float32), so the
-    grid is exact. Raises ``RedrafterError`` naming the first weight when no weight is on a grid."""
+    grid is exact. ``kernel``: see ``int4.pack_int4``. Raises ``RedrafterError`` naming the first weight
+    when no weight is on a grid."""
     layers, first_error = [], None
     for index, layer in enumerate(model.model.layers):
         packed = {}
         for name, (weight, _) in fused_weights(layer).items():
             try:
-                packed[name] = pack_int4(weight, dtype)
+                packed[name] = pack_int4(weight, dtype, kernel=kernel)
             except Int4GridError as exc:
                 first_error = first_error or f"layer {index} {name} weight: {exc}"
         layers.append(packed)
