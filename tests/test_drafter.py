@@ -107,6 +107,13 @@ def test_beam_resolution_flags_then_drafter_recommendation_then_default(tmp_path
     assert resolve_beam(None, None, tmp_path, weights="dense") == BeamConfig(16, 3, max_tree_tokens=8)
     assert resolve_beam(None, None, tmp_path, weights="int4") == BeamConfig(4, 3, max_tree_tokens=4)
     assert resolve_beam(8, None, tmp_path, weights="int4") == BeamConfig(8, 3, max_tree_tokens=0)
+    # A kernel's own section (int4 with torch's kernel), else its format's.
+    assert resolve_beam(None, None, tmp_path, weights="int4:torch") == BeamConfig(4, 3, max_tree_tokens=4)
+    (tmp_path / "generation.json").write_text('{"beam_width": 16, "beam_length": 3, '
+                                              '"int4": {"beam_width": 8, "beam_length": 3, "max_tree_tokens": 8}, '
+                                              '"int4:torch": {"beam_width": 8, "beam_length": 3, "max_tree_tokens": 4}}')
+    assert resolve_beam(None, None, tmp_path, weights="int4") == BeamConfig(8, 3, max_tree_tokens=8)
+    assert resolve_beam(None, None, tmp_path, weights="int4:torch") == BeamConfig(8, 3, max_tree_tokens=4)
     (tmp_path / "generation.json").write_text('{"beam_width": 8, "beam_length": 4, "max_tree_tokens": 1}')
     with pytest.raises(RedrafterError, match="max tree tokens"):
         resolve_beam(None, None, tmp_path)

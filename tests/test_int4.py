@@ -236,8 +236,11 @@ def test_int4_kernel_choice_on_the_command_line(monkeypatch):
     it cannot run (here: turned off by the environment) and for float32."""
     from redrafter.models.loading import load_target
 
+    from redrafter.cli import beam_format
+
     target, _ = load_target("smollm2-135m-instruct", dtype="bfloat16", weights="int4", int4_kernel="torch")
     assert target.int4_kernels == ["torch"] and target.int4_max_rows == 8
+    assert beam_format(target) == "int4:torch"  # the drafter's setting measured for torch's kernel
     with pytest.raises(RedrafterError, match="runs bfloat16 models only"):
         load_target("smollm2-135m-instruct", dtype="float32", weights="int4", int4_kernel="avx512")
     monkeypatch.setenv("REDRAFTER_INT4_KERNEL", "torch")

@@ -103,6 +103,15 @@ def resolve_drafter(model_spec: str, drafter: str | None) -> Path:
     return shipped
 
 
+def beam_format(target) -> str:
+    """The key of a drafter's stored beam setting for ``target`` (``recommended_beam``): its weight
+    format, and for int4 without our kernel "int4:torch", whose trees of 5+ tokens cost a second pass."""
+    weights = getattr(target, "weights", "dense")
+    if weights == "int4" and "avx512" not in getattr(target, "int4_kernels", []):
+        return "int4:torch"
+    return weights
+
+
 def resolve_beam(width: int | None, length: int | None, drafter_path, min_prob: float | None = None,
                  max_tree_tokens: int | None = None, weights: str = "dense", lookup_tokens: int | None = None,
                  lookup_ngram: int | None = None) -> BeamConfig:
@@ -264,7 +273,7 @@ def run_generate(args: argparse.Namespace) -> int:
                                     weights=args.weights, int4_kernel=args.int4_kernel)
     proposer = None
     if not args.autoregressive:
-        beam = resolve_beam(args.beam_width, args.beam_length, drafter_path, probs[0], caps[0], target.weights,
+        beam = resolve_beam(args.beam_width, args.beam_length, drafter_path, probs[0], caps[0], beam_format(target),
                             lookups[0], args.lookup_ngram)
         drafter = load_drafter(drafter_path, device=target.device, dtype=target.dtype)
         proposer = ReDrafterProposer(drafter, target, beam, draft_mode=draft_mode)

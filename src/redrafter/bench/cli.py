@@ -58,7 +58,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from redrafter.bench.report import print_table, write_outputs
     from redrafter.bench.runner import Item, machine_info, run_bench, summarise
     from redrafter.bench.workloads import load_workload
-    from redrafter.cli import (draft_modes, encode_messages, lookup_tokens_values, max_tree_tokens_values,
+    from redrafter.cli import (beam_format, draft_modes, encode_messages, lookup_tokens_values, max_tree_tokens_values,
                                min_draft_probs, resolve_beam, resolve_drafter, sampling_params, stop_token_ids)
     from redrafter.drafter.model import load_drafter
     from redrafter.models.loading import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_gguf, load_target
@@ -88,7 +88,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     target, tokenizer = load_target(spec, dtype=args.dtype, device=args.device, backend=args.backend,
                                     compile=args.compile, weights=args.weights, int4_kernel=args.int4_kernel)
-    beams = [resolve_beam(width, length, drafter_path, prob, cap, target.weights, look, args.lookup_ngram)
+    beams = [resolve_beam(width, length, drafter_path, prob, cap, beam_format(target), look, args.lookup_ngram)
              for width, length, prob, cap, look in shape_flags]
     drafter = load_drafter(drafter_path, device=target.device, dtype=target.dtype) if drafter_path else None
     assistant = None

@@ -169,15 +169,18 @@ def recommended_beam(path: str | os.PathLike | None, weights: str = "dense"):
     The best shape depends on what a tree of K tokens costs against a decode step, which depends on the
     target's weight format (``weights``: "dense" or "int4"); an object under the format's name (e.g.
     ``"int4": {"beam_width": 8, ...}``) holds the shape measured for it, and the top-level keys the
-    dense one (also used for a format with no entry)."""
+    dense one (also used for a format with no entry). ``weights`` may name a kernel too, as
+    "int4:torch" (``beam_format``): its own entry when there is one, else the format's."""
     from redrafter.config import BeamConfig
 
     if path is None or not (Path(path) / RECOMMENDED_NAME).is_file():
         return None
     try:
         data = json.loads((Path(path) / RECOMMENDED_NAME).read_text())
-        if isinstance(data.get(weights), dict):
-            data = data[weights]
+        for key in (weights, weights.partition(":")[0]):
+            if isinstance(data.get(key), dict):
+                data = data[key]
+                break
         return BeamConfig(width=int(data["beam_width"]), length=int(data["beam_length"]),
                           min_prob=float(data.get("min_draft_prob", 0.0)),
                           max_tree_tokens=int(data.get("max_tree_tokens", 0)),
