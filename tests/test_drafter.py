@@ -114,6 +114,14 @@ def test_beam_resolution_flags_then_drafter_recommendation_then_default(tmp_path
                                               '"int4:torch": {"beam_width": 8, "beam_length": 3, "max_tree_tokens": 4}}')
     assert resolve_beam(None, None, tmp_path, weights="int4") == BeamConfig(8, 3, max_tree_tokens=8)
     assert resolve_beam(None, None, tmp_path, weights="int4:torch") == BeamConfig(8, 3, max_tree_tokens=4)
+    # A setting measured for sampling overrides the entry's keys at temperature > 0 only.
+    (tmp_path / "generation.json").write_text('{"beam_width": 16, "beam_length": 3, '
+                                              '"int4": {"beam_width": 8, "beam_length": 3, "max_tree_tokens": 8, '
+                                              '"lookup_tokens": 8, "sampling": {"max_tree_tokens": 4}}}')
+    assert resolve_beam(None, None, tmp_path, weights="int4") == BeamConfig(8, 3, max_tree_tokens=8, lookup_tokens=8)
+    assert resolve_beam(None, None, tmp_path, weights="int4", sampling=True) == BeamConfig(
+        8, 3, max_tree_tokens=4, lookup_tokens=8)
+    assert resolve_beam(None, None, tmp_path, weights="dense", sampling=True) == BeamConfig(16, 3)
     (tmp_path / "generation.json").write_text('{"beam_width": 8, "beam_length": 4, "max_tree_tokens": 1}')
     with pytest.raises(RedrafterError, match="max tree tokens"):
         resolve_beam(None, None, tmp_path)

@@ -114,16 +114,17 @@ def beam_format(target) -> str:
 
 def resolve_beam(width: int | None, length: int | None, drafter_path, min_prob: float | None = None,
                  max_tree_tokens: int | None = None, weights: str = "dense", lookup_tokens: int | None = None,
-                 lookup_ngram: int | None = None) -> BeamConfig:
+                 lookup_ngram: int | None = None, *, sampling: bool = False) -> BeamConfig:
     """Explicit flags win, then the drafter's stored best setting for the target's weight format
-    (``weights``, ``TargetModel.weights``), then the built-in default.
+    (``weights``, ``beam_format``; ``sampling``: the setting measured for temperature > 0), then the
+    built-in default.
 
     A stored tree cap was measured for the stored W x L only: an explicit width or length without
     ``max_tree_tokens`` verifies the whole tree. The context-lookup beam is a branch of its own and
     keeps its stored setting."""
     from redrafter.drafter.model import recommended_beam
 
-    base = recommended_beam(drafter_path, weights) or DEFAULT_BEAM
+    base = recommended_beam(drafter_path, weights, sampling) or DEFAULT_BEAM
     if max_tree_tokens is None:
         max_tree_tokens = base.max_tree_tokens if width is None and length is None else 0
     return BeamConfig(width=base.width if width is None else width, length=base.length if length is None else length,
@@ -274,7 +275,7 @@ def run_generate(args: argparse.Namespace) -> int:
     proposer = None
     if not args.autoregressive:
         beam = resolve_beam(args.beam_width, args.beam_length, drafter_path, probs[0], caps[0], beam_format(target),
-                            lookups[0], args.lookup_ngram)
+                            lookups[0], args.lookup_ngram, sampling=sampling.temperature > 0)
         drafter = load_drafter(drafter_path, device=target.device, dtype=target.dtype)
         proposer = ReDrafterProposer(drafter, target, beam, draft_mode=draft_mode)
     engine = Engine(target, proposer)

@@ -161,7 +161,7 @@ def write_drafter_files(drafter: Drafter, directory: Path, dtype: torch.dtype | 
     (directory / CONFIG_NAME).write_text(json.dumps(drafter.config.to_dict(), indent=2) + "\n")
 
 
-def recommended_beam(path: str | os.PathLike | None, weights: str = "dense"):
+def recommended_beam(path: str | os.PathLike | None, weights: str = "dense", sampling: bool = False):
     """The draft shape stored next to a drafter as the best one measured (``generation.json`` with
     ``beam_width``, ``beam_length`` and optionally ``min_draft_prob``, ``max_tree_tokens``,
     ``lookup_tokens`` and ``lookup_ngram``), or None.
@@ -170,7 +170,9 @@ def recommended_beam(path: str | os.PathLike | None, weights: str = "dense"):
     target's weight format (``weights``: "dense" or "int4"); an object under the format's name (e.g.
     ``"int4": {"beam_width": 8, ...}``) holds the shape measured for it, and the top-level keys the
     dense one (also used for a format with no entry). ``weights`` may name a kernel too, as
-    "int4:torch" (``beam_format``): its own entry when there is one, else the format's."""
+    "int4:torch" (``beam_format``): its own entry when there is one, else the format's. With
+    ``sampling`` (temperature > 0), keys under the entry's ``"sampling"`` object override it: drafts
+    drawn from q fill a tree cap differently, so the best cap may differ."""
     from redrafter.config import BeamConfig
 
     if path is None or not (Path(path) / RECOMMENDED_NAME).is_file():
@@ -181,6 +183,8 @@ def recommended_beam(path: str | os.PathLike | None, weights: str = "dense"):
             if isinstance(data.get(key), dict):
                 data = data[key]
                 break
+        if sampling and isinstance(data.get("sampling"), dict):
+            data = {**data, **data["sampling"]}
         return BeamConfig(width=int(data["beam_width"]), length=int(data["beam_length"]),
                           min_prob=float(data.get("min_draft_prob", 0.0)),
                           max_tree_tokens=int(data.get("max_tree_tokens", 0)),
