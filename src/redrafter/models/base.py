@@ -76,8 +76,8 @@ class Linear:
     ``packed`` (see ``pack_linear_weight``) selects oneDNN's prepacked kernel; without it, the
     product is ``few_row_linear`` with ``max_rows``. ``int4`` (``models.int4.Int4Weight``, for
     weights on a 4-bit grid) runs products of up to ``int4_max_rows`` rows (default: the kernel's own
-    ``max_rows``) with the int4 kernel, which streams a quarter of the bytes but grows faster with the rows. The plain ``weight`` is kept for
-    other code (a tied embedding, the transformers modules the native backend shares its tensors
+    ``max_rows``) with the int4 kernel, which streams a quarter of the bytes but grows faster with the
+    rows. The plain ``weight`` is kept for other code (a tied embedding, the transformers modules the native backend shares its tensors
     with) unless the owner releases it (``weight`` None, only with a packed copy).
     """
 

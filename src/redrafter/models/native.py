@@ -248,10 +248,9 @@ class NativeTarget:
                               max_rows=weight_major_rows, int4=None if int4_layers is None else int4_layers[i],
                               int4_max_rows=int4_max_rows)
                        for i, layer in enumerate(base.layers)]
-        self.int4_max_rows = max((linear.int4_max_rows for layer in self.layers
-                                  for linear in (layer.qkv, layer.o, layer.gate_up, layer.down)), default=0)
-        self.int4_kernels = sorted({linear.int4.kernel for layer in self.layers
-                                    for linear in (layer.qkv, layer.o, layer.gate_up, layer.down) if linear.int4})
+        linears = [linear for layer in self.layers for linear in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        self.int4_max_rows = max(linear.int4_max_rows for linear in linears)  # the longest 4-bit step
+        self.int4_kernels = sorted({linear.int4.kernel for linear in linears if linear.int4})  # "avx512", "torch"
         self.packed = self.lm_head.packed is not None
         if compile:  # dynamic shapes: the context and the tree size change every step
             self.forward = torch.compile(self.forward, dynamic=True)

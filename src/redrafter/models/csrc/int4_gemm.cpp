@@ -81,9 +81,12 @@ const TileFn kTileFns[kMaxChunk + 1] = {nullptr,        tile_rows<1>,  tile_rows
 
 // x (M, K) bf16 contiguous, wq (N/16, K/4, 32) uint8, sm (N/16, K/32, 32) float32 -> (M, N) bf16.
 torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sm) {
+  TORCH_CHECK(x.device().is_cpu() && wq.device().is_cpu() && sm.device().is_cpu(), "int4_mm runs on CPU tensors");
   TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x: contiguous 2-D bf16");
-  TORCH_CHECK(wq.dtype() == torch::kUInt8 && wq.dim() == 3 && wq.size(2) == kQuadBytes, "wq: (N/16, K/4, 32) uint8");
-  TORCH_CHECK(sm.dtype() == torch::kFloat32 && sm.dim() == 3 && sm.size(2) == 2 * kTile, "sm: (N/16, K/32, 32) float32");
+  TORCH_CHECK(wq.dtype() == torch::kUInt8 && wq.dim() == 3 && wq.size(2) == kQuadBytes && wq.is_contiguous(),
+              "wq: contiguous (N/16, K/4, 32) uint8");
+  TORCH_CHECK(sm.dtype() == torch::kFloat32 && sm.dim() == 3 && sm.size(2) == 2 * kTile && sm.is_contiguous(),
+              "sm: contiguous (N/16, K/32, 32) float32");
   const int64_t M = x.size(0), K = x.size(1), tiles = wq.size(0), N = tiles * kTile;
   TORCH_CHECK(wq.size(1) * 4 == K && K % kGroup == 0 && sm.size(1) * kGroup == K && sm.size(0) == tiles,
               "shapes of x, wq and sm disagree");
