@@ -15,8 +15,8 @@ itself: a weight that is not on a 4-bit grid is reported by name (``Int4GridErro
 re-quantized.
 
 Two kernels (docs/PERFORMANCE.md). Ours (``int4_kernel``, AVX-512 BF16, bf16 activations) walks
-the weight once for up to 12 rows: SmolLM2's 30 layers of products take about 4.5 ms for one row
-against 14.6 ms dense (the weight stream shrinks 3.5x) and about 9 ms for 8 rows, so ``base.Linear``
+the weight once for up to 12 rows: SmolLM2's 30 layers of products take about 5 ms for one row
+against 15-17 ms dense (the weight stream shrinks 3.5x) and about 9 ms for 8 rows, so ``base.Linear``
 uses it up to ``INT4_MAX_ROWS_AVX512`` rows. torch's kernel (everywhere else, and for float32)
 streams and unpacks the weight once per 4 rows, so 5 rows cost about twice 4; it is used up to
 ``INT4_MAX_ROWS`` rows. Beyond, the dense oneDNN weight runs (prefills, batched datagen).

@@ -4,8 +4,8 @@ torch's CPU int4 kernel (``aten._weight_int4pack_mm_for_cpu``) works through the
 4 and streams and unpacks the whole weight once per block, so 5 rows cost about twice 4 (the "int4
 cliff" in docs/PERFORMANCE.md). Ours walks the weight once: each tile of 16 output features is
 unpacked from 4-bit to bf16 (a 32-entry table lookup, ``vpermw``) and multiplied into every row with
-``vdpbf16ps`` while it sits in L1, so a tree of 16 tokens costs about 3x one token where torch's
-kernel costs 5.5x. It needs AVX-512 BW and AVX-512 BF16 (Zen 4, Sapphire Rapids and later), a C++
+``vdpbf16ps`` while it sits in L1, so 16 rows cost about 3x one row where torch's kernel costs
+4.6x (SmolLM2's 30 layers, docs/PERFORMANCE.md). It needs AVX-512 BW and AVX-512 BF16 (Zen 4, Sapphire Rapids and later), a C++
 compiler and ninja; elsewhere ``load()`` returns None and int4 products use torch's kernel.
 
 The build (about 40 s on 2 cores) happens once and is cached under ``REDRAFTER_KERNEL_CACHE``
