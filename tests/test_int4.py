@@ -161,17 +161,17 @@ def test_int4_needs_the_native_backend_on_cpu():
         load_target("smollm2-135m-instruct", weights="int8")
 
 
-# --- our AVX-512 kernel (models/int4_kernel.py, csrc/int4_gemm.cpp) ---------------------------------
+# --- our AVX-512 kernel (models/kernels.py, csrc/int4_gemm.cpp) --------------------------------------
 
-from redrafter.models import int4_kernel  # noqa: E402
+from redrafter.models import kernels  # noqa: E402
 
 
 def avx512_kernel():
     """The kernel, which must build wherever the CPU can run it (a failed build fails here)."""
-    reason = int4_kernel.unavailable_reason()
+    reason = kernels.int4_unavailable_reason()
     if reason is not None:
         pytest.skip(f"no AVX-512 int4 kernel on this machine: {reason}")
-    module = int4_kernel.load()
+    module = kernels.int4()
     assert module is not None, "the CPU has AVX-512 BF16 but the int4 kernel did not build (see the log)"
     return module
 
@@ -219,7 +219,7 @@ def test_int4_kernel_choice():
     assert coarse.kernel == "torch"
     assert Linear(wide, int4=coarse).int4_max_rows == INT4_MAX_ROWS
     assert Linear(w, int4=pack_int4(w, torch.bfloat16), int4_max_rows=4).int4_max_rows == 4
-    if int4_kernel.unavailable_reason() is None:
+    if kernels.int4_unavailable_reason() is None:
         packed = pack_int4(w, torch.bfloat16)
         assert packed.kernel == "avx512" and Linear(w, int4=packed).int4_max_rows == 16
     with pytest.raises(ValueError, match="unknown int4 kernel"):
@@ -244,7 +244,6 @@ def test_int4_kernel_choice_on_the_command_line(monkeypatch):
     with pytest.raises(RedrafterError, match="runs bfloat16 models only"):
         load_target("smollm2-135m-instruct", dtype="float32", weights="int4", int4_kernel="avx512")
     monkeypatch.setenv("REDRAFTER_INT4_KERNEL", "torch")
-    monkeypatch.setattr(int4_kernel, "load", lambda: None)
-    assert int4_kernel.unavailable_reason() == "REDRAFTER_INT4_KERNEL=torch"
+    assert kernels.int4_unavailable_reason() == "REDRAFTER_INT4_KERNEL=torch" and kernels.int4() is None
     with pytest.raises(RedrafterError, match="cannot run here: REDRAFTER_INT4_KERNEL=torch"):
         load_target("smollm2-135m-instruct", dtype="bfloat16", weights="int4", int4_kernel="avx512")

@@ -271,7 +271,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
     target, tokenizer = load_target(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device,
                                     backend=args.backend, compile=args.compile, keep_transformers_model=False,
-                                    weights=args.weights, int4_kernel=args.int4_kernel)
+                                    weights=args.weights, int4_kernel=args.int4_kernel,
+                                    attention_kernel=args.attention_kernel)
     proposer = None
     if not args.autoregressive:
         beam = resolve_beam(args.beam_width, args.beam_length, drafter_path, probs[0], caps[0], beam_format(target),

@@ -87,7 +87,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     target, tokenizer = load_target(spec, dtype=args.dtype, device=args.device, backend=args.backend,
-                                    compile=args.compile, weights=args.weights, int4_kernel=args.int4_kernel)
+                                    compile=args.compile, weights=args.weights, int4_kernel=args.int4_kernel,
+                                    attention_kernel=args.attention_kernel)
     beams = [resolve_beam(width, length, drafter_path, prob, cap, beam_format(target), look, args.lookup_ngram,
                           sampling=args.temperature > 0)
              for width, length, prob, cap, look in shape_flags]

@@ -181,6 +181,8 @@ def add_profile_parser(subparsers) -> None:
     p.add_argument("--weights", default="auto",
                    help="comma list of the native backend's weight formats to profile (auto, dense, int4, "
                         "int4:avx512, int4:torch for one int4 kernel; see redrafter generate --help)")
+    p.add_argument("--attention-kernels", default="auto",
+                   help="comma list of the native backend's attention kernels to profile (auto, ours, torch)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--context", type=int, default=300, help="committed tokens before the measured forwards")
     p.add_argument("--tree-sizes", default="1,2,4,8,16,32,64")
@@ -198,7 +200,8 @@ def run_profile_command(args: argparse.Namespace) -> int:
     from redrafter.cli import encode_prompt, resolve_drafter, stop_token_ids
     from redrafter.drafter.model import load_drafter
     from redrafter.engine import ReDrafterProposer
-    from redrafter.models.loading import DEFAULT_MODEL, INT4_KERNELS, WEIGHT_FORMATS, load_target, shipped_drafter
+    from redrafter.models.loading import (ATTENTION_KERNELS, DEFAULT_MODEL, INT4_KERNELS, WEIGHT_FORMATS, load_target,
+                                          shipped_drafter)
 
     try:
         sizes = [int(k) for k in args.tree_sizes.split(",")]
@@ -211,17 +214,24 @@ def run_profile_command(args: argparse.Namespace) -> int:
     choices = [*WEIGHT_FORMATS, *(f"int4:{k}" for k in INT4_KERNELS if k != "auto")]
     if not formats or any(w not in choices for w in formats):
         raise RedrafterError(f"--weights is a comma list of {', '.join(choices)}, got '{args.weights}'")
+    attentions = [a.strip() for a in args.attention_kernels.split(",") if a.strip()]
+    if not attentions or any(a not in ATTENTION_KERNELS for a in attentions):
+        raise RedrafterError(f"--attention-kernels is a comma list of {', '.join(ATTENTION_KERNELS)}, "
+                             f"got '{args.attention_kernels}'")
     spec = args.model or DEFAULT_MODEL
     drafter_path = resolve_drafter(spec, args.drafter) if (args.drafter or shipped_drafter(spec)) else None
     torch.set_num_threads(args.threads)
     report = {"model": spec, "context": args.context, "threads": args.threads, "backends": {}}
-    for backend, weights in [(b, w) for b in backends for w in (formats if b == "native" else ["dense"])]:
+    runs = [(b, w, a) for b in backends for w in (formats if b == "native" else ["dense"])
+            for a in (attentions if b == "native" else ["auto"])]
+    for backend, weights, attention in runs:
         weights, _, kernel = weights.partition(":")
         target, tokenizer = load_target(spec, dtype=args.dtype, device=args.device, backend=backend,
                                         compile=args.compile and backend == "native", weights=weights,
-                                        int4_kernel=kernel or "auto")
+                                        int4_kernel=kernel or "auto", attention_kernel=attention)
         int4 = f", int4 {'/'.join(target.int4_kernels)}" if getattr(target, "weights", "") == "int4" else ""
-        name = f"{backend} ({str(target.dtype).removeprefix('torch.')}{int4})"
+        attn = f", attention {target.attention_kernel}" if len(attentions) > 1 and backend == "native" else ""
+        name = f"{backend} ({str(target.dtype).removeprefix('torch.')}{int4}{attn})"
         curve = verify_curve(target, args.context, sizes, args.repeats)
         entry = {"verify_ms": curve, "verify_over_decode": {k: round(v / curve[sizes[0]], 3) for k, v in curve.items()}}
         ids = encode_prompt(tokenizer, args.prompt, chat_template=True)

@@ -14,7 +14,7 @@ layouts or of the row permutations transformers applies to Llama's q/k weights, 
 itself: a weight that is not on a 4-bit grid is reported by name (``Int4GridError``), never
 re-quantized.
 
-Two kernels (docs/PERFORMANCE.md). Ours (``int4_kernel``, AVX-512 BF16, bf16 activations) walks
+Two kernels (docs/PERFORMANCE.md). Ours (``kernels``, AVX-512 BF16, bf16 activations) walks
 the weight once for up to 12 rows: SmolLM2's 30 layers of products take about 5 ms for one row
 against 15-17 ms dense (the weight stream shrinks 3.5x) and about 9 ms for 8 rows, so ``base.Linear``
 uses it up to ``INT4_MAX_ROWS_AVX512`` rows. torch's kernel (everywhere else, and for float32)
@@ -34,11 +34,11 @@ import dataclasses
 
 import torch
 
-from redrafter.models import int4_kernel
+from redrafter.models import kernels
 
 GROUP_SIZE = 32  # inputs per (scale, zero) pair: the block size of GGUF's Q4_0 / Q4_1
 INT4_MAX_ROWS = 8  # rows up to which torch's int4 kernel beats dense bf16 products (docs/PERFORMANCE.md)
-INT4_MAX_ROWS_AVX512 = 16  # the same for ours (int4_kernel)
+INT4_MAX_ROWS_AVX512 = 16  # the same for ours (kernels.int4)
 INNER_K_TILES = 8  # the CPU kernel's packing parameter (2, 4 or 8)
 
 
@@ -57,7 +57,7 @@ class Int4Weight:
         out_features, in_features: the weight's shape.
         kernel:       "torch": ``aten._weight_int4pack_mm_for_cpu`` (packed from
                       ``_convert_weight_to_int4pack_for_cpu``; scales (in / group, out, 2) scale and zero
-                      in the activation dtype). "avx512": ours (``int4_kernel``, bf16 activations;
+                      in the activation dtype). "avx512": ours (``kernels.int4``, bf16 activations;
                       scales are float32 steps and lows, so the weights are exactly q * step + low).
     """
 
@@ -152,11 +152,11 @@ def pack_int4(weight: torch.Tensor, dtype: torch.dtype, group: int = GROUP_SIZE,
     q, step, low = grid_4bit(weight, group)
     if kernel == "auto":
         fits = dtype == torch.bfloat16 and group == 32
-        kernel = "avx512" if fits and int4_kernel.load() is not None else "torch"
+        kernel = "avx512" if fits and kernels.int4() is not None else "torch"
     if kernel == "avx512":
-        module = int4_kernel.load()
+        module = kernels.int4()
         if module is None:
-            raise Int4GridError(f"the AVX-512 int4 kernel is not available: {int4_kernel.unavailable_reason() or 'its build failed'}")
+            raise Int4GridError(f"the AVX-512 int4 kernel is not available: {kernels.int4_unavailable_reason() or 'its build failed'}")
         packed, scales = module.pack_weight(q, step, low)
         return Int4Weight(packed=packed, scales=scales, group=group, out_features=out_features,
                           in_features=in_features, kernel="avx512", matmul=module.int4_mm)

@@ -32,6 +32,7 @@ DTYPE_CHOICES = ("auto", *DTYPES)
 BACKENDS = ("auto", "native", "hf")
 WEIGHT_FORMATS = ("auto", "dense", "int4")
 INT4_KERNELS = ("auto", "avx512", "torch")
+ATTENTION_KERNELS = ("auto", "ours", "torch")
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
@@ -70,6 +71,10 @@ def add_backend_arguments(parser, *, dtype_default: str = "auto") -> None:
     parser.add_argument("--int4-kernel", choices=INT4_KERNELS, default="auto",
                         help="which kernel runs int4 products: avx512 (ours: one pass over the weight for up "
                              "to 12 rows; bf16 on AVX-512-BF16 CPUs), torch (aten's), or auto: ours where it runs")
+    parser.add_argument("--attention-kernel", choices=ATTENTION_KERNELS, default="auto",
+                        help="which kernel runs the native backend's attention for steps of up to 64 tokens: "
+                             "ours (bf16 on AVX-512-BF16 CPUs), torch (scaled_dot_product_attention), or auto: "
+                             "ours where it runs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +180,8 @@ def auto_weights(spec: str, backend: str, dtype: torch.dtype, device: str | torc
 
 def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
                 device: str | torch.device = "cpu", backend: str = "auto", compile: bool = False,
-                keep_transformers_model: bool = True, weights: str = "auto", int4_kernel: str = "auto"):
+                keep_transformers_model: bool = True, weights: str = "auto", int4_kernel: str = "auto",
+                attention_kernel: str = "auto"):
     """Load SPEC as a target backend and its tokenizer.
 
     ``backend``: "native" (the lean static-cache implementation; Llama, Qwen2, Mistral), "hf" (any
@@ -185,8 +191,10 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
     (``models.int4``; the model's linear weights must lie on a 4-bit grid, as a Q4_0/Q4_1 GGUF's do).
     "auto" (``auto_weights``) tries int4 for a GGUF source in bfloat16 on CPU and keeps dense weights
     when they are not 4-bit; "dense" never uses int4. ``target.weights`` says what was chosen.
-    ``int4_kernel``: "avx512" (ours, ``models.int4_kernel``), "torch", or "auto" (ours for bf16 where it
+    ``int4_kernel``: "avx512" (ours, ``models.kernels``), "torch", or "auto" (ours for bf16 where it
     runs); ``target.int4_kernels`` says which ran.
+    ``attention_kernel``: "ours" (``models.kernels``), "torch", or "auto" (ours for bf16 on CPU where
+    it runs); ``target.attention_kernel`` says which runs (native backend only).
     ``keep_transformers_model``: False frees the native backend's plain weight copies that only the
     transformers model needs (``NativeTarget.release_transformers_weights``; half the weight memory
     with packed weights); ``target.model`` is then None.
@@ -211,15 +219,18 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
         raise RedrafterError("--weights int4 and --compile do not go together (compile is for GPUs)")
     if int4_kernel not in INT4_KERNELS:
         raise RedrafterError(f"unknown int4 kernel '{int4_kernel}' (expected one of {', '.join(INT4_KERNELS)})")
+    if attention_kernel not in ATTENTION_KERNELS:
+        raise RedrafterError(f"unknown attention kernel '{attention_kernel}' "
+                             f"(expected one of {', '.join(ATTENTION_KERNELS)})")
     torch_dtype = resolve_dtype(dtype, device)
     if int4_kernel == "avx512" and torch_dtype != torch.bfloat16:
         raise RedrafterError("--int4-kernel avx512 runs bfloat16 models only (--dtype bfloat16)")
     if int4_kernel == "avx512":
-        from redrafter.models import int4_kernel as kernel_module
+        from redrafter.models import kernels
 
-        if kernel_module.load() is None:
+        if kernels.int4() is None:
             raise RedrafterError("--int4-kernel avx512 cannot run here: "
-                                 f"{kernel_module.unavailable_reason() or 'its build failed (see the log)'}")
+                                 f"{kernels.int4_unavailable_reason() or 'its build failed (see the log)'}")
     requested = weights
     if weights == "auto":
         weights = "dense" if compile else auto_weights(spec, backend, torch_dtype, device)
@@ -261,7 +272,7 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
                 raise
             logging.getLogger(__name__).info("dense weights: %s", exc)
         model = model.to(torch_dtype)
-    target = NativeTarget(model, name=spec, compile=compile, int4_layers=int4_layers)
+    target = NativeTarget(model, name=spec, compile=compile, int4_layers=int4_layers, attention_kernel=attention_kernel)
     if int4_layers is not None:
         logging.getLogger(__name__).info("int4 products for %d of %d weights (%s kernel), steps of up to %d tokens",
                                          target.int4_count, 4 * target.num_layers, "/".join(target.int4_kernels),

@@ -36,6 +36,7 @@ from torch import nn
 from redrafter.errors import RedrafterError
 from redrafter.models.base import ForwardOutput, Linear, TargetInfo
 from redrafter.models.hf import target_info
+from redrafter.models import kernels
 from redrafter.models.int4 import Int4GridError, pack_int4
 from redrafter.utils import release_free_heap
 
@@ -181,6 +182,8 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
 
 GROUPED_ATTENTION_MAX_TOKENS = 64  # new tokens per row; prefills of longer prompts keep the fused kernel
+ATTENTION_KERNEL_MAX_TOKENS = 64  # the same for our kernel (csrc/tree_attention.cpp)
+ATTENTION_KERNEL_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 192, 256)
 
 
 def cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -207,7 +210,7 @@ class NativeTarget:
 
     def __init__(self, model: nn.Module, *, name: str = "", weight_major_rows: int | None = None,
                  pack_weights: bool | None = None, compile: bool = False, int4_layers: list[dict] | None = None,
-                 int4_max_rows: int | None = None) -> None:
+                 int4_max_rows: int | None = None, attention_kernel: str = "auto") -> None:
         config = model.config
         reason = unsupported_reason(config)
         if reason is not None:
@@ -252,6 +255,20 @@ class NativeTarget:
         self.int4_max_rows = max(linear.int4_max_rows for linear in linears)  # the longest 4-bit step
         self.int4_kernels = sorted({linear.int4.kernel for linear in linears if linear.int4})  # "avx512", "torch"
         self.packed = self.lm_head.packed is not None
+        # Attention of steps of up to ATTENTION_KERNEL_MAX_TOKENS new tokens per row: ours
+        # (kernels.attention) for bf16 models on CPU where it runs, else torch's.
+        if attention_kernel not in ("auto", "ours", "torch"):
+            raise RedrafterError(f"unknown attention kernel '{attention_kernel}' (expected auto, ours or torch)")
+        fits = self.device.type == "cpu" and self.dtype == torch.bfloat16 and self.head_dim in ATTENTION_KERNEL_HEAD_DIMS
+        if attention_kernel == "ours" and not fits:
+            raise RedrafterError("our attention kernel runs bfloat16 models on CPU with a head size of "
+                                 f"{'/'.join(map(str, ATTENTION_KERNEL_HEAD_DIMS))}")
+        module = kernels.attention() if fits and attention_kernel != "torch" and not compile else None
+        if attention_kernel == "ours" and module is None:
+            raise RedrafterError("our attention kernel cannot run here: "
+                                 f"{kernels.attention_unavailable_reason() or 'its build failed (see the log)'}")
+        self._attention = module.tree_attention if module is not None else None
+        self.attention_kernel = "ours" if module is not None else "torch"  # what runs
         if compile:  # dynamic shapes: the context and the tree size change every step
             self.forward = torch.compile(self.forward, dynamic=True)
 
@@ -292,8 +309,10 @@ class NativeTarget:
         on CPU then keeps its cache in float32 (``cache_dtype``) and attends in float32: one new token
         attends 2-3x faster there than in bf16 (docs/PERFORMANCE.md). The cached k and v are the
         model's own reduced-precision values, held exactly. Tree steps keep the model's dtype, where
-        the casts cost more than the wider attention saves."""
-        dtype = cache_dtype(self.dtype, self.device) if plain_decoding else self.dtype
+        the casts cost more than the wider attention saves. With our attention kernel
+        (``attention_kernel``), which attends a bf16 cache faster than torch's a float32 one, every
+        cache keeps the model's dtype."""
+        dtype = cache_dtype(self.dtype, self.device) if plain_decoding and self._attention is None else self.dtype
         kv = torch.zeros(self.num_layers, 2, batch_size, self.kv_heads, capacity, self.head_dim,
                          dtype=dtype, device=self.device)
         return NativeCache(kv=kv, lengths=torch.zeros(batch_size, dtype=torch.long, device=self.device))
@@ -327,6 +346,7 @@ class NativeTarget:
         slots = start.view(batch, 1) + torch.arange(n, device=self.device)  # (batch, n) where new tokens go
         same_start = bool((start == start[0]).all())
         allowed = None  # one new token per row, all rows at the same length: every slot is visible
+        ours = self._attention is not None and n <= ATTENTION_KERNEL_MAX_TOKENS
         if n > 1 or not same_start or not bool(mask.all()):
             # (batch, 1, n, span): the row's committed slots, then the tree mask over the new slots.
             slot = torch.arange(span, device=self.device).view(1, span)
@@ -334,6 +354,8 @@ class NativeTarget:
             inside = (offset >= 0) & (offset < n)
             tree = mask.gather(2, offset.clamp(0, n - 1).view(batch, 1, span).expand(batch, n, span))
             allowed = ((offset < 0).view(batch, 1, span) | (inside.view(batch, 1, span) & tree)).unsqueeze(1)
+        if ours:  # (batch, n, span), or empty for every slot
+            allowed_rows = torch.empty(0, dtype=torch.bool) if allowed is None else allowed.view(batch, n, span)
 
         x = self.embed(tokens)
         cos, sin = self.rotary(x, positions)  # (batch, n, head_dim) in the model dtype
@@ -363,12 +385,16 @@ class NativeTarget:
             else:
                 keys[rows, :, slots] = k.transpose(1, 2)
                 values[rows, :, slots] = v.transpose(1, 2)
-            if grouped:
-                attn = grouped_attention(q, keys[:, :, :span], values[:, :, :span], allowed)
+            if ours:
+                attn = self._attention(q, keys[:, :, :span], values[:, :, :span], allowed_rows, self.head_dim ** -0.5)
+                attn = attn.view(batch, n, q_size).to(x.dtype)
             else:
-                attn = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=allowed,
-                                                      enable_gqa=self.kv_heads != self.heads)
-            attn = attn.transpose(1, 2).reshape(batch, n, q_size).to(x.dtype)
+                if grouped:
+                    attn = grouped_attention(q, keys[:, :, :span], values[:, :, :span], allowed)
+                else:
+                    attn = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=allowed,
+                                                          enable_gqa=self.kv_heads != self.heads)
+                attn = attn.transpose(1, 2).reshape(batch, n, q_size).to(x.dtype)
             x = layer.o(attn, residual=x)
             h = rms_norm(x, layer.post_norm, layer.eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)

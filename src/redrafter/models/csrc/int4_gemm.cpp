@@ -149,8 +149,3 @@ std::vector<torch::Tensor> pack_weight(const torch::Tensor& q, const torch::Tens
   auto sm = torch::cat({st, lw}, 2).contiguous();
   return {wq, sm};
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int4_mm", &int4_mm, "bf16 rows x 4-bit weight (one pass over the weight)");
-  m.def("pack_weight", &pack_weight, "pack a 4-bit weight for int4_mm");
-}

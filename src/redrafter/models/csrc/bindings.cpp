@@ -1,0 +1,14 @@
+// The Python module of our CPU kernels (loaded by models/kernels.py).
+#include <torch/extension.h>
+#include <vector>
+
+torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sm);
+std::vector<torch::Tensor> pack_weight(const torch::Tensor& q, const torch::Tensor& step, const torch::Tensor& low);
+torch::Tensor tree_attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
+                             const torch::Tensor& allowed, double scale);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int4_mm", &int4_mm, "bf16 rows x 4-bit weight (one pass over the weight)");
+  m.def("pack_weight", &pack_weight, "pack a 4-bit weight for int4_mm");
+  m.def("tree_attention", &tree_attention, "attention of a few new tokens per row over a cache, with a mask");
+}

@@ -1,0 +1,128 @@
+"""Our CPU kernels (``csrc/``): built once on the machine, loaded on demand.
+
+- ``int4_mm`` / ``pack_weight`` (``csrc/int4_gemm.cpp``): products of a few bf16 rows with a 4-bit
+  weight. torch's CPU int4 kernel (``aten._weight_int4pack_mm_for_cpu``) works through the rows in
+  blocks of 4 and streams and unpacks the whole weight once per block, so 5 rows cost about twice 4
+  (the "int4 cliff" in docs/PERFORMANCE.md). Ours walks the weight once: each tile of 16 output
+  features is unpacked from 4-bit to bf16 (a 32-entry table lookup, ``vpermw``) and multiplied into
+  every row with ``vdpbf16ps`` while it sits in L1, so 16 rows cost about 3x one row where torch's
+  kernel costs 4.6x (SmolLM2's 30 layers, docs/PERFORMANCE.md).
+- ``tree_attention`` (``csrc/tree_attention.cpp``): attention of a few new tokens per row over the
+  KV cache with an explicit mask (a tree being verified), float32 arithmetic, in one call per layer.
+
+They need AVX-512 BW and AVX-512 BF16 (Zen 4, Sapphire Rapids and later), a C++ compiler and ninja;
+elsewhere ``load()`` returns None and the model uses torch's kernels.
+
+The build (about 40 s on 2 cores) happens once and is cached under ``REDRAFTER_KERNEL_CACHE``
+(default ``~/.cache/redrafter/kernels``), keyed by the sources and torch's version; ``make install``
+runs it (``python -m redrafter.models.kernels``). ``REDRAFTER_INT4_KERNEL=torch`` turns off our int4
+products and ``REDRAFTER_ATTENTION_KERNEL=torch`` our attention (``int4_unavailable_reason``,
+``attention_unavailable_reason``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("int4_gemm.cpp", "tree_attention.cpp", "bindings.cpp")]
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
+
+log = logging.getLogger(__name__)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels cannot run here, or None when they can be built and run."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"not an x86-64 CPU ({platform.machine()})"
+    missing = [flag for flag in REQUIRED_FLAGS if flag not in cpu_flags()]
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    return None
+
+
+def cache_dir() -> Path:
+    """Where the built extension lives: one directory per source text and torch version."""
+    root = Path(os.environ.get("REDRAFTER_KERNEL_CACHE", Path.home() / ".cache" / "redrafter" / "kernels"))
+    key = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES) + torch.__version__.encode()).hexdigest()[:16]
+    return root / f"cpu-{key}"
+
+
+@functools.cache
+def load():
+    """The compiled extension (``int4_mm``, ``pack_weight``, ``tree_attention``), building it on first
+    use; None when the machine cannot run it or the build fails (logged once; torch's kernels run)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        log.info("CPU kernels: torch's (%s)", reason)
+        return None
+    from torch.utils import cpp_extension
+
+    directory = cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    if not any(directory.glob("*.so")):
+        log.warning("building our CPU kernels in %s (once per machine, about a minute)", directory)
+    try:
+        return cpp_extension.load("redrafter_kernels", [str(path) for path in SOURCES], extra_cflags=COMPILE_FLAGS,
+                                  extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
+    except Exception as exc:  # no compiler or ninja, an old assembler: fall back, loudly
+        log.warning("CPU kernels: the build failed, using torch's (%s)", str(exc).strip().splitlines()[-1:])
+        return None
+
+
+def int4_unavailable_reason() -> str | None:
+    """Why our int4 products cannot run here (None when they can; the build may still fail)."""
+    if os.environ.get("REDRAFTER_INT4_KERNEL", "auto") == "torch":
+        return "REDRAFTER_INT4_KERNEL=torch"
+    return unavailable_reason()
+
+
+def attention_unavailable_reason() -> str | None:
+    """Why our tree attention cannot run here (None when it can; the build may still fail)."""
+    if os.environ.get("REDRAFTER_ATTENTION_KERNEL", "auto") == "torch":
+        return "REDRAFTER_ATTENTION_KERNEL=torch"
+    return unavailable_reason()
+
+
+def int4():
+    """The extension for int4 products, or None (``int4_unavailable_reason``, or a failed build)."""
+    return None if int4_unavailable_reason() is not None else load()
+
+
+def attention():
+    """The extension for tree attention, or None (``attention_unavailable_reason``, or a failed build)."""
+    return None if attention_unavailable_reason() is not None else load()
+
+
+def main() -> int:
+    """Build (or find) the kernels and say whether they will be used."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    module = load()
+    if module is None:
+        print(f"CPU kernels: not available ({unavailable_reason() or 'build failed'}); torch's kernels are used")
+        return 0
+    print(f"CPU kernels: ready in {cache_dir()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
