@@ -275,7 +275,7 @@ def test_plain_decoding_cache_of_a_bf16_model_is_float32_and_decodes_like_the_bf
     from redrafter.models.native import NativeTarget
 
     target = NativeTarget(tiny_model("qwen2").to(torch.bfloat16), name="tiny-qwen2", pack_weights=False,
-                          attention_kernel="torch")  # ours keeps a bf16 cache (tests/test_attention.py)
+                          attention_kernel="torch")  # ours keeps a bf16 cache (tests/test_cpu_kernels.py)
     batch, width = len(prompts), max(len(p) for p in prompts)
     tokens = torch.zeros(batch, width, dtype=torch.long)
     for i, p in enumerate(prompts):

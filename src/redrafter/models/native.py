@@ -268,6 +268,9 @@ class NativeTarget:
             raise RedrafterError("our attention kernel cannot run here: "
                                  f"{kernels.attention_unavailable_reason() or 'its build failed (see the log)'}")
         self._attention = module.tree_attention if module is not None else None
+        # RMSNorm of bf16 rows in one call (kernels: bit-identical to ``rms_norm``, tests/test_cpu_kernels.py).
+        fused = kernels.load() if self.device.type == "cpu" and self.dtype == torch.bfloat16 and not compile else None
+        self._norm = fused.rms_norm_bf16 if fused is not None else rms_norm
         self.attention_kernel = "ours" if module is not None else "torch"  # what runs
         if compile:  # dynamic shapes: the context and the tree size change every step
             self.forward = torch.compile(self.forward, dynamic=True)
@@ -368,7 +371,7 @@ class NativeTarget:
         wide = cache.kv.dtype != x.dtype  # a plain-decoding cache: attention in its wider dtype
         grouped = use_grouped_attention(x.dtype, x.device, batch, n, wide=wide)
         for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.input_norm, layer.eps)
+            h = self._norm(x, layer.input_norm, layer.eps)
             qkv = layer.qkv(h)
             # Rotary embedding on the q and k heads together: (batch, n, heads + kv_heads, head_dim).
             qk = qkv[..., : q_size + kv_size].view(batch, n, self.heads + self.kv_heads, self.head_dim)
@@ -396,10 +399,10 @@ class NativeTarget:
                                                           enable_gqa=self.kv_heads != self.heads)
                 attn = attn.transpose(1, 2).reshape(batch, n, q_size).to(x.dtype)
             x = layer.o(attn, residual=x)
-            h = rms_norm(x, layer.post_norm, layer.eps)
+            h = self._norm(x, layer.post_norm, layer.eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             x = layer.down(F.silu(gate) * up, residual=x)
-        hidden = rms_norm(x, self.norm, self.norm_eps)
+        hidden = self._norm(x, self.norm, self.norm_eps)
         cache.pending = n
         return ForwardOutput(logits=self.project(hidden), hidden=hidden)
 

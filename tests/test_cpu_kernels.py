@@ -1,5 +1,6 @@
-"""Our tree-attention kernel (csrc/tree_attention.cpp, models/kernels.py) against a float64
-reference, and the native backend with it against the same backend on torch's attention."""
+"""Our CPU kernels besides int4 (tests/test_int4.py): the tree-attention kernel
+(csrc/tree_attention.cpp) against a float64 reference, the native backend with it against the same
+backend on torch's attention, and the bf16 RMSNorm (csrc/rms_norm.cpp) against PyTorch's."""
 
 from __future__ import annotations
 
@@ -152,3 +153,18 @@ def test_attention_kernel_choice(monkeypatch):
     with pytest.raises(RedrafterError, match="cannot run here: REDRAFTER_ATTENTION_KERNEL=torch"):
         NativeTarget(tiny_model("llama").to(torch.bfloat16), name="tiny", attention_kernel="ours")
     assert NativeTarget(tiny_model("llama").to(torch.bfloat16), name="tiny").attention_kernel == "torch"
+
+
+@pytest.mark.parametrize("rows,dim", [(1, 576), (8, 576), (300, 576), (3, 100), (5, 1536)])
+def test_rms_norm_kernel_is_bit_identical_to_the_pytorch_norm(rows, dim):
+    """Any row count (one thread for a few rows, all beyond 64) and a size that is not a multiple of
+    16: every output equals ``native.rms_norm`` (transformers' arithmetic) bit for bit."""
+    from redrafter.models.native import rms_norm
+
+    attention_kernel()  # the same extension
+    g = torch.Generator().manual_seed(rows * dim)
+    x = (torch.randn(2, rows, dim, generator=g) * 3).bfloat16()
+    weight = torch.randn(dim, generator=g).bfloat16()
+    assert torch.equal(kernels.load().rms_norm_bf16(x, weight, 1e-5), rms_norm(x, weight, 1e-5))
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        kernels.load().rms_norm_bf16(x.float(), weight, 1e-5)
