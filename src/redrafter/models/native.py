@@ -5,11 +5,13 @@ What it does differently from the transformers backend, all in plain device-agno
 - One pre-allocated cache tensor for every layer, (layers, 2, batch, kv_heads, capacity, head_dim).
   A forward writes its n new tokens at slots ``lengths[b] .. lengths[b] + n - 1`` of each row and
   attends over slots ``0 .. max(lengths) + n - 1`` with one boolean mask (committed slots of the row,
-  then the given tree mask), through ``scaled_dot_product_attention`` with grouped KV heads, or, for
-  bf16 batches of a few new tokens per row on CPUs, the same attention as two batched products
-  (``grouped_attention``), which is ten times faster there. Plain decoding of a bf16/fp16 model on
-  CPU keeps the cache in float32 (``new_cache(plain_decoding=True)``), where one new token attends
-  2-3x faster; tree steps keep the model's dtype.
+  then the given tree mask). For bf16 models on CPUs with AVX-512 BF16, steps of up to 64 new tokens
+  per row attend through our kernel (``kernels``, csrc/tree_attention.cpp: one call per layer, float32
+  arithmetic), and RMSNorm is one kernel call too. Elsewhere, ``scaled_dot_product_attention`` with
+  grouped KV heads, or, for bf16 batches of a few new tokens per row on CPUs, the same attention as two
+  batched products (``grouped_attention``), which is ten times faster there. Without our kernel, plain
+  decoding of a bf16/fp16 model on CPU keeps the cache in float32 (``new_cache(plain_decoding=True)``),
+  where one new token attends 2-3x faster; tree steps keep the model's dtype.
 - Commit moves the accepted tree tokens down to ``lengths[b] + j`` with one gather and one scatter over
   the whole cache tensor (all layers, keys and values at once); plain decoding and prefill, whose kept
   tokens are already in place, move nothing.
