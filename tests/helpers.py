@@ -99,3 +99,16 @@ class ScriptedProposer:
                 row_beams.append([first] + drafted)
             beams.append(row_beams)
         return torch.tensor(beams, device=g0.device)
+
+
+def require_kernels(kind: str):
+    """Our CPU kernels for ``kind`` ("int4" or "attention"), which must build wherever the CPU can run
+    them (a failed build fails the test); skips where they cannot run, saying why."""
+    from redrafter.models import kernels
+
+    reason = getattr(kernels, f"{kind}_unavailable_reason")()
+    if reason is not None:
+        pytest.skip(f"no {kind} kernel on this machine: {reason}")
+    module = getattr(kernels, kind)()
+    assert module is not None, "the CPU has AVX-512 BF16 but our kernels did not build (see the log)"
+    return module

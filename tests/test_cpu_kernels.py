@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import tiny_model
+from helpers import require_kernels, tiny_model
 from redrafter.errors import RedrafterError
 from redrafter.models import kernels
 from redrafter.models.native import NativeTarget
@@ -15,13 +15,7 @@ from redrafter.tree import pack
 
 
 def attention_kernel():
-    """The kernel, which must build wherever the CPU can run it (a failed build fails here)."""
-    reason = kernels.attention_unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"no attention kernel on this machine: {reason}")
-    module = kernels.attention()
-    assert module is not None, "the CPU has AVX-512 BF16 but the kernels did not build (see the log)"
-    return module.tree_attention
+    return require_kernels("attention").tree_attention
 
 
 def reference(q, keys, values, allowed, scale):

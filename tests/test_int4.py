@@ -6,7 +6,7 @@ transformers' ``generate``."""
 import pytest
 import torch
 
-from helpers import tiny_model
+from helpers import require_kernels, tiny_model
 from redrafter.errors import RedrafterError
 from redrafter.models.int4 import GROUP_SIZE, Int4GridError, Int4Weight, grid_4bit, pack_int4
 from redrafter.models.native import NativeTarget, int4_layer_weights
@@ -167,13 +167,7 @@ from redrafter.models import kernels  # noqa: E402
 
 
 def avx512_kernel():
-    """The kernel, which must build wherever the CPU can run it (a failed build fails here)."""
-    reason = kernels.int4_unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"no AVX-512 int4 kernel on this machine: {reason}")
-    module = kernels.int4()
-    assert module is not None, "the CPU has AVX-512 BF16 but the int4 kernel did not build (see the log)"
-    return module
+    return require_kernels("int4")
 
 
 @pytest.mark.parametrize("shape", [(48, 96), (64, 32), (160, 1536)])

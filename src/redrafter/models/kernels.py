@@ -9,6 +9,8 @@
   kernel costs 4.6x (SmolLM2's 30 layers, docs/PERFORMANCE.md).
 - ``tree_attention`` (``csrc/tree_attention.cpp``): attention of a few new tokens per row over the
   KV cache with an explicit mask (a tree being verified), float32 arithmetic, in one call per layer.
+- ``rms_norm_bf16`` (``csrc/rms_norm.cpp``): transformers' RMSNorm of bf16 rows in one call, bit-identical
+  to the eight tensor operations it replaces.
 
 They need AVX-512 BW and AVX-512 BF16 (Zen 4, Sapphire Rapids and later), a C++ compiler and ninja;
 elsewhere ``load()`` returns None and the model uses torch's kernels.

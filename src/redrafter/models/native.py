@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from redrafter.errors import RedrafterError
+from redrafter.models import kernels
 from redrafter.models.base import ForwardOutput, Linear, TargetInfo
 from redrafter.models.hf import target_info
-from redrafter.models import kernels
 from redrafter.models.int4 import Int4GridError, pack_int4
 from redrafter.utils import release_free_heap
 
