@@ -162,3 +162,30 @@ def test_rms_norm_kernel_is_bit_identical_to_the_pytorch_norm(rows, dim):
     assert torch.equal(kernels.load().rms_norm_bf16(x, weight, 1e-5), rms_norm(x, weight, 1e-5))
     with pytest.raises(RuntimeError, match="bfloat16"):
         kernels.load().rms_norm_bf16(x.float(), weight, 1e-5)
+
+
+@pytest.mark.parametrize("shape", [(576, 576), (48, 70), (8192, 64)])
+def test_bf16_kernel_equals_an_exact_product_for_few_rows(shape):
+    """Our bf16 product (csrc/bf16_gemm.cpp) through ``Linear(few_rows=True)``: for 1 to 13 rows (13:
+    beyond its 8, oneDNN runs) the result equals the float64 product of the bf16 values within bf16
+    output rounding, and the bias and the residual are added after it."""
+    from redrafter.models.base import BF16_KERNEL_MAX_ROWS, Linear
+
+    attention_kernel()  # the same extension
+    out_features, in_features = shape
+    g = torch.Generator().manual_seed(out_features + in_features)
+    weight = torch.randn(out_features, in_features, generator=g).bfloat16()
+    bias = torch.randn(out_features, generator=g).bfloat16()
+    plain, linear = Linear(weight, pack=True, few_rows=True), Linear(weight, bias, pack=True, few_rows=True)
+    assert linear.bf16 is not None and BF16_KERNEL_MAX_ROWS == 8
+    for rows in (1, 2, 3, 4, 5, 8, 13):
+        x = torch.randn(1, rows, in_features, generator=g).bfloat16()
+        residual = torch.randn(1, rows, out_features, generator=g).bfloat16()
+        y = plain(x)
+        assert y.shape == (1, rows, out_features) and y.dtype == torch.bfloat16
+        exact = x.double() @ weight.double().T
+        assert bool(((y.double() - exact).abs() <= 2.0 ** -8 * exact.abs() + 1e-3).all()), rows
+        if rows <= BF16_KERNEL_MAX_ROWS:  # the bias, then the residual, added in bf16
+            assert torch.equal(linear(x, residual=residual), residual + (y + bias))
+    assert Linear(weight.float(), pack=True, few_rows=True).bf16 is None  # float32: not ours
+    assert Linear(weight[:40], pack=True, few_rows=True).bf16 is None  # 40 outputs: not a multiple of 16

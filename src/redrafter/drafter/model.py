@@ -91,7 +91,8 @@ def inference_copy(drafter: Drafter) -> Drafter:
     the device offers them (``models.base.Linear``; the same products, in another summation order).
 
     Drafting runs a few rows at a time, where MKL repacks the weight for each product (W = 2 cost twice
-    W = 1). The copy is a snapshot: later changes to ``drafter`` (training) do not reach it, and it
+    W = 1); products of up to 8 rows of a bf16 drafter run our bf16 kernel where it loads (``few_rows``).
+    The copy is a snapshot: later changes to ``drafter`` (training) do not reach it, and it
     stays on its device and dtype (make another copy rather than moving it). A drafter that already is
     such a copy is returned as is, so proposers sharing one drafter can share one copy.
     """
@@ -102,8 +103,9 @@ def inference_copy(drafter: Drafter) -> Drafter:
     fast = copy.deepcopy(drafter).eval().requires_grad_(False)
     for module in fast.modules():
         if isinstance(module, nn.Linear):
-            layer = Linear(module.weight.detach(), None if module.bias is None else module.bias.detach(), pack=True)
-            if layer.packed is not None:
+            layer = Linear(module.weight.detach(), None if module.bias is None else module.bias.detach(), pack=True,
+                           few_rows=True)
+            if layer.packed is not None or layer.bf16 is not None:
                 module.forward = layer
     fast.is_inference_copy = True
     return fast

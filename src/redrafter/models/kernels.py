@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("int4_gemm.cpp", "tree_attention.cpp", "rms_norm.cpp", "bindings.cpp")]
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("int4_gemm.cpp", "tree_attention.cpp", "rms_norm.cpp", "bf16_gemm.cpp", "bindings.cpp")]
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
 

@@ -6,11 +6,13 @@ torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& wq, const tor
 std::vector<torch::Tensor> pack_weight(const torch::Tensor& q, const torch::Tensor& step, const torch::Tensor& low);
 torch::Tensor tree_attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
                              const torch::Tensor& allowed, double scale);
+torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& wp);
 torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm", &int4_mm, "bf16 rows x 4-bit weight (one pass over the weight)");
   m.def("pack_weight", &pack_weight, "pack a 4-bit weight for int4_mm");
   m.def("tree_attention", &tree_attention, "attention of a few new tokens per row over a cache, with a mask");
+  m.def("bf16_mm", &bf16_mm, "bf16 rows x bf16 weight packed in pairs (one pass over the weight)");
   m.def("rms_norm_bf16", &rms_norm_bf16, "transformers' RMSNorm of bf16 rows in one call");
 }
