@@ -9,6 +9,8 @@
   kernel costs 4.6x (SmolLM2's 30 layers, docs/PERFORMANCE.md).
 - ``tree_attention`` (``csrc/tree_attention.cpp``): attention of a few new tokens per row over the
   KV cache with an explicit mask (a tree being verified), float32 arithmetic, in one call per layer.
+- ``bf16_mm`` (``csrc/bf16_gemm.cpp``): products of up to 8 bf16 rows with a bf16 weight packed in
+  pairs of inputs (``base.pack_bf16``), one pass over the weight; a drafter's small layers run it.
 - ``rms_norm_bf16`` (``csrc/rms_norm.cpp``): transformers' RMSNorm of bf16 rows in one call, bit-identical
   to the eight tensor operations it replaces.
 
