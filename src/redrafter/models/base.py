@@ -105,6 +105,10 @@ class Linear:
         self.weight, self.bias, self.max_rows = weight, bias, max_rows
         self.packed = pack_linear_weight(weight) if pack else None
         self.bf16 = pack_bf16(weight) if few_rows else None
+        if self.bf16 is not None:
+            from redrafter.models import kernels
+
+            self._bf16_mm = kernels.load().bf16_mm
         self.int4 = int4
         if int4 is None:
             int4_max_rows = 0
@@ -121,9 +125,7 @@ class Linear:
                 y = y + self.bias
             return y if residual is None else residual + y
         if self.bf16 is not None and x.numel() <= BF16_KERNEL_MAX_ROWS * x.shape[-1]:
-            from redrafter.models import kernels
-
-            y = kernels.load().bf16_mm(x.reshape(-1, x.shape[-1]).contiguous(), self.bf16)
+            y = self._bf16_mm(x.reshape(-1, x.shape[-1]).contiguous(), self.bf16)
             y = y.view(*x.shape[:-1], y.shape[-1])
             if self.bias is not None:
                 y = y + self.bias
