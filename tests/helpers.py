@@ -102,7 +102,7 @@ class ScriptedProposer:
 
 
 def require_kernels(kind: str):
-    """Our CPU kernels for ``kind`` ("int4" or "attention"), which must build wherever the CPU can run
+    """Our CPU kernels for ``kind`` ("int4", "attention" or "tree"), which must build wherever the CPU can run
     them (a failed build fails the test); skips where they cannot run, saying why."""
     from redrafter.models import kernels
 

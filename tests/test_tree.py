@@ -1,10 +1,26 @@
-"""Golden, hand-computed tensors for dedup / pack / unpack / mask, plus a brute-force cross-check."""
+"""Golden, hand-computed tensors for dedup / pack / unpack / mask, plus a brute-force cross-check;
+each for the tensor versions and for our C++ versions (csrc/tree.cpp), which must agree exactly."""
 
 import itertools
 
+import pytest
 import torch
 
-from redrafter.tree import NO_TOKEN, cap_tree, owners, pack, prefix_match, unpack
+from helpers import require_kernels
+from redrafter.config import SamplingParams
+from redrafter.tree import NO_TOKEN, cap_tree, cap_tree_scored, node_scores, owners, pack, pack_tensors, prefix_match, unpack
+from redrafter.verify import tree_accept
+
+
+@pytest.fixture(params=["tensors", "cpp"])
+def implementation(request, monkeypatch):
+    """Runs a test once with the tensor versions and once with our C++ versions of pack and the cap."""
+    if request.param == "tensors":
+        monkeypatch.setenv("REDRAFTER_TREE_KERNEL", "torch")
+    else:
+        monkeypatch.delenv("REDRAFTER_TREE_KERNEL", raising=False)
+        require_kernels("tree")
+    return request.param
 
 # Row 0: the module docstring's example. Row 1: beam 1 duplicates beam 0; beam 2 branches at depth 1.
 BEAMS = torch.tensor([
@@ -26,7 +42,7 @@ def test_prefix_match_and_owners_golden():
     ]
 
 
-def test_pack_golden():
+def test_pack_golden(implementation):
     tree = pack(BEAMS)
     assert tree.lengths.tolist() == [6, 5]
     assert tree.tokens.tolist() == [[5, 1, 2, 3, 4, 2], [7, 7, 7, 8, 9, 0]]
@@ -52,7 +68,7 @@ def test_pack_golden():
     assert torch.equal(tree.mask, expected_mask)
 
 
-def test_unpack_golden():
+def test_unpack_golden(implementation):
     tree = pack(BEAMS)
     assert torch.equal(unpack(tree.tokens, tree.unpacker), BEAMS)
     values = torch.arange(12, dtype=torch.float32).view(2, 6, 1).expand(2, 6, 2)  # (batch, n, 2)
@@ -62,7 +78,7 @@ def test_unpack_golden():
     assert out[1, 1, :, 1].tolist() == [6.0, 7.0, 8.0]
 
 
-def test_single_beam_and_identical_beams():
+def test_single_beam_and_identical_beams(implementation):
     one = pack(torch.tensor([[[4, 2, 9, 9]]]))
     assert one.tokens.tolist() == [[4, 2, 9, 9]]
     assert torch.equal(one.mask[0], torch.ones(4, 4, dtype=torch.bool).tril())
@@ -71,7 +87,7 @@ def test_single_beam_and_identical_beams():
     assert same.unpacker.tolist() == [[[0, 1], [0, 1], [0, 1]]]
 
 
-def test_pack_matches_brute_force_on_random_beams():
+def test_pack_matches_brute_force_on_random_beams(implementation):
     """Independent Python construction of the deduplicated tree for many random beam sets."""
     generator = torch.Generator().manual_seed(0)
     for _ in range(50):
@@ -113,7 +129,7 @@ def random_scored_beams(generator, batch, width, length, vocab=3):
     return beams, scores
 
 
-def test_cap_tree_keeps_the_most_probable_nodes_and_their_ancestors():
+def test_cap_tree_keeps_the_most_probable_nodes_and_their_ancestors(implementation):
     """Brute force: the kept nodes are the K best distinct prefixes by (score, then shallower first),
     and packing the capped beams gives exactly the tree of those prefixes."""
     generator = torch.Generator().manual_seed(1)
@@ -122,7 +138,8 @@ def test_cap_tree_keeps_the_most_probable_nodes_and_their_ancestors():
         width, length = int(torch.randint(1, 6, (1,), generator=generator)), int(torch.randint(2, 6, (1,), generator=generator))
         beams, scores = random_scored_beams(generator, 2, width, length)
         cap = int(torch.randint(1, 9, (1,), generator=generator))
-        capped = cap_tree(beams, scores, cap)
+        capped = cap_tree_scored(beams, scores, cap)
+        assert torch.equal(capped, cap_tree(beams, scores, cap))  # node_scores changes nothing here
         tree = pack(capped)
         for b in range(2):
             nodes = {}  # distinct prefix -> (score, depth)
@@ -150,3 +167,65 @@ def test_cap_tree_keeps_the_most_probable_nodes_and_their_ancestors():
                 if capped[b, i, k] != NO_TOKEN:
                     assert order[int(tree.unpacker[b, i, k])] == tuple(capped[b, i, : k + 1].tolist())
     assert capped_somewhere > 20  # the cap was binding in many cases
+
+
+def inconsistent_scored_beams(generator, batch, width, length, vocab=3):
+    """Beams of two proposers side by side (the drafter's and a context-lookup beam): the scores of a
+    shared node may disagree and may rise with depth, and some beams end early (NO_TOKEN)."""
+    beams, scores = random_scored_beams(generator, batch, width, length, vocab)
+    scores = scores + torch.randn(batch, width, length, generator=generator).round()  # ties stay common
+    scores[:, :, 0] = 0.0
+    ends = torch.randint(1, length + 1, (batch, width, 1), generator=generator)
+    past = torch.arange(length).view(1, 1, length) >= ends
+    beams[past] = NO_TOKEN
+    scores[past] = float("-inf")
+    return beams, scores
+
+
+def test_cpp_tree_bookkeeping_equals_the_tensor_versions(monkeypatch):
+    """Our C++ cap, pack and greedy walk against the tensor versions on random trees: the same
+    tensors, value for value (including the unpacker at NO_TOKEN positions)."""
+    module = require_kernels("tree")
+    generator = torch.Generator().manual_seed(2)
+    capped_somewhere = accepted_somewhere = 0
+    for trial in range(200):
+        batch = int(torch.randint(1, 4, (1,), generator=generator))
+        width, length = int(torch.randint(1, 10, (1,), generator=generator)), int(torch.randint(1, 10, (1,), generator=generator))
+        beams, scores = inconsistent_scored_beams(generator, batch, width, length)
+        cap = int(torch.randint(1, 12, (1,), generator=generator))
+        expected = cap_tree(beams, node_scores(beams, scores), cap)
+        capped = module.cap_tree_scored(beams, scores, cap)
+        assert torch.equal(capped, expected), trial
+        capped_somewhere += bool((capped != beams).any())
+        reference, tree = pack_tensors(capped), module.pack_tree(capped)
+        for name, value in zip(["tokens", "depths", "mask", "unpacker", "lengths"], tree):
+            assert torch.equal(value, getattr(reference, name)), (trial, name)
+        # The greedy walk: logits whose argmax often follows a beam, so runs of several tokens are
+        # accepted; rounded, so the argmax often has ties (the first index wins); vocabularies of 3 to 60
+        # (vector loop and tail); a NaN now and then (it counts as the largest, as in torch.argmax).
+        n, vocab = reference.tokens.shape[1], int(torch.randint(3, 60, (1,), generator=generator))
+        logits = torch.randn(batch, n, vocab, generator=generator).round()
+        logits[..., 3:] -= 1.0
+        if trial % 10 == 0:
+            logits.view(-1)[int(torch.randint(0, logits.numel(), (1,), generator=generator))] = float("nan")
+        monkeypatch.setenv("REDRAFTER_TREE_KERNEL", "torch")
+        walked = tree_accept(capped, reference.unpacker, logits, SamplingParams())
+        monkeypatch.delenv("REDRAFTER_TREE_KERNEL")
+        fast = tree_accept(capped, reference.unpacker, logits, SamplingParams())
+        for name in ("beam", "accepted", "tokens", "bonus"):
+            assert torch.equal(getattr(fast, name), getattr(walked, name)), (trial, name)
+        accepted_somewhere += int(walked.accepted.max())
+    assert capped_somewhere > 50 and accepted_somewhere > 100
+
+
+def test_cpp_tree_bookkeeping_rejects_bad_input():
+    module = require_kernels("tree")
+    with pytest.raises(RuntimeError, match="int64"):
+        module.pack_tree(torch.zeros(1, 2, 3, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="max_tokens"):
+        module.cap_tree_scored(torch.zeros(1, 2, 3, dtype=torch.long), torch.zeros(1, 2, 3), 0)
+    with pytest.raises(RuntimeError, match="shaped like beams"):
+        module.greedy_accept(torch.zeros(1, 2, 3, dtype=torch.long), torch.zeros(1, 2, 2, dtype=torch.long),
+                             torch.zeros(1, 4, 5))
+    with pytest.raises(RuntimeError, match="outside the 1 packed nodes"):
+        module.greedy_accept(torch.zeros(1, 1, 2, dtype=torch.long), torch.tensor([[[0, 3]]]), torch.zeros(1, 1, 5))

@@ -33,7 +33,7 @@ from redrafter.drafter.lookup import join, join_beams, lookup_beams, point_masse
 from redrafter.drafter.model import Drafter, inference_copy
 from redrafter.errors import RedrafterError
 from redrafter.models.base import TargetModel
-from redrafter.tree import NO_TOKEN, cap_tree, node_scores, pack
+from redrafter.tree import NO_TOKEN, cap_tree_scored, pack
 from redrafter.sampling import probabilities, row_generators
 from redrafter.verify import draw, tree_accept
 
@@ -135,8 +135,7 @@ class ReDrafterProposer:
         looked_up, scores = self._lookup(g0, history)
         beams = join_beams(result.beams, looked_up)
         if beam.max_tree_tokens:
-            scores = node_scores(beams, join(result.path_scores, scores, float("-inf")))
-            beams = cap_tree(beams, scores, beam.max_tree_tokens)
+            beams = cap_tree_scored(beams, join(result.path_scores, scores, float("-inf")), beam.max_tree_tokens)
         return beams
 
     def _lookup(self, g0: torch.Tensor, history: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,7 @@ import torch
 
 from redrafter.config import SamplingParams
 from redrafter.sampling import probabilities, sample
-from redrafter.tree import NO_TOKEN
+from redrafter.tree import NO_TOKEN, tree_kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +84,11 @@ def tree_accept(beams: torch.Tensor, unpacker: torch.Tensor, logits: torch.Tenso
     """
     batch, width, length = beams.shape
     device = beams.device
+    rows = torch.arange(batch, device=device)
+    module = tree_kernel(logits) if params.greedy and logits.dtype == torch.float32 else None
+    if module is not None:  # the same greedy walk in C++ (csrc/tree.cpp; tests/test_tree.py)
+        beam, accepted, bonus = module.greedy_accept(beams, unpacker, logits)
+        return Acceptance(beam=beam, accepted=accepted, tokens=beams[rows, beam], bonus=bonus)
     tokens, nodes = beams.tolist(), unpacker.tolist()
     best = logits.argmax(dim=-1).tolist() if params.greedy else None
     generators = generators if generators is not None else [None] * batch
@@ -126,6 +131,5 @@ def tree_accept(beams: torch.Tensor, unpacker: torch.Tensor, logits: torch.Tenso
         accepted_count.append(accepted)
         bonus_tokens.append(bonus)
     beam = torch.tensor(chosen_beam, device=device)
-    rows = torch.arange(batch, device=device)
     return Acceptance(beam=beam, accepted=torch.tensor(accepted_count, device=device), tokens=beams[rows, beam],
                       bonus=torch.tensor(bonus_tokens, device=device))

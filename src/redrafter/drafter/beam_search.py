@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from redrafter.drafter.model import Drafter
-from redrafter.tree import NO_TOKEN, cap_tree
+from redrafter.tree import NO_TOKEN, cap_tree_scored
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,5 +97,5 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
     if floor is not None:  # a suffix of each beam: path scores never rise along it
         beams = torch.where(path_scores >= floor, beams, torch.full_like(beams, NO_TOKEN))
     if max_tree_tokens > 0:
-        beams = cap_tree(beams, path_scores, max_tree_tokens)
+        beams = cap_tree_scored(beams, path_scores, max_tree_tokens)
     return BeamSearchResult(beams=beams, scores=scores, path_scores=path_scores, log_probs=log_probs)

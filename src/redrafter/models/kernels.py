@@ -13,6 +13,9 @@
   pairs of inputs (``base.pack_bf16``), one pass over the weight; a drafter's small layers run it.
 - ``rms_norm_bf16`` (``csrc/rms_norm.cpp``): transformers' RMSNorm of bf16 rows in one call, bit-identical
   to the eight tensor operations it replaces.
+- ``cap_tree_scored``, ``pack_tree``, ``greedy_accept`` (``csrc/tree.cpp``): a speculative step's tree
+  bookkeeping (tree.py's cap and pack, verify.py's greedy walk) in one call each, with results equal
+  to the tensor versions'; plain C++, no vector instructions.
 
 They need AVX-512 BW and AVX-512 BF16 (Zen 4, Sapphire Rapids and later), a C++ compiler and ninja;
 elsewhere ``load()`` returns None and the model uses torch's kernels.
@@ -20,8 +23,8 @@ elsewhere ``load()`` returns None and the model uses torch's kernels.
 The build (about 40 s on 2 cores) happens once and is cached under ``REDRAFTER_KERNEL_CACHE``
 (default ``~/.cache/redrafter/kernels``), keyed by the sources and torch's version; ``make install``
 runs it (``python -m redrafter.models.kernels``). ``REDRAFTER_INT4_KERNEL=torch`` turns off our int4
-products and ``REDRAFTER_ATTENTION_KERNEL=torch`` our attention (``int4_unavailable_reason``,
-``attention_unavailable_reason``).
+products, ``REDRAFTER_ATTENTION_KERNEL=torch`` our attention and ``REDRAFTER_TREE_KERNEL=torch`` our tree
+bookkeeping (``int4_unavailable_reason``, ``attention_unavailable_reason``, ``tree_unavailable_reason``).
 """
 
 from __future__ import annotations
@@ -35,23 +38,25 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("int4_gemm.cpp", "tree_attention.cpp", "rms_norm.cpp", "bf16_gemm.cpp", "bindings.cpp")]
+SOURCE_NAMES = ("int4_gemm.cpp", "tree_attention.cpp", "rms_norm.cpp", "bf16_gemm.cpp", "tree.cpp", "bindings.cpp")
+SOURCES = [Path(__file__).with_name("csrc") / name for name in SOURCE_NAMES]
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
 
 log = logging.getLogger(__name__)
 
 
-def cpu_flags() -> set[str]:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as Linux reports them (empty elsewhere)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     for line in text.splitlines():
         if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
 
 
 def unavailable_reason() -> str | None:
@@ -73,7 +78,7 @@ def cache_dir() -> Path:
 
 @functools.cache
 def load():
-    """The compiled extension (``int4_mm``, ``pack_weight``, ``tree_attention``), building it on first
+    """The compiled extension (the functions listed above), building it on first
     use; None when the machine cannot run it or the build fails (logged once; torch's kernels run)."""
     reason = unavailable_reason()
     if reason is not None:
@@ -115,6 +120,19 @@ def int4():
 def attention():
     """The extension for tree attention, or None (``attention_unavailable_reason``, or a failed build)."""
     return None if attention_unavailable_reason() is not None else load()
+
+
+def tree_unavailable_reason() -> str | None:
+    """Why our tree bookkeeping cannot run here (None when it can; the build may still fail)."""
+    if os.environ.get("REDRAFTER_TREE_KERNEL", "auto") == "torch":
+        return "REDRAFTER_TREE_KERNEL=torch"
+    return unavailable_reason()
+
+
+def tree():
+    """The extension for tree bookkeeping on CPU tensors (tree.py, verify.py), or None
+    (``tree_unavailable_reason``, or a failed build): the tensor versions run then."""
+    return None if tree_unavailable_reason() is not None else load()
 
 
 def main() -> int:

@@ -8,6 +8,10 @@ torch::Tensor tree_attention(const torch::Tensor& q, const torch::Tensor& keys, 
                              const torch::Tensor& allowed, double scale);
 torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& wp);
 torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+torch::Tensor cap_tree_scored(const torch::Tensor& beams, const torch::Tensor& path_scores, int64_t max_tokens);
+std::vector<torch::Tensor> pack_tree(const torch::Tensor& beams);
+std::vector<torch::Tensor> greedy_accept(const torch::Tensor& beams, const torch::Tensor& unpacker,
+                                         const torch::Tensor& best);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm", &int4_mm, "bf16 rows x 4-bit weight (one pass over the weight)");
@@ -15,4 +19,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tree_attention", &tree_attention, "attention of a few new tokens per row over a cache, with a mask");
   m.def("bf16_mm", &bf16_mm, "bf16 rows x bf16 weight packed in pairs (one pass over the weight)");
   m.def("rms_norm_bf16", &rms_norm_bf16, "transformers' RMSNorm of bf16 rows in one call");
+  m.def("cap_tree_scored", &cap_tree_scored, "tree.node_scores then tree.cap_tree in one call");
+  m.def("pack_tree", &pack_tree, "tree.pack in one call");
+  m.def("greedy_accept", &greedy_accept, "verify.tree_accept's greedy walk in one call");
 }

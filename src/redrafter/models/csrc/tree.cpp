@@ -1,0 +1,212 @@
+// A speculative step's tree bookkeeping in one call each (tree.py and verify.py hold the tensor
+// versions, which define the results and run everywhere else): a tree of batch x W x L nodes takes
+// about 25 small tensor operations to cap and 25 to pack, each costing more in PyTorch's dispatch
+// than the work itself; here the same arithmetic is a few loops over a few hundred integers.
+#include <torch/extension.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kNoToken = -1;  // tree.NO_TOKEN
+
+void check_beams(const torch::Tensor& beams, const char* name) {
+  TORCH_CHECK(beams.device().is_cpu() && beams.scalar_type() == torch::kLong && beams.dim() == 3,
+              name, ": beams must be a (batch, W, L) int64 CPU tensor");
+}
+
+// owner[i * L + k] = the smallest beam j with beams[j, :k+1] == beams[i, :k+1] (tree.owners).
+void owners(const int64_t* b, int64_t width, int64_t length, std::vector<int64_t>& owner) {
+  owner.assign(width * length, 0);
+  for (int64_t i = 0; i < width; ++i) {
+    int64_t k_done = 0;  // positions of beam i whose owner is decided
+    for (int64_t j = 0; j <= i && k_done < length; ++j) {
+      // beam j matches beam i on positions 0..m-1; it owns those of them not yet decided
+      int64_t m = 0;
+      while (m < length && b[j * length + m] == b[i * length + m]) ++m;
+      for (int64_t k = k_done; k < m; ++k) owner[i * length + k] = j;
+      k_done = std::max(k_done, m);
+    }
+  }
+}
+
+// torch.argmax of one float32 row: the first index of the largest value, NaN counting as largest.
+// The vocabulary is large (49,152 for SmolLM2) and torch's reduction is slow on CPU (about 30 us a row).
+int64_t argmax_row(const float* x, int64_t size) {
+  __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __mmask16 nan = 0;
+  int64_t i = 0;
+  for (; i + 16 <= size; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    best = _mm512_max_ps(best, v);
+  }
+  float top = _mm512_reduce_max_ps(best);
+  for (int64_t j = i; j < size; ++j) {
+    if (x[j] != x[j]) nan = 1;
+    top = std::max(top, x[j]);
+  }
+  for (int64_t j = 0; j < size; ++j) {
+    if (nan ? x[j] != x[j] : x[j] == top) return j;
+    if (!nan && j % 16 == 0 && j + 16 <= size &&
+        !_mm512_cmp_ps_mask(_mm512_loadu_ps(x + j), _mm512_set1_ps(top), _CMP_EQ_OQ))
+      j += 15;  // no maximum in these 16: skip them
+  }
+  return 0;  // size == 0
+}
+
+}  // namespace
+
+// tree.node_scores then tree.cap_tree: the beams with NO_TOKEN at every node outside the
+// max_tokens best distinct nodes of each row. beams (B, W, L) int64, path_scores (B, W, L) float32.
+torch::Tensor cap_tree_scored(const torch::Tensor& beams_in, const torch::Tensor& scores_in, int64_t max_tokens) {
+  check_beams(beams_in, "cap_tree_scored");
+  TORCH_CHECK(scores_in.device().is_cpu() && scores_in.sizes() == beams_in.sizes(),
+              "cap_tree_scored: path_scores must be a CPU tensor shaped like beams");
+  TORCH_CHECK(max_tokens >= 1, "cap_tree_scored: max_tokens must be >= 1");
+  const auto beams = beams_in.contiguous();
+  const auto scores = scores_in.to(torch::kFloat).contiguous();
+  const int64_t batch = beams.size(0), width = beams.size(1), length = beams.size(2), nodes = width * length;
+  auto out = beams.clone();
+  if (nodes <= max_tokens) return out;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  std::vector<int64_t> owner, order(nodes);
+  std::vector<float> best(nodes), score(nodes);
+  std::vector<char> kept(nodes);
+  for (int64_t r = 0; r < batch; ++r) {
+    const int64_t* b = beams.data_ptr<int64_t>() + r * nodes;
+    const float* s = scores.data_ptr<float>() + r * nodes;
+    int64_t* o = out.data_ptr<int64_t>() + r * nodes;
+    owners(b, width, length, owner);
+    // node_scores: each node the best score of any beam through it, then the running minimum along each beam.
+    std::fill(best.begin(), best.end(), neg_inf);
+    for (int64_t p = 0; p < nodes; ++p) {
+      const float v = b[p] != kNoToken ? s[p] : neg_inf;
+      const int64_t node = owner[p] * length + p % length;
+      best[node] = std::max(best[node], v);
+    }
+    for (int64_t i = 0; i < width; ++i) {
+      float running = std::numeric_limits<float>::infinity();
+      for (int64_t k = 0; k < length; ++k) {
+        const int64_t p = i * length + k;
+        running = std::min(running, best[owner[p] * length + k]);
+        // cap_tree ranks owned nodes by that score; every other position scores -inf
+        score[p] = (owner[p] == i && b[p] != kNoToken) ? running : neg_inf;
+      }
+    }
+    // Rank by (score desc, depth asc, position asc): the order of cap_tree's two stable sorts.
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+      if (score[x] != score[y]) return score[x] > score[y];
+      return x % length < y % length;
+    });
+    std::fill(kept.begin(), kept.end(), 0);
+    for (int64_t rank = 0; rank < max_tokens; ++rank) {
+      const int64_t p = order[rank];
+      kept[p] = owner[p] == p / length && b[p] != kNoToken;
+    }
+    for (int64_t p = 0; p < nodes; ++p)
+      if (!kept[owner[p] * length + p % length]) o[p] = kNoToken;
+  }
+  return out;
+}
+
+// tree.pack: {tokens (B, n), depths (B, n), mask (B, n, n) bool, unpacker (B, W, L), lengths (B)}.
+std::vector<torch::Tensor> pack_tree(const torch::Tensor& beams_in) {
+  check_beams(beams_in, "pack_tree");
+  const auto beams = beams_in.contiguous();
+  const int64_t batch = beams.size(0), width = beams.size(1), length = beams.size(2), nodes = width * length;
+  auto long_options = beams.options();
+  auto unpacker = torch::empty({batch, width, length}, long_options);
+  auto lengths = torch::empty({batch}, long_options);
+  std::vector<int64_t> owner, slot(nodes);
+  std::vector<std::vector<int64_t>> owners_of(batch);
+  std::vector<std::vector<char>> owned(batch, std::vector<char>(nodes));
+  int64_t n = 0;
+  for (int64_t r = 0; r < batch; ++r) {
+    const int64_t* b = beams.data_ptr<int64_t>() + r * nodes;
+    owners(b, width, length, owners_of[r]);
+    int64_t count = 0;
+    for (int64_t p = 0; p < nodes; ++p) {
+      owned[r][p] = owners_of[r][p] == p / length && b[p] != kNoToken;
+      count += owned[r][p];
+    }
+    lengths.data_ptr<int64_t>()[r] = count;
+    n = std::max(n, count);
+  }
+  auto tokens = torch::zeros({batch, n}, long_options);
+  auto depths = torch::zeros({batch, n}, long_options);
+  auto mask = torch::zeros({batch, n, n}, long_options.dtype(torch::kBool));
+  for (int64_t r = 0; r < batch; ++r) {
+    const int64_t* b = beams.data_ptr<int64_t>() + r * nodes;
+    const std::vector<int64_t>& owner = owners_of[r];
+    int64_t next = 0, last = -1;
+    for (int64_t p = 0; p < nodes; ++p) {
+      if (owned[r][p]) last = next++;
+      slot[p] = last;  // the slot of the last owned node at or before p (the cumulative count - 1)
+    }
+    int64_t* u = unpacker.data_ptr<int64_t>() + r * nodes;
+    for (int64_t p = 0; p < nodes; ++p) u[p] = slot[owner[p] * length + p % length];
+    int64_t* t = tokens.data_ptr<int64_t>() + r * n;
+    int64_t* d = depths.data_ptr<int64_t>() + r * n;
+    bool* m = mask.data_ptr<bool>() + r * n * n;
+    for (int64_t p = 0; p < nodes; ++p) {
+      if (!owned[r][p]) continue;
+      const int64_t s = slot[p], i = p / length, k = p % length;
+      t[s] = b[p];
+      d[s] = k;
+      for (int64_t a = 0; a <= k; ++a) m[s * n + u[i * length + a]] = true;  // its ancestors and itself
+    }
+    for (int64_t s = next; s < n; ++s) m[s * n + s] = true;  // padding attends only itself
+  }
+  return {tokens, depths, mask, unpacker, lengths};
+}
+
+// verify.tree_accept's greedy walk: {beam (B), accepted (B), bonus (B)} from the beams, their
+// unpacker and the target's logits at every packed node, logits (B, n, V) float32; the argmax is
+// taken only at the nodes the walk reaches.
+std::vector<torch::Tensor> greedy_accept(const torch::Tensor& beams_in, const torch::Tensor& unpacker_in,
+                                         const torch::Tensor& logits_in) {
+  check_beams(beams_in, "greedy_accept");
+  TORCH_CHECK(unpacker_in.sizes() == beams_in.sizes() && unpacker_in.scalar_type() == torch::kLong &&
+                  unpacker_in.device().is_cpu(),
+              "greedy_accept: unpacker must be an int64 CPU tensor shaped like beams");
+  TORCH_CHECK(logits_in.dim() == 3 && logits_in.size(0) == beams_in.size(0) && logits_in.scalar_type() == torch::kFloat &&
+                  logits_in.device().is_cpu(),
+              "greedy_accept: logits must be a (batch, n, V) float32 CPU tensor");
+  const auto beams = beams_in.contiguous(), unpacker = unpacker_in.contiguous(), logits = logits_in.contiguous();
+  const int64_t batch = beams.size(0), width = beams.size(1), length = beams.size(2), n = logits.size(1),
+                vocab = logits.size(2);
+  auto options = beams.options();
+  auto beam = torch::empty({batch}, options), accepted = torch::empty({batch}, options), bonus = torch::empty({batch}, options);
+  std::vector<char> live(width);
+  for (int64_t r = 0; r < batch; ++r) {
+    const int64_t* b = beams.data_ptr<int64_t>() + r * width * length;
+    const int64_t* u = unpacker.data_ptr<int64_t>() + r * width * length;
+    const float* row_logits = logits.data_ptr<float>() + r * n * vocab;
+    const auto argmax = [&](int64_t node) {
+      TORCH_CHECK(node >= 0 && node < n, "greedy_accept: unpacker index ", node, " outside the ", n, " packed nodes");
+      return argmax_row(row_logits + node * vocab, vocab);
+    };
+    std::fill(live.begin(), live.end(), 1);
+    int64_t node = u[0], chosen = 0, count = 0, best = argmax(node);
+    for (int64_t j = 1; j < length; ++j) {
+      int64_t hit = -1;
+      for (int64_t w = 0; w < width && hit < 0; ++w)
+        if (live[w] && b[w * length + j] == best) hit = w;
+      if (hit < 0) break;
+      count = j, chosen = hit, node = u[hit * length + j];
+      for (int64_t w = 0; w < width; ++w)
+        live[w] = live[w] && b[w * length + j] != kNoToken && u[w * length + j] == node;
+      best = argmax(node);
+    }
+    beam.data_ptr<int64_t>()[r] = chosen;
+    accepted.data_ptr<int64_t>()[r] = count;
+    bonus.data_ptr<int64_t>()[r] = best;
+  }
+  return {beam, accepted, bonus};
+}
