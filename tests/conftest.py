@@ -17,3 +17,17 @@ def smollm2():
     from redrafter.models.loading import load_target
 
     return load_target("smollm2-135m-instruct", dtype="float32")
+
+
+@pytest.fixture(params=["tensors", "cpp"])
+def implementation(request, monkeypatch):
+    """Runs a test once with the tensor versions of the tree bookkeeping and beam selection, and once
+    with our C++ versions (csrc/tree.cpp, csrc/beam_select.cpp; ``REDRAFTER_TREE_KERNEL``)."""
+    if request.param == "tensors":
+        monkeypatch.setenv("REDRAFTER_TREE_KERNEL", "torch")
+    else:
+        monkeypatch.delenv("REDRAFTER_TREE_KERNEL", raising=False)
+        from helpers import require_kernels
+
+        require_kernels("tree")
+    return request.param

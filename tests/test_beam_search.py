@@ -44,7 +44,7 @@ def all_scores(drafter, embedding, h, g0, length):
 
 
 @pytest.mark.parametrize("length", [2, 3, 4])
-def test_wide_beam_is_exhaustive_top_w(setup, length):
+def test_wide_beam_is_exhaustive_top_w(implementation, setup, length):
     """With W >= V^(L-2) nothing is pruned before the last step, so the beams are exactly the W best
     of all V^(L-1) drafted sequences, in order, with their summed log q."""
     drafter, embedding, context, g0 = setup
@@ -58,7 +58,7 @@ def test_wide_beam_is_exhaustive_top_w(setup, length):
         torch.testing.assert_close(result.scores[b], torch.tensor([scores[s] for s in best]), atol=1e-5, rtol=0)
 
 
-def test_width_one_is_greedy_chain(setup):
+def test_width_one_is_greedy_chain(implementation, setup):
     drafter, embedding, context, g0 = setup
     result = beam_search(drafter, embedding, context, g0, width=1, length=5)
     for b in range(2):
@@ -72,7 +72,7 @@ def test_width_one_is_greedy_chain(setup):
 
 
 @pytest.mark.parametrize("width", [2, 3])
-def test_pruned_beams_match_explicit_enumeration(setup, width):
+def test_pruned_beams_match_explicit_enumeration(implementation, setup, width):
     """Narrow beams: at each depth keep the W best extensions of the kept prefixes, done naively over
     explicit sequences scored from scratch; first step expands only g0."""
     drafter, embedding, context, g0 = setup
@@ -91,7 +91,7 @@ def test_pruned_beams_match_explicit_enumeration(setup, width):
 
 
 @pytest.mark.parametrize("width", [1, 3])
-def test_min_prob_drops_every_node_below_it_and_stops_where_none_is_left(setup, width):
+def test_min_prob_drops_every_node_below_it_and_stops_where_none_is_left(implementation, setup, width):
     """Adaptive draft: the result is the beam search of depth d with every node of drafter probability
     below min_prob set to NO_TOKEN (down to g0 alone), where d is the deepest search whose best beam
     of some row still reaches min_prob."""
@@ -117,7 +117,7 @@ def test_min_prob_drops_every_node_below_it_and_stops_where_none_is_left(setup, 
 
 
 @pytest.mark.parametrize("width", [1, 3])
-def test_path_scores_are_the_prefix_log_q_and_the_cap_keeps_the_best_nodes(setup, width):
+def test_path_scores_are_the_prefix_log_q_and_the_cap_keeps_the_best_nodes(implementation, setup, width):
     """path_scores[b, w, k] is the log q of the beam's first k drafted tokens (scored one by one),
     and max_tree_tokens keeps the K most probable distinct nodes (g0 included)."""
     drafter, embedding, context, g0 = setup
@@ -138,3 +138,46 @@ def test_path_scores_are_the_prefix_log_q_and_the_cap_keeps_the_best_nodes(setup
         kept = {tuple(capped[b, w, : k + 1].tolist()) for w, k in itertools.product(range(width), range(4))
                 if capped[b, w, k] >= 0}
         assert kept == set(best)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_beam_select_is_the_best_w_of_scores_plus_log_q(dtype):
+    """Our one-pass selection (csrc/beam_select.cpp) against float64: the W best of
+    score[r] + log_softmax(logits[r])[v], best first, ties to the smaller r * V + v; beams at -inf
+    add nothing while W finite candidates exist. Vocabularies cover the vector loop and its tail."""
+    from helpers import require_kernels
+
+    module = require_kernels("tree")
+    generator = torch.Generator().manual_seed(3)
+    for trial in range(60):
+        batch, beams = int(torch.randint(1, 3, (1,), generator=generator)), int(torch.randint(1, 9, (1,), generator=generator))
+        vocab = int(torch.randint(1, 80, (1,), generator=generator))
+        width = int(torch.randint(1, min(beams * vocab, 12) + 1, (1,), generator=generator))
+        logits = (torch.randn(batch, beams, vocab, generator=generator) * 3).round().to(dtype)  # many exact ties
+        scores = -torch.rand(batch, beams, generator=generator).round(decimals=1) * 4
+        if trial % 3 == 0 and beams > 1:
+            scores[:, 1:] = float("-inf")  # the first depth: only beam 0 is live
+        top, parent, token = module.beam_select(logits, scores, width)
+        exact = scores.double().unsqueeze(-1) + torch.log_softmax(logits.double(), dim=-1)  # (batch, R, V)
+        for b in range(batch):
+            flat = (parent[b] * vocab + token[b]).tolist()
+            assert len(set(flat)) == width and all(0 <= f < beams * vocab for f in flat)
+            values = exact[b].flatten()
+            torch.testing.assert_close(top[b].double(), values[flat], atol=1e-5, rtol=0)
+            assert all(top[b, k] >= top[b, k + 1] for k in range(width - 1))
+            assert all(flat[k] < flat[k + 1] for k in range(width - 1) if top[b, k] == top[b, k + 1])
+            rest = [v for i, v in enumerate(values.tolist()) if i not in flat]
+            if rest:
+                assert float(top[b, -1]) >= max(rest) - 1e-5  # nothing left out beats what was kept
+
+
+def test_beam_select_rejects_bad_input():
+    from helpers import require_kernels
+
+    module = require_kernels("tree")
+    with pytest.raises(RuntimeError, match="width"):
+        module.beam_select(torch.zeros(1, 2, 3), torch.zeros(1, 2), 7)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        module.beam_select(torch.zeros(1, 2, 3, dtype=torch.float64), torch.zeros(1, 2), 2)
+    with pytest.raises(RuntimeError, match="scores"):
+        module.beam_select(torch.zeros(1, 2, 3), torch.zeros(1, 3), 2)

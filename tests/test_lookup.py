@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from redrafter import BeamConfig, LookupProposer, RedrafterError
-from redrafter.drafter.lookup import context_lookup, join_beams, lookup_beams, point_masses
+from redrafter.drafter.lookup import History, context_lookup, join_beams, lookup_beams, matched_lookup, point_masses
 from redrafter.tree import NO_TOKEN, cap_tree, node_scores
 
 
@@ -48,6 +48,27 @@ def test_lookup_equals_brute_force_on_random_histories():
         num_tokens, max_ngram = rng.randrange(1, 6), rng.randrange(1, 5)
         assert context_lookup(history, num_tokens=num_tokens, max_ngram=max_ngram) == \
             brute_force_lookup(history, num_tokens, max_ngram), history
+
+
+def test_history_index_equals_the_scan_as_the_history_grows():
+    """``History`` answers from its n-gram index, updated as tokens are appended a few at a time
+    (as the engine does), with max_ngram changing between calls; every answer equals the scan's."""
+    rng = random.Random(1)
+    for _ in range(100):
+        vocab = rng.randrange(2, 6)
+        history = History([rng.randrange(vocab) for _ in range(rng.randrange(1, 10))])
+        for _ in range(rng.randrange(1, 30)):
+            num_tokens, max_ngram = rng.randrange(1, 9), rng.randrange(1, 5)
+            assert history.lookup(num_tokens=num_tokens, max_ngram=max_ngram) == \
+                matched_lookup(list(history), num_tokens=num_tokens, max_ngram=max_ngram), list(history)
+            assert context_lookup(history, num_tokens=num_tokens, max_ngram=max_ngram) == \
+                brute_force_lookup(list(history), num_tokens, max_ngram)
+            history.extend(rng.randrange(vocab) for _ in range(rng.randrange(1, 5)))
+    shrunk = History([1, 2, 3, 1, 2])
+    assert shrunk.lookup(num_tokens=1, max_ngram=2) == (2, [3])
+    del shrunk[2:]  # not an append: the index starts again
+    shrunk.extend([5, 2])
+    assert shrunk.lookup(num_tokens=1, max_ngram=2) == (1, [5])
 
 
 def test_lookup_beams_join_the_drafters_beams_with_no_token_padding():

@@ -12,16 +12,6 @@ from redrafter.tree import NO_TOKEN, cap_tree, cap_tree_scored, node_scores, own
 from redrafter.verify import tree_accept
 
 
-@pytest.fixture(params=["tensors", "cpp"])
-def implementation(request, monkeypatch):
-    """Runs a test once with the tensor versions and once with our C++ versions of pack and the cap."""
-    if request.param == "tensors":
-        monkeypatch.setenv("REDRAFTER_TREE_KERNEL", "torch")
-    else:
-        monkeypatch.delenv("REDRAFTER_TREE_KERNEL", raising=False)
-        require_kernels("tree")
-    return request.param
-
 # Row 0: the module docstring's example. Row 1: beam 1 duplicates beam 0; beam 2 branches at depth 1.
 BEAMS = torch.tensor([
     [[5, 1, 2], [5, 1, 3], [5, 4, 2]],

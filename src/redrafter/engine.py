@@ -29,7 +29,7 @@ import torch
 
 from redrafter.config import BeamConfig, GenerationConfig, SamplingParams
 from redrafter.drafter.beam_search import beam_search
-from redrafter.drafter.lookup import join, join_beams, lookup_beams, point_masses
+from redrafter.drafter.lookup import History, join, join_beams, lookup_beams, point_masses
 from redrafter.drafter.model import Drafter, inference_copy
 from redrafter.errors import RedrafterError
 from redrafter.models.base import TargetModel
@@ -274,7 +274,7 @@ Event = Union[TokensEvent, FinishEvent]
 
 @dataclasses.dataclass
 class _Row:
-    ids: list[int]  # the prompt, then every emitted token: what a proposer may look back on
+    ids: History  # the prompt, then every emitted token: what a proposer may look back on (indexed)
     prompt_length: int
     steps: int = 0
     first_token_s: float = 0.0
@@ -322,7 +322,7 @@ class Engine:
         start = time.perf_counter()
         batch = len(prompts)
         rows_index = torch.arange(batch, device=device)
-        rows = [_Row(ids=list(p), prompt_length=len(p)) for p in prompts]
+        rows = [_Row(ids=History(p), prompt_length=len(p)) for p in prompts]
         stop_ids = set(config.stop_token_ids)
         params = config.sampling
         generators = None if params.greedy else row_generators(params.seed, batch, device, offset=row_offset)

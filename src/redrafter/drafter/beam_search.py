@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from redrafter.drafter.model import Drafter
-from redrafter.tree import NO_TOKEN, cap_tree_scored
+from redrafter.tree import NO_TOKEN, cap_tree_scored, tree_kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,31 +68,38 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
     log_probs: torch.Tensor | None = None
     rows = torch.arange(batch, device=device).view(batch, 1)
     floor = math.log(min_prob) if min_prob > 0 else None
+    # Our one-pass selection (csrc/beam_select.cpp) on CPU where it is built; log q itself only when asked for.
+    select = None if return_log_probs else tree_kernel(context)
     for depth in range(1, length):
         if depth == 1:  # every beam is g0 alone: run the head on one row per batch row, shared by all W
             first = drafter.next_state(state[:, :1], embed(g0).unsqueeze(1).to(state.dtype))
             state = first.expand(batch, width, -1)
-            step_log_q = torch.log_softmax(drafter.logits(h[:, :1], first).float(), dim=-1).expand(batch, width, -1)
+            logits = drafter.logits(h[:, :1], first)  # (batch, 1, V)
+            vocab = logits.shape[-1]
+            if vocab >= width:  # only beam 0 is live (score 0): its top W tokens
+                row_scores = scores[:, :1]
+            else:  # every beam, the others at -inf
+                logits, row_scores = logits.expand(batch, width, vocab), scores
         else:
             state = drafter.next_state(state, embed(beams[:, :, -1]).to(state.dtype))
-            step_log_q = torch.log_softmax(drafter.logits(h, state).float(), dim=-1)  # (batch, W, V)
-        vocab = step_log_q.shape[-1]
-        if depth == 1 and vocab >= width:  # only beam 0 is live (score 0): its top W tokens
-            top, flat = step_log_q[:, 0].topk(width, dim=-1)  # (batch, W), best first; parent 0
-        else:  # the top W of W x V: each beam's top W, then the top W of those W x W
+            logits, row_scores = drafter.logits(h, state), scores  # (batch, W, V)
+        if select is not None:
+            top, parent, index = select.beam_select(logits, row_scores, width)
+        else:  # the top W of R x V: each beam's top W, then the top W of those R x W
+            step_log_q = torch.log_softmax(logits.float(), dim=-1)  # (batch, R, V)
             per_beam = min(width, vocab)
-            beam_top, beam_index = (scores.unsqueeze(-1) + step_log_q).topk(per_beam, dim=-1)  # (batch, W, per_beam)
-            top, pick = beam_top.view(batch, width * per_beam).topk(width, dim=-1)
-            flat = (pick // per_beam) * vocab + beam_index.view(batch, -1).gather(1, pick)
+            beam_top, beam_index = (row_scores.unsqueeze(-1) + step_log_q).topk(per_beam, dim=-1)  # (batch, R, per_beam)
+            top, pick = beam_top.view(batch, -1).topk(width, dim=-1)
+            parent, index = pick // per_beam, beam_index.view(batch, -1).gather(1, pick)
         if floor is not None and bool((top[:, 0] < floor).all()):
             break  # every beam's probability fell below min_prob: this depth is not worth verifying
         scores = top
-        parent, token = flat // vocab, drafter.to_target_ids(flat % vocab)
+        token = drafter.to_target_ids(index)
         beams = torch.cat([beams[rows, parent], token.unsqueeze(-1)], dim=-1)
         path_scores = torch.cat([path_scores[rows, parent], top.unsqueeze(-1)], dim=-1)
         state = state[rows, parent]
         if return_log_probs:
-            chosen = step_log_q[rows, parent].unsqueeze(2)  # (batch, W, 1, V)
+            chosen = step_log_q.expand(batch, width, vocab)[rows, parent].unsqueeze(2)  # (batch, W, 1, V)
             log_probs = chosen if log_probs is None else torch.cat([log_probs[rows, parent], chosen], dim=2)
     if floor is not None:  # a suffix of each beam: path scores never rise along it
         beams = torch.where(path_scores >= floor, beams, torch.full_like(beams, NO_TOKEN))

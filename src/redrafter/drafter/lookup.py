@@ -45,7 +45,10 @@ def context_lookup(history: Sequence[int], *, num_tokens: int, max_ngram: int) -
 
 
 def matched_lookup(history: Sequence[int], *, num_tokens: int, max_ngram: int) -> tuple[int, list[int]]:
-    """``context_lookup`` and the length n of the n-gram it matched (0 when nothing matched)."""
+    """``context_lookup`` and the length n of the n-gram it matched (0 when nothing matched). A
+    ``History`` answers from its index; any other sequence is scanned."""
+    if isinstance(history, History):
+        return history.lookup(num_tokens=num_tokens, max_ngram=max_ngram)
     tokens = np.asarray(history, dtype=np.int64)
     length = len(tokens)
     for n in range(min(max_ngram, length - 1), 0, -1):
@@ -60,30 +63,66 @@ def matched_lookup(history: Sequence[int], *, num_tokens: int, max_ngram: int) -
     return 0, []
 
 
+class History(list):
+    """A row's tokens (prompt, then output) that keeps an index of its n-grams as it grows.
+
+    The index maps every n-gram (n <= the ``max_ngram`` asked for) that something follows to its
+    latest start. New tokens are indexed at the next ``lookup`` (about ``max_ngram`` dictionary
+    writes per token), so a step's lookup is a few dictionary reads, where scanning the history
+    takes time in its length. The engine keeps each row's tokens in one; only appending keeps the
+    index valid (anything else is noticed by length and the index is rebuilt).
+    """
+
+    __slots__ = ("_starts", "_indexed", "_max_ngram")
+
+    def __init__(self, tokens: Sequence[int] = ()) -> None:
+        super().__init__(tokens)
+        self._starts: dict[tuple[int, ...], int] = {}
+        self._indexed = 0  # every window ending (exclusive) before this position is indexed
+        self._max_ngram = 0
+
+    def lookup(self, *, num_tokens: int, max_ngram: int) -> tuple[int, list[int]]:
+        """``matched_lookup`` of these tokens."""
+        length = len(self)
+        if max_ngram > self._max_ngram or length < self._indexed:  # more n, or not an append: start again
+            self._starts, self._indexed, self._max_ngram = {}, 0, max_ngram
+        starts, widest = self._starts, self._max_ngram
+        # A window tokens[s:e] is followed by something once e < length: index ends up to length - 1.
+        for end in range(max(self._indexed, 1), length):
+            for n in range(1, min(widest, end) + 1):
+                starts[tuple(self[end - n: end])] = end - n  # later windows overwrite: the latest start
+        self._indexed = max(self._indexed, length)
+        for n in range(min(max_ngram, length - 1), 0, -1):
+            start = starts.get(tuple(self[length - n:]))
+            if start is not None:
+                return n, self[start + n: start + n + num_tokens]
+        return 0, []
+
+
 def lookup_beams(g0: torch.Tensor, history: Sequence[Sequence[int]], *, num_tokens: int, max_ngram: int,
                  confidence: Sequence[float] = (1.0,)) -> tuple[torch.Tensor, torch.Tensor]:
     """One beam per row, ``[g0, looked-up tokens...]``, ``NO_TOKEN`` where the lookup found fewer.
 
     Args:
         g0:         (batch,) the target's own next token (the last token of each history).
-        history:    one token sequence per row, ending with g0.
+        history:    one token sequence per row, ending with g0 (a ``History`` is looked up in its index).
         confidence: c_n for an n-gram match, n = 1, 2, ... (the last one for longer matches).
     Returns:
         beams (batch, 1, 1 + num_tokens) long, and their path scores (batch, 1, 1 + num_tokens):
         j * log c_n at depth j (0 at g0, -inf past the looked-up tokens), comparable with the
         drafter's summed log q.
     """
-    batch, length = len(history), 1 + num_tokens
-    beams = torch.full((batch, 1, length), NO_TOKEN, dtype=torch.long)
-    scores = torch.full((batch, 1, length), float("-inf"))
-    beams[:, 0, 0], scores[:, 0, 0] = g0.cpu(), 0.0
-    for b, tokens in enumerate(history):
+    length = 1 + num_tokens
+    beams, scores = [], []
+    for first, tokens in zip(g0.tolist(), history):
         n, found = matched_lookup(tokens, num_tokens=num_tokens, max_ngram=max_ngram)
-        if found:
-            beams[b, 0, 1: 1 + len(found)] = torch.tensor(found, dtype=torch.long)
-            step = math.log(confidence[min(n, len(confidence)) - 1])
-            scores[b, 0, 1: 1 + len(found)] = step * torch.arange(1, 1 + len(found))
-    return beams.to(g0.device), scores.to(g0.device)
+        step = math.log(confidence[min(n, len(confidence)) - 1]) if found else 0.0
+        missing = length - 1 - len(found)
+        beams.append([first, *found] + [NO_TOKEN] * missing)
+        scores.append([0.0] + [step * j for j in range(1, 1 + len(found))] + [float("-inf")] * missing)
+    batch = len(beams)
+    return (torch.tensor(beams, dtype=torch.long).view(batch, 1, length).to(g0.device),
+            torch.tensor(scores, dtype=torch.float32).view(batch, 1, length).to(g0.device))
 
 
 def join_beams(beams: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,9 @@
   to the eight tensor operations it replaces.
 - ``cap_tree_scored``, ``pack_tree``, ``greedy_accept`` (``csrc/tree.cpp``): a speculative step's tree
   bookkeeping (tree.py's cap and pack, verify.py's greedy walk) in one call each, with results equal
-  to the tensor versions'; plain C++, no vector instructions.
+  to the tensor versions'.
+- ``beam_select`` (``csrc/beam_select.cpp``): one depth of the drafter's beam search after its logits
+  (log-softmax, scores, the best W extensions) in one pass.
 
 They need AVX-512 BW and AVX-512 BF16 (Zen 4, Sapphire Rapids and later), a C++ compiler and ninja;
 elsewhere ``load()`` returns None and the model uses torch's kernels.
@@ -38,8 +40,10 @@ from pathlib import Path
 
 import torch
 
-SOURCE_NAMES = ("int4_gemm.cpp", "tree_attention.cpp", "rms_norm.cpp", "bf16_gemm.cpp", "tree.cpp", "bindings.cpp")
+SOURCE_NAMES = ("int4_gemm.cpp", "tree_attention.cpp", "rms_norm.cpp", "bf16_gemm.cpp", "tree.cpp", "beam_select.cpp",
+                "bindings.cpp")
 SOURCES = [Path(__file__).with_name("csrc") / name for name in SOURCE_NAMES]
+HEADERS = [Path(__file__).with_name("csrc") / "vec.h"]  # part of the cache key, not compiled on their own
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
 
@@ -72,7 +76,8 @@ def unavailable_reason() -> str | None:
 def cache_dir() -> Path:
     """Where the built extension lives: one directory per source text and torch version."""
     root = Path(os.environ.get("REDRAFTER_KERNEL_CACHE", Path.home() / ".cache" / "redrafter" / "kernels"))
-    key = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES) + torch.__version__.encode()).hexdigest()[:16]
+    text = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    key = hashlib.sha256(text + torch.__version__.encode()).hexdigest()[:16]
     return root / f"cpu-{key}"
 
 

@@ -10,6 +10,7 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& wp);
 torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 torch::Tensor cap_tree_scored(const torch::Tensor& beams, const torch::Tensor& path_scores, int64_t max_tokens);
 std::vector<torch::Tensor> pack_tree(const torch::Tensor& beams);
+std::vector<torch::Tensor> beam_select(const torch::Tensor& logits, const torch::Tensor& scores, int64_t width);
 std::vector<torch::Tensor> greedy_accept(const torch::Tensor& beams, const torch::Tensor& unpacker,
                                          const torch::Tensor& best);
 
@@ -21,5 +22,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_bf16", &rms_norm_bf16, "transformers' RMSNorm of bf16 rows in one call");
   m.def("cap_tree_scored", &cap_tree_scored, "tree.node_scores then tree.cap_tree in one call");
   m.def("pack_tree", &pack_tree, "tree.pack in one call");
+  m.def("beam_select", &beam_select, "one depth of the drafter's beam search after its logits");
   m.def("greedy_accept", &greedy_accept, "verify.tree_accept's greedy walk in one call");
 }
