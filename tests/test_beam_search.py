@@ -140,6 +140,28 @@ def test_path_scores_are_the_prefix_log_q_and_the_cap_keeps_the_best_nodes(imple
         assert kept == set(best)
 
 
+@pytest.mark.parametrize("length", [3, 4])
+def test_under_a_cap_k_minus_one_beams_give_the_same_tree(implementation, setup, length):
+    """ReDrafterProposer searches min(W, K - 1) beams under a cap K, keeping every depth's beams
+    (``keep_pruned``): the K - 1 best drafted nodes lie on the best K - 1 paths of every depth, so
+    the capped tree is the one of an exhaustive search (W = V^(L-1)). Without keep_pruned a node
+    whose extensions all fell out of the top W is lost (the test has power: that case occurs)."""
+    drafter, embedding, context, g0 = setup
+    exhaustive = VOCAB ** (length - 1)
+
+    def nodes(width, cap, keep_pruned):
+        beams = beam_search(drafter, embedding, context, g0, width=width, length=length, max_tree_tokens=cap,
+                            keep_pruned=keep_pruned).beams
+        return [{tuple(beams[b, w, : k + 1].tolist()) for w, k in itertools.product(range(beams.shape[1]), range(length))
+                 if beams[b, w, k] >= 0} for b in range(2)]
+
+    lost = 0
+    for cap in range(1, 9):
+        assert nodes(max(1, cap - 1), cap, True) == nodes(exhaustive, cap, False), cap
+        lost += nodes(max(1, cap - 1), cap, False) != nodes(exhaustive, cap, False)
+    assert lost > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_beam_select_is_the_best_w_of_scores_plus_log_q(dtype):
     """Our one-pass selection (csrc/beam_select.cpp) against float64: the W best of

@@ -126,10 +126,18 @@ class ReDrafterProposer:
     def propose(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor, *,
                 rows: torch.Tensor, history: Sequence[Sequence[int]]) -> torch.Tensor:
         """The drafter's beam search; with ``beam.lookup_tokens`` the context-lookup beam after them.
-        A tree cap then keeps the K best nodes of both (drafter/lookup.py: q against c_n^depth)."""
+        A tree cap then keeps the K best nodes of both (drafter/lookup.py: q against c_n^depth).
+
+        Under a cap K the search runs min(W, K - 1) beams and keeps the nodes of every depth
+        (``keep_pruned``): the K - 1 best drafted nodes lie among each depth's K - 1 best paths, so
+        the cap then picks from all of them, as from an exhaustive search (up to ties in q), with
+        fewer drafter rows (4 instead of 8 at W 8, K 5)."""
         beam, lookup = self.beam, self.beam.lookup_tokens > 0
-        result = beam_search(self.drafter, self.embed, context, g0, width=beam.width, length=beam.length,
-                             min_prob=beam.min_prob, max_tree_tokens=0 if lookup else beam.max_tree_tokens)
+        capped = beam.max_tree_tokens > 0
+        width = min(beam.width, max(1, beam.max_tree_tokens - 1)) if capped else beam.width
+        result = beam_search(self.drafter, self.embed, context, g0, width=width, length=beam.length,
+                             min_prob=beam.min_prob, max_tree_tokens=0 if lookup else beam.max_tree_tokens,
+                             keep_pruned=capped)
         if not lookup:
             return result.beams
         looked_up, scores = self._lookup(g0, history)

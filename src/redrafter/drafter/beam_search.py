@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from redrafter.drafter.lookup import pad_length
 from redrafter.drafter.model import Drafter
 from redrafter.tree import NO_TOKEN, cap_tree_scored, tree_kernel
 
@@ -25,9 +26,10 @@ from redrafter.tree import NO_TOKEN, cap_tree_scored, tree_kernel
 @dataclasses.dataclass(frozen=True)
 class BeamSearchResult:
     """Attributes:
-        beams:     (batch, W, L) token ids, g0 first (``NO_TOKEN`` past a beam's end when capped).
+        beams:     (batch, W, L) token ids, g0 first (``NO_TOKEN`` past a beam's end when capped);
+                   with ``keep_pruned`` (batch, W * (L - 1), L), the shallower beams after the W.
         scores:    (batch, W) summed log q of each beam's drafted tokens, best first.
-        path_scores: (batch, W, L) the same sum up to each position (0 at g0).
+        path_scores: (batch, W, L) the same sum up to each position (0 at g0; shaped like ``beams``).
         log_probs: (batch, W, L-1, V_d) the drafter's log q at each drafted position of each beam
                    (over the drafter's own vocabulary), or None when not requested.
     """
@@ -41,7 +43,7 @@ class BeamSearchResult:
 @torch.inference_mode()
 def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor], context: torch.Tensor,
                 g0: torch.Tensor, *, width: int, length: int, min_prob: float = 0.0,
-                max_tree_tokens: int = 0, return_log_probs: bool = False) -> BeamSearchResult:
+                max_tree_tokens: int = 0, return_log_probs: bool = False, keep_pruned: bool = False) -> BeamSearchResult:
     """Draft W beams of L tokens (g0 included), or fewer with ``min_prob``.
 
     Args:
@@ -54,6 +56,11 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
                   path) is below min_prob, and stop before the first depth at which that leaves no
                   node in any row; the beams then hold at least g0 (length >= 1).
         max_tree_tokens: > 0 keeps only the most probable distinct nodes (g0 included) of the tree.
+        keep_pruned: also return the beams of every shallower depth, each ending there (``NO_TOKEN``
+                  after it), after the W beams: a node whose extensions all fell out of the top W
+                  stays a candidate for a tree cap. With W >= K - 1 the K best nodes of the search
+                  are then those of an exhaustive search (up to ties), since each depth's K - 1 best
+                  paths are among its W beams. The result has W * (L - 1) beams.
     Returns:
         BeamSearchResult.
     """
@@ -68,6 +75,7 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
     log_probs: torch.Tensor | None = None
     rows = torch.arange(batch, device=device).view(batch, 1)
     floor = math.log(min_prob) if min_prob > 0 else None
+    shallower: list[tuple[torch.Tensor, torch.Tensor]] = []  # (beams, path_scores) of earlier depths
     # Our one-pass selection (csrc/beam_select.cpp) on CPU where it is built; log q itself only when asked for.
     select = None if return_log_probs else tree_kernel(context)
     for depth in range(1, length):
@@ -94,6 +102,8 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
         if floor is not None and bool((top[:, 0] < floor).all()):
             break  # every beam's probability fell below min_prob: this depth is not worth verifying
         scores = top
+        if keep_pruned and depth > 1:
+            shallower.append((beams, path_scores))
         token = drafter.to_target_ids(index)
         beams = torch.cat([beams[rows, parent], token.unsqueeze(-1)], dim=-1)
         path_scores = torch.cat([path_scores[rows, parent], top.unsqueeze(-1)], dim=-1)
@@ -101,6 +111,10 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
         if return_log_probs:
             chosen = step_log_q.expand(batch, width, vocab)[rows, parent].unsqueeze(2)  # (batch, W, 1, V)
             log_probs = chosen if log_probs is None else torch.cat([log_probs[rows, parent], chosen], dim=2)
+    if shallower:  # after the W beams, so a node on one of them is owned by it (tree.owners)
+        length = beams.shape[2]
+        beams = torch.cat([beams] + [pad_length(b, length, NO_TOKEN) for b, _ in reversed(shallower)], dim=1)
+        path_scores = torch.cat([path_scores] + [pad_length(p, length, float("-inf")) for _, p in reversed(shallower)], dim=1)
     if floor is not None:  # a suffix of each beam: path scores never rise along it
         beams = torch.where(path_scores >= floor, beams, torch.full_like(beams, NO_TOKEN))
     if max_tree_tokens > 0:
