@@ -1,6 +1,7 @@
 """redrafter bench: the method interface, interleaving, metric arithmetic, output files, a smoke run."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -201,3 +202,16 @@ def test_profile_command_on_smollm2_writes_its_report(smollm2, tmp_path, capsys)
     entry = next(iter(report["backends"].values()))
     assert sorted(entry["verify_ms"], key=int) == ["1", "2"]
     assert set(entry["phases_redrafter"]) == set(entry["draft_ms"]) == {"1x2", "4x3x3"}
+
+
+def test_profile_tree_kernels_label_their_phases_and_restore_the_setting(smollm2, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("REDRAFTER_TREE_KERNEL", "auto")
+    code = main(["profile", "--backends", "native", "--dtype", "float32", "--context", "16", "--tree-sizes", "1",
+                 "--beams", "4x3x3", "--tree-kernels", "torch,auto", "--repeats", "1", "--max-new-tokens", "4",
+                 "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    entry = next(iter(json.loads((tmp_path / "out" / "profile.json").read_text())["backends"].values()))
+    assert set(entry["phases_redrafter"]) == {"4x3x3, tree torch", "4x3x3, tree auto"}
+    assert os.environ["REDRAFTER_TREE_KERNEL"] == "auto"
+    assert main(["profile", "--tree-kernels", "ours", "--out", str(tmp_path / "bad")]) == 2
+    assert "--tree-kernels" in capsys.readouterr().err

@@ -386,8 +386,10 @@ class Engine:
             acceptance = tree_accept(beams, tree.unpacker, out.logits, params, draft_probs, generators)
             # 5. Commit g0 and the accepted tokens; finished rows keep their cache as it is.
             keep = tree.unpacker[rows_index, acceptance.beam]  # (batch, L) packed indices of the chosen beam
-            active = torch.tensor([not rows[r].finished for r in live], device=device)
-            target.commit(cache, keep, torch.where(active, acceptance.accepted + 1, 0))
+            counts = acceptance.accepted + 1
+            if any(rows[r].finished for r in live):
+                counts = torch.where(torch.tensor([not rows[r].finished for r in live], device=device), counts, 0)
+            target.commit(cache, keep, counts)
             # 6. Carry h and g0 into the next step.
             last_kept = keep[rows_index, acceptance.accepted]
             context = out.hidden[rows_index, last_kept]

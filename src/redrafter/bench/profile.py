@@ -13,7 +13,9 @@ Writes profile.json and verify_cost.png into ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -167,6 +169,23 @@ def plot_curve(curves: dict[str, dict[int, float]], path: Path) -> None:
     plt.close(fig)
 
 
+TREE_KERNELS = ("auto", "torch")
+
+
+@contextlib.contextmanager
+def tree_kernel_setting(choice: str):
+    """``REDRAFTER_TREE_KERNEL`` set to ``choice`` for the block, restored after it."""
+    previous = os.environ.get("REDRAFTER_TREE_KERNEL")
+    os.environ["REDRAFTER_TREE_KERNEL"] = choice
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["REDRAFTER_TREE_KERNEL"]
+        else:
+            os.environ["REDRAFTER_TREE_KERNEL"] = previous
+
+
 def add_profile_parser(subparsers) -> None:
     from redrafter.cli import DEFAULT_BEAM
     from redrafter.models.loading import DTYPE_CHOICES
@@ -183,6 +202,9 @@ def add_profile_parser(subparsers) -> None:
                         "int4:avx512, int4:torch for one int4 kernel; see redrafter generate --help)")
     p.add_argument("--attention-kernels", default="auto",
                    help="comma list of the native backend's attention kernels to profile (auto, ours, torch)")
+    p.add_argument("--tree-kernels", default="auto",
+                   help="comma list of tree bookkeeping and beam selection to profile the phases with: auto (ours "
+                        "where built), torch (the tensor versions; REDRAFTER_TREE_KERNEL=torch)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--context", type=int, default=300, help="committed tokens before the measured forwards")
     p.add_argument("--tree-sizes", default="1,2,4,8,16,32,64")
@@ -218,6 +240,9 @@ def run_profile_command(args: argparse.Namespace) -> int:
     if not attentions or any(a not in ATTENTION_KERNELS for a in attentions):
         raise RedrafterError(f"--attention-kernels is a comma list of {', '.join(ATTENTION_KERNELS)}, "
                              f"got '{args.attention_kernels}'")
+    tree_kernels = [t.strip() for t in args.tree_kernels.split(",") if t.strip()]
+    if not tree_kernels or any(t not in TREE_KERNELS for t in tree_kernels):
+        raise RedrafterError(f"--tree-kernels is a comma list of {', '.join(TREE_KERNELS)}, got '{args.tree_kernels}'")
     spec = args.model or DEFAULT_MODEL
     drafter_path = resolve_drafter(spec, args.drafter) if (args.drafter or shipped_drafter(spec)) else None
     torch.set_num_threads(args.threads)
@@ -240,9 +265,13 @@ def run_profile_command(args: argparse.Namespace) -> int:
         if drafter_path is not None:
             drafter = load_drafter(drafter_path, device=target.device, dtype=target.dtype)
             entry["draft_ms"] = draft_cost(drafter, target, beams, args.repeats)
-            entry["phases_redrafter"] = {
-                beam_label(b): phase_breakdown(target, ReDrafterProposer(drafter, target, b), ids,
-                                                         args.max_new_tokens, stops) for b in beams}
+            entry["phases_redrafter"] = {}
+            for tree_kernel in tree_kernels:  # the variable is read at each call: switching it here is enough
+                with tree_kernel_setting(tree_kernel):
+                    for b in beams:
+                        label = beam_label(b) + ("" if len(tree_kernels) == 1 else f", tree {tree_kernel}")
+                        entry["phases_redrafter"][label] = phase_breakdown(
+                            target, ReDrafterProposer(drafter, target, b), ids, args.max_new_tokens, stops)
         report["backends"][name] = entry
         print(json.dumps({name: entry}, indent=1), flush=True)
         del target
