@@ -130,8 +130,8 @@ class ReDrafterProposer:
 
         Under a cap K the search runs min(W, K - 1) beams and keeps the nodes of every depth
         (``keep_pruned``): the K - 1 best drafted nodes lie among each depth's K - 1 best paths, so
-        the cap then picks from all of them, as from an exhaustive search (up to ties in q), with
-        fewer drafter rows (4 instead of 8 at W 8, K 5)."""
+        the cap then picks from all of them, as from an exhaustive search (up to ties in q), and
+        the drafter runs K - 1 rows per depth instead of W."""
         beam, lookup = self.beam, self.beam.lookup_tokens > 0
         capped = beam.max_tree_tokens > 0
         width = min(beam.width, max(1, beam.max_tree_tokens - 1)) if capped else beam.width
