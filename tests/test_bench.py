@@ -202,6 +202,25 @@ def test_profile_command_on_smollm2_writes_its_report(smollm2, tmp_path, capsys)
     entry = next(iter(report["backends"].values()))
     assert sorted(entry["verify_ms"], key=int) == ["1", "2"]
     assert set(entry["phases_redrafter"]) == set(entry["draft_ms"]) == {"1x2", "4x3x3"}
+    for parts in entry["forward_parts_ms"].values():
+        assert {"products", "rmsnorm", "lm head", "other", "total"} <= set(parts)
+        assert sum(v for name, v in parts.items() if name != "total") == pytest.approx(parts["total"], abs=0.01)
+    assert sorted(entry["forward_parts_ms"], key=int) == ["1", "2"]
+
+
+def test_forward_parts_time_each_part_and_leave_the_model_as_it_was():
+    from redrafter.bench.profile import forward_parts
+    from redrafter.models.base import Linear
+
+    target = tiny_target("llama", "native")
+    before = target.forward(torch.tensor([[1, 2, 3]]), torch.arange(3).view(1, 3),
+                            torch.ones(3, 3, dtype=torch.bool).tril().view(1, 3, 3), target.new_cache(1)).logits
+    parts = forward_parts(target, context=8, sizes=[1, 3], repeats=2)
+    assert set(parts) == {1, 3} and all(parts[k]["products"] > 0 and parts[k]["total"] > 0 for k in parts)
+    assert "project" not in vars(target) and all(isinstance(layer.qkv, Linear) for layer in target.layers)
+    after = target.forward(torch.tensor([[1, 2, 3]]), torch.arange(3).view(1, 3),
+                           torch.ones(3, 3, dtype=torch.bool).tril().view(1, 3, 3), target.new_cache(1)).logits
+    assert torch.equal(before, after)
 
 
 def test_profile_tree_kernels_label_their_phases_and_restore_the_setting(smollm2, tmp_path, capsys, monkeypatch):

@@ -2,7 +2,8 @@
 
 1. Verify-cost curve: one forward of K tree tokens (K = 1 is a plain decode step) on top of a
    ``--context``-token cache, median of ``--repeats`` runs, for each backend; the ratio to K = 1 is
-   what a speculative step pays for verifying K tokens at once.
+   what a speculative step pays for verifying K tokens at once. For the native backend, the same
+   forwards split into products, attention, RMSNorm, LM head and the rest (``forward_parts``).
 2. Drafting cost: beam search of the drafter for each W x L (x K, a tree cap) of ``--beams``.
 3. Phase breakdown of real generation (a chat prompt, plain and speculative): time in the target
    forward, commit, drafting, tree packing and everything else (acceptance, bookkeeping, Python).
@@ -69,6 +70,65 @@ def verify_curve(target, context: int, sizes: list[int], repeats: int) -> dict[i
                 target.commit(cache, keep, none)
 
             result[k] = median_ms(step, repeats)
+    return result
+
+
+def forward_parts(target, context: int, sizes: list[int], repeats: int) -> dict[int, dict[str, float]]:
+    """Where one forward of K tree tokens goes, per K (native backend only): ms in the int4/linear
+    products, attention, RMSNorm, the LM head, and everything else, each part timed by a wrapper
+    around its call (the mean of ``repeats`` forwards; K = 1 on the plain-decoding cache)."""
+    seconds: dict[str, float] = {}
+    originals = []
+
+    def timed(owner, attribute: str, name: str) -> None:
+        fn = getattr(owner, attribute)
+        originals.append((owner, attribute, owner.__dict__.get(attribute)))
+
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+            return result
+
+        setattr(owner, attribute, wrapper)
+
+    for layer in target.layers:
+        for attribute in ("qkv", "o", "gate_up", "down"):
+            timed(layer, attribute, "products")
+    if target._attention is not None:  # ours; torch's attention runs inline with the other operations
+        timed(target, "_attention", "attention")
+    timed(target, "_norm", "rmsnorm")
+    timed(target, "project", "lm head")
+    result = {}
+    try:
+        with torch.inference_mode():
+            for k in sizes:
+                cache = filled_cache(target, context, plain_decoding=k == 1)
+                device = target.device
+                tokens = torch.randint(0, target.info.vocab_size, (1, k)).to(device)
+                positions = cache.lengths.view(1, 1) + torch.arange(k, device=device)
+                mask = torch.ones(k, k, dtype=torch.bool, device=device).tril().view(1, k, k)
+                keep, none = torch.zeros(1, 1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device)
+                for _ in range(2):
+                    target.forward(tokens, positions, mask, cache)
+                    target.commit(cache, keep, none)
+                seconds.clear()
+                total = 0.0
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    target.forward(tokens, positions, mask, cache)
+                    total += time.perf_counter() - start
+                    target.commit(cache, keep, none)
+                parts = {name: round(s * 1e3 / repeats, 3) for name, s in seconds.items()}
+                parts["other"] = round(total * 1e3 / repeats - sum(parts.values()), 3)
+                parts["total"] = round(total * 1e3 / repeats, 3)
+                result[k] = parts
+    finally:
+        for owner, attribute, previous in reversed(originals):
+            if previous is None:
+                delattr(owner, attribute)  # back to the class attribute
+            else:
+                setattr(owner, attribute, previous)
     return result
 
 
@@ -259,6 +319,8 @@ def run_profile_command(args: argparse.Namespace) -> int:
         name = f"{backend} ({str(target.dtype).removeprefix('torch.')}{int4}{attn})"
         curve = verify_curve(target, args.context, sizes, args.repeats)
         entry = {"verify_ms": curve, "verify_over_decode": {k: round(v / curve[sizes[0]], 3) for k, v in curve.items()}}
+        if backend == "native" and not args.compile:
+            entry["forward_parts_ms"] = forward_parts(target, args.context, sizes, args.repeats)
         ids = encode_prompt(tokenizer, args.prompt, chat_template=True)
         stops = stop_token_ids(tokenizer, target)
         entry["phases_autoregressive"] = phase_breakdown(target, None, ids, args.max_new_tokens, stops)
