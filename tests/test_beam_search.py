@@ -203,3 +203,18 @@ def test_beam_select_rejects_bad_input():
         module.beam_select(torch.zeros(1, 2, 3, dtype=torch.float64), torch.zeros(1, 2), 2)
     with pytest.raises(RuntimeError, match="scores"):
         module.beam_select(torch.zeros(1, 2, 3), torch.zeros(1, 3), 2)
+
+
+def test_search_shape_and_keep_pruned_limits():
+    """The proposer's search: K - 1 beams keeping every depth under a cap that can bind, else as
+    configured; log q is not returned for kept shallower beams."""
+    from redrafter import BeamConfig
+    from redrafter.engine import search_shape
+
+    assert search_shape(BeamConfig(width=8, length=3, max_tree_tokens=6)) == (5, True)
+    assert search_shape(BeamConfig(width=8, length=3)) == (8, False)
+    assert search_shape(BeamConfig(width=2, length=3, max_tree_tokens=8)) == (2, False)  # 5 nodes at most: no cap
+    drafter = Drafter(DrafterConfig(hidden_size=HIDDEN, vocab_size=VOCAB, exit_dim=12)).eval()
+    with pytest.raises(ValueError, match="keep_pruned"):
+        beam_search(drafter, torch.nn.Embedding(VOCAB, HIDDEN), torch.randn(1, HIDDEN), torch.tensor([1]), width=2,
+                    length=3, keep_pruned=True, return_log_probs=True)

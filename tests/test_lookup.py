@@ -69,6 +69,15 @@ def test_history_index_equals_the_scan_as_the_history_grows():
     del shrunk[2:]  # not an append: the index starts again
     shrunk.extend([5, 2])
     assert shrunk.lookup(num_tokens=1, max_ngram=2) == (1, [5])
+    # Changes that leave the length where it was are noticed too.
+    edits = [lambda h: (h.__delitem__(slice(1, None)), h.extend([9, 9, 9, 1])), lambda h: h.__setitem__(3, 7),
+             lambda h: (h.pop(0), h.append(1)), lambda h: (h.insert(0, 9), h.remove(2)), lambda h: h.reverse(),
+             lambda h: h.sort(), lambda h: (h.clear(), h.extend([4, 1, 4, 1, 4]))]
+    for edit in edits:
+        history = History([1, 2, 3, 1, 2])
+        history.lookup(num_tokens=2, max_ngram=2)
+        edit(history)
+        assert history.lookup(num_tokens=2, max_ngram=2) == matched_lookup(list(history), num_tokens=2, max_ngram=2)
 
 
 def test_lookup_beams_join_the_drafters_beams_with_no_token_padding():

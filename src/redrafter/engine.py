@@ -133,11 +133,10 @@ class ReDrafterProposer:
         the cap then picks from all of them, as from an exhaustive search (up to ties in q), and
         the drafter runs K - 1 rows per depth instead of W."""
         beam, lookup = self.beam, self.beam.lookup_tokens > 0
-        capped = beam.max_tree_tokens > 0
-        width = min(beam.width, max(1, beam.max_tree_tokens - 1)) if capped else beam.width
+        width, keep_pruned = search_shape(beam)
         result = beam_search(self.drafter, self.embed, context, g0, width=width, length=beam.length,
                              min_prob=beam.min_prob, max_tree_tokens=0 if lookup else beam.max_tree_tokens,
-                             keep_pruned=capped)
+                             keep_pruned=keep_pruned)
         if not lookup:
             return result.beams
         looked_up, scores = self._lookup(g0, history)
@@ -187,6 +186,15 @@ class ReDrafterProposer:
             draft_probs = join(draft_probs, point_masses(looked_up, vocab, draft_probs.dtype), 0.0)
             beams = join_beams(beams, looked_up)
         return beams, draft_probs
+
+
+def search_shape(beam: BeamConfig) -> tuple[int, bool]:
+    """(beams to search, keep_pruned) for ``ReDrafterProposer.propose``: under a cap K that can bind,
+    min(W, K - 1) beams that keep every depth's nodes; otherwise W beams as configured."""
+    if not beam.max_tree_tokens:
+        return beam.width, False
+    width = min(beam.width, max(1, beam.max_tree_tokens - 1))
+    return width, beam.max_tree_tokens < 1 + width * (beam.length - 1)
 
 
 SAMPLED_LOOKUP_MIN = 0.5  # a looked-up token goes before drawn paths when c_n^depth says it is more likely right

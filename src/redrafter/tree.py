@@ -149,7 +149,7 @@ def cap_tree(beams: torch.Tensor, path_scores: torch.Tensor, max_tokens: int) ->
 def cap_tree_scored(beams: torch.Tensor, path_scores: torch.Tensor, max_tokens: int) -> torch.Tensor:
     """``cap_tree(beams, node_scores(beams, path_scores), max_tokens)``: the cap for beams of any
     proposers (for one beam search's scores ``node_scores`` changes nothing)."""
-    module = tree_kernel(beams)
+    module = tree_kernel(beams, torch.long)
     if module is not None:
         return module.cap_tree_scored(beams, path_scores, max_tokens)
     return cap_tree(beams, node_scores(beams, path_scores), max_tokens)
@@ -164,18 +164,21 @@ def pack(beams: torch.Tensor) -> PackedTree:
     Returns:
         PackedTree with n = the largest number of distinct nodes in any row (n <= W * L).
     """
-    module = tree_kernel(beams)
+    module = tree_kernel(beams, torch.long)
     if module is not None:
         tokens, depths, mask, unpacker, lengths = module.pack_tree(beams)
         return PackedTree(tokens=tokens, depths=depths, mask=mask, unpacker=unpacker, lengths=lengths)
     return pack_tensors(beams)
 
 
-def tree_kernel(tensor: torch.Tensor):
-    """Our C++ tree bookkeeping for CPU tensors, or None (other devices, or not built here)."""
+def tree_kernel(tensor: torch.Tensor, *dtypes: torch.dtype):
+    """Our C++ tree bookkeeping for ``tensor`` (on CPU, and of one of ``dtypes`` when given), or None
+    (other devices or dtypes, or not built here)."""
     from redrafter.models import kernels  # here: importing models imports this module
 
-    return kernels.tree() if tensor.device.type == "cpu" else None
+    if tensor.device.type != "cpu" or (dtypes and tensor.dtype not in dtypes):
+        return None
+    return kernels.tree()
 
 
 def pack_tensors(beams: torch.Tensor) -> PackedTree:

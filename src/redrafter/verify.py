@@ -85,7 +85,7 @@ def tree_accept(beams: torch.Tensor, unpacker: torch.Tensor, logits: torch.Tenso
     batch, width, length = beams.shape
     device = beams.device
     rows = torch.arange(batch, device=device)
-    module = tree_kernel(logits) if params.greedy and logits.dtype == torch.float32 else None
+    module = tree_kernel(logits, torch.float32) if params.greedy else None
     if module is not None:  # the same greedy walk in C++ (csrc/tree.cpp; tests/test_tree.py)
         beam, accepted, bonus = module.greedy_accept(beams, unpacker, logits)
         return Acceptance(beam=beam, accepted=accepted, tokens=beams[rows, beam], bonus=bonus)

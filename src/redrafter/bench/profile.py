@@ -76,13 +76,15 @@ def verify_curve(target, context: int, sizes: list[int], repeats: int) -> dict[i
 def forward_parts(target, context: int, sizes: list[int], repeats: int) -> dict[int, dict[str, float]]:
     """Where one forward of K tree tokens goes, per K (native backend only): ms in the int4/linear
     products, attention, RMSNorm, the LM head, and everything else, each part timed by a wrapper
-    around its call (the mean of ``repeats`` forwards; K = 1 on the plain-decoding cache)."""
+    around its call (the mean of ``repeats`` forwards; K = 1 on the plain-decoding cache). The
+    wrappers' own few microseconds per call land in "other"."""
     seconds: dict[str, float] = {}
     originals = []
+    missing = object()  # the attribute lives on the class (a method): restoring deletes the wrapper
 
     def timed(owner, attribute: str, name: str) -> None:
         fn = getattr(owner, attribute)
-        originals.append((owner, attribute, owner.__dict__.get(attribute)))
+        originals.append((owner, attribute, vars(owner).get(attribute, missing)))
 
         def wrapper(*args, **kwargs):
             start = time.perf_counter()
@@ -92,15 +94,15 @@ def forward_parts(target, context: int, sizes: list[int], repeats: int) -> dict[
 
         setattr(owner, attribute, wrapper)
 
-    for layer in target.layers:
-        for attribute in ("qkv", "o", "gate_up", "down"):
-            timed(layer, attribute, "products")
-    if target._attention is not None:  # ours; torch's attention runs inline with the other operations
-        timed(target, "_attention", "attention")
-    timed(target, "_norm", "rmsnorm")
-    timed(target, "project", "lm head")
     result = {}
     try:
+        for layer in target.layers:
+            for attribute in ("qkv", "o", "gate_up", "down"):
+                timed(layer, attribute, "products")
+        if target._attention is not None:  # ours; torch's attention runs inline with the other operations
+            timed(target, "_attention", "attention")
+        timed(target, "_norm", "rmsnorm")
+        timed(target, "project", "lm head")
         with torch.inference_mode():
             for k in sizes:
                 cache = filled_cache(target, context, plain_decoding=k == 1)
@@ -125,7 +127,7 @@ def forward_parts(target, context: int, sizes: list[int], repeats: int) -> dict[
                 result[k] = parts
     finally:
         for owner, attribute, previous in reversed(originals):
-            if previous is None:
+            if previous is missing:
                 delattr(owner, attribute)  # back to the class attribute
             else:
                 setattr(owner, attribute, previous)
@@ -133,8 +135,10 @@ def forward_parts(target, context: int, sizes: list[int], repeats: int) -> dict[
 
 
 def draft_cost(drafter, target, beams: list[BeamConfig], repeats: int) -> dict[str, float]:
+    """Median ms of one beam search per setting, in the shape ``ReDrafterProposer`` runs it."""
     from redrafter.drafter.beam_search import beam_search
     from redrafter.drafter.model import inference_copy
+    from redrafter.engine import search_shape
 
     drafter = inference_copy(drafter)  # what ReDrafterProposer drafts with
 
@@ -143,9 +147,10 @@ def draft_cost(drafter, target, beams: list[BeamConfig], repeats: int) -> dict[s
     result = {}
     with torch.inference_mode():
         for beam in beams:
+            width, keep_pruned = search_shape(beam)
             result[beam_label(beam)] = median_ms(
-                lambda: beam_search(drafter, target.embed, context, g0, width=beam.width, length=beam.length,
-                                    max_tree_tokens=beam.max_tree_tokens), repeats)
+                lambda: beam_search(drafter, target.embed, context, g0, width=width, length=beam.length,
+                                    max_tree_tokens=beam.max_tree_tokens, keep_pruned=keep_pruned), repeats)
     return result
 
 

@@ -27,7 +27,7 @@ from redrafter.tree import NO_TOKEN, cap_tree_scored, tree_kernel
 class BeamSearchResult:
     """Attributes:
         beams:     (batch, W, L) token ids, g0 first (``NO_TOKEN`` past a beam's end when capped);
-                   with ``keep_pruned`` (batch, W * (L - 1), L), the shallower beams after the W.
+                   with ``keep_pruned`` the shallower depths' beams follow the W (W per drafted depth).
         scores:    (batch, W) summed log q of each beam's drafted tokens, best first.
         path_scores: (batch, W, L) the same sum up to each position (0 at g0; shaped like ``beams``).
         log_probs: (batch, W, L-1, V_d) the drafter's log q at each drafted position of each beam
@@ -60,10 +60,13 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
                   after it), after the W beams: a node whose extensions all fell out of the top W
                   stays a candidate for a tree cap. With W >= K - 1 the K best nodes of the search
                   are then those of an exhaustive search (up to ties), since each depth's K - 1 best
-                  paths are among its W beams. The result has W * (L - 1) beams.
+                  paths are among its W beams. The result has W beams per drafted depth: W * (L - 1),
+                  or fewer when ``min_prob`` stops the search early.
     Returns:
         BeamSearchResult.
     """
+    if keep_pruned and return_log_probs:
+        raise ValueError("beam_search: return_log_probs covers the W beams only; it cannot go with keep_pruned")
     batch = g0.shape[0]
     device = g0.device
     h = context.to(next(drafter.parameters()).dtype).unsqueeze(1).expand(batch, width, -1)  # (batch, W, H)
@@ -91,7 +94,7 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
         else:
             state = drafter.next_state(state, embed(beams[:, :, -1]).to(state.dtype))
             logits, row_scores = drafter.logits(h, state), scores  # (batch, W, V)
-        if select is not None:
+        if select is not None and logits.dtype in (torch.float32, torch.bfloat16):
             top, parent, index = select.beam_select(logits, row_scores, width)
         else:  # the top W of R x V: each beam's top W, then the top W of those R x W
             step_log_q = torch.log_softmax(logits.float(), dim=-1)  # (batch, R, V)

@@ -63,29 +63,50 @@ def matched_lookup(history: Sequence[int], *, num_tokens: int, max_ngram: int) -
     return 0, []
 
 
+def _dropping_index(name: str):
+    """``list.<name>`` for ``History``, dropping its n-gram index first (the change is not an append)."""
+    def method(self, *args, **kwargs):
+        self._forget()
+        return getattr(list, name)(self, *args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
 class History(list):
     """A row's tokens (prompt, then output) that keeps an index of its n-grams as it grows.
 
     The index maps every n-gram (n <= the ``max_ngram`` asked for) that something follows to its
     latest start. New tokens are indexed at the next ``lookup`` (about ``max_ngram`` dictionary
     writes per token), so a step's lookup is a few dictionary reads, where scanning the history
-    takes time in its length. The engine keeps each row's tokens in one; only appending keeps the
-    index valid (anything else is noticed by length and the index is rebuilt).
+    takes time in its length. The engine keeps each row's tokens in one. Appending (``append``,
+    ``extend``, ``+=``) keeps the index; every other change to the list drops it, and the next
+    lookup rebuilds it.
     """
 
     __slots__ = ("_starts", "_indexed", "_max_ngram")
 
     def __init__(self, tokens: Sequence[int] = ()) -> None:
         super().__init__(tokens)
+        self._forget()
+
+    def _forget(self) -> None:
         self._starts: dict[tuple[int, ...], int] = {}
         self._indexed = 0  # every window ending (exclusive) before this position is indexed
         self._max_ngram = 0
 
+    __setitem__ = _dropping_index("__setitem__")
+    __delitem__ = _dropping_index("__delitem__")
+    __imul__ = _dropping_index("__imul__")
+    insert, pop, remove = _dropping_index("insert"), _dropping_index("pop"), _dropping_index("remove")
+    clear, sort, reverse = _dropping_index("clear"), _dropping_index("sort"), _dropping_index("reverse")
+
     def lookup(self, *, num_tokens: int, max_ngram: int) -> tuple[int, list[int]]:
         """``matched_lookup`` of these tokens."""
         length = len(self)
-        if max_ngram > self._max_ngram or length < self._indexed:  # more n, or not an append: start again
-            self._starts, self._indexed, self._max_ngram = {}, 0, max_ngram
+        if max_ngram > self._max_ngram:  # longer n-grams than indexed: start again
+            self._forget()
+            self._max_ngram = max_ngram
         starts, widest = self._starts, self._max_ngram
         # A window tokens[s:e] is followed by something once e < length: index ends up to length - 1.
         for end in range(max(self._indexed, 1), length):

@@ -17,7 +17,9 @@
   bookkeeping (tree.py's cap and pack, verify.py's greedy walk) in one call each, with results equal
   to the tensor versions'.
 - ``beam_select`` (``csrc/beam_select.cpp``): one depth of the drafter's beam search after its logits
-  (log-softmax, scores, the best W extensions) in one pass.
+  (log-softmax, scores, the best W extensions) in one pass. Its exp is a polynomial and its sums run
+  in another order, so scores can differ from torch's in the last bits and a near-tie can pick
+  another draft token: drafts only, the output stays exact.
 
 They need AVX-512 BW and AVX-512 BF16 (Zen 4, Sapphire Rapids and later), a C++ compiler and ninja;
 elsewhere ``load()`` returns None and the model uses torch's kernels.

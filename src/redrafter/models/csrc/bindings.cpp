@@ -12,7 +12,7 @@ torch::Tensor cap_tree_scored(const torch::Tensor& beams, const torch::Tensor& p
 std::vector<torch::Tensor> pack_tree(const torch::Tensor& beams);
 std::vector<torch::Tensor> beam_select(const torch::Tensor& logits, const torch::Tensor& scores, int64_t width);
 std::vector<torch::Tensor> greedy_accept(const torch::Tensor& beams, const torch::Tensor& unpacker,
-                                         const torch::Tensor& best);
+                                         const torch::Tensor& logits);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm", &int4_mm, "bf16 rows x 4-bit weight (one pass over the weight)");

@@ -181,6 +181,7 @@ std::vector<torch::Tensor> greedy_accept(const torch::Tensor& beams_in, const to
   const auto beams = beams_in.contiguous(), unpacker = unpacker_in.contiguous(), logits = logits_in.contiguous();
   const int64_t batch = beams.size(0), width = beams.size(1), length = beams.size(2), n = logits.size(1),
                 vocab = logits.size(2);
+  TORCH_CHECK(width > 0 && length > 0, "greedy_accept: beams must hold at least g0");
   auto options = beams.options();
   auto beam = torch::empty({batch}, options), accepted = torch::empty({batch}, options), bonus = torch::empty({batch}, options);
   std::vector<char> live(width);
