@@ -105,18 +105,19 @@ def load():
         return None
 
 
+def switched_off(variable: str) -> str | None:
+    """The reason "<variable>=torch" when that environment variable turns one of our kernels off, else None."""
+    return f"{variable}=torch" if os.environ.get(variable, "auto") == "torch" else None
+
+
 def int4_unavailable_reason() -> str | None:
     """Why our int4 products cannot run here (None when they can; the build may still fail)."""
-    if os.environ.get("REDRAFTER_INT4_KERNEL", "auto") == "torch":
-        return "REDRAFTER_INT4_KERNEL=torch"
-    return unavailable_reason()
+    return switched_off("REDRAFTER_INT4_KERNEL") or unavailable_reason()
 
 
 def attention_unavailable_reason() -> str | None:
     """Why our tree attention cannot run here (None when it can; the build may still fail)."""
-    if os.environ.get("REDRAFTER_ATTENTION_KERNEL", "auto") == "torch":
-        return "REDRAFTER_ATTENTION_KERNEL=torch"
-    return unavailable_reason()
+    return switched_off("REDRAFTER_ATTENTION_KERNEL") or unavailable_reason()
 
 
 def int4():
@@ -131,9 +132,7 @@ def attention():
 
 def tree_unavailable_reason() -> str | None:
     """Why our tree bookkeeping cannot run here (None when it can; the build may still fail)."""
-    if os.environ.get("REDRAFTER_TREE_KERNEL", "auto") == "torch":
-        return "REDRAFTER_TREE_KERNEL=torch"
-    return unavailable_reason()
+    return switched_off("REDRAFTER_TREE_KERNEL") or unavailable_reason()
 
 
 def tree():
