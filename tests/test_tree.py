@@ -9,7 +9,7 @@ import torch
 from helpers import require_kernels
 from redrafter.config import SamplingParams
 from redrafter.tree import NO_TOKEN, cap_tree, cap_tree_scored, node_scores, owners, pack, pack_tensors, prefix_match, unpack
-from redrafter.verify import tree_accept
+from redrafter.verify import tree_accept, uniforms_needed, walk
 
 
 # Row 0: the module docstring's example. Row 1: beam 1 duplicates beam 0; beam 2 branches at depth 1.
@@ -208,6 +208,38 @@ def test_cpp_tree_bookkeeping_equals_the_tensor_versions(monkeypatch):
     assert capped_somewhere > 50 and accepted_somewhere > 100
 
 
+def test_cpp_sampled_walk_equals_the_tensor_version():
+    """Our C++ sampling walk (``sampled_accept``) against ``verify.walk`` given the same p, q and
+    random numbers, on random capped trees: drafts drawn from q (here: any q) and point masses, p
+    with zeros (top-k), vocabularies of 2 to 40. The same beam, count and bonus, value for value."""
+    module = require_kernels("tree")
+    generator = torch.Generator().manual_seed(4)
+    accepted_somewhere = rejected_somewhere = 0
+    for trial in range(300):
+        batch = int(torch.randint(1, 4, (1,), generator=generator))
+        width, length = int(torch.randint(1, 7, (1,), generator=generator)), int(torch.randint(1, 6, (1,), generator=generator))
+        vocab = int(torch.randint(2, 40, (1,), generator=generator))
+        beams, scores = inconsistent_scored_beams(generator, batch, width, length, vocab=min(vocab, 3))
+        capped = cap_tree(beams, node_scores(beams, scores), int(torch.randint(1, 10, (1,), generator=generator)))
+        tree = pack_tensors(capped)
+        n = tree.tokens.shape[1]
+        logits = 2 * torch.randn(batch, n, vocab, generator=generator)
+        logits[..., :3] += 1.5  # the beams' tokens (0..2) are likely, so runs get accepted
+        logits[torch.rand(batch, n, vocab, generator=generator) < 0.2] = float("-inf")
+        logits[..., 0] = logits[..., 0].nan_to_num(neginf=0.0)  # every node keeps some mass
+        probs = logits.softmax(-1)
+        draft = None if trial % 2 else torch.rand(batch, width, max(length - 1, 0), vocab, generator=generator).softmax(-1)
+        draws = torch.rand(batch, uniforms_needed(width, length), generator=generator, dtype=torch.float64)
+        empty = torch.empty(0)
+        fast = module.sampled_accept(capped, tree.unpacker, probs, empty if draft is None else draft, draws)
+        reference = walk(capped, tree.unpacker, None, probs, draft, draws)
+        for name, a, b in zip(["beam", "accepted", "bonus"], fast, reference):
+            assert torch.equal(a, b), (trial, name)
+        accepted_somewhere += int(reference[1].sum())
+        rejected_somewhere += int((reference[1] < (capped != NO_TOKEN).sum(-1).amax(-1) - 1).sum())
+    assert accepted_somewhere > 100 and rejected_somewhere > 100
+
+
 def test_cpp_tree_bookkeeping_rejects_bad_input():
     module = require_kernels("tree")
     with pytest.raises(RuntimeError, match="int64"):
@@ -217,5 +249,11 @@ def test_cpp_tree_bookkeeping_rejects_bad_input():
     with pytest.raises(RuntimeError, match="shaped like beams"):
         module.greedy_accept(torch.zeros(1, 2, 3, dtype=torch.long), torch.zeros(1, 2, 2, dtype=torch.long),
                              torch.zeros(1, 4, 5))
+    with pytest.raises(RuntimeError, match="float64"):
+        module.sampled_accept(torch.zeros(1, 1, 2, dtype=torch.long), torch.tensor([[[0, 1]]]), torch.rand(1, 2, 5),
+                              torch.empty(0), torch.rand(1, 2))
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        module.sampled_accept(torch.tensor([[[0, 7]]]), torch.tensor([[[0, 1]]]), torch.rand(1, 2, 5),
+                              torch.empty(0), torch.rand(1, 2, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="outside the 1 packed nodes"):
         module.greedy_accept(torch.zeros(1, 1, 2, dtype=torch.long), torch.tensor([[[0, 3]]]), torch.zeros(1, 1, 5))

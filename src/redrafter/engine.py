@@ -34,7 +34,7 @@ from redrafter.drafter.model import Drafter, inference_copy
 from redrafter.errors import RedrafterError
 from redrafter.models.base import TargetModel
 from redrafter.tree import NO_TOKEN, cap_tree_scored, pack
-from redrafter.sampling import probabilities, row_generators
+from redrafter.sampling import inverse_cdf, probabilities, row_generators, uniforms
 from redrafter.verify import draw, tree_accept
 
 
@@ -176,7 +176,7 @@ class ReDrafterProposer:
         for _ in range(self.beam.length - 1):
             state = drafter.next_state(state, self.embed(beams[:, :, -1]).to(state.dtype))
             q = probabilities(drafter.logits(h, state), params)  # (batch, W, V_d)
-            picked = torch.stack([torch.multinomial(q[b], 1, generator=generators[b]).squeeze(-1) for b in range(batch)])
+            picked = inverse_cdf(q, uniforms(generators, width, q.device))  # (batch, W)
             beams = torch.cat([beams, drafter.to_target_ids(picked).unsqueeze(-1)], dim=-1)
             if drafter.draft_to_target is not None:  # reduced draft vocabulary: q is zero outside it
                 q = torch.zeros(batch, width, vocab, device=q.device).index_copy_(-1, drafter.draft_to_target, q)

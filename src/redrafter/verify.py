@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 
 from redrafter.config import SamplingParams
-from redrafter.sampling import probabilities, sample
+from redrafter.sampling import inverse_cdf, probabilities, uniforms
 from redrafter.tree import NO_TOKEN, tree_kernel
 
 
@@ -61,8 +61,13 @@ def draw(logits: torch.Tensor, params: SamplingParams, generators: Sequence[torc
     """One token per row from (batch, V) logits: the argmax when greedy, else a draw from p."""
     if params.greedy:
         return logits.argmax(dim=-1)
-    probs = probabilities(logits, params)
-    return torch.tensor([sample(probs[b], generators[b]) for b in range(probs.shape[0])], device=logits.device)
+    return inverse_cdf(probabilities(logits, params), uniforms(generators, 1, logits.device).squeeze(-1))
+
+
+def uniforms_needed(width: int, length: int) -> int:
+    """Random numbers a row's walk may use: one per candidate tested (at most W per depth) and one for
+    the bonus."""
+    return width * (length - 1) + 1
 
 
 def tree_accept(beams: torch.Tensor, unpacker: torch.Tensor, logits: torch.Tensor, params: SamplingParams,
@@ -78,37 +83,66 @@ def tree_accept(beams: torch.Tensor, unpacker: torch.Tensor, logits: torch.Tenso
         params:      the sampling transform (greedy when temperature is 0).
         draft_probs: (batch, W, L-1, V) the distribution each drafted token ``beams[:, w, j]`` was
                      drawn from (index j-1), or None for deterministic drafts (point masses).
-        generators:  one random generator per row (sampling only).
+        generators:  one random generator per row (sampling only); each row takes
+                     ``uniforms_needed(W, L)`` numbers from its own per step.
     Returns:
         Acceptance for each row.
     """
     batch, width, length = beams.shape
-    device = beams.device
-    rows = torch.arange(batch, device=device)
-    module = tree_kernel(logits, torch.float32) if params.greedy else None
-    if module is not None:  # the same greedy walk in C++ (csrc/tree.cpp; tests/test_tree.py)
-        beam, accepted, bonus = module.greedy_accept(beams, unpacker, logits)
+    rows = torch.arange(batch, device=beams.device)
+    if params.greedy:
+        module = tree_kernel(logits, torch.float32)
+        if module is not None:  # the same greedy walk in C++ (csrc/tree.cpp; tests/test_tree.py)
+            beam, accepted, bonus = module.greedy_accept(beams, unpacker, logits)
+        else:
+            beam, accepted, bonus = walk(beams, unpacker, logits.argmax(dim=-1), None, None, None)
         return Acceptance(beam=beam, accepted=accepted, tokens=beams[rows, beam], bonus=bonus)
-    tokens, nodes = beams.tolist(), unpacker.tolist()
-    best = logits.argmax(dim=-1).tolist() if params.greedy else None
     generators = generators if generators is not None else [None] * batch
+    probs = probabilities(logits, params)  # p at every node, in one call
+    draws = uniforms(generators, uniforms_needed(width, length), logits.device)
+    module = tree_kernel(probs, torch.float32)
+    if module is not None and (draft_probs is None or draft_probs.dtype == torch.float32):
+        empty = torch.empty(0, dtype=torch.float32)
+        beam, accepted, bonus = module.sampled_accept(beams, unpacker, probs,
+                                                      empty if draft_probs is None else draft_probs, draws)
+    else:
+        beam, accepted, bonus = walk(beams, unpacker, None, probs, draft_probs, draws)
+    return Acceptance(beam=beam, accepted=accepted, tokens=beams[rows, beam], bonus=bonus)
+
+
+def walk(beams: torch.Tensor, unpacker: torch.Tensor, best: torch.Tensor | None, probs: torch.Tensor | None,
+         draft_probs: torch.Tensor | None, draws: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """The walk of the module docstring in tensor operations (any device; the definition the C++
+    ``greedy_accept`` and ``sampled_accept`` are tested against). Greedy: ``best`` (batch, n) the
+    argmax at each node. Sampling: ``probs`` (batch, n, V) p at each node and ``draws`` (batch, U)
+    float64 uniform numbers, used in order: one per candidate tested, then one for the bonus.
+
+    Returns:
+        (beam, accepted, bonus), each (batch,) int64.
+    """
+    batch, width, length = beams.shape
+    device = beams.device
+    tokens, nodes = beams.tolist(), unpacker.tolist()
+    greedy = best is not None
+    best = best.tolist() if greedy else None
     chosen_beam, accepted_count, bonus_tokens = [], [], []
     for b in range(batch):
         live, node, accepted, chosen, bonus = list(range(width)), nodes[b][0][0], 0, 0, None
+        numbers = None if greedy else iter(draws[b].tolist())
         for j in range(1, length):
-            if params.greedy:
+            if greedy:
                 hit = next((w for w in live if tokens[b][w][j] == best[b][node]), None)
                 if hit is None:
                     bonus = best[b][node]
             else:
-                residual = probabilities(logits[b, node], params)
+                residual = probs[b, node]
                 hit = None
                 for w in live:
                     x = tokens[b][w][j]
                     if x == NO_TOKEN:  # this beam ended before depth j (a capped tree)
                         continue
                     q_x = 1.0 if draft_probs is None else float(draft_probs[b, w, j - 1, x])
-                    if float(torch.rand((), generator=generators[b], device=device)) * q_x < float(residual[x]):
+                    if next(numbers) * q_x < float(residual[x]):
                         hit = w
                         break
                     if draft_probs is None:
@@ -116,20 +150,20 @@ def tree_accept(beams: torch.Tensor, unpacker: torch.Tensor, logits: torch.Tenso
                         updated[x] = 0.0
                     else:
                         updated = (residual - draft_probs[b, w, j - 1]).clamp_(min=0.0)
-                    total = updated.sum()
+                    total = updated.double().cumsum(dim=-1)[-1]  # summed in order, as the C++ walk does
                     if total > 0:  # zero only when r == q_w, where rejection has probability 0
-                        residual = updated / total
+                        residual = updated / total.float()
                 if hit is None:
-                    bonus = sample(residual, generators[b])
+                    bonus = int(inverse_cdf(residual, torch.tensor(next(numbers), dtype=torch.float64)))
             if hit is None:
                 break
             accepted, chosen, node = j, hit, nodes[b][hit][j]
             live = [w for w in live if tokens[b][w][j] != NO_TOKEN and nodes[b][w][j] == node]
         if bonus is None:  # the whole beam was accepted: the bonus comes from p at its last node
-            bonus = best[b][node] if params.greedy else sample(probabilities(logits[b, node], params), generators[b])
+            bonus = best[b][node] if greedy else int(inverse_cdf(probs[b, node],
+                                                                   torch.tensor(next(numbers), dtype=torch.float64)))
         chosen_beam.append(chosen)
         accepted_count.append(accepted)
         bonus_tokens.append(bonus)
-    beam = torch.tensor(chosen_beam, device=device)
-    return Acceptance(beam=beam, accepted=torch.tensor(accepted_count, device=device), tokens=beams[rows, beam],
-                      bonus=torch.tensor(bonus_tokens, device=device))
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    return as_tensor(chosen_beam), as_tensor(accepted_count), as_tensor(bonus_tokens)

@@ -13,6 +13,9 @@ std::vector<torch::Tensor> pack_tree(const torch::Tensor& beams);
 std::vector<torch::Tensor> beam_select(const torch::Tensor& logits, const torch::Tensor& scores, int64_t width);
 std::vector<torch::Tensor> greedy_accept(const torch::Tensor& beams, const torch::Tensor& unpacker,
                                          const torch::Tensor& logits);
+std::vector<torch::Tensor> sampled_accept(const torch::Tensor& beams, const torch::Tensor& unpacker,
+                                          const torch::Tensor& probs, const torch::Tensor& draft_probs,
+                                          const torch::Tensor& uniforms);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm", &int4_mm, "bf16 rows x 4-bit weight (one pass over the weight)");
@@ -24,4 +27,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_tree", &pack_tree, "tree.pack in one call");
   m.def("beam_select", &beam_select, "one depth of the drafter's beam search after its logits");
   m.def("greedy_accept", &greedy_accept, "verify.tree_accept's greedy walk in one call");
+  m.def("sampled_accept", &sampled_accept, "verify.tree_accept's sampling walk in one call");
 }

@@ -211,3 +211,114 @@ std::vector<torch::Tensor> greedy_accept(const torch::Tensor& beams_in, const to
   }
   return {beam, accepted, bonus};
 }
+
+// verify.tree_accept's sampling walk (recursive multi-draft rejection sampling), with the same
+// arithmetic as verify.sampled_accept_tensors: probs (batch, n, V) float32 is the target's p at every
+// packed node; draft_probs (batch, W, L-1, V) float32 the q each drafted token was drawn from, or an
+// empty tensor for point masses; uniforms (batch, U) float64 the row's numbers, used in order: one per
+// candidate tested, then one for the bonus (U >= W * (L-1) + 1 is always enough).
+namespace {
+
+// The first index whose float64 cumulative weight exceeds u times the total (sampling.inverse_cdf).
+int64_t inverse_cdf_row(const float* p, int64_t size, double u) {
+  double total = 0.0;
+  for (int64_t i = 0; i < size; ++i) total += p[i];
+  const double x = u * total;
+  double cdf = 0.0;
+  for (int64_t i = 0; i < size; ++i) {
+    cdf += p[i];
+    if (cdf > x) return i;
+  }
+  for (int64_t i = size - 1; i >= 0; --i)
+    if (p[i] > 0) return i;
+  return 0;
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> sampled_accept(const torch::Tensor& beams_in, const torch::Tensor& unpacker_in,
+                                          const torch::Tensor& probs_in, const torch::Tensor& draft_in,
+                                          const torch::Tensor& uniforms_in) {
+  check_beams(beams_in, "sampled_accept");
+  TORCH_CHECK(unpacker_in.sizes() == beams_in.sizes() && unpacker_in.scalar_type() == torch::kLong &&
+                  unpacker_in.device().is_cpu(),
+              "sampled_accept: unpacker must be an int64 CPU tensor shaped like beams");
+  const int64_t batch = beams_in.size(0), width = beams_in.size(1), length = beams_in.size(2);
+  TORCH_CHECK(width > 0 && length > 0, "sampled_accept: beams must hold at least g0");
+  TORCH_CHECK(probs_in.dim() == 3 && probs_in.size(0) == batch && probs_in.scalar_type() == torch::kFloat &&
+                  probs_in.device().is_cpu(),
+              "sampled_accept: probs must be a (batch, n, V) float32 CPU tensor");
+  const int64_t n = probs_in.size(1), vocab = probs_in.size(2);
+  const bool point_masses = draft_in.numel() == 0;
+  TORCH_CHECK(point_masses || (draft_in.dim() == 4 && draft_in.size(0) == batch && draft_in.size(1) == width &&
+                               draft_in.size(2) == length - 1 && draft_in.size(3) == vocab &&
+                               draft_in.scalar_type() == torch::kFloat && draft_in.device().is_cpu()),
+              "sampled_accept: draft_probs must be empty or a (batch, W, L-1, V) float32 CPU tensor");
+  TORCH_CHECK(uniforms_in.dim() == 2 && uniforms_in.size(0) == batch && uniforms_in.size(1) >= width * (length - 1) + 1 &&
+                  uniforms_in.scalar_type() == torch::kDouble && uniforms_in.device().is_cpu(),
+              "sampled_accept: uniforms must be a (batch, >= W * (L-1) + 1) float64 CPU tensor");
+  const auto beams = beams_in.contiguous(), unpacker = unpacker_in.contiguous(), probs = probs_in.contiguous(),
+             uniforms = uniforms_in.contiguous();
+  const auto draft = point_masses ? draft_in : draft_in.contiguous();
+  const int64_t per_row = uniforms.size(1);
+  auto options = beams.options();
+  auto beam = torch::empty({batch}, options), accepted = torch::empty({batch}, options), bonus = torch::empty({batch}, options);
+  std::vector<char> live(width);
+  std::vector<float> residual(vocab);
+  for (int64_t r = 0; r < batch; ++r) {
+    const int64_t* b = beams.data_ptr<int64_t>() + r * width * length;
+    const int64_t* u = unpacker.data_ptr<int64_t>() + r * width * length;
+    const double* draws = uniforms.data_ptr<double>() + r * per_row;
+    const auto p_at = [&](int64_t node) {
+      TORCH_CHECK(node >= 0 && node < n, "sampled_accept: unpacker index ", node, " outside the ", n, " packed nodes");
+      return probs.data_ptr<float>() + (r * n + node) * vocab;
+    };
+    const auto q_of = [&](int64_t w, int64_t j) {  // the distribution beams[r, w, j] was drawn from
+      return draft.data_ptr<float>() + ((r * width + w) * (length - 1) + j - 1) * vocab;
+    };
+    std::fill(live.begin(), live.end(), 1);
+    int64_t node = u[0], chosen = 0, count = 0, used = 0, drawn = -1;
+    for (int64_t j = 1; j < length; ++j) {
+      const float* p = p_at(node);
+      std::copy(p, p + vocab, residual.begin());
+      int64_t hit = -1;
+      for (int64_t w = 0; w < width && hit < 0; ++w) {
+        const int64_t x = b[w * length + j];
+        if (!live[w] || x == kNoToken) continue;
+        TORCH_CHECK(x >= 0 && x < vocab, "sampled_accept: token ", x, " outside the vocabulary");
+        const double q_x = point_masses ? 1.0 : (double)q_of(w, j)[x];
+        if (draws[used++] * q_x < (double)residual[x]) {
+          hit = w;
+          break;
+        }
+        double total = 0.0;
+        if (point_masses) {
+          residual[x] = 0.0f;
+          for (int64_t i = 0; i < vocab; ++i) total += residual[i];
+        } else {
+          const float* q = q_of(w, j);
+          for (int64_t i = 0; i < vocab; ++i) {
+            residual[i] = std::max(residual[i] - q[i], 0.0f);
+            total += residual[i];
+          }
+        }
+        if (total > 0) {  // zero only when r == q_w, where rejection has probability 0
+          const float t = (float)total;
+          for (int64_t i = 0; i < vocab; ++i) residual[i] = residual[i] / t;
+        }
+      }
+      if (hit < 0) {
+        drawn = inverse_cdf_row(residual.data(), vocab, draws[used++]);
+        break;
+      }
+      count = j, chosen = hit, node = u[hit * length + j];
+      for (int64_t w = 0; w < width; ++w)
+        live[w] = live[w] && b[w * length + j] != kNoToken && u[w * length + j] == node;
+    }
+    if (drawn < 0) drawn = inverse_cdf_row(p_at(node), vocab, draws[used++]);
+    beam.data_ptr<int64_t>()[r] = chosen;
+    accepted.data_ptr<int64_t>()[r] = count;
+    bonus.data_ptr<int64_t>()[r] = drawn;
+  }
+  return {beam, accepted, bonus};
+}
