@@ -189,3 +189,93 @@ def test_bf16_kernel_equals_an_exact_product_for_few_rows(shape):
             assert torch.equal(linear(x, residual=residual), residual + (y + bias))
     assert Linear(weight.float(), pack=True, few_rows=True).bf16 is None  # float32: not ours
     assert Linear(weight[:40], pack=True, few_rows=True).bf16 is None  # 40 outputs: not a multiple of 16
+
+
+def rotary_reference(qkv, cos, signed_sin, heads, kv_heads):
+    """The native backend's tensor version: q, rotated k, v as (batch, n, heads, head_dim)."""
+    batch, n, _ = qkv.shape
+    dim = cos.shape[-1]
+    qk = qkv[..., : (heads + kv_heads) * dim].view(batch, n, heads + kv_heads, dim)
+    qk = torch.addcmul(qk * cos.unsqueeze(2), qk.roll(dim // 2, dims=-1), signed_sin.unsqueeze(2))
+    return qk[:, :, :heads], qk[:, :, heads:], qkv[..., (heads + kv_heads) * dim:].view(batch, n, kv_heads, dim)
+
+
+@pytest.mark.parametrize("batch,n,heads,kv_heads,dim", [(1, 1, 9, 3, 64), (2, 6, 9, 3, 64), (3, 70, 4, 2, 32),
+                                                        (1, 5, 12, 2, 128)])
+def test_rope_store_is_bit_identical_to_the_tensor_version(batch, n, heads, kv_heads, dim):
+    """csrc/layer_ops.cpp: the rotated q it returns and the rotated k and plain v it writes at each
+    row's slots (ragged starts, strided inputs, a prefill past 64 tokens that runs on all threads) equal
+    the native backend's tensor operations bit for bit, and no other slot or layer of the cache changes."""
+    module = require_kernels("attention")
+    g = torch.Generator().manual_seed(batch * n * dim)
+    width = (heads + 2 * kv_heads) * dim
+    qkv = (torch.randn(batch, n, width + 8, generator=g) * 4).bfloat16()[..., 8:]  # a strided view
+    angles = torch.randn(batch, n, dim, generator=g) * 3
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    signed_sin = torch.cat([-sin[..., : dim // 2], sin[..., dim // 2:]], dim=-1)
+    layers, capacity = 3, n + 40
+    kv = torch.randn(layers, 2, batch, kv_heads, capacity, dim, generator=g).bfloat16()
+    before = kv.clone()
+    starts = torch.tensor([7 * b + 1 for b in range(batch)])
+    slots = starts.view(batch, 1) + torch.arange(n)
+    q = module.rope_store(qkv, cos, signed_sin, kv, 1, slots, heads, kv_heads)
+    q_ref, k_ref, v_ref = rotary_reference(qkv, cos, signed_sin, heads, kv_heads)
+    assert q.shape == (batch, n, heads, dim) and q.is_contiguous() and torch.equal(q, q_ref)
+    written = torch.zeros(capacity, dtype=torch.bool)
+    for b in range(batch):
+        assert torch.equal(kv[1, 0, b, :, slots[b]], k_ref[b].transpose(0, 1))
+        assert torch.equal(kv[1, 1, b, :, slots[b]], v_ref[b].transpose(0, 1))
+        untouched = ~written.index_fill(0, slots[b], True)
+        assert torch.equal(kv[1, :, b, :, untouched], before[1, :, b, :, untouched])
+    assert torch.equal(kv[0], before[0]) and torch.equal(kv[2], before[2])
+
+
+def test_rope_store_and_cache_attention_reject_bad_input():
+    """Slots outside the cache, wrong dtypes and shapes are errors naming the problem, not stray writes;
+    ``cache_attention`` equals ``tree_attention`` on the same slots of the cache."""
+    module = require_kernels("attention")
+    qkv = torch.randn(1, 2, (4 + 2 * 2) * 16).bfloat16()
+    cos = torch.randn(1, 2, 16).bfloat16()
+    kv = torch.zeros(2, 2, 1, 2, 8, 16, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        module.rope_store(qkv, cos, cos, kv, 0, torch.tensor([[7, 8]]), 4, 2)
+    assert not bool(kv.any())
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        module.rope_store(qkv.float(), cos, cos, kv, 0, torch.tensor([[0, 1]]), 4, 2)
+    with pytest.raises(RuntimeError, match="heads"):
+        module.rope_store(qkv, cos, cos, kv, 0, torch.tensor([[0, 1]]), 3, 2)
+    with pytest.raises(RuntimeError, match="this layer"):
+        module.rope_store(qkv, cos, cos, kv, 2, torch.tensor([[0, 1]]), 4, 2)
+    kv = torch.randn(2, 2, 1, 2, 8, 16).bfloat16()
+    q = torch.randn(1, 3, 4, 16).bfloat16()
+    allowed = torch.rand(1, 3, 5) < 0.7
+    allowed[..., 0] = True
+    expected = module.tree_attention(q.transpose(1, 2), kv[1, 0, :, :, :5], kv[1, 1, :, :, :5], allowed, 0.25)
+    assert torch.equal(module.cache_attention(q, kv, 1, 5, allowed, 0.25), expected)
+    with pytest.raises(RuntimeError, match="span"):
+        module.cache_attention(q, kv, 1, 9, allowed, 0.25)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3072), (2, 6, 3072), (3, 40)])
+def test_silu_mul_matches_the_tensor_version(shape):
+    """csrc/layer_ops.cpp's ``silu_mul`` against ``F.silu(gate) * up`` in bf16 (a 20-value tail past the
+    vector width included): equal on all but a rare few values, and those within one bf16 step; its
+    SiLU rounded to bf16 within half a bf16 step of float64's; large negative gates give 0, not NaN."""
+    module = require_kernels("attention")
+    g = torch.Generator().manual_seed(shape[-1])
+    gate_up = (torch.randn(*shape, generator=g) * 4).bfloat16()
+    gate_up.view(-1)[0] = -200.0  # exp(200) overflows float32: silu is -0
+    out = module.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    assert out.shape == expected.shape and out.dtype == torch.bfloat16 and bool(torch.isfinite(out).all())
+    differ = out != expected
+    assert int(differ.sum()) <= max(1, expected.numel() // 1000)
+    step = expected.float().abs() * 2.0 ** -7 + 1e-30
+    assert bool(((out.float() - expected.float()).abs() <= step).all())
+    # The float32 SiLU itself: up = 1 and ones in bf16 keep the product exact, so out = bf16(silu(g)).
+    ones = torch.cat([gate, torch.ones_like(gate)], dim=-1).contiguous()
+    exact = gate.double() / (1 + torch.exp(-gate.double()))
+    assert bool(((module.silu_mul(ones).double() - exact).abs() <= exact.abs() * 2.0 ** -8 * (1 + 1e-5) + 1e-30).all())
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        module.silu_mul(gate_up.float())

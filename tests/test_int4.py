@@ -241,3 +241,40 @@ def test_int4_kernel_choice_on_the_command_line(monkeypatch):
     assert kernels.int4_unavailable_reason() == "REDRAFTER_INT4_KERNEL=torch" and kernels.int4() is None
     with pytest.raises(RedrafterError, match="cannot run here: REDRAFTER_INT4_KERNEL=torch"):
         load_target("smollm2-135m-instruct", dtype="bfloat16", weights="int4", int4_kernel="avx512")
+
+
+def test_float16_scales_where_they_hold_the_grid_exactly():
+    """A Q4_1 weight (d, m float16 in the file) packs with float16 steps and lows, and its products
+    equal bit for bit those of the same values held in float32; grids whose steps are not float16
+    values keep float32: products of two scales (Q4_K: d times a 6-bit sub-block scale), and a block
+    whose levels span 0..5 (found as 3 q on a step of d / 3)."""
+    from redrafter.models.int4 import float16_scales
+
+    module = avx512_kernel()
+    g = torch.Generator().manual_seed(3)
+    q_file = torch.randint(0, 16, (64, 4, GROUP_SIZE), generator=g)
+    q_file[:, :, 0], q_file[:, :, 1] = 0, 15  # a Q4_1 quantizer maps each block's min and max to 0 and 15
+    d = (torch.rand(64, 4, 1, generator=g) * 0.02 + 0.001).half().float()
+    m = (-torch.rand(64, 4, 1, generator=g) * 0.1).half().float()
+    d[2, 3] = 0.0  # a constant block, as a file holds it
+    w = (d * q_file + m).view(64, 128)
+    q, step, low = grid_4bit(w)
+    halves = float16_scales(w, q, step, low)
+    assert halves is not None and halves[0].dtype == torch.float16
+    packed = pack_int4(w, torch.bfloat16, kernel="avx512")
+    assert packed.scales.dtype == torch.float16
+    wide, scales = module.pack_weight(q, halves[0].float(), halves[1].float())
+    assert scales.dtype == torch.float32 and torch.equal(wide, packed.packed)
+    x = torch.randn(13, 128, generator=torch.Generator().manual_seed(0)).bfloat16()
+    for rows in (1, 4, 13):
+        assert torch.equal(packed(x[:rows]), module.int4_mm(x[:rows], wide, scales))
+    # Q4_K-like steps: float16 d times 6-bit sub-block scales are not float16 values.
+    d = (torch.rand(64, 4, 1, generator=g) * 0.01 + 0.001).half().float()
+    sub = torch.randint(33, 64, (64, 4, 1), generator=g).float()
+    q_k = torch.randint(0, 16, (64, 4, GROUP_SIZE), generator=g)
+    q_k[:, :, 0], q_k[:, :, 1] = 0, 15
+    w_k = (q_k * (d * sub) - 0.05).view(64, 128)
+    assert float16_scales(w_k, *grid_4bit(w_k)) is None
+    assert pack_int4(w_k, torch.bfloat16, kernel="avx512").scales.dtype == torch.float32
+    # The generator above has blocks on coarser grids (levels 0..5 come back as q = 3 level, step d / 3).
+    assert pack_int4(q4_1_weight(64, 128, seed=3)[0], torch.bfloat16, kernel="avx512").scales.dtype == torch.float32

@@ -21,8 +21,9 @@ uses it up to ``INT4_MAX_ROWS_AVX512`` rows. torch's kernel (everywhere else, an
 streams and unpacks the weight once per 4 rows, so 5 rows cost about twice 4; it is used up to
 ``INT4_MAX_ROWS`` rows. Beyond, the dense oneDNN weight runs (prefills, batched datagen).
 
-Numerics: ours holds each group's step and low in float32, so its weights are exactly
-``q * step + low``; products of bf16 activations accumulate in float32 and round once to bf16.
+Numerics: ours holds each group's step and low in float16 where that keeps every weight on its grid
+point (a Q4_0 / Q4_1 file's own d and m, ``float16_scales``), else in float32; its weights are
+exactly ``q * step + low``; products of bf16 activations accumulate in float32 and round once to bf16.
 torch's kernel holds scale and zero in the activation dtype: in bf16 its weights differ from the
 dense bf16 ones by rounding; in float32 they are exactly the dense ones (tested), but the float32
 kernel is slow, so float32 models keep dense products by default.
@@ -37,6 +38,7 @@ import torch
 from redrafter.models import kernels
 
 GROUP_SIZE = 32  # inputs per (scale, zero) pair: the block size of GGUF's Q4_0 / Q4_1
+GRID_TOLERANCE = 1e-3  # largest |w - grid value| as a fraction of the step (grid_4bit)
 INT4_MAX_ROWS = 8  # rows up to which torch's int4 kernel beats dense bf16 products (docs/PERFORMANCE.md)
 INT4_MAX_ROWS_AVX512 = 16  # the same for ours (kernels.int4)
 INNER_K_TILES = 8  # the CPU kernel's packing parameter (2, 4 or 8)
@@ -58,7 +60,8 @@ class Int4Weight:
         kernel:       "torch": ``aten._weight_int4pack_mm_for_cpu`` (packed from
                       ``_convert_weight_to_int4pack_for_cpu``; scales (in / group, out, 2) scale and zero
                       in the activation dtype). "avx512": ours (``kernels.int4``, bf16 activations;
-                      scales are float32 steps and lows, so the weights are exactly q * step + low).
+                      scales are float16 or float32 steps and lows, so the weights are exactly
+                      q * step + low).
     """
 
     packed: torch.Tensor
@@ -91,7 +94,7 @@ class Int4Weight:
         return self(eye).float().T.contiguous()
 
 
-def grid_4bit(weight: torch.Tensor, group: int = GROUP_SIZE, tolerance: float = 1e-3):
+def grid_4bit(weight: torch.Tensor, group: int = GROUP_SIZE, tolerance: float = GRID_TOLERANCE):
     """Recover a 4-bit grid per group of inputs from a dense weight.
 
     Args:
@@ -135,6 +138,25 @@ def grid_4bit(weight: torch.Tensor, group: int = GROUP_SIZE, tolerance: float = 
     return q.view(out_features, in_features), step, low
 
 
+def float16_scales(weight: torch.Tensor, q: torch.Tensor, step: torch.Tensor, low: torch.Tensor,
+                   tolerance: float = GRID_TOLERANCE) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``grid_4bit``'s steps and lows rounded to float16 when the rounded values still put every weight
+    on its grid point (within ``tolerance`` of a step, as ``grid_4bit`` requires), else None.
+
+    A Q4_0 / Q4_1 file stores d and m in float16, so its steps and lows pass and our kernel streams
+    half the scale bytes (about 13 MB less per SmolLM2 step). Grids whose steps are products of two
+    scales (Q4_K: d times a 6-bit sub-block scale) need float32 and fail here.
+    """
+    step16, low16 = step.half(), low.half()
+    if not bool(torch.isfinite(step16).all() and torch.isfinite(low16).all()):
+        return None
+    out_features, groups = step.shape
+    blocks = weight.detach().float().reshape(out_features, groups, -1)
+    rebuilt = q.view(out_features, groups, -1).float() * step16.float().unsqueeze(-1) + low16.float().unsqueeze(-1)
+    error = (rebuilt - blocks).abs().amax(-1)
+    return (step16, low16) if bool((error <= tolerance * step).all()) else None
+
+
 def pack_int4(weight: torch.Tensor, dtype: torch.dtype, group: int = GROUP_SIZE, kernel: str = "auto") -> Int4Weight:
     """An ``Int4Weight`` computing with ``weight`` (out, in), for activations in ``dtype`` (bf16 or
     float32 on CPU). ``kernel``: "auto" takes ours ("avx512") for bf16 where it loads and the shape
@@ -157,7 +179,7 @@ def pack_int4(weight: torch.Tensor, dtype: torch.dtype, group: int = GROUP_SIZE,
         module = kernels.int4()
         if module is None:
             raise Int4GridError(f"the AVX-512 int4 kernel is not available: {kernels.int4_unavailable_reason() or 'its build failed'}")
-        packed, scales = module.pack_weight(q, step, low)
+        packed, scales = module.pack_weight(q, *(float16_scales(weight, q, step, low) or (step, low)))
         return Int4Weight(packed=packed, scales=scales, group=group, out_features=out_features,
                           in_features=in_features, kernel="avx512", matmul=module.int4_mm)
     zero = low + 8 * step  # (q - 8) * step + (low + 8 step) = q * step + low

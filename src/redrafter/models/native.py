@@ -269,7 +269,10 @@ class NativeTarget:
         if attention_kernel == "ours" and module is None:
             raise RedrafterError("our attention kernel cannot run here: "
                                  f"{kernels.attention_unavailable_reason() or 'its build failed (see the log)'}")
-        self._attention = module.tree_attention if module is not None else None
+        # With it, each layer's rotary embedding and cache write are one call (csrc/layer_ops.cpp, bit-identical
+        # to the tensor version), attention reads the cache without views made in Python, and the MLP's
+        # SiLU and multiply are one call (the same roundings; our exp can move a SiLU by its last bit).
+        self._layer_kernels = module
         # RMSNorm of bf16 rows in one call (kernels: bit-identical to ``rms_norm``, tests/test_cpu_kernels.py).
         fused = kernels.load() if self.device.type == "cpu" and self.dtype == torch.bfloat16 and not compile else None
         self._norm = fused.rms_norm_bf16 if fused is not None else rms_norm
@@ -317,7 +320,7 @@ class NativeTarget:
         the casts cost more than the wider attention saves. With our attention kernel
         (``attention_kernel``), which attends a bf16 cache faster than torch's a float32 one, every
         cache keeps the model's dtype."""
-        dtype = cache_dtype(self.dtype, self.device) if plain_decoding and self._attention is None else self.dtype
+        dtype = cache_dtype(self.dtype, self.device) if plain_decoding and self._layer_kernels is None else self.dtype
         kv = torch.zeros(self.num_layers, 2, batch_size, self.kv_heads, capacity, self.head_dim,
                          dtype=dtype, device=self.device)
         return NativeCache(kv=kv, lengths=torch.zeros(batch_size, dtype=torch.long, device=self.device))
@@ -351,7 +354,10 @@ class NativeTarget:
         slots = start.view(batch, 1) + torch.arange(n, device=self.device)  # (batch, n) where new tokens go
         same_start = bool((start == start[0]).all())
         allowed = None  # one new token per row, all rows at the same length: every slot is visible
-        ours = self._attention is not None and n <= ATTENTION_KERNEL_MAX_TOKENS
+        # Our kernels (bf16 on CPU; the cache then keeps the model's dtype): rotary and cache write always,
+        # attention for steps of up to ATTENTION_KERNEL_MAX_TOKENS tokens per row.
+        fused = self._layer_kernels if cache.kv.dtype == self.dtype else None
+        ours = fused is not None and n <= ATTENTION_KERNEL_MAX_TOKENS
         if n > 1 or not same_start or not bool(mask.all()):
             # (batch, 1, n, span): the row's committed slots, then the tree mask over the new slots.
             slot = torch.arange(span, device=self.device).view(1, span)
@@ -368,42 +374,52 @@ class NativeTarget:
         # folding the sign into sin leaves one roll per layer instead of two slices, a neg and a cat.
         half = self.head_dim // 2
         signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        rope_cos, rope_sin = cos, signed_sin  # (batch, n, head_dim), for the kernel
         cos, signed_sin = cos.unsqueeze(2), signed_sin.unsqueeze(2)  # (batch, n, 1, head_dim): over heads
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         wide = cache.kv.dtype != x.dtype  # a plain-decoding cache: attention in its wider dtype
         grouped = use_grouped_attention(x.dtype, x.device, batch, n, wide=wide)
+        scale = self.head_dim ** -0.5
         for i, layer in enumerate(self.layers):
             h = self._norm(x, layer.input_norm, layer.eps)
             qkv = layer.qkv(h)
-            # Rotary embedding on the q and k heads together: (batch, n, heads + kv_heads, head_dim).
-            qk = qkv[..., : q_size + kv_size].view(batch, n, self.heads + self.kv_heads, self.head_dim)
-            qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), signed_sin).transpose(1, 2)
-            v = qkv[..., q_size + kv_size:].view(batch, n, self.kv_heads, self.head_dim).transpose(1, 2)
-            if wide:
-                qk, v = qk.to(cache.kv.dtype), v.to(cache.kv.dtype)
-            q, k = qk[:, : self.heads], qk[:, self.heads:]
-            keys, values = cache.kv[i, 0], cache.kv[i, 1]  # (batch, kv_heads, capacity, head_dim)
-            if same_start:
-                s0 = int(start[0])
-                keys[:, :, s0: s0 + n] = k
-                values[:, :, s0: s0 + n] = v
-            else:
-                keys[rows, :, slots] = k.transpose(1, 2)
-                values[rows, :, slots] = v.transpose(1, 2)
-            if ours:
-                attn = self._attention(q, keys[:, :, :span], values[:, :, :span], allowed_rows, self.head_dim ** -0.5)
-                attn = attn.view(batch, n, q_size).to(x.dtype)
-            else:
-                if grouped:
-                    attn = grouped_attention(q, keys[:, :, :span], values[:, :, :span], allowed)
+            if fused is not None:  # rotary and cache write in one call; q is (batch, n, heads, head_dim)
+                q = fused.rope_store(qkv, rope_cos, rope_sin, cache.kv, i, slots, self.heads, self.kv_heads)
+                if ours:
+                    attn = fused.cache_attention(q, cache.kv, i, span, allowed_rows, scale).view(batch, n, q_size)
                 else:
-                    attn = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=allowed,
+                    q = q.transpose(1, 2)
+            else:
+                # Rotary embedding on the q and k heads together: (batch, n, heads + kv_heads, head_dim).
+                qk = qkv[..., : q_size + kv_size].view(batch, n, self.heads + self.kv_heads, self.head_dim)
+                qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), signed_sin).transpose(1, 2)
+                v = qkv[..., q_size + kv_size:].view(batch, n, self.kv_heads, self.head_dim).transpose(1, 2)
+                if wide:
+                    qk, v = qk.to(cache.kv.dtype), v.to(cache.kv.dtype)
+                q, k = qk[:, : self.heads], qk[:, self.heads:]
+                keys, values = cache.kv[i, 0], cache.kv[i, 1]  # (batch, kv_heads, capacity, head_dim)
+                if same_start:
+                    s0 = int(start[0])
+                    keys[:, :, s0: s0 + n] = k
+                    values[:, :, s0: s0 + n] = v
+                else:
+                    keys[rows, :, slots] = k.transpose(1, 2)
+                    values[rows, :, slots] = v.transpose(1, 2)
+            if not ours:  # q (batch, heads, n, head_dim)
+                keys, values = cache.kv[i, 0, :, :, :span], cache.kv[i, 1, :, :, :span]
+                if grouped:
+                    attn = grouped_attention(q, keys, values, allowed)
+                else:
+                    attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed,
                                                           enable_gqa=self.kv_heads != self.heads)
                 attn = attn.transpose(1, 2).reshape(batch, n, q_size).to(x.dtype)
             x = layer.o(attn, residual=x)
             h = self._norm(x, layer.post_norm, layer.eps)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = layer.down(F.silu(gate) * up, residual=x)
+            if fused is not None:
+                x = layer.down(fused.silu_mul(layer.gate_up(h)), residual=x)
+            else:
+                gate, up = layer.gate_up(h).chunk(2, dim=-1)
+                x = layer.down(F.silu(gate) * up, residual=x)
         hidden = self._norm(x, self.norm, self.norm_eps)
         cache.pending = n
         return ForwardOutput(logits=self.project(hidden), hidden=hidden)

@@ -47,7 +47,7 @@ void select_row(const T* logits, const float* scores, int64_t beams, int64_t voc
     const __m512 vtop = _mm512_set1_ps(top);
     __m512 vsum = _mm512_setzero_ps();
     float sum = 0.f;
-    for (v = 0; v + 16 <= vocab; v += 16) vsum = _mm512_add_ps(vsum, exp_nonpositive(_mm512_sub_ps(load16(x + v), vtop)));
+    for (v = 0; v + 16 <= vocab; v += 16) vsum = _mm512_add_ps(vsum, exp16(_mm512_sub_ps(load16(x + v), vtop)));
     sum = _mm512_reduce_add_ps(vsum);
     for (; v < vocab; ++v) sum += std::exp((float)x[v] - top);
     const float shift = std::log(sum);

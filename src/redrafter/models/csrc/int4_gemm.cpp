@@ -2,8 +2,9 @@
 //
 // Weight layout (pack_weight): the output features in tiles of 16; per tile, the inputs in quads
 // (k = 4u .. 4u+3) of 32 bytes, byte 2j+e = q[n0+j][4u+e] | q[n0+j][4u+e+2] << 4 (j the feature in
-// the tile, e in {0, 1}); per tile and group of 32 inputs, 16 steps then 16 lows (float32), with
-// w = q * step + low. A quad's bytes widened to 32 words give, through a 32-entry table, the bf16
+// the tile, e in {0, 1}); per tile and group of 32 inputs, 16 steps then 16 lows (float32, or float16
+// where that holds them exactly: a Q4_0 / Q4_1 file's own d and m, 13 MB less to stream per step for
+// SmolLM2), with w = q * step + low. A quad's bytes widened to 32 words give, through a 32-entry table, the bf16
 // values of inputs (4u, 4u+1) of the 16 features as 16 bf16 pairs (low nibbles) and of (4u+2, 4u+3)
 // (high nibbles): the operands of vdpbf16ps, whose other operand is the activation pair broadcast.
 // Per group, sum_k a_k (q_k step + low) = step * sum_k a_k q_k + low * sum_k a_k.
@@ -23,11 +24,17 @@ constexpr int kTile = 16;   // output features per tile (one zmm of float32)
 constexpr int kGroup = 32;  // inputs per (step, low)
 constexpr int kQuadBytes = 32;
 
+// 16 steps or lows, widened to float32 (exactly).
+inline __m512 load_scales(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load_scales(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
 // R rows of one tile. Up to 8 rows: two accumulator chains per row (vdpbf16ps's latency exceeds its
 // issue interval); 9 to 12 rows: one chain per row, which leaves registers for 12 rows (12 sums,
 // 12 accumulators and 5 temporaries of the 32) and is faster than a second pass of the tile.
-template <int R>
-inline void tile_rows(const uint8_t* wq, const float* sm, const uint32_t* a, int64_t a_stride32,
+template <typename S, int R>
+inline void tile_rows(const uint8_t* wq, const S* sm, const uint32_t* a, int64_t a_stride32,
                       const float* asum, int64_t groups, at::BFloat16* out, int64_t out_stride,
                       const __m512i table) {
   __m512 acc[R];
@@ -56,8 +63,8 @@ inline void tile_rows(const uint8_t* wq, const float* sm, const uint32_t* a, int
         }
       }
     }
-    const __m512 step = _mm512_loadu_ps(sm + g * 2 * kTile);
-    const __m512 low = _mm512_loadu_ps(sm + g * 2 * kTile + kTile);
+    const __m512 step = load_scales(sm + g * 2 * kTile);
+    const __m512 low = load_scales(sm + g * 2 * kTile + kTile);
     for (int r = 0; r < R; ++r) {
       const __m512 dot = kChains == 2 ? _mm512_add_ps(tmp[r], tmp2[r]) : tmp[r];
       acc[r] = _mm512_fmadd_ps(dot, step, acc[r]);
@@ -70,23 +77,55 @@ inline void tile_rows(const uint8_t* wq, const float* sm, const uint32_t* a, int
   }
 }
 
-using TileFn = void (*)(const uint8_t*, const float*, const uint32_t*, int64_t, const float*, int64_t,
+template <typename S>
+using TileFn = void (*)(const uint8_t*, const S*, const uint32_t*, int64_t, const float*, int64_t,
                         at::BFloat16*, int64_t, const __m512i);
 constexpr int kMaxChunk = 12;
-const TileFn kTileFns[kMaxChunk + 1] = {nullptr,        tile_rows<1>,  tile_rows<2>, tile_rows<3>, tile_rows<4>,
-                                        tile_rows<5>,   tile_rows<6>,  tile_rows<7>, tile_rows<8>, tile_rows<9>,
-                                        tile_rows<10>,  tile_rows<11>, tile_rows<12>};
+template <typename S>
+constexpr TileFn<S> kTileFns[kMaxChunk + 1] = {
+    nullptr,         tile_rows<S, 1>, tile_rows<S, 2>,  tile_rows<S, 3>,  tile_rows<S, 4>,
+    tile_rows<S, 5>, tile_rows<S, 6>, tile_rows<S, 7>,  tile_rows<S, 8>,  tile_rows<S, 9>,
+    tile_rows<S, 10>, tile_rows<S, 11>, tile_rows<S, 12>};
+
+// All tiles of the product (see int4_mm), with scales of type S.
+template <typename S>
+void run_tiles(const uint32_t* a, const float* s, const uint8_t* w, const S* scales, at::BFloat16* o, int64_t M,
+               int64_t K, int64_t tiles, int64_t groups) {
+  const int64_t N = tiles * kTile, a_stride32 = K / 2;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) uint16_t tbl[32];
+    for (int i = 0; i < 32; ++i) {
+      float f = (float)(i & 15);
+      uint32_t bits;
+      std::memcpy(&bits, &f, 4);
+      tbl[i] = (uint16_t)(bits >> 16);  // exact: small integers are bf16 values
+    }
+    const __m512i table = _mm512_load_si512(tbl);
+    for (int64_t t = begin; t < end; ++t) {
+      const uint8_t* wt = w + t * (K / 4) * kQuadBytes;
+      const S* st = scales + t * groups * 2 * kTile;
+      // Up to 12 rows in one chunk; more in even chunks of at most 8 (16 rows: 8 + 8, not 12 + 4).
+      const int64_t chunks = M <= kMaxChunk ? 1 : (M + 7) / 8, chunk = (M + chunks - 1) / chunks;
+      for (int64_t r0 = 0; r0 < M; r0 += chunk) {
+        const int rows = (int)std::min<int64_t>(chunk, M - r0);
+        kTileFns<S>[rows](wt, st, a + r0 * a_stride32, a_stride32, s + r0 * groups, groups,
+                          o + r0 * N + t * kTile, N, table);
+      }
+    }
+  });
+}
 
 }  // namespace
 
-// x (M, K) bf16 contiguous, wq (N/16, K/4, 32) uint8, sm (N/16, K/32, 32) float32 -> (M, N) bf16.
+// x (M, K) bf16 contiguous, wq (N/16, K/4, 32) uint8, sm (N/16, K/32, 32) float32 or float16 -> (M, N) bf16.
 torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sm) {
   TORCH_CHECK(x.device().is_cpu() && wq.device().is_cpu() && sm.device().is_cpu(), "int4_mm runs on CPU tensors");
   TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x: contiguous 2-D bf16");
   TORCH_CHECK(wq.dtype() == torch::kUInt8 && wq.dim() == 3 && wq.size(2) == kQuadBytes && wq.is_contiguous(),
               "wq: contiguous (N/16, K/4, 32) uint8");
-  TORCH_CHECK(sm.dtype() == torch::kFloat32 && sm.dim() == 3 && sm.size(2) == 2 * kTile && sm.is_contiguous(),
-              "sm: contiguous (N/16, K/32, 32) float32");
+  TORCH_CHECK((sm.dtype() == torch::kFloat32 || sm.dtype() == torch::kFloat16) && sm.dim() == 3 &&
+                  sm.size(2) == 2 * kTile && sm.is_contiguous(),
+              "sm: contiguous (N/16, K/32, 32) float32 or float16");
   const int64_t M = x.size(0), K = x.size(1), tiles = wq.size(0), N = tiles * kTile;
   TORCH_CHECK(wq.size(1) * 4 == K && K % kGroup == 0 && sm.size(1) * kGroup == K && sm.size(0) == tiles,
               "shapes of x, wq and sm disagree");
@@ -103,36 +142,18 @@ torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& wq, const tor
       asum[i] = _mm512_reduce_add_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)pairs, ones));
     }
   }
-  const float* s = asum.data();
   const uint8_t* w = wq.data_ptr<uint8_t>();
-  const float* scales = sm.data_ptr<float>();
   at::BFloat16* o = out.data_ptr<at::BFloat16>();
-  const int64_t a_stride32 = K / 2;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) uint16_t tbl[32];
-    for (int i = 0; i < 32; ++i) {
-      float f = (float)(i & 15);
-      uint32_t bits;
-      std::memcpy(&bits, &f, 4);
-      tbl[i] = (uint16_t)(bits >> 16);  // exact: small integers are bf16 values
-    }
-    const __m512i table = _mm512_load_si512(tbl);
-    for (int64_t t = begin; t < end; ++t) {
-      const uint8_t* wt = w + t * (K / 4) * kQuadBytes;
-      const float* st = scales + t * groups * 2 * kTile;
-      // Up to 12 rows in one chunk; more in even chunks of at most 8 (16 rows: 8 + 8, not 12 + 4).
-      const int64_t chunks = M <= kMaxChunk ? 1 : (M + 7) / 8, chunk = (M + chunks - 1) / chunks;
-      for (int64_t r0 = 0; r0 < M; r0 += chunk) {
-        const int rows = (int)std::min<int64_t>(chunk, M - r0);
-        kTileFns[rows](wt, st, a + r0 * a_stride32, a_stride32, s + r0 * groups, groups,
-                       o + r0 * N + t * kTile, N, table);
-      }
-    }
-  });
+  if (sm.dtype() == torch::kFloat16) {
+    run_tiles(a, asum.data(), w, sm.data_ptr<at::Half>(), o, M, K, tiles, groups);
+  } else {
+    run_tiles(a, asum.data(), w, sm.data_ptr<float>(), o, M, K, tiles, groups);
+  }
   return out;
 }
 
-// q (N, K) integer 0..15, step/low (N, K/32) float32 -> (wq, sm) in the layout above.
+// q (N, K) integer 0..15, step/low (N, K/32) float32 or float16 -> (wq, sm) in the layout above, sm in the
+// dtype of step (which low must share).
 std::vector<torch::Tensor> pack_weight(const torch::Tensor& q, const torch::Tensor& step, const torch::Tensor& low) {
   TORCH_CHECK(q.dim() == 2 && q.size(0) % kTile == 0 && q.size(1) % kGroup == 0,
               "q: (N, K) with N a multiple of 16 and K of 32");
@@ -144,8 +165,11 @@ std::vector<torch::Tensor> pack_weight(const torch::Tensor& q, const torch::Tens
   auto hi = t.index({"...", torch::indexing::Slice(2, 4)});  // inputs 4u+2, 4u+3
   auto bytes = lo.bitwise_or(hi.bitwise_left_shift(4));      // (tiles, 16, K/4, 2)
   auto wq = bytes.permute({0, 2, 1, 3}).contiguous().view({tiles, K / 4, kQuadBytes});
-  auto st = step.to(torch::kFloat32).view({tiles, kTile, groups}).permute({0, 2, 1});
-  auto lw = low.to(torch::kFloat32).view({tiles, kTile, groups}).permute({0, 2, 1});
+  TORCH_CHECK((step.scalar_type() == torch::kFloat32 || step.scalar_type() == torch::kFloat16) &&
+                  low.scalar_type() == step.scalar_type(),
+              "step and low: both float32 or both float16");
+  auto st = step.view({tiles, kTile, groups}).permute({0, 2, 1});
+  auto lw = low.view({tiles, kTile, groups}).permute({0, 2, 1});
   auto sm = torch::cat({st, lw}, 2).contiguous();
   return {wq, sm};
 }

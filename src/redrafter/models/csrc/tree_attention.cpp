@@ -116,7 +116,7 @@ void block(const Shapes& s, const T* q, const T* keys, const T* values, const bo
     const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
     __m512 total = _mm512_setzero_ps();
     for (int64_t j = 0; j < padded; j += 16) {
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mx));
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mx));
       _mm512_storeu_ps(sr + j, e);
       total = _mm512_add_ps(total, e);
     }
@@ -215,4 +215,16 @@ torch::Tensor tree_attention(const torch::Tensor& q, const torch::Tensor& keys, 
              out.data_ptr<float>());
   }
   return out;
+}
+
+// tree_attention over layer `layer` of a whole cache kv (layers, 2, B, KV, capacity, D), reading its
+// first `span` slots, for q as (B, n, H, D) (what rope_store returns): the views are taken here, which
+// saves a layer the per-call work of six tensor operations in Python.
+torch::Tensor cache_attention(const torch::Tensor& q, const torch::Tensor& kv, int64_t layer, int64_t span,
+                              const torch::Tensor& allowed, double scale) {
+  TORCH_CHECK(q.dim() == 4 && kv.dim() == 6 && kv.size(1) == 2, "cache_attention: q (B, n, H, D), kv (layers, 2, B, KV, capacity, D)");
+  TORCH_CHECK(0 <= layer && layer < kv.size(0), "cache_attention: layer ", layer, " outside the cache's ", kv.size(0));
+  TORCH_CHECK(0 < span && span <= kv.size(4), "cache_attention: span ", span, " outside 1 ..", kv.size(4));
+  const auto cache = kv.select(0, layer).narrow(3, 0, span);  // (2, B, KV, span, D)
+  return tree_attention(q.transpose(1, 2), cache.select(0, 0), cache.select(0, 1), allowed, scale);
 }

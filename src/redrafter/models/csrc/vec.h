@@ -17,10 +17,10 @@ inline void store16(at::BFloat16* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));  // round to nearest even
 }
 
-// exp(x) for x <= 0 (x = score - max), -inf included (gives 0). 2^t with t = x log2(e) split into an
-// integer n and f in [-1/2, 1/2]; 2^f by its Taylor series to degree 7 (truncation below 1e-8
-// relative); scalef multiplies by 2^n. t is clamped at -200, where 2^t underflows to 0.
-inline __m512 exp_nonpositive(__m512 x) {
+// exp(x): 2^t with t = x log2(e) split into an integer n and f in [-1/2, 1/2]; 2^f by its Taylor
+// series to degree 7 (truncation below 1e-8 relative); scalef multiplies by 2^n. t is clamped at
+// -200, where 2^t underflows to 0, so -inf gives 0; above 88.7, scalef gives inf.
+inline __m512 exp16(__m512 x) {
   const __m512 t = _mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _mm512_set1_ps(-200.f));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 y = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));  // f ln 2
