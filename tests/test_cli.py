@@ -81,6 +81,10 @@ BAD_INPUTS = [
     (["--autoregressive", "--prompt", "hi", "--max-tree-tokens", "1"], "--max-tree-tokens must be 0"),
     (["--autoregressive", "--prompt", "hi", "--max-tree-tokens", "x"], "--max-tree-tokens must be 0"),
     (["--autoregressive", "--prompt", "hi", "--max-tree-tokens", "8,16"], "--max-tree-tokens takes one value"),
+    (["--autoregressive", "--prompt", "hi", "--min-tokens-per-step", "0.5"], "--min-tokens-per-step must be 0"),
+    (["--autoregressive", "--prompt", "hi", "--min-tokens-per-step", "1.5,2"], "--min-tokens-per-step takes one"),
+    (["--autoregressive", "--prompt", "hi", "--beam-length", "3", "--min-tokens-per-step", "9"],
+     "min tokens per step must be 0"),
 ]
 
 

@@ -122,6 +122,13 @@ def test_beam_resolution_flags_then_drafter_recommendation_then_default(tmp_path
     assert resolve_beam(None, None, tmp_path, weights="int4", sampling=True) == BeamConfig(
         8, 3, max_tree_tokens=4, lookup_tokens=8)
     assert resolve_beam(None, None, tmp_path, weights="dense", sampling=True) == BeamConfig(16, 3)
+    # A speculation floor measured for sampling, and an explicit flag over it.
+    (tmp_path / "generation.json").write_text('{"beam_width": 8, "beam_length": 3, '
+                                              '"sampling": {"max_tree_tokens": 4, "min_tokens_per_step": 1.6}}')
+    assert resolve_beam(None, None, tmp_path, sampling=True) == BeamConfig(8, 3, max_tree_tokens=4,
+                                                                          min_tokens_per_step=1.6)
+    assert resolve_beam(None, None, tmp_path, sampling=True, min_tokens_per_step=0).min_tokens_per_step == 0
+    assert resolve_beam(None, None, tmp_path).min_tokens_per_step == 0
     (tmp_path / "generation.json").write_text('{"beam_width": 8, "beam_length": 4, "max_tree_tokens": 1}')
     with pytest.raises(RedrafterError, match="max tree tokens"):
         resolve_beam(None, None, tmp_path)

@@ -134,6 +134,37 @@ def test_context_lookup_equals_generate(case):
         assert tokens > sum(r.stats.num_steps for r in results)  # some steps kept drafted tokens
 
 
+def test_speculation_gate_equals_generate(case):
+    """``min_tokens_per_step``: rows whose speculative steps emit too few tokens take plain steps (g0
+    alone), probing every PROBE_EVERY-th step, also while other rows of the batch speculate; the output
+    is still plain greedy decoding. A floor no step can reach (5 tokens, where a step emits at most 4)
+    leaves only the first step and the probes speculative; a floor of 1 never gates."""
+    from redrafter.engine import PROBE_EVERY
+
+    target, references = case
+    torch.manual_seed(2)
+    drafter = Drafter(DrafterConfig(hidden_size=64, vocab_size=TINY_VOCAB)).eval()
+    for floor in (5.0, 2.0, 1.0):
+        proposer = ReDrafterProposer(drafter, target, BeamConfig(width=2, length=4, lookup_tokens=3,
+                                                                 min_tokens_per_step=floor))
+        drafted, propose = [], proposer.propose
+
+        def recording(*args, **kwargs):
+            beams = propose(*args, **kwargs)
+            drafted.append(int(beams.shape[0]))
+            return beams
+
+        proposer.propose = recording
+        results = run(Engine(target, proposer), PROMPTS, GenerationConfig(max_new_tokens=MAX_NEW))
+        for result, reference in zip(results, references):
+            assert list(result.token_ids) == reference
+        steps = max(r.stats.num_steps for r in results)  # the rows step in lockstep
+        if floor == 1.0:
+            assert len(drafted) == steps  # every step drafted
+        elif floor == 5.0:
+            assert steps > PROBE_EVERY and len(drafted) == 1 + (steps - 1) // PROBE_EVERY
+
+
 def test_batch_rows_are_independent(case):
     """A ragged batch with a scripted drafter gives each row its single-prompt result."""
     target, references = case

@@ -37,6 +37,38 @@ def test_probabilities_transform_by_hand():
     assert probabilities(logits, SamplingParams()).tolist() == [1.0, 0.0, 0.0, 0.0]  # greedy
 
 
+def test_inverse_cdf_edges():
+    """The first token whose cumulative weight exceeds u times the total: u = 0 skips leading zeros,
+    u just below 1 never lands on a trailing zero, unnormalised weights work, and each token is picked
+    for exactly its share of a fine grid of u."""
+    from redrafter.sampling import inverse_cdf
+
+    weights = torch.tensor([0.0, 0.2, 0.0, 0.3, 0.5, 0.0])
+    assert int(inverse_cdf(weights, torch.tensor(0.0))) == 1
+    assert int(inverse_cdf(weights, torch.tensor(1 - 2.0 ** -53, dtype=torch.float64))) == 4
+    assert int(inverse_cdf(weights * 7, torch.tensor(0.25))) == 3  # 0.25 of the total falls in token 3
+    grid = (torch.arange(10_000, dtype=torch.float64) + 0.5) / 10_000
+    picked = inverse_cdf(weights.expand(10_000, -1), grid)
+    assert torch.bincount(picked, minlength=6).tolist() == [0, 2000, 0, 3000, 5000, 0]
+
+
+def test_nucleus_keeps_ties_and_falls_back_to_a_full_sort():
+    """top-p keeps every token tied with the last one the nucleus needs; a nucleus wider than the
+    partial top-k candidates (a flat row of 49,152 tokens) is found by the full sort, with the same
+    result as sorting everything."""
+    from redrafter.sampling import NUCLEUS_CANDIDATES, nucleus_threshold
+
+    probs = torch.tensor([[0.4, 0.2, 0.2, 0.2]])
+    kept = probabilities(probs.log(), SamplingParams(temperature=1.0, top_p=0.5))
+    assert (kept > 0).tolist() == [[True, True, True, True]]  # 0.4 + 0.2 reaches 0.5; the other 0.2s tie
+    flat = torch.softmax(torch.randn(2, 49_152, generator=torch.Generator().manual_seed(0)) * 0.01, -1)
+    assert max(NUCLEUS_CANDIDATES) < 49_152 * 0.9
+    threshold = nucleus_threshold(flat, 0.9)
+    ordered = flat.sort(dim=-1, descending=True).values
+    expected = ordered.gather(-1, (ordered.cumsum(-1) >= 0.9).int().argmax(-1, keepdim=True))
+    assert torch.equal(threshold, expected)
+
+
 @pytest.fixture(scope="module")
 def setup():
     model = tiny_model("llama", vocab=VOCAB, init=0.1, seed=1)
@@ -93,13 +125,16 @@ def chi_square_p_value(counts: torch.Tensor, joint: torch.Tensor) -> float:
     (SamplingParams(temperature=1.0, seed=18), "sample", BeamConfig(width=2, length=3, lookup_tokens=3)),
     (SamplingParams(temperature=0.7, top_k=6, seed=19), "beam", BeamConfig(width=2, length=2, lookup_tokens=2)),
     (SamplingParams(temperature=1.0, seed=20), "sample",
-     BeamConfig(width=3, length=3, max_tree_tokens=4, lookup_tokens=3, lookup_confidence=(0.6, 0.9)))],
+     BeamConfig(width=3, length=3, max_tree_tokens=4, lookup_tokens=3, lookup_confidence=(0.6, 0.9))),
+    (SamplingParams(temperature=1.0, seed=21), "sample", BeamConfig(width=3, length=3, min_tokens_per_step=3))],
     ids=["T1", "T0.5", "top-k4", "top-p0.8", "beam-drafts-T1", "beam-drafts-T0.5-top-p0.9", "beam-drafts-T1-capped-tree",
-         "T1-lookup", "beam-drafts-T0.7-top-k6-lookup", "T1-lookup-capped"])
+         "T1-lookup", "beam-drafts-T0.7-top-k6-lookup", "T1-lookup-capped", "T1-gated"])
 def test_speculative_samples_follow_the_exact_joint(setup, params, draft_mode, beam):
     """Drafts drawn from q ("sample") or made by beam search and tested as point masses ("beam"),
-    also with the tree capped to its 4 most probable nodes (beams that end early), and with the
-    context-lookup beam (point masses, longer than the drafter's beams) after the drafter's."""
+    also with the tree capped to its 4 most probable nodes (beams that end early), with the
+    context-lookup beam (point masses, longer than the drafter's beams) after the drafter's, and with a
+    speculation floor no first step reaches unless all its drafts are accepted (a batch of rows in
+    which some speculate and some take plain steps)."""
     model, target, drafter = setup
     counts = sampled_counts(target, drafter, params, draft_mode, beam)
     assert counts.sum() == SAMPLES

@@ -240,6 +240,19 @@ def test_cpp_sampled_walk_equals_the_tensor_version():
     assert accepted_somewhere > 100 and rejected_somewhere > 100
 
 
+def test_sampled_walks_keep_the_residual_when_rounding_empties_it():
+    """After a rejection whose update max(r - q, 0) sums to 0 in float32 (r and q equal up to
+    rounding), both walks keep r as it was: the bonus is a token of p, never one of weight 0."""
+    module = require_kernels("tree")
+    probs = torch.tensor([[[0.0, 0.49999997, 0.5], [0.0, 0.5, 0.5]]])
+    draft = torch.tensor([[[[0.0, 0.5, 0.5]]]])
+    beams, unpacker = torch.tensor([[[5, 1]]]), torch.tensor([[[0, 1]]])
+    draws = torch.tensor([[0.99999999, 0.7]], dtype=torch.float64)
+    fast = module.sampled_accept(beams, unpacker, probs, draft, draws)
+    reference = walk(beams, unpacker, None, probs, draft, draws)
+    assert [int(t) for t in fast] == [int(t) for t in reference] == [0, 0, 2]
+
+
 def test_cpp_tree_bookkeeping_rejects_bad_input():
     module = require_kernels("tree")
     with pytest.raises(RuntimeError, match="int64"):

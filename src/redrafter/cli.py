@@ -114,7 +114,8 @@ def beam_format(target) -> str:
 
 def resolve_beam(width: int | None, length: int | None, drafter_path, min_prob: float | None = None,
                  max_tree_tokens: int | None = None, weights: str = "dense", lookup_tokens: int | None = None,
-                 lookup_ngram: int | None = None, *, sampling: bool = False) -> BeamConfig:
+                 lookup_ngram: int | None = None, *, sampling: bool = False,
+                 min_tokens_per_step: float | None = None) -> BeamConfig:
     """Explicit flags win, then the drafter's stored best setting for the target's weight format
     (``weights``, ``beam_format``; ``sampling``: the setting measured for temperature > 0), then the
     built-in default.
@@ -130,7 +131,9 @@ def resolve_beam(width: int | None, length: int | None, drafter_path, min_prob: 
     return BeamConfig(width=base.width if width is None else width, length=base.length if length is None else length,
                       min_prob=base.min_prob if min_prob is None else min_prob, max_tree_tokens=max_tree_tokens,
                       lookup_tokens=base.lookup_tokens if lookup_tokens is None else lookup_tokens,
-                      lookup_ngram=base.lookup_ngram if lookup_ngram is None else lookup_ngram)
+                      lookup_ngram=base.lookup_ngram if lookup_ngram is None else lookup_ngram,
+                      min_tokens_per_step=(base.min_tokens_per_step if min_tokens_per_step is None
+                                           else min_tokens_per_step))
 
 
 def add_draft_shape_arguments(parser, *, multiple: bool = False) -> None:
@@ -152,6 +155,11 @@ def add_draft_shape_arguments(parser, *, multiple: bool = False) -> None:
         "context lookup: also verify, as one more beam, the up to N tokens that followed the last earlier "
         "occurrence of the row's last n tokens in its prompt and output (0 = off; default: the drafter's "
         "measured best, else 0)" + (" (a comma list runs each)" if multiple else "")))
+    parser.add_argument("--min-tokens-per-step", default=None, metavar="X", help=(
+        "speculate only while it pays: a row whose speculative steps emit fewer than X tokens on average "
+        "(a running mean) takes plain decode steps, trying a speculative one every 8th step (0 = always "
+        "speculate; default: the drafter's measured break-even, else 0)"
+        + (" (a comma list runs each)" if multiple else "")))
     parser.add_argument("--lookup-ngram", type=int, default=None, metavar="N",
                         help="longest n-gram the context lookup matches, trying shorter ones down to 1 "
                              f"(default: the drafter's measured best, else {DEFAULT_BEAM.lookup_ngram})")
@@ -166,6 +174,12 @@ def max_tree_tokens_values(value: str | None) -> list[int | None]:
 def lookup_tokens_values(value: str | None) -> list[int | None]:
     """Parse --lookup-tokens (None = the drafter's default; a comma list for bench)."""
     return comma_values(value, int, lambda v: v >= 0, "--lookup-tokens must be an integer >= 0 (0 = off)")
+
+
+def min_tokens_values(value: str | None) -> list[float | None]:
+    """Parse --min-tokens-per-step (None = the drafter's default; a comma list for bench)."""
+    return comma_values(value, float, lambda v: v == 0 or v >= 1,
+                        "--min-tokens-per-step must be 0 (always speculate) or a number >= 1")
 
 
 def min_draft_probs(value: str | None) -> list[float | None]:
@@ -255,8 +269,11 @@ def run_generate(args: argparse.Namespace) -> int:
     lookups = lookup_tokens_values(args.lookup_tokens)
     if len(lookups) != 1:
         raise RedrafterError(f"--lookup-tokens takes one value for generate, got '{args.lookup_tokens}'")
+    gates = min_tokens_values(args.min_tokens_per_step)
+    if len(gates) != 1:
+        raise RedrafterError(f"--min-tokens-per-step takes one value for generate, got '{args.min_tokens_per_step}'")
     resolve_beam(args.beam_width, args.beam_length, None, probs[0], caps[0], lookup_tokens=lookups[0],
-                 lookup_ngram=args.lookup_ngram)  # bad flags fail before anything loads
+                 lookup_ngram=args.lookup_ngram, min_tokens_per_step=gates[0])  # bad flags fail before anything loads
     prompts = read_prompts([t for group in args.prompt or [] for t in group], args.prompts_file)
     drafter_path = None if args.autoregressive else resolve_drafter(args.model or DEFAULT_MODEL, args.drafter)
     if args.threads is not None:
@@ -276,7 +293,8 @@ def run_generate(args: argparse.Namespace) -> int:
     proposer = None
     if not args.autoregressive:
         beam = resolve_beam(args.beam_width, args.beam_length, drafter_path, probs[0], caps[0], beam_format(target),
-                            lookups[0], args.lookup_ngram, sampling=sampling.temperature > 0)
+                            lookups[0], args.lookup_ngram, sampling=sampling.temperature > 0,
+                            min_tokens_per_step=gates[0])
         drafter = load_drafter(drafter_path, device=target.device, dtype=target.dtype)
         proposer = ReDrafterProposer(drafter, target, beam, draft_mode=draft_mode)
     engine = Engine(target, proposer)

@@ -34,6 +34,14 @@ class BeamConfig:
     nodes, a token at depth j after an n-gram match scored c_n^j with c_n =
     ``lookup_confidence[n - 1]`` (the last entry for longer matches) against the drafter's path
     probability; drafts drawn from q (sampling) keep the whole lookup beam beside their capped paths.
+
+    ``min_tokens_per_step`` > 0 lets a row stop speculating while speculation does not pay: the
+    engine keeps, per row, a running mean of the tokens its speculative steps emitted, and while
+    that mean is below ``min_tokens_per_step`` (the break-even point: a speculative step's cost in
+    plain decode steps, measured per setting) the row takes plain decode steps, trying one
+    speculative step every ``engine.PROBE_EVERY`` steps to update the mean. Each step is exact on
+    its own and the choice depends only on the row's past, so the output is unchanged in
+    distribution (greedy: token for token). 0 = always speculate.
     """
 
     width: int = 4
@@ -43,6 +51,7 @@ class BeamConfig:
     lookup_tokens: int = 0
     lookup_ngram: int = 4
     lookup_confidence: tuple[float, ...] = (0.25, 0.6, 0.6, 0.9)
+    min_tokens_per_step: float = 0.0
 
     def __post_init__(self) -> None:
         if self.width < 1:
@@ -62,6 +71,9 @@ class BeamConfig:
                                  f"{self.lookup_tokens} and {self.lookup_ngram}")
         if not self.lookup_confidence or not all(0 < c <= 1 for c in self.lookup_confidence):
             raise RedrafterError(f"lookup confidences must be probabilities in (0, 1], got {self.lookup_confidence}")
+        if not (self.min_tokens_per_step == 0 or 1 <= self.min_tokens_per_step <= self.length + self.lookup_tokens):
+            raise RedrafterError(f"min tokens per step must be 0 (always speculate) or between 1 and the most a step "
+                                 f"can emit, got {self.min_tokens_per_step}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -288,6 +288,10 @@ class FinishEvent:
 Event = Union[TokensEvent, FinishEvent]
 
 
+PROBE_EVERY = 8  # a row below BeamConfig.min_tokens_per_step still speculates every 8th step
+RATE_WEIGHT = 0.25  # weight of the newest speculative step in a row's running mean of tokens per step
+
+
 @dataclasses.dataclass
 class _Row:
     ids: History  # the prompt, then every emitted token: what a proposer may look back on (indexed)
@@ -295,11 +299,26 @@ class _Row:
     steps: int = 0
     first_token_s: float = 0.0
     finished: bool = False
+    rate: float | None = None  # running mean of tokens per speculative step (BeamConfig.min_tokens_per_step)
+    plain_run: int = 0  # plain steps since the last speculative one
 
     @property
     def num_tokens(self) -> int:
         """How many tokens the row has emitted."""
         return len(self.ids) - self.prompt_length
+
+    def speculates(self, floor: float) -> bool:
+        """Whether the row's next step speculates: always with no floor, until a first speculative
+        step has been seen, while the mean pays, and every PROBE_EVERY-th step otherwise."""
+        return floor <= 0 or self.rate is None or self.rate >= floor or self.plain_run + 1 >= PROBE_EVERY
+
+    def observe(self, speculated: bool, tokens: int) -> None:
+        """Record a step: a speculative one updates the mean, a plain one counts toward the next probe."""
+        if speculated:
+            self.rate = tokens if self.rate is None else (1 - RATE_WEIGHT) * self.rate + RATE_WEIGHT * tokens
+            self.plain_run = 0
+        else:
+            self.plain_run += 1
 
 
 class Engine:
@@ -342,6 +361,8 @@ class Engine:
         stop_ids = set(config.stop_token_ids)
         params = config.sampling
         generators = None if params.greedy else row_generators(params.seed, batch, device, offset=row_offset)
+        beam_config = getattr(self.proposer, "beam", None)
+        floor = beam_config.min_tokens_per_step if isinstance(beam_config, BeamConfig) else 0.0
 
         # Prefill: every prompt token, causal, padded rows ignored past their length.
         lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -378,14 +399,22 @@ class Engine:
             history = [rows[r].ids for r in live]  # no copies: proposers only read them
             prompt_rows = torch.tensor(live, device=device)
             # 1. Draft: beam search (any deterministic draft is verified as point masses), or random
-            #    draws from the drafter when sampling with draft_mode "sample".
+            #    draws from the drafter when sampling with draft_mode "sample". Rows whose speculation
+            #    does not pay (BeamConfig.min_tokens_per_step) keep g0 alone: a plain decode step.
             draft_probs = None
-            if not params.greedy and getattr(self.proposer, "draft_mode", "beam") == "sample":
+            speculating = [not rows[r].finished and rows[r].speculates(floor) for r in live]
+            if not any(speculating):
+                beams = g0.view(batch, 1, 1)
+            elif not params.greedy and getattr(self.proposer, "draft_mode", "beam") == "sample":
                 beams, draft_probs = self.proposer.propose_sampled(context, g0, num_generated, params, generators,
                                                                    rows=prompt_rows, history=history)
             else:
                 beams = self.proposer.propose(context, g0, num_generated, rows=prompt_rows,
                                               history=history)  # (batch, W, L)
+            if any(speculating) and not all(speculating):
+                plain = torch.tensor([not s for s in speculating], device=device).view(batch, 1, 1)
+                drafted = torch.arange(beams.shape[2], device=device).view(1, 1, -1) > 0
+                beams = torch.where(plain & drafted, torch.full_like(beams, NO_TOKEN), beams)
             # 2. Pack the beams into a tree.
             tree = pack(beams)
             # 3. Verify all beams in one forward.
@@ -407,8 +436,10 @@ class Engine:
             chosen = acceptance.tokens.tolist()
             bonus = g0.tolist()
             new = [chosen[b][1: 1 + accepted[b]] + [bonus[b]] for b in range(batch)]
-            for r in live:
-                rows[r].steps += 0 if rows[r].finished else 1
+            for b, r in enumerate(live):
+                if not rows[r].finished:
+                    rows[r].steps += 1
+                    rows[r].observe(speculating[b], accepted[b] + 1)
             # The kept tokens' states predicted the new ones: g0's the first drafted token, ... the last's the bonus.
             hidden = out.hidden[rows_index.view(batch, 1), keep] if return_hidden else None  # (batch, L, H)
             yield from self._emit(rows, live, new, accepted, config, stop_ids, start, hidden)

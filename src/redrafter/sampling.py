@@ -13,7 +13,7 @@ logits tie often).
 Draws: ``inverse_cdf(probs, u)`` turns one uniform number into a token (the first token whose
 cumulative mass, summed in float64, exceeds u times the total). torch.multinomial takes about 1 ms
 per draw from 49,152 tokens on this CPU (it draws one exponential number per token); this takes
-about 50 us. The C++ tree walk (csrc/sampled_accept.cpp) draws the same way from the same numbers.
+about 50 us. The C++ tree walk (csrc/tree.cpp) draws the same way from the same numbers.
 
 Per-row random streams: ``row_generators(seed, rows)`` gives each row its own ``torch.Generator``,
 derived from (seed, row) by hashing, so rows are independent and a run is reproducible.

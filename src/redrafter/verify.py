@@ -151,7 +151,7 @@ def walk(beams: torch.Tensor, unpacker: torch.Tensor, best: torch.Tensor | None,
                     else:
                         updated = (residual - draft_probs[b, w, j - 1]).clamp_(min=0.0)
                     total = updated.double().cumsum(dim=-1)[-1]  # summed in order, as the C++ walk does
-                    if total > 0:  # zero only when r == q_w, where rejection has probability 0
+                    if total > 0:  # zero only when r == q_w up to rounding: then r stays as it was
                         residual = updated / total.float()
                 if hit is None:
                     bonus = int(inverse_cdf(residual, torch.tensor(next(numbers), dtype=torch.float64)))

@@ -21,8 +21,9 @@ uses it up to ``INT4_MAX_ROWS_AVX512`` rows. torch's kernel (everywhere else, an
 streams and unpacks the weight once per 4 rows, so 5 rows cost about twice 4; it is used up to
 ``INT4_MAX_ROWS`` rows. Beyond, the dense oneDNN weight runs (prefills, batched datagen).
 
-Numerics: ours holds each group's step and low in float16 where that keeps every weight on its grid
-point (a Q4_0 / Q4_1 file's own d and m, ``float16_scales``), else in float32; its weights are
+Numerics: ours holds each group's step and low in float16 where the rounded values keep every weight
+within the grid tolerance of its dense value (a Q4_0 / Q4_1 file's own d and m are float16 values;
+``float16_scales``), else in float32; its weights are
 exactly ``q * step + low``; products of bf16 activations accumulate in float32 and round once to bf16.
 torch's kernel holds scale and zero in the activation dtype: in bf16 its weights differ from the
 dense bf16 ones by rounding; in float32 they are exactly the dense ones (tested), but the float32

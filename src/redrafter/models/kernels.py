@@ -6,16 +6,21 @@
   (the "int4 cliff" in docs/PERFORMANCE.md). Ours walks the weight once: each tile of 16 output
   features is unpacked from 4-bit to bf16 (a 32-entry table lookup, ``vpermw``) and multiplied into
   every row with ``vdpbf16ps`` while it sits in L1, so 16 rows cost about 3x one row where torch's
-  kernel costs 4.6x (SmolLM2's 30 layers, docs/PERFORMANCE.md).
+  kernel costs 4.6x (SmolLM2's 30 layers, docs/PERFORMANCE.md). Steps and lows are float16 where
+  that holds the grid (``int4.float16_scales``), else float32.
 - ``tree_attention`` (``csrc/tree_attention.cpp``): attention of a few new tokens per row over the
   KV cache with an explicit mask (a tree being verified), float32 arithmetic, in one call per layer.
 - ``bf16_mm`` (``csrc/bf16_gemm.cpp``): products of up to 8 bf16 rows with a bf16 weight packed in
   pairs of inputs (``base.pack_bf16``), one pass over the weight; a drafter's small layers run it.
+- ``cache_attention``: ``tree_attention`` over one layer of the whole cache, with no views made in Python.
+- ``rope_store`` and ``silu_mul`` (``csrc/layer_ops.cpp``): a layer's rotary embedding with its cache
+  write (bit-identical to the tensor operations), and ``F.silu(gate) * up`` (the same roundings; our
+  exp can move a SiLU by its last bit).
 - ``rms_norm_bf16`` (``csrc/rms_norm.cpp``): transformers' RMSNorm of bf16 rows in one call, bit-identical
   to the eight tensor operations it replaces.
-- ``cap_tree_scored``, ``pack_tree``, ``greedy_accept`` (``csrc/tree.cpp``): a speculative step's tree
-  bookkeeping (tree.py's cap and pack, verify.py's greedy walk) in one call each, with results equal
-  to the tensor versions'.
+- ``cap_tree_scored``, ``pack_tree``, ``greedy_accept``, ``sampled_accept`` (``csrc/tree.cpp``): a
+  speculative step's tree bookkeeping (tree.py's cap and pack, verify.py's greedy and sampling walks)
+  in one call each, with results equal to the tensor versions'.
 - ``beam_select`` (``csrc/beam_select.cpp``): one depth of the drafter's beam search after its logits
   (log-softmax, scores, the best W extensions) in one pass. Its exp is a polynomial and its sums run
   in another order, so scores can differ from torch's in the last bits and a near-tie can pick
@@ -27,7 +32,7 @@ elsewhere ``load()`` returns None and the model uses torch's kernels.
 The build (about 40 s on 2 cores) happens once and is cached under ``REDRAFTER_KERNEL_CACHE``
 (default ``~/.cache/redrafter/kernels``), keyed by the sources and torch's version; ``make install``
 runs it (``python -m redrafter.models.kernels``). ``REDRAFTER_INT4_KERNEL=torch`` turns off our int4
-products, ``REDRAFTER_ATTENTION_KERNEL=torch`` our attention and ``REDRAFTER_TREE_KERNEL=torch`` our tree
+products, ``REDRAFTER_ATTENTION_KERNEL=torch`` our attention (with the rotary/cache and SiLU calls) and ``REDRAFTER_TREE_KERNEL=torch`` our tree
 bookkeeping (``int4_unavailable_reason``, ``attention_unavailable_reason``, ``tree_unavailable_reason``).
 """
 

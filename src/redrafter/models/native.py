@@ -7,7 +7,8 @@ What it does differently from the transformers backend, all in plain device-agno
   attends over slots ``0 .. max(lengths) + n - 1`` with one boolean mask (committed slots of the row,
   then the given tree mask). For bf16 models on CPUs with AVX-512 BF16, steps of up to 64 new tokens
   per row attend through our kernel (``kernels``, csrc/tree_attention.cpp: one call per layer, float32
-  arithmetic), and RMSNorm is one kernel call too. Elsewhere, ``scaled_dot_product_attention`` with
+  arithmetic), and RMSNorm, the rotary embedding with the cache write, and the MLP's SiLU and multiply
+  are one kernel call each (csrc/rms_norm.cpp, csrc/layer_ops.cpp). Elsewhere, ``scaled_dot_product_attention`` with
   grouped KV heads, or, for bf16 batches of a few new tokens per row on CPUs, the same attention as two
   batched products (``grouped_attention``), which is ten times faster there. Without our kernel, plain
   decoding of a bf16/fp16 model on CPU keeps the cache in float32 (``new_cache(plain_decoding=True)``),

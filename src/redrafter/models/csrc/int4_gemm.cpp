@@ -3,8 +3,8 @@
 // Weight layout (pack_weight): the output features in tiles of 16; per tile, the inputs in quads
 // (k = 4u .. 4u+3) of 32 bytes, byte 2j+e = q[n0+j][4u+e] | q[n0+j][4u+e+2] << 4 (j the feature in
 // the tile, e in {0, 1}); per tile and group of 32 inputs, 16 steps then 16 lows (float32, or float16
-// where that holds them exactly: a Q4_0 / Q4_1 file's own d and m, 13 MB less to stream per step for
-// SmolLM2), with w = q * step + low. A quad's bytes widened to 32 words give, through a 32-entry table, the bf16
+// where the rounded values still put every weight within the grid tolerance: a Q4_0 / Q4_1 file's own
+// d and m, 13 MB less to stream per step for SmolLM2), with w = q * step + low. A quad's bytes widened to 32 words give, through a 32-entry table, the bf16
 // values of inputs (4u, 4u+1) of the 16 features as 16 bf16 pairs (low nibbles) and of (4u+2, 4u+3)
 // (high nibbles): the operands of vdpbf16ps, whose other operand is the activation pair broadcast.
 // Per group, sum_k a_k (q_k step + low) = step * sum_k a_k q_k + low * sum_k a_k.

@@ -264,7 +264,7 @@ std::vector<torch::Tensor> sampled_accept(const torch::Tensor& beams_in, const t
   auto options = beams.options();
   auto beam = torch::empty({batch}, options), accepted = torch::empty({batch}, options), bonus = torch::empty({batch}, options);
   std::vector<char> live(width);
-  std::vector<float> residual(vocab);
+  std::vector<float> residual(vocab), updated(vocab);
   for (int64_t r = 0; r < batch; ++r) {
     const int64_t* b = beams.data_ptr<int64_t>() + r * width * length;
     const int64_t* u = unpacker.data_ptr<int64_t>() + r * width * length;
@@ -293,18 +293,21 @@ std::vector<torch::Tensor> sampled_accept(const torch::Tensor& beams_in, const t
         }
         double total = 0.0;
         if (point_masses) {
-          residual[x] = 0.0f;
-          for (int64_t i = 0; i < vocab; ++i) total += residual[i];
+          std::copy(residual.begin(), residual.end(), updated.begin());
+          updated[x] = 0.0f;
+          for (int64_t i = 0; i < vocab; ++i) total += updated[i];
         } else {
           const float* q = q_of(w, j);
           for (int64_t i = 0; i < vocab; ++i) {
-            residual[i] = std::max(residual[i] - q[i], 0.0f);
-            total += residual[i];
+            updated[i] = std::max(residual[i] - q[i], 0.0f);
+            total += updated[i];
           }
         }
-        if (total > 0) {  // zero only when r == q_w, where rejection has probability 0
+        // Zero only when r == q_w in exact arithmetic (rejection then has probability 0); in float32 it
+        // can happen after a rejection when r and q_w differ by rounding: r stays as it was (verify.walk).
+        if (total > 0) {
           const float t = (float)total;
-          for (int64_t i = 0; i < vocab; ++i) residual[i] = residual[i] / t;
+          for (int64_t i = 0; i < vocab; ++i) residual[i] = updated[i] / t;
         }
       }
       if (hit < 0) {
