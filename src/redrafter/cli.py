@@ -158,7 +158,7 @@ def add_draft_shape_arguments(parser, *, multiple: bool = False) -> None:
     parser.add_argument("--min-tokens-per-step", default=None, metavar="X", help=(
         "speculate only while it pays: a row whose speculative steps emit fewer than X tokens on average "
         "(a running mean) takes plain decode steps, trying a speculative one every 8th step (0 = always "
-        "speculate; default: the drafter's measured break-even, else 0)"
+        "speculate; default: the drafter's measured setting, else 0; 0 for the shipped drafter)"
         + (" (a comma list runs each)" if multiple else "")))
     parser.add_argument("--lookup-ngram", type=int, default=None, metavar="N",
                         help="longest n-gram the context lookup matches, trying shorter ones down to 1 "

@@ -51,9 +51,7 @@ void silu_mul_row(const at::BFloat16* gate, const at::BFloat16* up, at::BFloat16
   for (; d + 16 <= width; d += 16) {
     const __m512 g = load16(gate + d);
     const __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-    const __m512 rounded = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(s)), 16));  // bf16(silu(g))
-    store16(out + d, _mm512_mul_ps(rounded, load16(up + d)));
+    store16(out + d, _mm512_mul_ps(redrafter_vec::round_bf16(s), load16(up + d)));  // bf16(bf16(silu(g)) u)
   }
   for (; d < width; ++d) out[d] = static_cast<at::BFloat16>(round_bf16(silu_scalar(widen(gate[d]))) * widen(up[d]));
 }

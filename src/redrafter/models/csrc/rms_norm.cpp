@@ -7,18 +7,17 @@
 #include <cmath>
 #include <cstdint>
 
+#include "vec.h"
+
 namespace {
+
+using redrafter_vec::round_bf16;
 
 inline __m512 load_bf16(const at::BFloat16* p, __mmask16 m) {
   const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
 }
 
-// Round float32 to bf16 (nearest, ties to even) and back, as a cast to bf16 and back does.
-inline __m512 round_bf16(__m512 v) {
-  const __m256bh h = _mm512_cvtneps_pbh(v);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
-}
 
 void norm_row(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* out, int64_t dim, float eps) {
   __m512 total = _mm512_setzero_ps();

@@ -17,6 +17,12 @@ inline void store16(at::BFloat16* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));  // round to nearest even
 }
 
+// Round float32 to bf16 (nearest, ties to even) and back, as a cast to bf16 and back does.
+inline __m512 round_bf16(__m512 v) {
+  const __m256bh h = _mm512_cvtneps_pbh(v);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
+}
+
 // exp(x): 2^t with t = x log2(e) split into an integer n and f in [-1/2, 1/2]; 2^f by its Taylor
 // series to degree 7 (truncation below 1e-8 relative); scalef multiplies by 2^n. t is clamped at
 // -200, where 2^t underflows to 0, so -inf gives 0; above 88.7, scalef gives inf.
