@@ -198,6 +198,33 @@ def test_avx512_kernel_equals_an_exact_product_for_any_row_count(shape):
     assert torch.equal(one, packed(x.view(1, 11, in_features)).view(11, out_features))
 
 
+@pytest.mark.slow
+def test_bf16_speculative_decoding_equals_plain_decoding_with_our_int4_kernel():
+    """The embedded model in bf16 with our int4 products (the default on this CPU): greedy ReDrafter
+    with the shipped drafter gives plain decoding's tokens, so a tree's rows compute what single
+    steps do."""
+    avx512_kernel()
+    from redrafter import Engine, FinishEvent, GenerationConfig, ReDrafterProposer
+    from redrafter.cli import encode_prompt, stop_token_ids
+    from redrafter.drafter.model import load_drafter, recommended_beam
+    from redrafter.models.loading import load_target, shipped_drafter
+
+    target, tokenizer = load_target("smollm2-135m-instruct", dtype="bfloat16", weights="int4", int4_kernel="avx512")
+    assert target.int4_kernels == ["avx512"]
+    config = GenerationConfig(max_new_tokens=64, stop_token_ids=stop_token_ids(tokenizer, target))
+    drafter_dir = shipped_drafter("smollm2-135m-instruct")
+    proposer = ReDrafterProposer(load_drafter(drafter_dir, dtype=torch.bfloat16), target, recommended_beam(drafter_dir, "int4"))
+    prompts = [encode_prompt(tokenizer, text, chat_template=True)
+               for text in ("Write a short poem about the sea.", "How do I reverse a list in Python?")]
+    def finished(engine):
+        return sorted((e for e in engine.generate(prompts, config) if isinstance(e, FinishEvent)), key=lambda e: e.row)
+
+    plain, fast = finished(Engine(target)), finished(Engine(target, proposer))
+    assert [e.token_ids for e in fast] == [e.token_ids for e in plain]
+    assert all(len(e.token_ids) >= 32 for e in plain)
+    assert all(e.stats.tokens_per_step > 1.3 for e in fast)  # trees were verified, not single tokens
+
+
 def test_int4_kernel_choice():
     """bf16 takes our kernel where it runs and the groups suit it (32 inputs); float32 and other
     groups take torch's, whose row limit stays 8; a Linear follows its weight's limit."""

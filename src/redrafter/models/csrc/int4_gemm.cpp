@@ -23,6 +23,8 @@ namespace {
 constexpr int kTile = 16;   // output features per tile (one zmm of float32)
 constexpr int kGroup = 32;  // inputs per (step, low)
 constexpr int kQuadBytes = 32;
+constexpr int kGroupBytes = kGroup / 4 * kQuadBytes;  // 256: one group of a tile's 4-bit weights
+constexpr int kPrefetchGroups = 32;                    // 8 KB ahead (prefetching past the end is harmless)
 
 // 16 steps or lows, widened to float32 (exactly).
 inline __m512 load_scales(const float* p) { return _mm512_loadu_ps(p); }
@@ -47,6 +49,13 @@ inline void tile_rows(const uint8_t* wq, const S* sm, const uint32_t* a, int64_t
       for (int r = 0; r < R; ++r) tmp2[r] = _mm512_setzero_ps();
     }
     const uint8_t* wg = wq + g * (kGroup / 4) * kQuadBytes;
+    // The weight stream runs kPrefetchGroups groups ahead of the products (into the next tiles,
+    // which follow in memory): without it, fetching and multiplying hardly overlap (PERFORMANCE.md).
+    for (int l = 0; l < kGroupBytes / 64; ++l)
+      _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetchGroups * kGroupBytes + 64 * l), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(sm + (g + kPrefetchGroups) * 2 * kTile), _MM_HINT_T0);
+    if constexpr (sizeof(S) * 2 * kTile > 64)
+      _mm_prefetch(reinterpret_cast<const char*>(sm + (g + kPrefetchGroups) * 2 * kTile) + 64, _MM_HINT_T0);
     const uint32_t* ag = a + g * (kGroup / 2);
 #pragma GCC unroll 8
     for (int u = 0; u < kGroup / 4; ++u) {
