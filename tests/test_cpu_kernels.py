@@ -76,6 +76,29 @@ def test_attention_kernel_equals_a_float64_reference(dtype, shape):
     assert torch.equal(one, tree_attention(q, keys, values, allowed, scale))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_attention_over_scattered_slots_equals_attention_over_the_same_slots_packed(dtype):
+    """A tree token sees its ancestors at scattered slots; after a commit the same keys sit one after
+    another. The kernel's output for a masked row is bit-identical to the unmasked attention over just
+    its visible slots, packed in order, so greedy speculative decoding emits what plain decoding does."""
+    tree_attention = attention_kernel()
+    heads, kv_heads, span, dim = 9, 3, 91, 64
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, heads, 4, dim, generator=g).to(dtype)
+    keys = torch.randn(1, kv_heads, span, dim, generator=g).to(dtype)
+    values = torch.randn(1, kv_heads, span, dim, generator=g).to(dtype)
+    allowed = torch.zeros(1, 4, span, dtype=torch.bool)
+    allowed[:, :, :70] = True  # the committed context
+    for row, tail in enumerate([[70], [70, 72], [70, 72, 77], [70, 75, 83, 90]]):  # ancestors and itself
+        allowed[0, row, tail] = True
+    out = tree_attention(q, keys, values, allowed, dim ** -0.5)
+    for row in range(4):
+        visible = allowed[0, row].nonzero().view(-1)
+        packed = tree_attention(q[:, :, row: row + 1], keys[:, :, visible], values[:, :, visible],
+                                torch.empty(0, dtype=torch.bool), dim ** -0.5)
+        assert torch.equal(out[:, row: row + 1], packed), row
+
+
 def test_attention_kernel_rejects_what_it_cannot_run():
     tree_attention = attention_kernel()
     q = torch.randn(1, 4, 2, 64).bfloat16()

@@ -162,3 +162,56 @@ def test_inference_copy_drafts_the_same_and_is_a_frozen_snapshot():
     with torch.no_grad():
         drafter.lm_head[-1].weight.zero_()  # later training does not reach the snapshot
     assert fast.logits(context, state).abs().sum() > 0
+
+
+def test_int4_drafting_computes_with_the_rounded_weights():
+    """--drafter-weights int4: each linear layer of a bf16 drafter computes with its weight rounded to 4
+    bits per group of 32 inputs (``round_4bit``: q * step + low, step and low float16, q in 0..15), to
+    bf16 output rounding; "dense" keeps the loaded weights; a float32 drafter cannot take int4 and
+    says why; "auto" falls back to dense for it."""
+    from helpers import require_kernels
+    from redrafter.drafter.model import inference_copy
+    from redrafter.models.int4 import round_4bit
+
+    require_kernels("int4")
+    torch.manual_seed(0)
+    drafter = Drafter(DrafterConfig(hidden_size=32, vocab_size=64, exit_dim=64, num_draft_layers=2)).to(torch.bfloat16)
+    fast = inference_copy(drafter, weights="int4")
+    assert fast.weights == "int4" and inference_copy(drafter, weights="dense").weights == "dense"
+    linears = [m for m in fast.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.forward.int4 is not None for m in linears)
+    x = torch.randn(5, 32).bfloat16()
+    for module in (fast.rnn_u, fast.rnn_w):
+        q, step, low = round_4bit(module.weight.float())
+        rounded = (q.view(32, 1, 32).float() * step.float().unsqueeze(-1) + low.float().unsqueeze(-1)).view(32, 32)
+        assert 0 < (rounded - module.weight.float()).abs().max() <= step.float().max() / 2 + 1e-6  # it was rounded
+        exact = x.double() @ rounded.double().T + (0 if module.bias is None else module.bias.double())
+        got = module(x).double()
+        assert bool(((got - exact).abs() <= 2.0 ** -7 * exact.abs() + 1e-3).all())
+    state = torch.randn(3, 32).bfloat16()
+    dense, rounded = drafter.logits(state, state).float(), fast.logits(state, state).float()
+    assert (rounded - dense).norm() / dense.norm() < 0.15
+    with pytest.raises(RedrafterError, match="int4 drafting runs bfloat16 drafters on CPU, not torch.float32"):
+        inference_copy(drafter.float(), weights="int4")
+    assert inference_copy(drafter.float()).weights == "dense"
+    with pytest.raises(RedrafterError, match="unknown drafter weights"):
+        inference_copy(drafter, weights="int8")
+
+
+def test_round_4bit_is_a_q4_1_quantizer():
+    """Per group of 32: the smallest weight is level 0, the largest level 15 (up to float16 scales),
+    every weight within half a step of its level; a constant group has step 0 and is exact."""
+    from redrafter.models.int4 import round_4bit
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 64, generator=g)
+    w[3, 32:] = 0.25
+    q, step, low = round_4bit(w)
+    assert q.dtype == torch.int32 and step.dtype == low.dtype == torch.float16 and step.shape == (16, 2)
+    levels = q.view(16, 2, 32)
+    rebuilt = levels.float() * step.float().unsqueeze(-1) + low.float().unsqueeze(-1)
+    assert bool(((rebuilt - w.view(16, 2, 32)).abs() <= step.float().unsqueeze(-1) * 0.5 + 1e-3).all())
+    top = levels.amax(-1)
+    top[3, 1] = 15  # the constant group, checked below
+    assert bool((levels.amin(-1) == 0).all()) and int(top.min()) >= 14
+    assert float(step[3, 1]) == 0 and bool((rebuilt[3, 1] == 0.25).all())

@@ -160,6 +160,10 @@ def add_draft_shape_arguments(parser, *, multiple: bool = False) -> None:
         "(a running mean) takes plain decode steps, trying a speculative one every 8th step (0 = always "
         "speculate; default: the drafter's measured setting, else 0; 0 for the shipped drafter)"
         + (" (a comma list runs each)" if multiple else "")))
+    parser.add_argument("--drafter-weights", default="auto", metavar="auto|dense|int4", help=(
+        "the drafter's products: int4 rounds its weights to 4 bits per group of 32 inputs and runs them "
+        "with our kernel (a bf16 drafter on an AVX-512-BF16 CPU; drafting gets cheaper, the output stays "
+        "exact), dense keeps them as loaded, auto: int4 where it runs" + (" (a comma list runs each)" if multiple else "")))
     parser.add_argument("--lookup-ngram", type=int, default=None, metavar="N",
                         help="longest n-gram the context lookup matches, trying shorter ones down to 1 "
                              f"(default: the drafter's measured best, else {DEFAULT_BEAM.lookup_ngram})")
@@ -180,6 +184,14 @@ def min_tokens_values(value: str | None) -> list[float | None]:
     """Parse --min-tokens-per-step (None = the drafter's default; a comma list for bench)."""
     return comma_values(value, float, lambda v: v == 0 or v >= 1,
                         "--min-tokens-per-step must be 0 (always speculate) or a number >= 1")
+
+
+def drafter_weights_values(value: str) -> list[str]:
+    """Parse --drafter-weights (a comma list for bench)."""
+    from redrafter.drafter.model import DRAFTER_WEIGHTS
+
+    return comma_values(value, str.strip, lambda v: v in DRAFTER_WEIGHTS,
+                        f"--drafter-weights takes {', '.join(DRAFTER_WEIGHTS)}")
 
 
 def min_draft_probs(value: str | None) -> list[float | None]:
@@ -296,7 +308,10 @@ def run_generate(args: argparse.Namespace) -> int:
                             lookups[0], args.lookup_ngram, sampling=sampling.temperature > 0,
                             min_tokens_per_step=gates[0])
         drafter = load_drafter(drafter_path, device=target.device, dtype=target.dtype)
-        proposer = ReDrafterProposer(drafter, target, beam, draft_mode=draft_mode)
+        drafter_weights = drafter_weights_values(args.drafter_weights)
+        if len(drafter_weights) != 1:
+            raise RedrafterError(f"--drafter-weights takes one value for generate, got '{args.drafter_weights}'")
+        proposer = ReDrafterProposer(drafter, target, beam, draft_mode=draft_mode, drafter_weights=drafter_weights[0])
     engine = Engine(target, proposer)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, stop_token_ids=stop_token_ids(tokenizer, target),
                               sampling=sampling)

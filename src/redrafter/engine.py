@@ -104,20 +104,22 @@ DRAFT_MODES = ("beam", "sample")
 class ReDrafterProposer:
     """Beam search over the recurrent drafter, embedding tokens with the target's table E.
 
-    Drafts with a frozen snapshot of the drafter (``inference_copy``: packed linear layers)."""
+    Drafts with a frozen snapshot of the drafter (``inference_copy``: packed or 4-bit linear layers)."""
 
-    def __init__(self, drafter: Drafter, target: TargetModel, beam: BeamConfig, *, draft_mode: str = "sample") -> None:
+    def __init__(self, drafter: Drafter, target: TargetModel, beam: BeamConfig, *, draft_mode: str = "sample",
+                 drafter_weights: str = "auto") -> None:
         """``draft_mode`` (sampling only; greedy always uses beam search): "beam" drafts by beam search
         and the tree walk tests each child as a point mass, so a node accepts with probability
         p(its children) (the p-mass the drafter's top beams cover); "sample" draws W paths from q and
         accepts with the multi-draft rejection rule. Either way the output follows p exactly
         (verify.py). "sample" (default) got as many or more tokens per step with SmolLM2's drafter at
         T = 0.7 and 1.0 (docs/BENCHMARKS.md): beam search's W beams mostly share their first tokens,
-        while W draws from q spread over more of p."""
+        while W draws from q spread over more of p. ``drafter_weights``: see ``inference_copy`` (4-bit
+        drafting products where they run, by default; ignored for a drafter that already is a copy)."""
         if draft_mode not in DRAFT_MODES:
             raise RedrafterError(f"unknown draft mode '{draft_mode}' (expected one of {', '.join(DRAFT_MODES)})")
         check_compatible(drafter, target)
-        self.drafter = inference_copy(drafter)
+        self.drafter = inference_copy(drafter, weights=drafter_weights)
         self.embed = target.embed
         self.beam = beam
         self.beam_length = max(beam.length, 1 + beam.lookup_tokens)

@@ -58,9 +58,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from redrafter.bench.report import print_table, write_outputs
     from redrafter.bench.runner import Item, machine_info, run_bench, summarise
     from redrafter.bench.workloads import load_workload
-    from redrafter.cli import (beam_format, draft_modes, encode_messages, lookup_tokens_values, max_tree_tokens_values,
-                               min_draft_probs, min_tokens_values, resolve_beam, resolve_drafter, sampling_params,
-                               stop_token_ids)
+    from redrafter.cli import (beam_format, draft_modes, drafter_weights_values, encode_messages, lookup_tokens_values,
+                               max_tree_tokens_values, min_draft_probs, min_tokens_values, resolve_beam, resolve_drafter,
+                               sampling_params, stop_token_ids)
     from redrafter.drafter.model import load_drafter
     from redrafter.models.loading import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_gguf, load_target
 
@@ -105,7 +105,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
                        sampling=sampling_params(args))
     methods, skipped = build_methods(names, ctx, drafter=drafter, beams=beams, draft_modes=modes,
                                      assistant_model=assistant,
-                                     prompt_lookup_tokens=args.prompt_lookup_tokens)
+                                     prompt_lookup_tokens=args.prompt_lookup_tokens,
+                                     drafter_weights=drafter_weights_values(args.drafter_weights))
     if not methods:
         raise RedrafterError(f"no method can run: {skipped}")
 
@@ -121,7 +122,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
                 "per_category": args.per_category,
                 "categories": categories,
                 "machine": machine_info(torch.get_num_threads(), str(target.dtype).removeprefix("torch.")),
-                "backend": type(target).__name__, "weights": target.weights, "skipped": skipped}
+                "backend": type(target).__name__, "weights": target.weights,
+                "drafter_weights": drafter_weights_values(args.drafter_weights), "skipped": skipped}
     paths = write_outputs(Path(args.out), rows, summary, settings)
     print_table(summary["methods"])
     for name, reason in skipped.items():

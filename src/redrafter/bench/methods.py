@@ -164,8 +164,10 @@ def redrafter_name(beam: BeamConfig, draft_mode: str = "beam") -> str:
 
 
 def build_methods(names: Sequence[str], ctx: BenchContext, *, drafter=None, beams: Sequence[BeamConfig] = (),
-                  draft_modes: Sequence[str] = ("beam",), assistant_model=None, prompt_lookup_tokens: int = 10) -> tuple[list[Method], dict[str, str]]:
-    """Instantiate the requested methods in the requested order.
+                  draft_modes: Sequence[str] = ("beam",), assistant_model=None, prompt_lookup_tokens: int = 10,
+                  drafter_weights: Sequence[str] = ("auto",)) -> tuple[list[Method], dict[str, str]]:
+    """Instantiate the requested methods in the requested order. With several ``drafter_weights``
+    (``inference_copy``) every redrafter setting runs with each, named with ``,drafter=<weights>``.
 
     Returns:
         (methods, skipped) where ``skipped`` maps a method name to the reason it cannot run here.
@@ -187,14 +189,18 @@ def build_methods(names: Sequence[str], ctx: BenchContext, *, drafter=None, beam
         elif name == "redrafter":
             if drafter is None:
                 raise RedrafterError("method 'redrafter' needs --drafter DIR")
-            drafter = inference_copy(drafter)  # one packed copy shared by every beam setting
             # Draft modes differ only when sampling; greedy always runs beam search.
             modes = ["beam"] if ctx.sampling.greedy else list(dict.fromkeys(draft_modes))
-            for mode in modes:
-                for beam in beams:
-                    proposer = ReDrafterProposer(drafter, target, beam, draft_mode=mode)
-                    methods.append(EngineMethod(redrafter_name(beam, mode), Engine(target, proposer), stops,
-                                                ctx.sampling))
+            weights = list(dict.fromkeys(drafter_weights))
+            for weight in weights:
+                copy = inference_copy(drafter, weights=weight)  # one copy shared by every beam setting
+                label = f",drafter={copy.weights}" if len(weights) > 1 else ""
+                for mode in modes:
+                    for beam in beams:
+                        proposer = ReDrafterProposer(copy, target, beam, draft_mode=mode)
+                        name = redrafter_name(beam, mode)
+                        methods.append(EngineMethod(name[:-1] + label + "]", Engine(target, proposer), stops,
+                                                    ctx.sampling))
         elif name == "lookup":
             methods.append(EngineMethod(f"lookup[{prompt_lookup_tokens}]", Engine(target, LookupProposer(prompt_lookup_tokens)),
                                         stops, ctx.sampling))

@@ -86,26 +86,58 @@ class Drafter(nn.Module):
         return self.lm_head(z)
 
 
-def inference_copy(drafter: Drafter) -> Drafter:
+DRAFTER_WEIGHTS = ("auto", "dense", "int4")
+
+
+def int4_drafting_unavailable_reason(drafter: Drafter) -> str | None:
+    """Why ``inference_copy(drafter, weights="int4")`` cannot run (None when it can)."""
+    from redrafter.models import kernels
+
+    parameter = next(drafter.parameters())
+    if parameter.device.type != "cpu" or parameter.dtype != torch.bfloat16:
+        return f"int4 drafting runs bfloat16 drafters on CPU, not {parameter.dtype} on {parameter.device.type}"
+    return kernels.int4_unavailable_reason() or (None if kernels.int4() is not None else "our kernels did not build")
+
+
+def inference_copy(drafter: Drafter, *, weights: str = "auto") -> Drafter:
     """A frozen copy of ``drafter`` for drafting: its linear layers run on oneDNN-packed weights where
     the device offers them (``models.base.Linear``; the same products, in another summation order).
 
     Drafting runs a few rows at a time, where MKL repacks the weight for each product (W = 2 cost twice
     W = 1); products of up to 8 rows of a bf16 drafter run our bf16 kernel where it loads (``few_rows``).
+    ``weights``: "int4" rounds each linear weight to 4 bits per group of 32 inputs (``int4.round_4bit``,
+    a Q4_1 quantizer) and runs products of up to 16 rows with our int4 kernel: drafting follows a
+    forward that streamed the target's weights through the caches, so the drafter's weights come cold
+    from memory, and 4 bits stream a quarter of the bytes (docs/PERFORMANCE.md). Only the proposals
+    change (the target verifies every token), and little: MT-Bench τ 2.10 with bf16 weights, 2.09
+    rounded. "auto": int4 where it runs (a bf16 drafter on a CPU with our kernels), else "dense".
     The copy is a snapshot: later changes to ``drafter`` (training) do not reach it, and it
     stays on its device and dtype (make another copy rather than moving it). A drafter that already is
     such a copy is returned as is, so proposers sharing one drafter can share one copy.
     """
     from redrafter.models.base import Linear
+    from redrafter.models.int4 import pack_int4
 
     if getattr(drafter, "is_inference_copy", False):
         return drafter
+    if weights not in DRAFTER_WEIGHTS:
+        raise RedrafterError(f"unknown drafter weights '{weights}' (expected one of {', '.join(DRAFTER_WEIGHTS)})")
+    reason = int4_drafting_unavailable_reason(drafter) if weights != "dense" else "dense weights requested"
+    if weights == "int4" and reason is not None:
+        raise RedrafterError(f"--drafter-weights int4 cannot run here: {reason}")
     fast = copy.deepcopy(drafter).eval().requires_grad_(False)
+    fast.weights = "dense"
     for module in fast.modules():
         if isinstance(module, nn.Linear):
-            layer = Linear(module.weight.detach(), None if module.bias is None else module.bias.detach(), pack=True,
-                           few_rows=True)
-            if layer.packed is not None or layer.bf16 is not None:
+            weight = module.weight.detach()
+            out_features, in_features = weight.shape
+            int4 = None
+            if reason is None and out_features % 16 == 0 and in_features % 32 == 0:
+                int4 = pack_int4(weight.float(), torch.bfloat16, kernel="avx512", rounding=True)
+                fast.weights = "int4"
+            layer = Linear(weight, None if module.bias is None else module.bias.detach(), pack=True, few_rows=True,
+                           int4=int4)
+            if layer.packed is not None or layer.bf16 is not None or layer.int4 is not None:
                 module.forward = layer
     fast.is_inference_copy = True
     return fast

@@ -15,7 +15,7 @@ itself: a weight that is not on a 4-bit grid is reported by name (``Int4GridErro
 re-quantized.
 
 Two kernels (docs/PERFORMANCE.md). Ours (``kernels``, AVX-512 BF16, bf16 activations) walks
-the weight once for up to 12 rows: SmolLM2's 30 layers of products take about 5 ms for one row
+the weight once for up to 8 rows (more in chunks of 8, rereading each tile from L1): SmolLM2's 30 layers of products take about 5 ms for one row
 against 15-17 ms dense (the weight stream shrinks 3.5x) and about 9 ms for 8 rows, so ``base.Linear``
 uses it up to ``INT4_MAX_ROWS_AVX512`` rows. torch's kernel (everywhere else, and for float32)
 streams and unpacks the weight once per 4 rows, so 5 rows cost about twice 4; it is used up to
@@ -158,11 +158,32 @@ def float16_scales(weight: torch.Tensor, q: torch.Tensor, step: torch.Tensor, lo
     return (step16, low16) if bool((error <= tolerance * step).all()) else None
 
 
-def pack_int4(weight: torch.Tensor, dtype: torch.dtype, group: int = GROUP_SIZE, kernel: str = "auto") -> Int4Weight:
+def round_4bit(weight: torch.Tensor, group: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round a weight that is not on a 4-bit grid to one, as a Q4_1 quantizer does: per group of
+    ``group`` inputs, low = the smallest weight and step = (largest - smallest) / 15, both rounded to
+    float16, and q = round((w - low) / step) in 0..15. Returns (q, step, low) as ``grid_4bit`` does, with
+    step and low float16 (a constant group gets step 0)."""
+    out_features, in_features = weight.shape
+    if in_features % group:
+        raise Int4GridError(f"{in_features} inputs are not a multiple of the group size {group}")
+    blocks = weight.detach().float().reshape(out_features, in_features // group, group)
+    low = blocks.amin(-1).half()
+    step = ((blocks.amax(-1) - low.float()) / 15).half()
+    scaled = (blocks - low.float().unsqueeze(-1)) / step.float().clamp_min(torch.finfo(torch.float16).tiny).unsqueeze(-1)
+    if not bool(torch.isfinite(step).all() and torch.isfinite(low).all()):
+        raise Int4GridError("weights beyond float16's range cannot be rounded to 4 bits with float16 scales")
+    q = scaled.round().clamp(0, 15).to(torch.int32)
+    return q.view(out_features, in_features), step, low
+
+
+def pack_int4(weight: torch.Tensor, dtype: torch.dtype, group: int = GROUP_SIZE, kernel: str = "auto", *,
+              rounding: bool = False) -> Int4Weight:
     """An ``Int4Weight`` computing with ``weight`` (out, in), for activations in ``dtype`` (bf16 or
     float32 on CPU). ``kernel``: "auto" takes ours ("avx512") for bf16 where it loads and the shape
     suits it (out a multiple of 16, groups of 32), else torch's. Raises ``Int4GridError`` when the
-    weight is not on a 4-bit grid."""
+    weight is not on a 4-bit grid, unless ``rounding``: then the weight is rounded to one first
+    (``round_4bit``), and the products compute with that rounded weight, not ``weight`` (for a drafter,
+    whose products only choose what to propose)."""
     if weight.device.type != "cpu":
         raise Int4GridError(f"int4 kernels run on CPU here, not {weight.device.type}")
     if kernel not in ("auto", "torch", "avx512"):
@@ -172,7 +193,11 @@ def pack_int4(weight: torch.Tensor, dtype: torch.dtype, group: int = GROUP_SIZE,
         raise Int4GridError(f"{out_features} output features are not a multiple of 16 (both int4 kernels' tile)")
     if kernel == "avx512" and (dtype != torch.bfloat16 or group != 32):
         raise ValueError("the AVX-512 int4 kernel takes bfloat16 activations and groups of 32 inputs")
-    q, step, low = grid_4bit(weight, group)
+    if rounding:
+        q, step16, low16 = round_4bit(weight, group)
+        step, low = step16.float(), low16.float()
+    else:
+        q, step, low = grid_4bit(weight, group)
     if kernel == "auto":
         fits = dtype == torch.bfloat16 and group == 32
         kernel = "avx512" if fits and kernels.int4() is not None else "torch"
@@ -180,7 +205,8 @@ def pack_int4(weight: torch.Tensor, dtype: torch.dtype, group: int = GROUP_SIZE,
         module = kernels.int4()
         if module is None:
             raise Int4GridError(f"the AVX-512 int4 kernel is not available: {kernels.int4_unavailable_reason() or 'its build failed'}")
-        packed, scales = module.pack_weight(q, *(float16_scales(weight, q, step, low) or (step, low)))
+        scales16 = (step16, low16) if rounding else float16_scales(weight, q, step, low)
+        packed, scales = module.pack_weight(q, *(scales16 or (step, low)))
         return Int4Weight(packed=packed, scales=scales, group=group, out_features=out_features,
                           in_features=in_features, kernel="avx512", matmul=module.int4_mm)
     zero = low + 8 * step  # (q - 8) * step + (low + 8 step) = q * step + low

@@ -70,7 +70,7 @@ def add_backend_arguments(parser, *, dtype_default: str = "auto") -> None:
                              "(docs/PERFORMANCE.md)")
     parser.add_argument("--int4-kernel", choices=INT4_KERNELS, default="auto",
                         help="which kernel runs int4 products: avx512 (ours: one pass over the weight for up "
-                             "to 12 rows; bf16 on AVX-512-BF16 CPUs), torch (aten's), or auto: ours where it runs")
+                             "to 8 rows; bf16 on AVX-512-BF16 CPUs), torch (aten's), or auto: ours where it runs")
     parser.add_argument("--attention-kernel", choices=ATTENTION_KERNELS, default="auto",
                         help="which kernel runs the native backend's attention for steps of up to 64 tokens: "
                              "ours (bf16 on AVX-512-BF16 CPUs), torch (scaled_dot_product_attention), or auto: "

@@ -32,9 +32,11 @@ inline __m512 load_scales(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-// R rows of one tile. Up to 8 rows: two accumulator chains per row (vdpbf16ps's latency exceeds its
-// issue interval); 9 to 12 rows: one chain per row, which leaves registers for 12 rows (12 sums,
-// 12 accumulators and 5 temporaries of the 32) and is faster than a second pass of the tile.
+// R rows of one tile, up to 8: two accumulator chains per row (vdpbf16ps's latency exceeds its issue
+// interval). Every row gets the same operations in the same order whatever R is, so a row's result
+// does not depend on the rows beside it: a tree's tokens compute what single steps do, which keeps
+// bf16 greedy speculative decoding token-identical to plain decoding. (One chain per row would fit
+// 12 rows in the registers and save a second pass of the tile, but sums in another order.)
 template <typename S, int R>
 inline void tile_rows(const uint8_t* wq, const S* sm, const uint32_t* a, int64_t a_stride32,
                       const float* asum, int64_t groups, at::BFloat16* out, int64_t out_stride,
@@ -42,12 +44,8 @@ inline void tile_rows(const uint8_t* wq, const S* sm, const uint32_t* a, int64_t
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    constexpr int kChains = R <= 8 ? 2 : 1;
     __m512 tmp[R], tmp2[R];
-    for (int r = 0; r < R; ++r) tmp[r] = _mm512_setzero_ps();
-    if constexpr (kChains == 2) {
-      for (int r = 0; r < R; ++r) tmp2[r] = _mm512_setzero_ps();
-    }
+    for (int r = 0; r < R; ++r) tmp[r] = tmp2[r] = _mm512_setzero_ps();
     const uint8_t* wg = wq + g * (kGroup / 4) * kQuadBytes;
     // The weight stream runs kPrefetchGroups groups ahead of the products (into the next tiles,
     // which follow in memory): without it, fetching and multiplying hardly overlap (PERFORMANCE.md).
@@ -65,17 +63,13 @@ inline void tile_rows(const uint8_t* wq, const S* sm, const uint32_t* a, int64_t
       for (int r = 0; r < R; ++r) {
         const uint32_t* ar = ag + r * a_stride32;
         tmp[r] = _mm512_dpbf16_ps(tmp[r], (__m512bh)_mm512_set1_epi32((int)ar[2 * u]), lo);
-        if constexpr (kChains == 2) {
-          tmp2[r] = _mm512_dpbf16_ps(tmp2[r], (__m512bh)_mm512_set1_epi32((int)ar[2 * u + 1]), hi);
-        } else {
-          tmp[r] = _mm512_dpbf16_ps(tmp[r], (__m512bh)_mm512_set1_epi32((int)ar[2 * u + 1]), hi);
-        }
+        tmp2[r] = _mm512_dpbf16_ps(tmp2[r], (__m512bh)_mm512_set1_epi32((int)ar[2 * u + 1]), hi);
       }
     }
     const __m512 step = load_scales(sm + g * 2 * kTile);
     const __m512 low = load_scales(sm + g * 2 * kTile + kTile);
     for (int r = 0; r < R; ++r) {
-      const __m512 dot = kChains == 2 ? _mm512_add_ps(tmp[r], tmp2[r]) : tmp[r];
+      const __m512 dot = _mm512_add_ps(tmp[r], tmp2[r]);
       acc[r] = _mm512_fmadd_ps(dot, step, acc[r]);
       acc[r] = _mm512_fmadd_ps(low, _mm512_set1_ps(asum[r * groups + g]), acc[r]);
     }
@@ -89,12 +83,11 @@ inline void tile_rows(const uint8_t* wq, const S* sm, const uint32_t* a, int64_t
 template <typename S>
 using TileFn = void (*)(const uint8_t*, const S*, const uint32_t*, int64_t, const float*, int64_t,
                         at::BFloat16*, int64_t, const __m512i);
-constexpr int kMaxChunk = 12;
+constexpr int kMaxChunk = 8;
 template <typename S>
-constexpr TileFn<S> kTileFns[kMaxChunk + 1] = {
-    nullptr,         tile_rows<S, 1>, tile_rows<S, 2>,  tile_rows<S, 3>,  tile_rows<S, 4>,
-    tile_rows<S, 5>, tile_rows<S, 6>, tile_rows<S, 7>,  tile_rows<S, 8>,  tile_rows<S, 9>,
-    tile_rows<S, 10>, tile_rows<S, 11>, tile_rows<S, 12>};
+constexpr TileFn<S> kTileFns[kMaxChunk + 1] = {nullptr,         tile_rows<S, 1>, tile_rows<S, 2>,
+                                               tile_rows<S, 3>, tile_rows<S, 4>, tile_rows<S, 5>,
+                                               tile_rows<S, 6>, tile_rows<S, 7>, tile_rows<S, 8>};
 
 // All tiles of the product (see int4_mm), with scales of type S.
 template <typename S>
@@ -113,8 +106,8 @@ void run_tiles(const uint32_t* a, const float* s, const uint8_t* w, const S* sca
     for (int64_t t = begin; t < end; ++t) {
       const uint8_t* wt = w + t * (K / 4) * kQuadBytes;
       const S* st = scales + t * groups * 2 * kTile;
-      // Up to 12 rows in one chunk; more in even chunks of at most 8 (16 rows: 8 + 8, not 12 + 4).
-      const int64_t chunks = M <= kMaxChunk ? 1 : (M + 7) / 8, chunk = (M + chunks - 1) / chunks;
+      // Even chunks of at most 8 rows (12 rows: 6 + 6, not 8 + 4).
+      const int64_t chunks = (M + kMaxChunk - 1) / kMaxChunk, chunk = (M + chunks - 1) / chunks;
       for (int64_t r0 = 0; r0 < M; r0 += chunk) {
         const int rows = (int)std::min<int64_t>(chunk, M - r0);
         kTileFns<S>[rows](wt, st, a + r0 * a_stride32, a_stride32, s + r0 * groups, groups,
