@@ -311,3 +311,68 @@ def test_float16_scales_where_they_hold_the_grid_exactly():
     assert pack_int4(w_k, torch.bfloat16, kernel="avx512").scales.dtype == torch.float32
     # The generator above has blocks on coarser grids (levels 0..5 come back as q = 3 level, step d / 3).
     assert pack_int4(q4_1_weight(64, 128, seed=3)[0], torch.bfloat16, kernel="avx512").scales.dtype == torch.float32
+
+
+def q8_0_weight(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
+    """A float32 weight as a Q8_0 GGUF holds it: per block of 32 inputs, d = fp16(max |x| / 127) and
+    q = round(x / (max |x| / 127)) in -127..127, w = d * q; one block all zero."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(out_features, in_features // GROUP_SIZE, GROUP_SIZE, generator=g) * 0.05
+    x[0, 0] = 0
+    d = x.abs().amax(-1, keepdim=True) / 127
+    q = (x / d.clamp_min(1e-30)).round()
+    return (q * d.half().float()).view(out_features, in_features)
+
+
+def test_q8_0_grid_is_recovered_exactly_and_off_grid_weights_are_refused():
+    from redrafter.models.int4 import grid_8bit
+
+    w = q8_0_weight(32, 96, seed=1)
+    q, d = grid_8bit(w)
+    assert d.dtype == torch.float16 and int(q.abs().max()) == 127 and int(q.view(32, 3, 32)[0, 0].abs().max()) == 0
+    assert torch.equal((q.view(32, 3, 32).float() * d.float().unsqueeze(-1)).view(32, 96), w)
+    off = w.clone()
+    off[5, 7] += float(d[5, 0]) * 0.3
+    with pytest.raises(Int4GridError, match="1 of 96 groups of 32 inputs are not on an 8-bit"):
+        grid_8bit(off)
+
+
+@pytest.mark.parametrize("shape", [(48, 96), (160, 576)])
+def test_int8_products_use_exactly_the_q8_0_weight_for_any_row_count(shape):
+    """The 8-bit LM head (two 4-bit planes through our kernel) gives the product of the bf16
+    activations with exactly the Q8_0 weight, computed in float64, to bf16 output rounding; each row
+    gets what it gets alone."""
+    avx512_kernel()
+    from redrafter.models.int4 import pack_int8
+
+    out_features, in_features = shape
+    w = q8_0_weight(out_features, in_features, seed=out_features)
+    packed = pack_int8(w)
+    assert packed.max_rows == 16 and packed.planes.scales.dtype == torch.float16
+    g = torch.Generator().manual_seed(2)
+    for rows in (1, 3, 6, 9, 16):
+        x = torch.randn(rows, in_features, generator=g).bfloat16()
+        y = packed(x.view(1, rows, in_features)).view(rows, out_features)
+        exact = x.double() @ w.double().T
+        bound = 2.0 ** -8 * exact.abs() + 1e-6 * (x.double().abs() @ w.double().abs().T)
+        assert bool(((y.double() - exact).abs() <= bound).all()), rows
+        assert torch.equal(y, torch.cat([packed(x[i: i + 1]) for i in range(rows)])), rows
+    with pytest.raises(Int4GridError, match="not on an 8-bit"):
+        pack_int8(q4_1_weight(48, 96)[0] + 1e-4)
+
+
+def test_the_embedded_models_lm_head_runs_8_bit_in_bf16():
+    """SmolLM2's GGUF ties its LM head to a Q8_0 embedding: in bf16 with our int4 kernel the head's
+    products of a step run with exactly those weights; its logits stay within bf16 rounding of the
+    dense bf16 head's (whose weights are the Q8_0 ones rounded to bf16)."""
+    avx512_kernel()
+    from redrafter.models.loading import load_target
+
+    target, _ = load_target("smollm2-135m-instruct", dtype="bfloat16", weights="int4")
+    assert target.lm_head_weights == "int8" and target.lm_head.int4 is not None
+    h = torch.randn(1, 3, target.info.hidden_size, generator=torch.Generator().manual_seed(3)).bfloat16()
+    eight = target.project(h)
+    dense = torch.ops.mkldnn._linear_pointwise(h, target.lm_head.packed, None, "none", [], "").float()
+    assert eight.shape == dense.shape == (1, 3, target.info.vocab_size)
+    assert (eight - dense).abs().max() <= 0.02 * dense.abs().max()
+    assert (eight.argmax(-1) == dense.argmax(-1)).all()

@@ -214,3 +214,70 @@ def pack_int4(weight: torch.Tensor, dtype: torch.dtype, group: int = GROUP_SIZE,
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), INNER_K_TILES)
     return Int4Weight(packed=packed, scales=scales_zeros, group=group, out_features=out_features,
                       in_features=in_features)
+
+
+def grid_8bit(weight: torch.Tensor, group: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recover a Q8_0 grid from a dense (float32) weight: per group of ``group`` inputs, w = d * q with
+    d a float16 value and q an integer in -127..127, d = max |w| / 127 (a Q8_0 quantizer maps the
+    largest |w| of a group to 127). Returns (q (out, in) int32, d (out, in / group) float16).
+    Raises ``Int4GridError`` when some group is not on such a grid."""
+    out_features, in_features = weight.shape
+    if in_features % group:
+        raise Int4GridError(f"{in_features} inputs are not a multiple of the group size {group}")
+    blocks = weight.detach().float().reshape(out_features, in_features // group, group)
+    d = (blocks.abs().amax(-1) / 127).half()
+    q = (blocks / d.float().clamp_min(torch.finfo(torch.float16).tiny).unsqueeze(-1)).round()
+    exact = (q * d.float().unsqueeze(-1) == blocks) & (q.abs() <= 127)
+    if not bool(torch.isfinite(d).all() and exact.all()):
+        bad = int((~exact.all(-1)).sum())
+        raise Int4GridError(f"{bad} of {d.numel()} groups of {group} inputs are not on an 8-bit (Q8_0) grid")
+    return q.to(torch.int32).view(out_features, in_features), d
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Weight:
+    """A Q8_0 weight (w = d * q per group of 32 inputs, q in -127..127) run by our int4 kernel as two
+    4-bit planes: with u = q + 128 = 16 h + l (h, l in 0..15), w = 16 d * h - 128 d + d * l, so
+    x @ w^T = [x, x] @ [16 d h - 128 d | d l]^T, one ``Int4Weight`` over twice the inputs whose steps
+    (16 d, d) and lows (-128 d, 0) are float16 values like d. The weights are exactly the file's; a
+    product streams 10 bits per weight (two nibbles, and the planes' steps and lows) instead of bf16's 16.
+    For an LM head tied to a Q8_0 embedding (the embedded SmolLM2's)."""
+
+    planes: Int4Weight
+    out_features: int
+    in_features: int
+    kernel: str = "avx512"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in_features) bf16 -> (..., out_features) bf16."""
+        return self.planes(torch.cat([x, x], dim=-1))
+
+    @property
+    def max_rows(self) -> int:
+        return self.planes.max_rows
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense (out_features, in_features) weight this computes with (float32), for tests."""
+        both = self.planes.dequantize()
+        return both[:, : self.in_features] + both[:, self.in_features:]
+
+
+def pack_int8(weight: torch.Tensor, group: int = GROUP_SIZE) -> Int8Weight:
+    """An ``Int8Weight`` computing with ``weight`` (out, in), which must lie on a Q8_0 grid (``grid_8bit``),
+    for bf16 activations with our int4 kernel. Raises ``Int4GridError`` when the weight is off the grid,
+    the shape does not suit the kernel, or the kernel is not available."""
+    out_features, in_features = weight.shape
+    if out_features % 16 or group != 32:
+        raise Int4GridError("8-bit products need a multiple of 16 output features and groups of 32 inputs")
+    module = kernels.int4()
+    if module is None:
+        raise Int4GridError(f"the AVX-512 int4 kernel is not available: {kernels.int4_unavailable_reason() or 'its build failed'}")
+    q, d = grid_8bit(weight, group)
+    u = q + 128
+    planes = torch.cat([u // 16, u % 16], dim=1)  # (out, 2 in): high nibbles, then low nibbles
+    steps = torch.cat([d * 16, d], dim=1)  # float16, exact (d times a power of 2)
+    lows = torch.cat([d * -128, torch.zeros_like(d)], dim=1)
+    packed, scales = module.pack_weight(planes, steps, lows)
+    int4 = Int4Weight(packed=packed, scales=scales, group=group, out_features=out_features,
+                      in_features=2 * in_features, kernel="avx512", matmul=module.int4_mm)
+    return Int8Weight(planes=int4, out_features=out_features, in_features=in_features)

@@ -35,6 +35,23 @@ INT4_KERNELS = ("auto", "avx512", "torch")
 ATTENTION_KERNELS = ("auto", "ours", "torch")
 
 
+def int8_lm_head(model):
+    """The LM head of a float32 transformers ``model`` as ``int4.Int8Weight`` when it lies on a Q8_0
+    grid (a GGUF whose output or tied embedding table is Q8_0, like the embedded SmolLM2's) and our
+    int4 kernel runs, else None: steps of a few tokens then compute with exactly the file's weights
+    and stream 10 bits per weight instead of bf16's 16 (docs/PERFORMANCE.md)."""
+    from redrafter.models.int4 import Int4GridError, pack_int8
+
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        return None
+    try:
+        return pack_int8(head.weight.detach())
+    except Int4GridError as exc:
+        logging.getLogger(__name__).info("bf16 LM head: %s", exc)
+        return None
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
     """A dtype name to a torch dtype. "auto" is bfloat16 where the hardware computes in it (CUDA;
     CPUs whose oneDNN has bf16 kernels, i.e. AVX-512 BF16 / AMX), else float32: on an AVX2-only CPU a
@@ -261,7 +278,7 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
         if backend == "auto":
             logging.getLogger(__name__).info("native backend does not support %s; using transformers", reason)
         return TransformersTarget(model, name=spec), tokenizer
-    int4_layers = None
+    int4_layers = head8 = None
     if weights == "int4":
         from redrafter.models.native import int4_layer_weights
 
@@ -271,12 +288,15 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
             if requested != "auto":
                 raise
             logging.getLogger(__name__).info("dense weights: %s", exc)
+        if int4_layers is not None and "avx512" in {w.kernel for layer in int4_layers for w in layer.values()}:
+            head8 = int8_lm_head(model)
         model = model.to(torch_dtype)
-    target = NativeTarget(model, name=spec, compile=compile, int4_layers=int4_layers, attention_kernel=attention_kernel)
+    target = NativeTarget(model, name=spec, compile=compile, int4_layers=int4_layers, attention_kernel=attention_kernel,
+                          lm_head_int8=head8)
     if int4_layers is not None:
-        logging.getLogger(__name__).info("int4 products for %d of %d weights (%s kernel), steps of up to %d tokens",
-                                         target.int4_count, 4 * target.num_layers, "/".join(target.int4_kernels),
-                                         target.int4_max_rows)
+        logging.getLogger(__name__).info("int4 products for %d of %d weights (%s kernel), steps of up to %d tokens; "
+                                         "LM head %s", target.int4_count, 4 * target.num_layers,
+                                         "/".join(target.int4_kernels), target.int4_max_rows, target.lm_head_weights)
     if not keep_transformers_model:
         freed = target.release_transformers_weights()
         logging.getLogger(__name__).info("freed %.0f MB of unpacked weights", freed / 2**20)

@@ -213,7 +213,7 @@ class NativeTarget:
 
     def __init__(self, model: nn.Module, *, name: str = "", weight_major_rows: int | None = None,
                  pack_weights: bool | None = None, compile: bool = False, int4_layers: list[dict] | None = None,
-                 int4_max_rows: int | None = None, attention_kernel: str = "auto") -> None:
+                 int4_max_rows: int | None = None, attention_kernel: str = "auto", lm_head_int8=None) -> None:
         config = model.config
         reason = unsupported_reason(config)
         if reason is not None:
@@ -242,8 +242,10 @@ class NativeTarget:
         self.weight_major_rows = weight_major_rows
         head = model.get_output_embeddings()
         head_bias = getattr(head, "bias", None)
+        # lm_head_int8 (``int4.pack_int8``, for an LM head on a Q8_0 grid): steps of up to 16 tokens run it.
         self.lm_head = Linear(head.weight.detach(), None if head_bias is None else head_bias.detach(),
-                              pack=pack_weights, max_rows=weight_major_rows)
+                              pack=pack_weights, max_rows=weight_major_rows, int4=lm_head_int8)
+        self.lm_head_weights = "int8" if lm_head_int8 is not None else "dense"
         # int4_layers (``int4_layer_weights``): products of up to int4_max_rows rows run 4-bit.
         if int4_layers is not None and len(int4_layers) != len(base.layers):
             raise RedrafterError(f"{len(int4_layers)} int4 layers for a model of {len(base.layers)}")
