@@ -171,6 +171,26 @@ def test_smoke_on_smollm2(smollm2, tmp_path, capsys):
     assert methods["ar"]["tau"] == 1.0
 
 
+@pytest.mark.slow
+def test_bench_compares_drafter_weights_in_one_run(tmp_path, capsys):
+    """--drafter-weights dense,int4 runs each ReDrafter setting with the bf16 and the 4-bit drafter,
+    named apart; in bf16 both give plain decoding's tokens. A bad value is refused."""
+    from helpers import require_kernels
+
+    require_kernels("int4")
+    args = ["bench", "--dataset", "mt-bench", "--limit", "2", "--turns", "1", "--max-new-tokens", "24",
+            "--dtype", "bfloat16", "--methods", "ar,redrafter", "--beam-width", "8", "--beam-length", "3",
+            "--max-tree-tokens", "4", "--lookup-tokens", "8", "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main(args + ["--drafter-weights", "dense,int4"]) == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["settings"]["drafter_weights"] == ["dense", "int4"]
+    names = ["redrafter[W=8,L=3,K<=4,look=8,drafter=dense]", "redrafter[W=8,L=3,K<=4,look=8,drafter=int4]"]
+    assert set(summary["methods"]) == {"ar", *names}
+    assert all(summary["methods"][name]["identical_to_ar"] == "2/2" for name in names)
+    assert main(args + ["--drafter-weights", "int2"]) == 2
+    assert "--drafter-weights takes auto, dense, int4" in capsys.readouterr().err
+
+
 def test_profile_curve_and_phase_breakdown_on_both_backends():
     from redrafter.bench.profile import phase_breakdown, verify_curve
     from redrafter import BeamConfig, Drafter, DrafterConfig, ReDrafterProposer

@@ -193,11 +193,11 @@ def build_methods(names: Sequence[str], ctx: BenchContext, *, drafter=None, beam
             modes = ["beam"] if ctx.sampling.greedy else list(dict.fromkeys(draft_modes))
             weights = list(dict.fromkeys(drafter_weights))
             for weight in weights:
-                copy = inference_copy(drafter, weights=weight)  # one copy shared by every beam setting
-                label = f",drafter={copy.weights}" if len(weights) > 1 else ""
+                snapshot = inference_copy(drafter, weights=weight)  # one copy shared by every beam setting
+                label = f",drafter={snapshot.weights}" if len(weights) > 1 else ""
                 for mode in modes:
                     for beam in beams:
-                        proposer = ReDrafterProposer(copy, target, beam, draft_mode=mode)
+                        proposer = ReDrafterProposer(snapshot, target, beam, draft_mode=mode)
                         name = redrafter_name(beam, mode)
                         methods.append(EngineMethod(name[:-1] + label + "]", Engine(target, proposer), stops,
                                                     ctx.sampling))

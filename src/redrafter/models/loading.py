@@ -83,8 +83,8 @@ def add_backend_arguments(parser, *, dtype_default: str = "auto") -> None:
     parser.add_argument("--weights", choices=WEIGHT_FORMATS, default="auto",
                         help="int4: the native backend runs steps of a few tokens with 4-bit products, for "
                              "models whose weights are 4-bit (a Q4_0/Q4_1/Q4_K GGUF, e.g. the embedded default; "
-                             "CPU); auto: int4 for such a GGUF in bfloat16 on CPU, else dense "
-                             "(docs/PERFORMANCE.md)")
+                             "CPU), and with our kernel an LM head stored as Q8_0 8-bit with exactly its weights; "
+                             "auto: int4 for such a GGUF in bfloat16 on CPU, else dense (docs/PERFORMANCE.md)")
     parser.add_argument("--int4-kernel", choices=INT4_KERNELS, default="auto",
                         help="which kernel runs int4 products: avx512 (ours: one pass over the weight for up "
                              "to 8 rows; bf16 on AVX-512-BF16 CPUs), torch (aten's), or auto: ours where it runs")
