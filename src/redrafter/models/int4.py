@@ -246,7 +246,6 @@ class Int8Weight:
     planes: Int4Weight
     out_features: int
     in_features: int
-    kernel: str = "avx512"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) bf16 -> (..., out_features) bf16."""
@@ -255,11 +254,6 @@ class Int8Weight:
     @property
     def max_rows(self) -> int:
         return self.planes.max_rows
-
-    def dequantize(self) -> torch.Tensor:
-        """The dense (out_features, in_features) weight this computes with (float32), for tests."""
-        both = self.planes.dequantize()
-        return both[:, : self.in_features] + both[:, self.in_features:]
 
 
 def pack_int8(weight: torch.Tensor, group: int = GROUP_SIZE) -> Int8Weight:

@@ -114,34 +114,33 @@ void block(const Shapes& s, const T* q, const T* keys, const T* values, const bo
     __m512 m = _mm512_set1_ps(neg_inf);
     for (int64_t j = 0; j < padded; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(sr + j));
     const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+    // With a mask, the sum runs over the visible slots packed together, in slot order, 16 lanes wide:
+    // the order of the same slots after a commit, when a tree's accepted tokens sit one after another.
+    // A branch's ancestors are not contiguous in the tree, so a slot-order sum would round differently
+    // from the step that sees the committed tokens, and greedy output could differ. Without a mask
+    // every slot is visible and slot order is that order (the padding adds zeros).
     __m512 total = _mm512_setzero_ps();
-    if (mask_row[r] == nullptr) {
-      for (int64_t j = 0; j < padded; j += 16) {
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mx));
-        _mm512_storeu_ps(sr + j, e);
+    float* packed = scores.data() + kRowBlock * padded;
+    int64_t count = 0;
+    for (int64_t j = 0; j < padded; j += 16) {
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mx));
+      _mm512_storeu_ps(sr + j, e);
+      if (mask_row[r] == nullptr) {
         total = _mm512_add_ps(total, e);
+        continue;
       }
-    } else {
-      // The sum runs over the visible slots packed together, in slot order, 16 lanes wide: the order
-      // of the same slots after a commit, when a tree's accepted tokens sit one after another. A
-      // branch's ancestors are not contiguous in the tree, so a slot-order sum would round
-      // differently from the step that sees the committed tokens, and greedy output could differ.
-      float* packed = scores.data() + kRowBlock * padded;
-      int64_t count = 0;
-      for (int64_t j = 0; j < padded; j += 16) {
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mx));
-        _mm512_storeu_ps(sr + j, e);
-        __mmask16 visible;
-        if (j + 16 <= span) {
-          visible = _mm_cmpneq_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mask_row[r] + j)),
-                                         _mm_setzero_si128());
-        } else {
-          visible = 0;
-          for (int64_t jj = j; jj < span; ++jj) visible |= (__mmask16)((mask_row[r][jj] ? 1u : 0u) << (jj - j));
-        }
-        _mm512_storeu_ps(packed + count, _mm512_maskz_compress_ps(visible, e));
-        count += __builtin_popcount((unsigned)visible);
+      __mmask16 visible;
+      if (j + 16 <= span) {
+        visible = _mm_cmpneq_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mask_row[r] + j)),
+                                       _mm_setzero_si128());
+      } else {
+        visible = 0;
+        for (int64_t jj = j; jj < span; ++jj) visible |= (__mmask16)((mask_row[r][jj] ? 1u : 0u) << (jj - j));
       }
+      _mm512_storeu_ps(packed + count, _mm512_maskz_compress_ps(visible, e));
+      count += __builtin_popcount((unsigned)visible);
+    }
+    if (mask_row[r] != nullptr) {
       for (int64_t j = count; j < (count + 15) / 16 * 16; ++j) packed[j] = 0.f;
       for (int64_t j = 0; j < count; j += 16) total = _mm512_add_ps(total, _mm512_loadu_ps(packed + j));
     }
