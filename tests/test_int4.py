@@ -333,8 +333,25 @@ def test_q8_0_grid_is_recovered_exactly_and_off_grid_weights_are_refused():
     assert torch.equal((q.view(32, 3, 32).float() * d.float().unsqueeze(-1)).view(32, 96), w)
     off = w.clone()
     off[5, 7] += float(d[5, 0]) * 0.3
-    with pytest.raises(Int4GridError, match="1 of 96 groups of 32 inputs are not on an 8-bit"):
+    with pytest.raises(Int4GridError, match="1 groups of 32 inputs in rows 0-31 of 32 are not on an 8-bit"):
         grid_8bit(off)
+
+
+def test_q8_0_grid_of_a_weight_checked_in_row_chunks_is_the_whole_grid():
+    """A weight taller than one chunk of the check: the chunks' grids join into the whole weight's, and
+    a group off the grid in the last chunk is found there."""
+    from redrafter.models import int4
+
+    rows = int4._GRID_CHUNK_ROWS * 2 + 37
+    w = q8_0_weight(rows, 64, seed=2)
+    q, d = int4.grid_8bit(w)
+    assert q.shape == (rows, 64) and d.shape == (rows, 2)
+    assert torch.equal((q.view(rows, 2, 32).float() * d.float().unsqueeze(-1)).view(rows, 64), w)
+    off = w.clone()
+    off[rows - 1, 40] += float(d[rows - 1, 1]) * 0.3
+    last = int4._GRID_CHUNK_ROWS * 2
+    with pytest.raises(Int4GridError, match=f"1 groups of 32 inputs in rows {last}-{rows - 1} of {rows}"):
+        int4.grid_8bit(off)
 
 
 @pytest.mark.parametrize("shape", [(48, 96), (160, 576)])

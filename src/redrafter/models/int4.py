@@ -216,6 +216,9 @@ def pack_int4(weight: torch.Tensor, dtype: torch.dtype, group: int = GROUP_SIZE,
                       in_features=in_features)
 
 
+_GRID_CHUNK_ROWS = 1024
+
+
 def grid_8bit(weight: torch.Tensor, group: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Recover a Q8_0 grid from a dense (float32) weight: per group of ``group`` inputs, w = d * q with
     d a float16 value and q an integer in -127..127, d = max |w| / 127 (a Q8_0 quantizer maps the
@@ -224,14 +227,22 @@ def grid_8bit(weight: torch.Tensor, group: int = GROUP_SIZE) -> tuple[torch.Tens
     out_features, in_features = weight.shape
     if in_features % group:
         raise Int4GridError(f"{in_features} inputs are not a multiple of the group size {group}")
-    blocks = weight.detach().float().reshape(out_features, in_features // group, group)
-    d = (blocks.abs().amax(-1) / 127).half()
-    q = (blocks / d.float().clamp_min(torch.finfo(torch.float16).tiny).unsqueeze(-1)).round()
-    exact = (q * d.float().unsqueeze(-1) == blocks) & (q.abs() <= 127)
-    if not bool(torch.isfinite(d).all() and exact.all()):
-        bad = int((~exact.all(-1)).sum())
-        raise Int4GridError(f"{bad} of {d.numel()} groups of {group} inputs are not on an 8-bit (Q8_0) grid")
-    return q.to(torch.int32).view(out_features, in_features), d
+    qs, ds = [], []
+    # In chunks of rows, so that a weight off the grid fails at its first chunk and a large head (Qwen's
+    # 151,936 x 1,536) needs temporaries of a few MB, not several GB.
+    for start in range(0, out_features, _GRID_CHUNK_ROWS):
+        rows = weight.detach()[start:start + _GRID_CHUNK_ROWS]
+        blocks = rows.float().reshape(rows.shape[0], in_features // group, group)
+        d = (blocks.abs().amax(-1) / 127).half()
+        q = (blocks / d.float().clamp_min(torch.finfo(torch.float16).tiny).unsqueeze(-1)).round()
+        exact = (q * d.float().unsqueeze(-1) == blocks) & (q.abs() <= 127)
+        if not bool(torch.isfinite(d).all() and exact.all()):
+            bad = int((~exact.all(-1)).sum())
+            raise Int4GridError(f"{bad} groups of {group} inputs in rows {start}-{start + rows.shape[0] - 1} of "
+                                f"{out_features} are not on an 8-bit (Q8_0) grid")
+        qs.append(q.to(torch.int32).view(rows.shape[0], in_features))
+        ds.append(d)
+    return torch.cat(qs), torch.cat(ds)
 
 
 @dataclasses.dataclass(frozen=True)
