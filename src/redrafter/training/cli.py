@@ -60,7 +60,9 @@ def add_train_parser(subparsers) -> None:
                    help="V_d most frequent tokens (0 = the full vocabulary)")
     p.add_argument("--exit-dim", type=int, default=None, help="residual width (default 2H, the reference)")
     p.add_argument("--num-layers", type=int, default=d.num_layers)
-    p.add_argument("--predict-tokens", type=int, default=d.predict_tokens)
+    p.add_argument("--predict-tokens", type=int, default=d.predict_tokens,
+                   help="drafted tokens trained per position; L-1 suits beams of length L (the drafter "
+                        "shares its weights across steps, so deeper steps take capacity; docs/TRAINING.md, v8)")
     p.add_argument("--epochs", type=float, default=d.epochs)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
