@@ -329,7 +329,8 @@ def test_q8_0_grid_is_recovered_exactly_and_off_grid_weights_are_refused():
 
     w = q8_0_weight(32, 96, seed=1)
     q, d = grid_8bit(w)
-    assert d.dtype == torch.float16 and int(q.abs().max()) == 127 and int(q.view(32, 3, 32)[0, 0].abs().max()) == 0
+    assert d.dtype == torch.float16 and q.dtype == torch.int8
+    assert int(q.abs().max()) == 127 and int(q.view(32, 3, 32)[0, 0].abs().max()) == 0
     assert torch.equal((q.view(32, 3, 32).float() * d.float().unsqueeze(-1)).view(32, 96), w)
     off = w.clone()
     off[5, 7] += float(d[5, 0]) * 0.3

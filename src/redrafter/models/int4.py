@@ -222,7 +222,7 @@ _GRID_CHUNK_ROWS = 1024
 def grid_8bit(weight: torch.Tensor, group: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Recover a Q8_0 grid from a dense (float32) weight: per group of ``group`` inputs, w = d * q with
     d a float16 value and q an integer in -127..127, d = max |w| / 127 (a Q8_0 quantizer maps the
-    largest |w| of a group to 127). Returns (q (out, in) int32, d (out, in / group) float16).
+    largest |w| of a group to 127). Returns (q (out, in) int8, d (out, in / group) float16).
     Raises ``Int4GridError`` when some group is not on such a grid."""
     out_features, in_features = weight.shape
     if in_features % group:
@@ -240,7 +240,7 @@ def grid_8bit(weight: torch.Tensor, group: int = GROUP_SIZE) -> tuple[torch.Tens
             bad = int((~exact.all(-1)).sum())
             raise Int4GridError(f"{bad} groups of {group} inputs in rows {start}-{start + rows.shape[0] - 1} of "
                                 f"{out_features} are not on an 8-bit (Q8_0) grid")
-        qs.append(q.to(torch.int32).view(rows.shape[0], in_features))
+        qs.append(q.to(torch.int8).view(rows.shape[0], in_features))
         ds.append(d)
     return torch.cat(qs), torch.cat(ds)
 
@@ -278,8 +278,10 @@ def pack_int8(weight: torch.Tensor, group: int = GROUP_SIZE) -> Int8Weight:
     if module is None:
         raise Int4GridError(f"the AVX-512 int4 kernel is not available: {kernels.int4_unavailable_reason() or 'its build failed'}")
     q, d = grid_8bit(weight, group)
-    u = q + 128
-    planes = torch.cat([u // 16, u % 16], dim=1)  # (out, 2 in): high nibbles, then low nibbles
+    # One byte per weight throughout: a Qwen-size head (233M weights) then needs about 1 GB of temporaries.
+    u = q.view(torch.uint8) ^ 128  # q + 128 for q in -127..127 (two's complement with the sign bit flipped)
+    del q
+    planes = torch.cat([u >> 4, u & 15], dim=1)  # (out, 2 in): high nibbles, then low nibbles
     steps = torch.cat([d * 16, d], dim=1)  # float16, exact (d times a power of 2)
     lows = torch.cat([d * -128, torch.zeros_like(d)], dim=1)
     packed, scales = module.pack_weight(planes, steps, lows)
