@@ -357,7 +357,7 @@ def test_q8_0_grid_of_a_weight_checked_in_row_chunks_is_the_whole_grid():
 
 @pytest.mark.parametrize("shape", [(48, 96), (160, 576)])
 def test_int8_products_use_exactly_the_q8_0_weight_for_any_row_count(shape):
-    """The 8-bit LM head (two 4-bit planes through our kernel) gives the product of the bf16
+    """The 8-bit LM head (our kernel's int8_mm) gives the product of the bf16
     activations with exactly the Q8_0 weight, computed in float64, to bf16 output rounding; each row
     gets what it gets alone."""
     avx512_kernel()
@@ -366,7 +366,7 @@ def test_int8_products_use_exactly_the_q8_0_weight_for_any_row_count(shape):
     out_features, in_features = shape
     w = q8_0_weight(out_features, in_features, seed=out_features)
     packed = pack_int8(w)
-    assert packed.max_rows == 16 and packed.planes.scales.dtype == torch.float16
+    assert packed.max_rows == 16 and packed.scales.dtype == torch.float16 and packed.packed.dtype == torch.uint8
     g = torch.Generator().manual_seed(2)
     for rows in (1, 3, 6, 9, 16):
         x = torch.randn(rows, in_features, generator=g).bfloat16()

@@ -247,29 +247,30 @@ def grid_8bit(weight: torch.Tensor, group: int = GROUP_SIZE) -> tuple[torch.Tens
 
 @dataclasses.dataclass(frozen=True)
 class Int8Weight:
-    """A Q8_0 weight (w = d * q per group of 32 inputs, q in -127..127) run by our int4 kernel as two
-    4-bit planes: with u = q + 128 = 16 h + l (h, l in 0..15), w = 16 d * h - 128 d + d * l, so
-    x @ w^T = [x, x] @ [16 d h - 128 d | d l]^T, one ``Int4Weight`` over twice the inputs whose steps
-    (16 d, d) and lows (-128 d, 0) are float16 values like d. The weights are exactly the file's; a
-    product streams 10 bits per weight (two nibbles, and the planes' steps and lows) instead of bf16's 16.
-    For an LM head tied to a Q8_0 embedding (the embedded SmolLM2's)."""
+    """A Q8_0 weight (w = d * q per group of 32 inputs, q in -127..127, d float16) run by our kernel's
+    8-bit products (``int8_mm``): the weights are exactly the file's, and a product streams 8.5 bits per
+    weight (q and one float16 d per group) instead of bf16's 16. For an LM head tied to a Q8_0
+    embedding (the embedded SmolLM2's)."""
 
-    planes: Int4Weight
+    packed: torch.Tensor  # (out / 16, in / 4, 64) uint8, ``pack_weight8``'s layout
+    scales: torch.Tensor  # (out / 16, in / 32, 16) float16 d
     out_features: int
     in_features: int
+    matmul: object = dataclasses.field(repr=False, compare=False)  # kernels' int8_mm
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) bf16 -> (..., out_features) bf16."""
-        return self.planes(torch.cat([x, x], dim=-1))
+        y = self.matmul(x.reshape(-1, self.in_features).contiguous(), self.packed, self.scales)
+        return y.view(*x.shape[:-1], self.out_features)
 
     @property
     def max_rows(self) -> int:
-        return self.planes.max_rows
+        return INT4_MAX_ROWS_AVX512
 
 
 def pack_int8(weight: torch.Tensor, group: int = GROUP_SIZE) -> Int8Weight:
     """An ``Int8Weight`` computing with ``weight`` (out, in), which must lie on a Q8_0 grid (``grid_8bit``),
-    for bf16 activations with our int4 kernel. Raises ``Int4GridError`` when the weight is off the grid,
+    for bf16 activations with our kernel. Raises ``Int4GridError`` when the weight is off the grid,
     the shape does not suit the kernel, or the kernel is not available."""
     out_features, in_features = weight.shape
     if out_features % 16 or group != 32:
@@ -278,13 +279,6 @@ def pack_int8(weight: torch.Tensor, group: int = GROUP_SIZE) -> Int8Weight:
     if module is None:
         raise Int4GridError(f"the AVX-512 int4 kernel is not available: {kernels.int4_unavailable_reason() or 'its build failed'}")
     q, d = grid_8bit(weight, group)
-    # One byte per weight throughout: a Qwen-size head (233M weights) then needs about 1 GB of temporaries.
-    u = q.view(torch.uint8) ^ 128  # q + 128 for q in -127..127 (two's complement with the sign bit flipped)
-    del q
-    planes = torch.cat([u >> 4, u & 15], dim=1)  # (out, 2 in): high nibbles, then low nibbles
-    steps = torch.cat([d * 16, d], dim=1)  # float16, exact (d times a power of 2)
-    lows = torch.cat([d * -128, torch.zeros_like(d)], dim=1)
-    packed, scales = module.pack_weight(planes, steps, lows)
-    int4 = Int4Weight(packed=packed, scales=scales, group=group, out_features=out_features,
-                      in_features=2 * in_features, kernel="avx512", matmul=module.int4_mm)
-    return Int8Weight(planes=int4, out_features=out_features, in_features=in_features)
+    packed, scales = module.pack_weight8(q, d)
+    return Int8Weight(packed=packed, scales=scales, out_features=out_features, in_features=in_features,
+                      matmul=module.int8_mm)

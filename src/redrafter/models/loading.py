@@ -39,7 +39,7 @@ def int8_lm_head(model):
     """The LM head of a float32 transformers ``model`` as ``int4.Int8Weight`` when it lies on a Q8_0
     grid (a GGUF whose output or tied embedding table is Q8_0, like the embedded SmolLM2's) and our
     int4 kernel runs, else None: steps of a few tokens then compute with exactly the file's weights
-    and stream 10 bits per weight instead of bf16's 16 (docs/PERFORMANCE.md)."""
+    and stream 8.5 bits per weight instead of bf16's 16 (docs/PERFORMANCE.md)."""
     from redrafter.models.int4 import Int4GridError, pack_int8
 
     head = model.get_output_embeddings()

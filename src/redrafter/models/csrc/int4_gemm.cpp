@@ -23,8 +23,34 @@ namespace {
 constexpr int kTile = 16;   // output features per tile (one zmm of float32)
 constexpr int kGroup = 32;  // inputs per (step, low)
 constexpr int kQuadBytes = 32;
-constexpr int kGroupBytes = kGroup / 4 * kQuadBytes;  // 256: one group of a tile's 4-bit weights
-constexpr int kPrefetchGroups = 32;                    // 8 KB ahead (prefetching past the end is harmless)
+constexpr int kPrefetchBytes = 8192;  // the weight stream runs 8 KB ahead (prefetching past the end is harmless)
+
+// A quad of inputs (4u .. 4u+3) of a tile's 16 features as the operands of two vdpbf16ps: the bf16
+// pairs of inputs (4u, 4u+1) and (4u+2, 4u+3).
+struct Int4Format {
+  static constexpr int kQuad = kQuadBytes;
+  static constexpr bool kLow = true;  // per group, 16 steps and then 16 lows; else 16 steps (d) alone
+  static inline void quad(const uint8_t* p, const __m512i table, __m512bh& first, __m512bh& second) {
+    __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    first = (__m512bh)_mm512_permutexvar_epi16(x, table);
+    second = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(x, 4), table);
+  }
+};
+
+struct Int8Format {
+  static constexpr int kQuad = 2 * kQuadBytes;
+  static constexpr bool kLow = false;
+  static inline __m512bh pair(const uint8_t* p) {
+    const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    const __m512 b =
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+    return _mm512_cvtne2ps_pbh(b, a);  // bytes 0..15 in the low half
+  }
+  static inline void quad(const uint8_t* p, const __m512i, __m512bh& first, __m512bh& second) {
+    first = pair(p);
+    second = pair(p + kQuadBytes);
+  }
+};
 
 // 16 steps or lows, widened to float32 (exactly).
 inline __m512 load_scales(const float* p) { return _mm512_loadu_ps(p); }
@@ -37,41 +63,43 @@ inline __m512 load_scales(const at::Half* p) {
 // does not depend on the rows beside it: a tree's tokens compute what single steps do, which keeps
 // bf16 greedy speculative decoding token-identical to plain decoding. (One chain per row would fit
 // 12 rows in the registers and save a second pass of the tile, but sums in another order.)
-template <typename S, int R>
+template <typename F, typename S, int R>
 inline void tile_rows(const uint8_t* wq, const S* sm, const uint32_t* a, int64_t a_stride32,
                       const float* asum, int64_t groups, at::BFloat16* out, int64_t out_stride,
                       const __m512i table) {
+  constexpr int kGroupBytes = kGroup / 4 * F::kQuad;  // one group of a tile's weights
+  constexpr int kScales = (F::kLow ? 2 : 1) * kTile;  // per tile and group
+  constexpr int kAhead = kPrefetchBytes / kGroupBytes;  // groups
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     __m512 tmp[R], tmp2[R];
     for (int r = 0; r < R; ++r) tmp[r] = tmp2[r] = _mm512_setzero_ps();
-    const uint8_t* wg = wq + g * (kGroup / 4) * kQuadBytes;
-    // The weight stream runs kPrefetchGroups groups ahead of the products (into the next tiles,
-    // which follow in memory): without it, fetching and multiplying hardly overlap (PERFORMANCE.md).
+    const uint8_t* wg = wq + g * kGroupBytes;
+    // The weight stream runs kPrefetchBytes ahead of the products (into the next tiles, which
+    // follow in memory): without it, fetching and multiplying hardly overlap (PERFORMANCE.md).
     for (int l = 0; l < kGroupBytes / 64; ++l)
-      _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetchGroups * kGroupBytes + 64 * l), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(sm + (g + kPrefetchGroups) * 2 * kTile), _MM_HINT_T0);
-    if constexpr (sizeof(S) * 2 * kTile > 64)
-      _mm_prefetch(reinterpret_cast<const char*>(sm + (g + kPrefetchGroups) * 2 * kTile) + 64, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetchBytes + 64 * l), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(sm + (g + kAhead) * kScales), _MM_HINT_T0);
+    if constexpr (sizeof(S) * kScales > 64)
+      _mm_prefetch(reinterpret_cast<const char*>(sm + (g + kAhead) * kScales) + 64, _MM_HINT_T0);
     const uint32_t* ag = a + g * (kGroup / 2);
 #pragma GCC unroll 8
     for (int u = 0; u < kGroup / 4; ++u) {
-      __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + u * kQuadBytes)));
-      __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(x, table);
-      __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(x, 4), table);
+      __m512bh first, second;
+      F::quad(wg + u * F::kQuad, table, first, second);
       for (int r = 0; r < R; ++r) {
         const uint32_t* ar = ag + r * a_stride32;
-        tmp[r] = _mm512_dpbf16_ps(tmp[r], (__m512bh)_mm512_set1_epi32((int)ar[2 * u]), lo);
-        tmp2[r] = _mm512_dpbf16_ps(tmp2[r], (__m512bh)_mm512_set1_epi32((int)ar[2 * u + 1]), hi);
+        tmp[r] = _mm512_dpbf16_ps(tmp[r], (__m512bh)_mm512_set1_epi32((int)ar[2 * u]), first);
+        tmp2[r] = _mm512_dpbf16_ps(tmp2[r], (__m512bh)_mm512_set1_epi32((int)ar[2 * u + 1]), second);
       }
     }
-    const __m512 step = load_scales(sm + g * 2 * kTile);
-    const __m512 low = load_scales(sm + g * 2 * kTile + kTile);
+    const __m512 step = load_scales(sm + g * kScales);
+    const __m512 low = F::kLow ? load_scales(sm + g * kScales + kTile) : _mm512_setzero_ps();
     for (int r = 0; r < R; ++r) {
       const __m512 dot = _mm512_add_ps(tmp[r], tmp2[r]);
       acc[r] = _mm512_fmadd_ps(dot, step, acc[r]);
-      acc[r] = _mm512_fmadd_ps(low, _mm512_set1_ps(asum[r * groups + g]), acc[r]);
+      if constexpr (F::kLow) acc[r] = _mm512_fmadd_ps(low, _mm512_set1_ps(asum[r * groups + g]), acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -84,13 +112,14 @@ template <typename S>
 using TileFn = void (*)(const uint8_t*, const S*, const uint32_t*, int64_t, const float*, int64_t,
                         at::BFloat16*, int64_t, const __m512i);
 constexpr int kMaxChunk = 8;
-template <typename S>
-constexpr TileFn<S> kTileFns[kMaxChunk + 1] = {nullptr,         tile_rows<S, 1>, tile_rows<S, 2>,
-                                               tile_rows<S, 3>, tile_rows<S, 4>, tile_rows<S, 5>,
-                                               tile_rows<S, 6>, tile_rows<S, 7>, tile_rows<S, 8>};
+template <typename F, typename S>
+constexpr TileFn<S> kTileFns[kMaxChunk + 1] = {nullptr,
+                                               tile_rows<F, S, 1>, tile_rows<F, S, 2>, tile_rows<F, S, 3>,
+                                               tile_rows<F, S, 4>, tile_rows<F, S, 5>, tile_rows<F, S, 6>,
+                                               tile_rows<F, S, 7>, tile_rows<F, S, 8>};
 
-// All tiles of the product (see int4_mm), with scales of type S.
-template <typename S>
+// All tiles of the product (see int4_mm), for weights of format F with scales of type S.
+template <typename F, typename S>
 void run_tiles(const uint32_t* a, const float* s, const uint8_t* w, const S* scales, at::BFloat16* o, int64_t M,
                int64_t K, int64_t tiles, int64_t groups) {
   const int64_t N = tiles * kTile, a_stride32 = K / 2;
@@ -104,13 +133,13 @@ void run_tiles(const uint32_t* a, const float* s, const uint8_t* w, const S* sca
     }
     const __m512i table = _mm512_load_si512(tbl);
     for (int64_t t = begin; t < end; ++t) {
-      const uint8_t* wt = w + t * (K / 4) * kQuadBytes;
-      const S* st = scales + t * groups * 2 * kTile;
+      const uint8_t* wt = w + t * (K / 4) * F::kQuad;
+      const S* st = scales + t * groups * (F::kLow ? 2 : 1) * kTile;
       // Even chunks of at most 8 rows (12 rows: 6 + 6, not 8 + 4).
       const int64_t chunks = (M + kMaxChunk - 1) / kMaxChunk, chunk = (M + chunks - 1) / chunks;
       for (int64_t r0 = 0; r0 < M; r0 += chunk) {
         const int rows = (int)std::min<int64_t>(chunk, M - r0);
-        kTileFns<S>[rows](wt, st, a + r0 * a_stride32, a_stride32, s + r0 * groups, groups,
+        kTileFns<F, S>[rows](wt, st, a + r0 * a_stride32, a_stride32, s + r0 * groups, groups,
                           o + r0 * N + t * kTile, N, table);
       }
     }
@@ -119,15 +148,19 @@ void run_tiles(const uint32_t* a, const float* s, const uint8_t* w, const S* sca
 
 }  // namespace
 
-// x (M, K) bf16 contiguous, wq (N/16, K/4, 32) uint8, sm (N/16, K/32, 32) float32 or float16 -> (M, N) bf16.
-torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sm) {
-  TORCH_CHECK(x.device().is_cpu() && wq.device().is_cpu() && sm.device().is_cpu(), "int4_mm runs on CPU tensors");
+namespace {
+
+// x (M, K) bf16 contiguous, wq (N/16, K/4, quad bytes) uint8, sm (N/16, K/32, scales) float32 or float16 -> (M, N) bf16.
+template <typename F>
+torch::Tensor quantized_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sm) {
+  constexpr int kScales = (F::kLow ? 2 : 1) * kTile;
+  TORCH_CHECK(x.device().is_cpu() && wq.device().is_cpu() && sm.device().is_cpu(), "the products run on CPU tensors");
   TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x: contiguous 2-D bf16");
-  TORCH_CHECK(wq.dtype() == torch::kUInt8 && wq.dim() == 3 && wq.size(2) == kQuadBytes && wq.is_contiguous(),
-              "wq: contiguous (N/16, K/4, 32) uint8");
+  TORCH_CHECK(wq.dtype() == torch::kUInt8 && wq.dim() == 3 && wq.size(2) == F::kQuad && wq.is_contiguous(),
+              "wq: contiguous (N/16, K/4, ", F::kQuad, ") uint8");
   TORCH_CHECK((sm.dtype() == torch::kFloat32 || sm.dtype() == torch::kFloat16) && sm.dim() == 3 &&
-                  sm.size(2) == 2 * kTile && sm.is_contiguous(),
-              "sm: contiguous (N/16, K/32, 32) float32 or float16");
+                  sm.size(2) == kScales && sm.is_contiguous(),
+              "sm: contiguous (N/16, K/32, ", kScales, ") float32 or float16");
   const int64_t M = x.size(0), K = x.size(1), tiles = wq.size(0), N = tiles * kTile;
   TORCH_CHECK(wq.size(1) * 4 == K && K % kGroup == 0 && sm.size(1) * kGroup == K && sm.size(0) == tiles,
               "shapes of x, wq and sm disagree");
@@ -135,9 +168,9 @@ torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& wq, const tor
   auto out = torch::empty({M, N}, x.options());
   if (M == 0) return out;
   // Per row and group: the sum of the (bf16) activations, for the lows (a dot product with ones).
-  std::vector<float> asum(M * groups);
+  std::vector<float> asum(F::kLow ? M * groups : 0);
   const uint32_t* a = reinterpret_cast<const uint32_t*>(x.data_ptr<at::BFloat16>());
-  {
+  if constexpr (F::kLow) {
     const __m512bh ones = (__m512bh)_mm512_set1_epi16((short)0x3F80);  // bf16 1.0
     for (int64_t i = 0; i < M * groups; ++i) {
       const __m512i pairs = _mm512_loadu_si512(a + i * (kGroup / 2));
@@ -147,11 +180,28 @@ torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& wq, const tor
   const uint8_t* w = wq.data_ptr<uint8_t>();
   at::BFloat16* o = out.data_ptr<at::BFloat16>();
   if (sm.dtype() == torch::kFloat16) {
-    run_tiles(a, asum.data(), w, sm.data_ptr<at::Half>(), o, M, K, tiles, groups);
+    run_tiles<F>(a, asum.data(), w, sm.data_ptr<at::Half>(), o, M, K, tiles, groups);
   } else {
-    run_tiles(a, asum.data(), w, sm.data_ptr<float>(), o, M, K, tiles, groups);
+    run_tiles<F>(a, asum.data(), w, sm.data_ptr<float>(), o, M, K, tiles, groups);
   }
   return out;
+}
+
+// (N, K/32) scales -> (N/16, K/32, 16) in the tile layout.
+torch::Tensor tile_scales(const torch::Tensor& scales, int64_t tiles, int64_t groups) {
+  return scales.view({tiles, kTile, groups}).permute({0, 2, 1});
+}
+
+}  // namespace
+
+// x (M, K) bf16, wq and sm from pack_weight -> (M, N) bf16.
+torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sm) {
+  return quantized_mm<Int4Format>(x, wq, sm);
+}
+
+// x (M, K) bf16, wq and sm from pack_weight8 -> (M, N) bf16.
+torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sm) {
+  return quantized_mm<Int8Format>(x, wq, sm);
 }
 
 // q (N, K) integer 0..15, step/low (N, K/32) float32 or float16 -> (wq, sm) in the layout above, sm in the
@@ -170,8 +220,19 @@ std::vector<torch::Tensor> pack_weight(const torch::Tensor& q, const torch::Tens
   TORCH_CHECK((step.scalar_type() == torch::kFloat32 || step.scalar_type() == torch::kFloat16) &&
                   low.scalar_type() == step.scalar_type(),
               "step and low: both float32 or both float16");
-  auto st = step.view({tiles, kTile, groups}).permute({0, 2, 1});
-  auto lw = low.view({tiles, kTile, groups}).permute({0, 2, 1});
-  auto sm = torch::cat({st, lw}, 2).contiguous();
+  auto sm = torch::cat({tile_scales(step, tiles, groups), tile_scales(low, tiles, groups)}, 2).contiguous();
   return {wq, sm};
+}
+
+// q (N, K) int8 in -127..127, d (N, K/32) float32 or float16 -> (wq, sm) in the 8-bit layout above.
+std::vector<torch::Tensor> pack_weight8(const torch::Tensor& q, const torch::Tensor& d) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kInt8 && q.size(0) % kTile == 0 && q.size(1) % kGroup == 0,
+              "q: int8 (N, K) with N a multiple of 16 and K of 32");
+  TORCH_CHECK(d.scalar_type() == torch::kFloat32 || d.scalar_type() == torch::kFloat16, "d: float32 or float16");
+  const int64_t N = q.size(0), K = q.size(1), tiles = N / kTile, groups = K / kGroup;
+  TORCH_CHECK(d.dim() == 2 && d.size(0) == N && d.size(1) == groups, "d: (N, K/32)");
+  // (tiles, feature j, quad u, pair h, input e) -> (tiles, u, h, j, e): byte 2j+e of pair h of quad u
+  auto t = q.contiguous().view(torch::kUInt8).view({tiles, kTile, K / 4, 2, 2});
+  auto wq = t.permute({0, 2, 3, 1, 4}).contiguous().view({tiles, K / 4, 2 * kQuadBytes});
+  return {wq, tile_scales(d.contiguous(), tiles, groups).contiguous()};
 }
