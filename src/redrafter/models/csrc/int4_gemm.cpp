@@ -139,7 +139,7 @@ void run_tiles(const uint32_t* a, const float* s, const uint8_t* w, const S* sca
       const int64_t chunks = (M + kMaxChunk - 1) / kMaxChunk, chunk = (M + chunks - 1) / chunks;
       for (int64_t r0 = 0; r0 < M; r0 += chunk) {
         const int rows = (int)std::min<int64_t>(chunk, M - r0);
-        kTileFns<F, S>[rows](wt, st, a + r0 * a_stride32, a_stride32, s + r0 * groups, groups,
+        kTileFns<F, S>[rows](wt, st, a + r0 * a_stride32, a_stride32, F::kLow ? s + r0 * groups : nullptr, groups,
                           o + r0 * N + t * kTile, N, table);
       }
     }
