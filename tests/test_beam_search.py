@@ -218,3 +218,51 @@ def test_search_shape_and_keep_pruned_limits():
     with pytest.raises(ValueError, match="keep_pruned"):
         beam_search(drafter, torch.nn.Embedding(VOCAB, HIDDEN), torch.randn(1, HIDDEN), torch.tensor([1]), width=2,
                     length=3, keep_pruned=True, return_log_probs=True)
+
+
+@pytest.mark.parametrize("input_proj", [True, False])
+def test_fused_search_equals_the_loop_bit_for_bit(input_proj):
+    """``FusedSearch`` (csrc/draft_search.cpp) against ``beam_search``'s own loop over the same int4
+    inference copy: the same beams, scores and path scores, exactly, for batches of 1-4 rows, 1-5 beams,
+    lengths 1-5, with and without the shallower depths (keep_pruned) and a tree cap, and a reduced draft
+    vocabulary. The loop runs wherever no table is passed; with one, the fused search must have run
+    (a loop whose drafter's ``next_state`` fails cannot be the one that answered)."""
+    from helpers import require_kernels
+
+    from redrafter.drafter.model import inference_copy
+
+    require_kernels("int4")
+    require_kernels("tree")
+    hidden, vocab, target_vocab = 64, 256, 1000
+    torch.manual_seed(1)
+    config = DrafterConfig(hidden_size=hidden, vocab_size=vocab, exit_dim=hidden if input_proj else 2 * hidden,
+                           num_draft_layers=2, target_vocab_size=target_vocab)
+    drafter = Drafter(config)
+    for p in drafter.parameters():
+        if p.is_floating_point():
+            torch.nn.init.normal_(p, std=0.2)
+    drafter.draft_to_target = torch.randperm(target_vocab)[:vocab]
+    fast = inference_copy(drafter.to(torch.bfloat16), weights="int4")
+    assert fast.fused_search is not None and (fast.input_proj is not None) == input_proj
+    table = torch.randn(target_vocab, hidden).to(torch.bfloat16)
+    embed = torch.nn.functional.embedding
+    generator = torch.Generator().manual_seed(2)
+    compared = 0
+    for batch in (1, 2, 4):
+        for width, length, keep_pruned, cap in [(4, 3, True, 5), (1, 3, False, 0), (3, 4, True, 0), (2, 2, False, 0),
+                                                (4, 5, True, 6), (2, 1, False, 0)]:
+            context = torch.randn(batch, hidden, generator=generator).to(torch.bfloat16)
+            g0 = torch.randint(0, target_vocab, (batch,), generator=generator)
+            kwargs = dict(width=width, length=length, keep_pruned=keep_pruned, max_tree_tokens=cap)
+            loop = beam_search(fast, lambda ids: embed(ids, table), context, g0, **kwargs)
+            original = fast.next_state
+            fast.next_state = None  # the loop would call it
+            try:
+                fused = beam_search(fast, lambda ids: embed(ids, table), context, g0, table=table, **kwargs)
+            finally:
+                fast.next_state = original
+            assert torch.equal(fused.beams, loop.beams), (batch, width, length)
+            assert torch.equal(fused.scores, loop.scores) and torch.equal(fused.path_scores, loop.path_scores)
+            assert fused.beams.shape[1] == width * (max(length - 1, 1) if keep_pruned else 1)
+            compared += 1
+    assert compared == 18

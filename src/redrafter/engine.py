@@ -121,6 +121,9 @@ class ReDrafterProposer:
         check_compatible(drafter, target)
         self.drafter = inference_copy(drafter, weights=drafter_weights)
         self.embed = target.embed
+        # the table behind embed where the backend has one (native): lets the drafter search in one call
+        table = getattr(target, "embedding", None)
+        self.table = table if isinstance(table, torch.Tensor) else None
         self.beam = beam
         self.beam_length = max(beam.length, 1 + beam.lookup_tokens)
         self.draft_mode = draft_mode
@@ -138,7 +141,7 @@ class ReDrafterProposer:
         width, keep_pruned = search_shape(beam)
         result = beam_search(self.drafter, self.embed, context, g0, width=width, length=beam.length,
                              min_prob=beam.min_prob, max_tree_tokens=0 if lookup else beam.max_tree_tokens,
-                             keep_pruned=keep_pruned)
+                             keep_pruned=keep_pruned, table=self.table)
         if not lookup:
             return result.beams
         looked_up, scores = self._lookup(g0, history)

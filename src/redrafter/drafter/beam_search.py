@@ -43,7 +43,8 @@ class BeamSearchResult:
 @torch.inference_mode()
 def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor], context: torch.Tensor,
                 g0: torch.Tensor, *, width: int, length: int, min_prob: float = 0.0,
-                max_tree_tokens: int = 0, return_log_probs: bool = False, keep_pruned: bool = False) -> BeamSearchResult:
+                max_tree_tokens: int = 0, return_log_probs: bool = False, keep_pruned: bool = False,
+                table: torch.Tensor | None = None) -> BeamSearchResult:
     """Draft W beams of L tokens (g0 included), or fewer with ``min_prob``.
 
     Args:
@@ -56,6 +57,9 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
                   path) is below min_prob, and stop before the first depth at which that leaves no
                   node in any row; the beams then hold at least g0 (length >= 1).
         max_tree_tokens: > 0 keeps only the most probable distinct nodes (g0 included) of the tree.
+        table:   the table behind ``embed`` ((V, H) tensor), when the caller has one: an inference copy
+                  with a fused search (``model.FusedSearch``) then runs the whole search in one call,
+                  with the same results, where it can (no min_prob or log q, few enough rows).
         keep_pruned: also return the beams of every shallower depth, each ending there (``NO_TOKEN``
                   after it), after the W beams: a node whose extensions all fell out of the top W
                   stays a candidate for a tree cap. With W >= K - 1 the K best nodes of the search
@@ -69,6 +73,13 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
         raise ValueError("beam_search: return_log_probs covers the W beams only; it cannot go with keep_pruned")
     batch = g0.shape[0]
     device = g0.device
+    fused = getattr(drafter, "fused_search", None)
+    if (fused is not None and table is not None and table.dtype == torch.bfloat16 and min_prob <= 0
+            and not return_log_probs and batch * width <= fused.max_rows and tree_kernel(context) is not None):
+        beams, scores, path_scores = fused(context, g0, table, width=width, length=length, keep_pruned=keep_pruned)
+        if max_tree_tokens > 0:
+            beams = cap_tree_scored(beams, path_scores, max_tree_tokens)
+        return BeamSearchResult(beams=beams, scores=scores, path_scores=path_scores, log_probs=None)
     h = context.to(next(drafter.parameters()).dtype).unsqueeze(1).expand(batch, width, -1)  # (batch, W, H)
     beams = g0.view(batch, 1, 1).expand(batch, width, 1)  # (batch, W, 1)
     scores = torch.full((batch, width), float("-inf"), device=device)

@@ -140,7 +140,52 @@ def inference_copy(drafter: Drafter, *, weights: str = "auto") -> Drafter:
             if layer.packed is not None or layer.bf16 is not None or layer.int4 is not None:
                 module.forward = layer
     fast.is_inference_copy = True
+    fast.fused_search = FusedSearch.of(fast)
     return fast
+
+
+class FusedSearch:
+    """The whole beam search of an inference copy in one call (``csrc/draft_search.cpp``), when every
+    linear layer runs our int4 products: the same products and roundings as ``beam_search``'s loop
+    over the copy, so the same beams and scores, bit for bit (tests/test_beam_search.py), without
+    the loop's tensor operations from Python (docs/PERFORMANCE.md)."""
+
+    def __init__(self, module, layers: list, draft_to_target: torch.Tensor | None, has_input_proj: bool) -> None:
+        self.packed = [layer.int4.packed for layer in layers]
+        self.scales = [layer.int4.scales for layer in layers]
+        empty = torch.empty(0, dtype=torch.bfloat16)
+        self.biases = [empty if layer.bias is None else layer.bias for layer in layers]
+        self.draft_to_target = torch.empty(0, dtype=torch.long) if draft_to_target is None else draft_to_target
+        self.has_input_proj = has_input_proj
+        self.max_rows = min(layer.int4_max_rows for layer in layers)  # beyond: the loop's other kernels
+        self.module = module  # the extension (kernels.int4())
+
+    @classmethod
+    def of(cls, fast: Drafter) -> "FusedSearch | None":
+        """The fused search of an inference copy, or None (not every layer int4, or no RNN, or an
+        extension without ``draft_search``)."""
+        from redrafter.models import kernels
+        from redrafter.models.base import Linear
+
+        module = kernels.int4()
+        if not fast.config.rnn or module is None or not hasattr(module, "draft_search"):
+            return None
+        modules = [fast.rnn_w, fast.rnn_u] + ([fast.input_proj] if fast.input_proj is not None else [])
+        modules += [block.linear for block in fast.lm_head[:-1]] + [fast.lm_head[-1]]
+        layers = [module.forward for module in modules]
+        if not all(isinstance(layer, Linear) and layer.int4 is not None and layer.int4.kernel == "avx512"
+                   for layer in layers):
+            return None
+        if layers[1].bias is None:
+            return None
+        return cls(module, layers, fast.draft_to_target, fast.input_proj is not None)
+
+    def __call__(self, context: torch.Tensor, g0: torch.Tensor, embedding: torch.Tensor, *, width: int,
+                 length: int, keep_pruned: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(beams, scores, path_scores) as ``beam_search`` returns them, before any tree cap."""
+        return tuple(self.module.draft_search(context.to(torch.bfloat16).contiguous(), g0.contiguous(), embedding,
+                                              self.packed, self.scales, self.biases, self.draft_to_target,
+                                              self.has_input_proj, width, length, keep_pruned))
 
 
 def load_drafter(path: str | os.PathLike, *, device: str | torch.device = "cpu",

@@ -25,6 +25,9 @@
   (log-softmax, scores, the best W extensions) in one pass. Its exp is a polynomial and its sums run
   in another order, so scores can differ from torch's in the last bits and a near-tie can pick
   another draft token: drafts only, the output stays exact.
+- ``draft_search`` (``csrc/draft_search.cpp``): the drafter's whole beam search in one call, for a bf16
+  drafter whose layers all run ``int4_mm`` (``drafter.model.FusedSearch``): the Python loop's
+  products and roundings, bit for bit, without its per-depth tensor operations.
 
 They need AVX-512 BW and AVX-512 BF16 (Zen 4, Sapphire Rapids and later), a C++ compiler and ninja;
 elsewhere ``load()`` returns None and the model uses torch's kernels.
@@ -48,7 +51,7 @@ from pathlib import Path
 import torch
 
 SOURCE_NAMES = ("int4_gemm.cpp", "tree_attention.cpp", "layer_ops.cpp", "rms_norm.cpp", "bf16_gemm.cpp", "tree.cpp", "beam_select.cpp",
-                "bindings.cpp")
+                "draft_search.cpp", "bindings.cpp")
 SOURCES = [Path(__file__).with_name("csrc") / name for name in SOURCE_NAMES]
 HEADERS = [Path(__file__).with_name("csrc") / "vec.h"]  # part of the cache key, not compiled on their own
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")

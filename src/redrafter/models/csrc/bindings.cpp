@@ -18,6 +18,11 @@ torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight,
 torch::Tensor cap_tree_scored(const torch::Tensor& beams, const torch::Tensor& path_scores, int64_t max_tokens);
 std::vector<torch::Tensor> pack_tree(const torch::Tensor& beams);
 std::vector<torch::Tensor> beam_select(const torch::Tensor& logits, const torch::Tensor& scores, int64_t width);
+std::vector<torch::Tensor> draft_search(const torch::Tensor& context, const torch::Tensor& g0,
+                                        const torch::Tensor& embedding, const std::vector<torch::Tensor>& packed,
+                                        const std::vector<torch::Tensor>& scales,
+                                        const std::vector<torch::Tensor>& biases, const torch::Tensor& draft_to_target,
+                                        bool has_input_proj, int64_t width, int64_t length, bool keep_pruned);
 std::vector<torch::Tensor> greedy_accept(const torch::Tensor& beams, const torch::Tensor& unpacker,
                                          const torch::Tensor& logits);
 std::vector<torch::Tensor> sampled_accept(const torch::Tensor& beams, const torch::Tensor& unpacker,
@@ -38,6 +43,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cap_tree_scored", &cap_tree_scored, "tree.node_scores then tree.cap_tree in one call");
   m.def("pack_tree", &pack_tree, "tree.pack in one call");
   m.def("beam_select", &beam_select, "one depth of the drafter's beam search after its logits");
+  m.def("draft_search", &draft_search, "the drafter's beam search in one call (int4 layers, no min_prob)");
   m.def("greedy_accept", &greedy_accept, "verify.tree_accept's greedy walk in one call");
   m.def("sampled_accept", &sampled_accept, "verify.tree_accept's sampling walk in one call");
 }

@@ -1,0 +1,144 @@
+// The drafter's whole beam search in one call, for a bf16 drafter whose linear layers all run our
+// int4 products (drafter/model.py ``inference_copy``). drafter/beam_search.py's loop runs about 15
+// tensor operations per depth from Python; after the target's forward has streamed its weights
+// through the caches, each of them starts cold (docs/PERFORMANCE.md). This is the same loop, with the
+// same products and the same roundings, so its results equal the Python loop's bit for bit
+// (tests/test_beam_search.py): it covers the search without min_prob or log q (the greedy default).
+#include <torch/extension.h>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sm);
+std::vector<torch::Tensor> beam_select(const torch::Tensor& logits, const torch::Tensor& scores, int64_t width);
+
+namespace {
+
+constexpr int64_t kNoToken = -1;  // tree.NO_TOKEN
+
+struct Layer {
+  torch::Tensor packed, scales, bias;  // bias undefined when the layer has none
+  torch::Tensor operator()(const torch::Tensor& x) const {  // models.base.Linear's int4 path: y + bias
+    auto y = int4_mm(x, packed, scales);
+    return bias.defined() ? y + bias : y;
+  }
+};
+
+}  // namespace
+
+// context (B, H) bf16: the target's hidden state h; g0 (B,) int64; embedding (V, H) bf16: the target's
+// table E. packed / scales / biases: the drafter's int4 layers in the order rnn_w, rnn_u, input_proj (when
+// has_input_proj), the residual blocks, the vocabulary projection (biases: an empty tensor for none).
+// draft_to_target (V_d,) int64, or empty when the draft vocabulary is the target's.
+// Returns {beams (B, W', L) int64, scores (B, W) float32, path_scores (B, W', L) float32} as beam_search
+// returns them: W' = W, or W * (L - 1) with keep_pruned (every shallower depth's beams after the W).
+std::vector<torch::Tensor> draft_search(const torch::Tensor& context, const torch::Tensor& g0,
+                                        const torch::Tensor& embedding, const std::vector<torch::Tensor>& packed,
+                                        const std::vector<torch::Tensor>& scales,
+                                        const std::vector<torch::Tensor>& biases, const torch::Tensor& draft_to_target,
+                                        bool has_input_proj, int64_t width, int64_t length, bool keep_pruned) {
+  TORCH_CHECK(context.device().is_cpu() && context.dim() == 2 && context.scalar_type() == torch::kBFloat16,
+              "draft_search: context must be a (batch, H) bfloat16 CPU tensor");
+  TORCH_CHECK(g0.dim() == 1 && g0.size(0) == context.size(0) && g0.scalar_type() == torch::kLong,
+              "draft_search: g0 must be (batch,) int64");
+  TORCH_CHECK(embedding.dim() == 2 && embedding.scalar_type() == torch::kBFloat16 &&
+                  embedding.size(1) == context.size(1),
+              "draft_search: embedding must be a (V, H) bfloat16 table");
+  const size_t num_layers = packed.size();
+  TORCH_CHECK(scales.size() == num_layers && biases.size() == num_layers && num_layers >= (has_input_proj ? 4u : 3u),
+              "draft_search: one packed weight, scales and bias per layer");
+  TORCH_CHECK(width >= 1 && length >= 1, "draft_search: width and length must be positive");
+  std::vector<Layer> layers(num_layers);
+  for (size_t i = 0; i < num_layers; ++i)
+    layers[i] = {packed[i], scales[i], biases[i].numel() ? biases[i] : torch::Tensor()};
+  const Layer& rnn_w = layers[0];
+  const Layer& rnn_u = layers[1];
+  const size_t first_block = has_input_proj ? 3 : 2, head = num_layers - 1;
+  const bool mapped = draft_to_target.numel() > 0;
+  const int64_t* to_target = mapped ? draft_to_target.data_ptr<int64_t>() : nullptr;
+
+  const int64_t batch = context.size(0), hidden = context.size(1);
+  const auto h = context.contiguous();
+  const auto ids = g0.contiguous();
+  // Drafter.logits: z = input_proj(concat[h, s]); z = z + SiLU(block(z)); the projection.
+  auto logits_of = [&](const torch::Tensor& hs, const torch::Tensor& state) {
+    auto z = torch::cat({hs, state}, -1);
+    if (has_input_proj) z = layers[2](z);
+    for (size_t i = first_block; i < head; ++i) z = z + torch::silu(layers[i](z));
+    return layers[head](z);
+  };
+
+  // Beams and their path scores per (row, beam, position); beams grow one position per depth.
+  std::vector<int64_t> beams(batch * width), next_beams;
+  std::vector<float> paths(batch * width, 0.f), next_paths;
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t w = 0; w < width; ++w) beams[b * width + w] = ids.data_ptr<int64_t>()[b];
+  std::vector<std::vector<int64_t>> shallow_beams;  // keep_pruned: each depth's beams before the last
+  std::vector<std::vector<float>> shallow_paths;
+  auto scores = torch::empty({batch, width}, torch::kFloat);
+  torch::Tensor state;  // (batch * width, H) after depth 1
+  int64_t len = 1;
+  for (int64_t depth = 1; depth < length; ++depth) {
+    torch::Tensor logits, row_scores;
+    if (depth == 1) {  // every beam is g0 alone: one row per batch row; s_0 = 0, so rnn_u(s_0) is its bias
+      auto e = embedding.index_select(0, ids);
+      auto pre = rnn_w(e);
+      auto first = torch::silu(rnn_u.bias.defined() ? pre + rnn_u.bias : pre);  // (batch, H)
+      logits = logits_of(h, first).view({batch, 1, -1});
+      TORCH_CHECK(logits.size(2) >= width, "draft_search: the draft vocabulary must hold at least W tokens");
+      row_scores = torch::zeros({batch, 1}, torch::kFloat);
+      state = first.repeat_interleave(width, 0);  // all W beams share it
+    } else {
+      auto last = torch::empty({batch * width}, torch::kLong);
+      for (int64_t r = 0; r < batch * width; ++r) last.data_ptr<int64_t>()[r] = beams[r * len + len - 1];
+      auto e = embedding.index_select(0, last);
+      state = torch::silu(rnn_w(e) + rnn_u(state));
+      logits = logits_of(h.repeat_interleave(width, 0), state).view({batch, width, -1});
+      row_scores = scores;
+    }
+    auto picked = beam_select(logits, row_scores, width);
+    const float* top = picked[0].data_ptr<float>();
+    const int64_t* parent = picked[1].data_ptr<int64_t>();
+    const int64_t* index = picked[2].data_ptr<int64_t>();
+    if (keep_pruned && depth > 1) shallow_beams.push_back(beams), shallow_paths.push_back(paths);
+    next_beams.assign(batch * width * (len + 1), 0);
+    next_paths.assign(batch * width * (len + 1), 0.f);
+    auto rows = torch::empty({batch * width}, torch::kLong);
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t w = 0; w < width; ++w) {
+        const int64_t r = b * width + w, p = b * width + parent[r];
+        for (int64_t k = 0; k < len; ++k)
+          next_beams[r * (len + 1) + k] = beams[p * len + k], next_paths[r * (len + 1) + k] = paths[p * len + k];
+        next_beams[r * (len + 1) + len] = mapped ? to_target[index[r]] : index[r];
+        next_paths[r * (len + 1) + len] = top[r];
+        rows.data_ptr<int64_t>()[r] = p;
+      }
+    beams.swap(next_beams), paths.swap(next_paths);
+    ++len;
+    scores = picked[0];
+    if (depth > 1) state = state.index_select(0, rows);  // at depth 1 every beam's state is the same
+  }
+
+  // The W beams, then each shallower depth's (deepest first), padded with NO_TOKEN and -inf.
+  const int64_t groups = 1 + (int64_t)shallow_beams.size(), rows_out = groups * width;
+  auto out_beams = torch::full({batch, rows_out, len}, kNoToken, torch::kLong);
+  auto out_paths = torch::full({batch, rows_out, len}, -std::numeric_limits<float>::infinity(), torch::kFloat);
+  int64_t* ob = out_beams.data_ptr<int64_t>();
+  float* op = out_paths.data_ptr<float>();
+  for (int64_t g = 0; g < groups; ++g) {
+    const std::vector<int64_t>& gb = g == 0 ? beams : shallow_beams[shallow_beams.size() - g];
+    const std::vector<float>& gp = g == 0 ? paths : shallow_paths[shallow_paths.size() - g];
+    const int64_t glen = (int64_t)gb.size() / (batch * width);
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t w = 0; w < width; ++w)
+        for (int64_t k = 0; k < glen; ++k) {
+          const int64_t o = (b * rows_out + g * width + w) * len + k;
+          ob[o] = gb[(b * width + w) * glen + k], op[o] = gp[(b * width + w) * glen + k];
+        }
+  }
+  if (length == 1) {  // nothing drafted: scores are 0 for beam 0 and -inf for the rest, as beam_search's
+    scores.fill_(-std::numeric_limits<float>::infinity());
+    scores.select(1, 0).fill_(0.f);
+  }
+  return {out_beams, scores, out_paths};
+}
