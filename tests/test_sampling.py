@@ -17,7 +17,7 @@ from redrafter.config import SamplingParams
 from redrafter.models.native import NativeTarget
 from redrafter.sampling import probabilities, sample
 from redrafter.tree import NO_TOKEN
-from redrafter.verify import Acceptance
+from redrafter.verify import Acceptance, DraftProbs
 
 VOCAB, PROMPT, SAMPLES, BATCH = 12, [1, 5, 7], 20_000, 2_000
 
@@ -146,6 +146,8 @@ def independent_beams_keep_longest(beams, unpacker, logits, params, draft_probs=
     """The biased rule (reference ReDrafter's sampling mode): each beam runs standard speculative
     sampling on its own; the longest accepted beam wins; its bonus comes from its own residual."""
     batch, width, length = beams.shape
+    if isinstance(draft_probs, DraftProbs):
+        draft_probs = draft_probs.dense(beams, logits.shape[-1])
     best = []
     for b in range(batch):
         results = []
@@ -261,7 +263,7 @@ def test_sampled_drafts_under_a_tree_cap_draw_fewer_paths(setup):
     beams, probs = proposer.propose_sampled(torch.randn(2, 64), torch.tensor([1, 2]), torch.ones(2, dtype=torch.long),
                                             params, [torch.Generator().manual_seed(i) for i in range(2)],
                                             rows=torch.arange(2), history=[[1], [2]])
-    assert beams.shape == (2, 3, 3) and probs.shape == (2, 3, 2, VOCAB)
+    assert beams.shape == (2, 3, 3) and probs.dense(beams, VOCAB).shape == (2, 3, 2, VOCAB)
 
 
 def test_a_capped_sampled_tree_gives_confident_lookups_their_slots_first():
@@ -280,3 +282,38 @@ def test_a_capped_sampled_tree_gives_confident_lookups_their_slots_first():
     assert cut.tolist() == [[[7, 1, 2, NO_TOKEN, NO_TOKEN]], [[8, 5, 6, NO_TOKEN, NO_TOKEN]]]
     paths, cut = split_budget(looked_up[:1], scores[:1] / 10, beam)  # c = 0.99: all 4 slots are its
     assert paths == 0 and cut.tolist() == [[[7, 1, 2, 3, 4]]]
+
+
+def test_sampled_drafts_from_the_fused_drafter_step_equal_the_loop():
+    """``propose_sampled`` with an int4 drafter copy runs each depth in one call (``FusedSearch.step``)
+    where the target has an embedding table: the same drawn paths and the same q, bit for bit, as the
+    drafter's own ``next_state`` and ``logits`` (the path taken without the table)."""
+    from helpers import require_kernels
+
+    require_kernels("int4")
+    require_kernels("tree")
+    target = NativeTarget(tiny_model("llama", vocab=1000, dtype=torch.bfloat16), name="tiny-bf16")
+    torch.manual_seed(4)
+    drafter = Drafter(DrafterConfig(hidden_size=64, vocab_size=256, exit_dim=64, target_vocab_size=1000))
+    for p in drafter.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    drafter.draft_to_target = torch.randperm(1000)[:256]
+    proposer = ReDrafterProposer(drafter.to(torch.bfloat16), target, BeamConfig(width=3, length=4), draft_mode="sample")
+    assert proposer.table is not None and proposer.drafter.fused_search is not None
+    context, g0 = torch.randn(2, 64).to(torch.bfloat16), torch.tensor([5, 900])
+    for params in (SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=0.7, top_p=0.9, seed=2)):
+        def run():
+            generators = [torch.Generator().manual_seed(10 + i) for i in range(2)]
+            return proposer.propose_sampled(context, g0, torch.ones(2, dtype=torch.long), params, generators,
+                                            rows=torch.arange(2), history=[[5], [900]])
+        table = proposer.table
+        proposer.table = None
+        loop_beams, loop_q = run()
+        proposer.table = table
+        proposer.drafter.next_state = None  # the loop would call it
+        try:
+            fused_beams, fused_q = run()
+        finally:
+            del proposer.drafter.next_state
+        assert torch.equal(fused_beams, loop_beams) and loop_beams.shape == (2, 3, 4)
+        assert torch.equal(fused_q.probs, loop_q.probs) and torch.equal(fused_q.vocab_map, drafter.draft_to_target)

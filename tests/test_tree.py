@@ -231,7 +231,7 @@ def test_cpp_sampled_walk_equals_the_tensor_version():
         draft = None if trial % 2 else torch.rand(batch, width, max(length - 1, 0), vocab, generator=generator).softmax(-1)
         draws = torch.rand(batch, uniforms_needed(width, length), generator=generator, dtype=torch.float64)
         empty = torch.empty(0)
-        fast = module.sampled_accept(capped, tree.unpacker, probs, empty if draft is None else draft, draws)
+        fast = module.sampled_accept(capped, tree.unpacker, probs, empty if draft is None else draft, empty.long(), draws)
         reference = walk(capped, tree.unpacker, None, probs, draft, draws)
         for name, a, b in zip(["beam", "accepted", "bonus"], fast, reference):
             assert torch.equal(a, b), (trial, name)
@@ -248,9 +248,45 @@ def test_sampled_walks_keep_the_residual_when_rounding_empties_it():
     draft = torch.tensor([[[[0.0, 0.5, 0.5]]]])
     beams, unpacker = torch.tensor([[[5, 1]]]), torch.tensor([[[0, 1]]])
     draws = torch.tensor([[0.99999999, 0.7]], dtype=torch.float64)
-    fast = module.sampled_accept(beams, unpacker, probs, draft, draws)
+    fast = module.sampled_accept(beams, unpacker, probs, draft, torch.empty(0, dtype=torch.long), draws)
     reference = walk(beams, unpacker, None, probs, draft, draws)
     assert [int(t) for t in fast] == [int(t) for t in reference] == [0, 0, 2]
+
+
+def test_compact_draft_probs_walk_as_their_dense_tensor():
+    """``DraftProbs`` (q over a reduced draft vocabulary for the first W_q beams and L_q depths, point
+    masses elsewhere) in the C++ walk against the dense tensor it stands for in ``verify.walk``: the
+    same beam, count and bonus on random trees, with the lookup-like point-mass beams after the
+    drawn ones and tokens outside the draft vocabulary among the candidates."""
+    from redrafter.verify import DraftProbs
+
+    module = require_kernels("tree")
+    generator = torch.Generator().manual_seed(5)
+    accepted_somewhere = rejected_somewhere = 0
+    for trial in range(300):
+        batch, vocab = int(torch.randint(1, 4, (1,), generator=generator)), int(torch.randint(4, 40, (1,), generator=generator))
+        width, length = int(torch.randint(1, 6, (1,), generator=generator)), int(torch.randint(2, 6, (1,), generator=generator))
+        q_width, q_length = int(torch.randint(1, width + 1, (1,), generator=generator)), int(torch.randint(1, length, (1,), generator=generator))
+        q_vocab = int(torch.randint(2, vocab + 1, (1,), generator=generator))
+        vocab_map = None if trial % 3 == 0 else torch.randperm(vocab, generator=generator)[:q_vocab]
+        q = torch.rand(batch, q_width, q_length, vocab if vocab_map is None else q_vocab, generator=generator).softmax(-1)
+        beams = torch.randint(0, min(vocab, 4), (batch, width, length), generator=generator)
+        beams[:, :, 0] = beams[:, :1, 0]
+        tree = pack_tensors(beams)
+        n = tree.tokens.shape[1]
+        logits = 2 * torch.randn(batch, n, vocab, generator=generator)
+        logits[..., :4] += 1.5
+        probs = logits.softmax(-1)
+        draws = torch.rand(batch, uniforms_needed(width, length), generator=generator, dtype=torch.float64)
+        compact = DraftProbs(q, vocab_map)
+        empty_map = torch.empty(0, dtype=torch.long)
+        fast = module.sampled_accept(beams, tree.unpacker, probs, q, empty_map if vocab_map is None else vocab_map, draws)
+        reference = walk(beams, tree.unpacker, None, probs, compact.dense(beams, vocab), draws)
+        for name, a, b in zip(["beam", "accepted", "bonus"], fast, reference):
+            assert torch.equal(a, b), (trial, name)
+        accepted_somewhere += int(reference[1].sum())
+        rejected_somewhere += int((reference[1] < length - 1).sum())
+    assert accepted_somewhere > 100 and rejected_somewhere > 100
 
 
 def test_cpp_tree_bookkeeping_rejects_bad_input():
@@ -264,9 +300,12 @@ def test_cpp_tree_bookkeeping_rejects_bad_input():
                              torch.zeros(1, 4, 5))
     with pytest.raises(RuntimeError, match="float64"):
         module.sampled_accept(torch.zeros(1, 1, 2, dtype=torch.long), torch.tensor([[[0, 1]]]), torch.rand(1, 2, 5),
-                              torch.empty(0), torch.rand(1, 2))
+                              torch.empty(0), torch.empty(0, dtype=torch.long), torch.rand(1, 2))
     with pytest.raises(RuntimeError, match="outside the vocabulary"):
         module.sampled_accept(torch.tensor([[[0, 7]]]), torch.tensor([[[0, 1]]]), torch.rand(1, 2, 5),
-                              torch.empty(0), torch.rand(1, 2, dtype=torch.float64))
+                              torch.empty(0), torch.empty(0, dtype=torch.long), torch.rand(1, 2, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="distinct token ids"):
+        module.sampled_accept(torch.tensor([[[0, 1]]]), torch.tensor([[[0, 1]]]), torch.rand(1, 2, 5),
+                              torch.rand(1, 1, 1, 2), torch.tensor([3, 3]), torch.rand(1, 2, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="outside the 1 packed nodes"):
         module.greedy_accept(torch.zeros(1, 1, 2, dtype=torch.long), torch.tensor([[[0, 3]]]), torch.zeros(1, 1, 5))

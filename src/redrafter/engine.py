@@ -29,13 +29,13 @@ import torch
 
 from redrafter.config import BeamConfig, GenerationConfig, SamplingParams
 from redrafter.drafter.beam_search import beam_search
-from redrafter.drafter.lookup import History, join, join_beams, lookup_beams, point_masses
+from redrafter.drafter.lookup import History, join, join_beams, lookup_beams
 from redrafter.drafter.model import Drafter, inference_copy
 from redrafter.errors import RedrafterError
 from redrafter.models.base import TargetModel
-from redrafter.tree import NO_TOKEN, cap_tree_scored, pack
+from redrafter.tree import NO_TOKEN, cap_tree_scored, pack, tree_kernel
 from redrafter.sampling import inverse_cdf, probabilities, row_generators, uniforms
-from redrafter.verify import draw, tree_accept
+from redrafter.verify import DraftProbs, draw, tree_accept
 
 
 class Proposer(Protocol):
@@ -67,9 +67,10 @@ class SamplingProposer(Proposer, Protocol):
 
     def propose_sampled(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor,
                         params: SamplingParams, generators: Sequence[torch.Generator], *,
-                        rows: torch.Tensor, history: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (beams (batch, W, L), draft_probs (batch, W, L-1, V)): W paths drawn independently
-        from the drafter, and the target-vocabulary distribution each drafted token was drawn from."""
+                        rows: torch.Tensor, history: Sequence[Sequence[int]]) -> tuple[torch.Tensor, DraftProbs | torch.Tensor | None]:
+        """Returns (beams (batch, W, L), draft_probs): W paths drawn independently from the drafter,
+        and the target-vocabulary distribution each drafted token was drawn from, as a dense
+        (batch, W, L-1, V) tensor or a ``DraftProbs`` (None: every drafted token is a point mass)."""
 
 
 class AutoregressiveProposer:
@@ -156,7 +157,7 @@ class ReDrafterProposer:
 
     def propose_sampled(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor,
                         params: SamplingParams, generators: Sequence[torch.Generator], *,
-                        rows: torch.Tensor, history: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+                        rows: torch.Tensor, history: Sequence[Sequence[int]]) -> tuple[torch.Tensor, DraftProbs | None]:
         """W independent draws of L-1 tokens from the recurrent drafter, each token drawn from q after
         the same sampling transform as the target's p (any q keeps the output exact; a q close to p
         gets more tokens accepted). Always L-1 tokens: ``beam.min_prob`` does not apply, because
@@ -167,30 +168,50 @@ class ReDrafterProposer:
         given its slots first, from the history alone (``split_budget``), and the paths the rest."""
         drafter, width = self.drafter, sampled_paths(self.beam)
         batch = g0.shape[0]
-        vocab = drafter.config.full_vocab_size
         looked_up = None
         if self.beam.lookup_tokens:
             looked_up, scores = self._lookup(g0, history)
             if self.beam.max_tree_tokens:
                 width, looked_up = split_budget(looked_up, scores, self.beam)
-            if width == 0:  # the lookup fills the cap: no drafter draws this step
-                return looked_up, point_masses(looked_up, vocab)
-        h = context.to(next(drafter.parameters()).dtype).unsqueeze(1).expand(batch, width, -1)
-        state = drafter.initial_state(h)
+            if width == 0:  # the lookup fills the cap: no drafter draws this step, every token a point mass
+                return looked_up, None
+        step, state = self._drafter_step(context, width), None
         beams, draws = g0.view(batch, 1, 1).expand(batch, width, 1), []
         for _ in range(self.beam.length - 1):
-            state = drafter.next_state(state, self.embed(beams[:, :, -1]).to(state.dtype))
-            q = probabilities(drafter.logits(h, state), params)  # (batch, W, V_d)
+            state, logits = step(state, beams[:, :, -1])
+            q = probabilities(logits, params)  # (batch, W, V_d)
             picked = inverse_cdf(q, uniforms(generators, width, q.device))  # (batch, W)
             beams = torch.cat([beams, drafter.to_target_ids(picked).unsqueeze(-1)], dim=-1)
-            if drafter.draft_to_target is not None:  # reduced draft vocabulary: q is zero outside it
-                q = torch.zeros(batch, width, vocab, device=q.device).index_copy_(-1, drafter.draft_to_target, q)
             draws.append(q)
-        draft_probs = torch.stack(draws, dim=2)  # (batch, W, L-1, V)
+        # q over the draft vocabulary (zero outside it); the lookup beam's tokens are point masses
+        draft_probs = DraftProbs(torch.stack(draws, dim=2), drafter.draft_to_target)  # (batch, W, L-1, V_d)
         if looked_up is not None:
-            draft_probs = join(draft_probs, point_masses(looked_up, vocab, draft_probs.dtype), 0.0)
             beams = join_beams(beams, looked_up)
         return beams, draft_probs
+
+    def _drafter_step(self, context: torch.Tensor, width: int):
+        """One depth of the drafter for W paths per row: a function (state or None for s_0, tokens
+        (batch, W)) -> (state, logits (batch, W, V_d)). It runs in one call (``FusedSearch.step``, the
+        same values) where the drafter's fused search runs, else as ``Drafter.next_state`` and ``logits``."""
+        drafter, batch = self.drafter, context.shape[0]
+        fused = getattr(drafter, "fused_search", None)
+        if (fused is not None and self.table is not None and self.table.dtype == torch.bfloat16
+                and batch * width <= fused.max_rows and tree_kernel(context) is not None):
+            rows = context.to(torch.bfloat16).repeat_interleave(width, 0)  # (batch * W, H), row b * W + w
+
+            def fused_step(state: torch.Tensor | None, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                state, logits = fused.step(rows, state, tokens.reshape(-1), self.table)
+                return state, logits.view(batch, width, -1)
+
+            return fused_step
+        h = context.to(next(drafter.parameters()).dtype).unsqueeze(1).expand(batch, width, -1)
+
+        def step(state: torch.Tensor | None, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            state = drafter.next_state(drafter.initial_state(h) if state is None else state,
+                                       self.embed(tokens).to(h.dtype))
+            return state, drafter.logits(h, state)
+
+        return step
 
 
 def search_shape(beam: BeamConfig) -> tuple[int, bool]:

@@ -57,6 +57,32 @@ class Acceptance:
     bonus: torch.Tensor
 
 
+@dataclasses.dataclass(frozen=True)
+class DraftProbs:
+    """The distributions sampled drafts were drawn from, without the zeros of a dense (batch, W, L-1, V)
+    tensor: ``probs`` (batch, W_q, L_q, V_q) float32 is the q that ``beams[:, w, 1 + j]`` was drawn from,
+    for w < W_q and j < L_q, over the V_q tokens whose target ids ``vocab_map`` (V_q,) lists (None: V_q
+    is the whole vocabulary, in order). Every other drafted token (the context-lookup beam after the
+    drawn paths) is a point mass. ``dense`` gives the tensor this stands for."""
+
+    probs: torch.Tensor
+    vocab_map: torch.Tensor | None = None
+
+    def dense(self, beams: torch.Tensor, vocab: int) -> torch.Tensor:
+        """(batch, W, L-1, V) for ``beams`` (batch, W, L): q where given, one-hot rows elsewhere."""
+        from redrafter.drafter.lookup import point_masses
+
+        full = point_masses(beams, vocab, self.probs.dtype)
+        width, length = self.probs.shape[1], self.probs.shape[2]
+        region = full[:, :width, :length]
+        region.zero_()
+        if self.vocab_map is None:
+            region.copy_(self.probs)
+        else:
+            region.index_copy_(-1, self.vocab_map, self.probs)
+        return full
+
+
 def draw(logits: torch.Tensor, params: SamplingParams, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """One token per row from (batch, V) logits: the argmax when greedy, else a draw from p."""
     if params.greedy:
@@ -71,7 +97,7 @@ def uniforms_needed(width: int, length: int) -> int:
 
 
 def tree_accept(beams: torch.Tensor, unpacker: torch.Tensor, logits: torch.Tensor, params: SamplingParams,
-                draft_probs: torch.Tensor | None = None,
+                draft_probs: torch.Tensor | DraftProbs | None = None,
                 generators: Sequence[torch.Generator | None] | None = None) -> Acceptance:
     """Verify a batch of drafted beams against the target's logits at the packed tree nodes.
 
@@ -82,7 +108,8 @@ def tree_accept(beams: torch.Tensor, unpacker: torch.Tensor, logits: torch.Tenso
         logits:      (batch, n, V) the target's logits after each packed node.
         params:      the sampling transform (greedy when temperature is 0).
         draft_probs: (batch, W, L-1, V) the distribution each drafted token ``beams[:, w, j]`` was
-                     drawn from (index j-1), or None for deterministic drafts (point masses).
+                     drawn from (index j-1), or the same as ``DraftProbs``, or None for
+                     deterministic drafts (point masses).
         generators:  one random generator per row (sampling only); each row takes
                      ``uniforms_needed(W, L)`` numbers from its own per step.
     Returns:
@@ -101,12 +128,16 @@ def tree_accept(beams: torch.Tensor, unpacker: torch.Tensor, logits: torch.Tenso
     probs = probabilities(logits, params)  # p at every node, in one call
     draws = uniforms(generators, uniforms_needed(width, length), logits.device)
     module = tree_kernel(probs, torch.float32)
-    if module is not None and (draft_probs is None or draft_probs.dtype == torch.float32):
+    compact = draft_probs if isinstance(draft_probs, DraftProbs) else None
+    q = compact.probs if compact is not None else draft_probs
+    if module is not None and (q is None or (q.dtype == torch.float32 and q.device.type == "cpu")):
         empty = torch.empty(0, dtype=torch.float32)
-        beam, accepted, bonus = module.sampled_accept(beams, unpacker, probs,
-                                                      empty if draft_probs is None else draft_probs, draws)
+        draft_map = compact.vocab_map if compact is not None and compact.vocab_map is not None else empty.long()
+        beam, accepted, bonus = module.sampled_accept(beams, unpacker, probs, empty if q is None else q, draft_map,
+                                                      draws)
     else:
-        beam, accepted, bonus = walk(beams, unpacker, None, probs, draft_probs, draws)
+        dense = compact.dense(beams, probs.shape[-1]) if compact is not None else draft_probs
+        beam, accepted, bonus = walk(beams, unpacker, None, probs, dense, draws)
     return Acceptance(beam=beam, accepted=accepted, tokens=beams[rows, beam], bonus=bonus)
 
 

@@ -187,6 +187,15 @@ class FusedSearch:
                                               self.packed, self.scales, self.biases, self.draft_to_target,
                                               self.has_input_proj, width, length, keep_pruned))
 
+    def step(self, context: torch.Tensor, state: torch.Tensor | None, ids: torch.Tensor,
+             embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One depth for R rows: (next_state, logits (R, V_d)) as ``Drafter.next_state`` from ``state``
+        (None: s_0) and the embedding of ``ids`` (R,), then ``Drafter.logits``, with context (R, H)."""
+        empty = torch.empty(0, dtype=torch.bfloat16)
+        state, logits = self.module.draft_step(context, empty if state is None else state, ids.contiguous(), embedding,
+                                               self.packed, self.scales, self.biases, self.has_input_proj)
+        return state, logits
+
 
 def load_drafter(path: str | os.PathLike, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> Drafter:

@@ -23,11 +23,15 @@ std::vector<torch::Tensor> draft_search(const torch::Tensor& context, const torc
                                         const std::vector<torch::Tensor>& scales,
                                         const std::vector<torch::Tensor>& biases, const torch::Tensor& draft_to_target,
                                         bool has_input_proj, int64_t width, int64_t length, bool keep_pruned);
+std::vector<torch::Tensor> draft_step(const torch::Tensor& context, const torch::Tensor& state, const torch::Tensor& ids,
+                                      const torch::Tensor& embedding, const std::vector<torch::Tensor>& packed,
+                                      const std::vector<torch::Tensor>& scales, const std::vector<torch::Tensor>& biases,
+                                      bool has_input_proj);
 std::vector<torch::Tensor> greedy_accept(const torch::Tensor& beams, const torch::Tensor& unpacker,
                                          const torch::Tensor& logits);
 std::vector<torch::Tensor> sampled_accept(const torch::Tensor& beams, const torch::Tensor& unpacker,
                                           const torch::Tensor& probs, const torch::Tensor& draft_probs,
-                                          const torch::Tensor& uniforms);
+                                          const torch::Tensor& draft_map, const torch::Tensor& uniforms);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm", &int4_mm, "bf16 rows x 4-bit weight (one pass over the weight)");
@@ -44,6 +48,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_tree", &pack_tree, "tree.pack in one call");
   m.def("beam_select", &beam_select, "one depth of the drafter's beam search after its logits");
   m.def("draft_search", &draft_search, "the drafter's beam search in one call (int4 layers, no min_prob)");
+  m.def("draft_step", &draft_step, "one depth of the drafter (next state and logits) in one call (int4 layers)");
   m.def("greedy_accept", &greedy_accept, "verify.tree_accept's greedy walk in one call");
   m.def("sampled_accept", &sampled_accept, "verify.tree_accept's sampling walk in one call");
 }

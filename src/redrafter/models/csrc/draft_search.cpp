@@ -4,6 +4,7 @@
 // through the caches, each of them starts cold (docs/PERFORMANCE.md). This is the same loop, with the
 // same products and the same roundings, so its results equal the Python loop's bit for bit
 // (tests/test_beam_search.py): it covers the search without min_prob or log q (the greedy default).
+// ``draft_step`` is one depth of the same drafter, for the loop that draws sampled drafts.
 #include <torch/extension.h>
 #include <cstdint>
 #include <limits>
@@ -24,7 +25,55 @@ struct Layer {
   }
 };
 
+std::vector<Layer> make_layers(const std::vector<torch::Tensor>& packed, const std::vector<torch::Tensor>& scales,
+                               const std::vector<torch::Tensor>& biases, bool has_input_proj) {
+  const size_t num_layers = packed.size();
+  TORCH_CHECK(scales.size() == num_layers && biases.size() == num_layers && num_layers >= (has_input_proj ? 4u : 3u),
+              "draft_search: one packed weight, scales and bias per layer");
+  std::vector<Layer> layers(num_layers);
+  for (size_t i = 0; i < num_layers; ++i)
+    layers[i] = {packed[i], scales[i], biases[i].numel() ? biases[i] : torch::Tensor()};
+  return layers;
+}
+
+// Drafter.logits: z = input_proj(concat[h, s]); z = z + SiLU(block(z)); the projection.
+torch::Tensor drafter_logits(const std::vector<Layer>& layers, bool has_input_proj, const torch::Tensor& hs,
+                             const torch::Tensor& state) {
+  const size_t first_block = has_input_proj ? 3 : 2, head = layers.size() - 1;
+  auto z = torch::cat({hs, state}, -1);
+  if (has_input_proj) z = layers[2](z);
+  for (size_t i = first_block; i < head; ++i) z = z + torch::silu(layers[i](z));
+  return layers[head](z);
+}
+
 }  // namespace
+
+// One depth of the drafter for R rows (engine.propose_sampled's loop body before its sampling
+// transform): the next RNN state from the rows' state (empty: s_0 = 0) and the embedding of `ids` (R,),
+// then the logits over the draft vocabulary. context (R, H) bf16. Returns {state (R, H), logits (R, V_d)},
+// equal to Drafter.next_state and Drafter.logits on the same int4 copy, bit for bit.
+std::vector<torch::Tensor> draft_step(const torch::Tensor& context, const torch::Tensor& state_in, const torch::Tensor& ids,
+                                      const torch::Tensor& embedding, const std::vector<torch::Tensor>& packed,
+                                      const std::vector<torch::Tensor>& scales, const std::vector<torch::Tensor>& biases,
+                                      bool has_input_proj) {
+  TORCH_CHECK(context.device().is_cpu() && context.dim() == 2 && context.scalar_type() == torch::kBFloat16,
+              "draft_step: context must be a (rows, H) bfloat16 CPU tensor");
+  TORCH_CHECK(ids.dim() == 1 && ids.size(0) == context.size(0) && ids.scalar_type() == torch::kLong,
+              "draft_step: ids must be (rows,) int64");
+  TORCH_CHECK(state_in.numel() == 0 || state_in.sizes() == context.sizes(), "draft_step: state must be empty or like context");
+  TORCH_CHECK(embedding.dim() == 2 && embedding.scalar_type() == torch::kBFloat16 && embedding.size(1) == context.size(1),
+              "draft_step: embedding must be a (V, H) bfloat16 table");
+  const auto layers = make_layers(packed, scales, biases, has_input_proj);
+  const Layer& rnn_w = layers[0];
+  const Layer& rnn_u = layers[1];
+  auto pre = rnn_w(embedding.index_select(0, ids));
+  torch::Tensor state;
+  if (state_in.numel() == 0)  // s_0 = 0: rnn_u(s_0) is its bias
+    state = torch::silu(rnn_u.bias.defined() ? pre + rnn_u.bias : pre);
+  else
+    state = torch::silu(pre + rnn_u(state_in.contiguous()));
+  return {state, drafter_logits(layers, has_input_proj, context.contiguous(), state)};
+}
 
 // context (B, H) bf16: the target's hidden state h; g0 (B,) int64; embedding (V, H) bf16: the target's
 // table E. packed / scales / biases: the drafter's int4 layers in the order rnn_w, rnn_u, input_proj (when
@@ -44,28 +93,18 @@ std::vector<torch::Tensor> draft_search(const torch::Tensor& context, const torc
   TORCH_CHECK(embedding.dim() == 2 && embedding.scalar_type() == torch::kBFloat16 &&
                   embedding.size(1) == context.size(1),
               "draft_search: embedding must be a (V, H) bfloat16 table");
-  const size_t num_layers = packed.size();
-  TORCH_CHECK(scales.size() == num_layers && biases.size() == num_layers && num_layers >= (has_input_proj ? 4u : 3u),
-              "draft_search: one packed weight, scales and bias per layer");
   TORCH_CHECK(width >= 1 && length >= 1, "draft_search: width and length must be positive");
-  std::vector<Layer> layers(num_layers);
-  for (size_t i = 0; i < num_layers; ++i)
-    layers[i] = {packed[i], scales[i], biases[i].numel() ? biases[i] : torch::Tensor()};
+  const auto layers = make_layers(packed, scales, biases, has_input_proj);
   const Layer& rnn_w = layers[0];
   const Layer& rnn_u = layers[1];
-  const size_t first_block = has_input_proj ? 3 : 2, head = num_layers - 1;
   const bool mapped = draft_to_target.numel() > 0;
   const int64_t* to_target = mapped ? draft_to_target.data_ptr<int64_t>() : nullptr;
 
   const int64_t batch = context.size(0), hidden = context.size(1);
   const auto h = context.contiguous();
   const auto ids = g0.contiguous();
-  // Drafter.logits: z = input_proj(concat[h, s]); z = z + SiLU(block(z)); the projection.
   auto logits_of = [&](const torch::Tensor& hs, const torch::Tensor& state) {
-    auto z = torch::cat({hs, state}, -1);
-    if (has_input_proj) z = layers[2](z);
-    for (size_t i = first_block; i < head; ++i) z = z + torch::silu(layers[i](z));
-    return layers[head](z);
+    return drafter_logits(layers, has_input_proj, hs, state);
   };
 
   // Beams and their path scores per (row, beam, position); beams grow one position per depth.

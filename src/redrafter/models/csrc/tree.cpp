@@ -213,10 +213,12 @@ std::vector<torch::Tensor> greedy_accept(const torch::Tensor& beams_in, const to
 }
 
 // verify.tree_accept's sampling walk (recursive multi-draft rejection sampling), with the same
-// arithmetic as verify.sampled_accept_tensors: probs (batch, n, V) float32 is the target's p at every
-// packed node; draft_probs (batch, W, L-1, V) float32 the q each drafted token was drawn from, or an
-// empty tensor for point masses; uniforms (batch, U) float64 the row's numbers, used in order: one per
-// candidate tested, then one for the bonus (U >= W * (L-1) + 1 is always enough).
+// arithmetic as verify.walk: probs (batch, n, V) float32 is the target's p at every packed node;
+// draft_probs the q each drafted token was drawn from, as verify.DraftProbs holds it: (batch, Wq, Lq, Vq)
+// float32 for beams w < Wq at drafted positions j - 1 < Lq, over the Vq tokens listed in draft_map (Vq,)
+// int64 (empty: Vq = V, in order); every other drafted token is a point mass (an empty draft_probs: all
+// of them). uniforms (batch, U) float64 are the row's numbers, used in order: one per candidate tested,
+// then one for the bonus (U >= W * (L-1) + 1 is always enough).
 namespace {
 
 // The first index whose float64 cumulative weight exceeds u times the total (sampling.inverse_cdf).
@@ -238,7 +240,7 @@ int64_t inverse_cdf_row(const float* p, int64_t size, double u) {
 
 std::vector<torch::Tensor> sampled_accept(const torch::Tensor& beams_in, const torch::Tensor& unpacker_in,
                                           const torch::Tensor& probs_in, const torch::Tensor& draft_in,
-                                          const torch::Tensor& uniforms_in) {
+                                          const torch::Tensor& draft_map_in, const torch::Tensor& uniforms_in) {
   check_beams(beams_in, "sampled_accept");
   TORCH_CHECK(unpacker_in.sizes() == beams_in.sizes() && unpacker_in.scalar_type() == torch::kLong &&
                   unpacker_in.device().is_cpu(),
@@ -249,11 +251,26 @@ std::vector<torch::Tensor> sampled_accept(const torch::Tensor& beams_in, const t
                   probs_in.device().is_cpu(),
               "sampled_accept: probs must be a (batch, n, V) float32 CPU tensor");
   const int64_t n = probs_in.size(1), vocab = probs_in.size(2);
-  const bool point_masses = draft_in.numel() == 0;
-  TORCH_CHECK(point_masses || (draft_in.dim() == 4 && draft_in.size(0) == batch && draft_in.size(1) == width &&
-                               draft_in.size(2) == length - 1 && draft_in.size(3) == vocab &&
+  const bool point_masses = draft_in.numel() == 0, mapped = draft_map_in.numel() > 0;
+  TORCH_CHECK(point_masses || (draft_in.dim() == 4 && draft_in.size(0) == batch && draft_in.size(1) <= width &&
+                               draft_in.size(2) <= length - 1 && draft_in.size(3) == (mapped ? draft_map_in.size(0) : vocab) &&
                                draft_in.scalar_type() == torch::kFloat && draft_in.device().is_cpu()),
-              "sampled_accept: draft_probs must be empty or a (batch, W, L-1, V) float32 CPU tensor");
+              "sampled_accept: draft_probs must be empty or a (batch, <= W, <= L-1, Vq) float32 CPU tensor, Vq the "
+              "length of draft_map (V without one)");
+  TORCH_CHECK(!mapped || (draft_map_in.dim() == 1 && draft_map_in.scalar_type() == torch::kLong && draft_map_in.device().is_cpu()),
+              "sampled_accept: draft_map must be empty or a (Vq,) int64 CPU tensor");
+  const int64_t q_width = point_masses ? 0 : draft_in.size(1), q_length = point_masses ? 0 : draft_in.size(2);
+  const int64_t q_vocab = point_masses ? 0 : draft_in.size(3);
+  const auto draft_map = mapped ? draft_map_in.contiguous() : draft_map_in;
+  std::vector<int64_t> inverse;  // target id -> index into q (-1: q is 0 there)
+  if (mapped) {
+    inverse.assign(vocab, -1);
+    const int64_t* m = draft_map.data_ptr<int64_t>();
+    for (int64_t k = 0; k < q_vocab; ++k) {
+      TORCH_CHECK(m[k] >= 0 && m[k] < vocab && inverse[m[k]] < 0, "sampled_accept: draft_map must list distinct token ids");
+      inverse[m[k]] = k;
+    }
+  }
   TORCH_CHECK(uniforms_in.dim() == 2 && uniforms_in.size(0) == batch && uniforms_in.size(1) >= width * (length - 1) + 1 &&
                   uniforms_in.scalar_type() == torch::kDouble && uniforms_in.device().is_cpu(),
               "sampled_accept: uniforms must be a (batch, >= W * (L-1) + 1) float64 CPU tensor");
@@ -273,8 +290,9 @@ std::vector<torch::Tensor> sampled_accept(const torch::Tensor& beams_in, const t
       TORCH_CHECK(node >= 0 && node < n, "sampled_accept: unpacker index ", node, " outside the ", n, " packed nodes");
       return probs.data_ptr<float>() + (r * n + node) * vocab;
     };
-    const auto q_of = [&](int64_t w, int64_t j) {  // the distribution beams[r, w, j] was drawn from
-      return draft.data_ptr<float>() + ((r * width + w) * (length - 1) + j - 1) * vocab;
+    const auto q_of = [&](int64_t w, int64_t j) {  // the distribution beams[r, w, j] was drawn from, or null
+      if (w >= q_width || j - 1 >= q_length) return (const float*)nullptr;  // a point mass
+      return (const float*)draft.data_ptr<float>() + ((r * q_width + w) * q_length + j - 1) * q_vocab;
     };
     std::fill(live.begin(), live.end(), 1);
     int64_t node = u[0], chosen = 0, count = 0, used = 0, drawn = -1;
@@ -286,18 +304,24 @@ std::vector<torch::Tensor> sampled_accept(const torch::Tensor& beams_in, const t
         const int64_t x = b[w * length + j];
         if (!live[w] || x == kNoToken) continue;
         TORCH_CHECK(x >= 0 && x < vocab, "sampled_accept: token ", x, " outside the vocabulary");
-        const double q_x = point_masses ? 1.0 : (double)q_of(w, j)[x];
+        const float* q = q_of(w, j);
+        const int64_t at = q == nullptr ? -1 : mapped ? inverse[x] : x;
+        const double q_x = q == nullptr ? 1.0 : at < 0 ? 0.0 : (double)q[at];
         if (draws[used++] * q_x < (double)residual[x]) {
           hit = w;
           break;
         }
         double total = 0.0;
-        if (point_masses) {
+        if (q == nullptr) {
           std::copy(residual.begin(), residual.end(), updated.begin());
           updated[x] = 0.0f;
           for (int64_t i = 0; i < vocab; ++i) total += updated[i];
+        } else if (mapped) {  // max(r - q, 0) where q lives, r (>= 0) elsewhere: the dense update's values
+          std::copy(residual.begin(), residual.end(), updated.begin());
+          const int64_t* m = draft_map.data_ptr<int64_t>();
+          for (int64_t k = 0; k < q_vocab; ++k) updated[m[k]] = std::max(residual[m[k]] - q[k], 0.0f);
+          for (int64_t i = 0; i < vocab; ++i) total += updated[i];
         } else {
-          const float* q = q_of(w, j);
           for (int64_t i = 0; i < vocab; ++i) {
             updated[i] = std::max(residual[i] - q[i], 0.0f);
             total += updated[i];
