@@ -27,7 +27,8 @@
   another draft token: drafts only, the output stays exact.
 - ``draft_search`` (``csrc/draft_search.cpp``): the drafter's whole beam search in one call, for a bf16
   drafter whose layers all run ``int4_mm`` (``drafter.model.FusedSearch``): the Python loop's
-  products and roundings, bit for bit, without its per-depth tensor operations.
+  products and roundings, bit for bit, without its per-depth tensor operations; ``draft_step`` is
+  one depth of it (next state and logits) for the loop that draws sampled drafts.
 
 They need AVX-512 BW and AVX-512 BF16 (Zen 4, Sapphire Rapids and later), a C++ compiler and ninja;
 elsewhere ``load()`` returns None and the model uses torch's kernels.
