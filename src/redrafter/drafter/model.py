@@ -172,7 +172,7 @@ class FusedSearch:
             return None
         modules = [fast.rnn_w, fast.rnn_u] + ([fast.input_proj] if fast.input_proj is not None else [])
         modules += [block.linear for block in fast.lm_head[:-1]] + [fast.lm_head[-1]]
-        layers = [module.forward for module in modules]
+        layers = [linear.forward for linear in modules]
         if not all(isinstance(layer, Linear) and layer.int4 is not None and layer.int4.kernel == "avx512"
                    for layer in layers):
             return None
