@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "vec.h"
@@ -86,21 +87,31 @@ void block(const Shapes& s, const T* q, const T* keys, const T* values, const bo
     q_row[r] = q + b * s.q_b + head[r] * s.q_h + token[r] * s.q_i;
     mask_row[r] = allowed == nullptr ? nullptr : allowed + (b * s.n + token[r]) * span;
   }
-  // Scores, 16 keys at a time per row (the keys stay in L1 across the block's rows).
+  // Scores, 4 keys at a time for all the block's rows, so each key is loaded once per block. Each
+  // (row, key) product is the same dot_lanes and the same lane reduction (sum_lanes16 treats its 16
+  // vectors alike), so a score does not depend on how rows and keys are grouped. Rows past `rows`
+  // repeat row 0 and are not stored; keys past span add zeros into the padding, set to -inf below.
   const T* kb = keys + b * s.k_b + kh * s.k_h;
   const __m512 scale = _mm512_set1_ps(s.scale);
-  for (int r = 0; r < rows; ++r) {
-    for (int64_t j0 = 0; j0 < span; j0 += 16) {
-      __m512 partial[16];
-      if (j0 + 16 <= span) {
-#pragma GCC unroll 16
-        for (int jj = 0; jj < 16; ++jj) partial[jj] = dot_lanes<DC>(q_row[r], kb + (j0 + jj) * s.k_j);
+  const T* q_any[kRowBlock];
+  for (int r = 0; r < kRowBlock; ++r) q_any[r] = q_row[r < rows ? r : 0];
+  static_assert(kRowBlock == 4, "the score loop packs 4 rows x 4 keys into one reduction");
+  for (int64_t j0 = 0; j0 < span; j0 += 4) {
+    __m512 partial[16];  // partial[r * 4 + jj]: row r, key j0 + jj
+    for (int jj = 0; jj < 4; ++jj) {
+      if (j0 + jj < span) {
+        const T* k = kb + (j0 + jj) * s.k_j;
+#pragma GCC unroll 4
+        for (int r = 0; r < kRowBlock; ++r) partial[r * 4 + jj] = dot_lanes<DC>(q_any[r], k);
       } else {
-        for (int jj = 0; jj < 16; ++jj)
-          partial[jj] = j0 + jj < span ? dot_lanes<DC>(q_row[r], kb + (j0 + jj) * s.k_j) : _mm512_setzero_ps();
+        for (int r = 0; r < kRowBlock; ++r) partial[r * 4 + jj] = _mm512_setzero_ps();
       }
-      _mm512_storeu_ps(scores.data() + r * padded + j0, _mm512_mul_ps(sum_lanes16(partial), scale));
     }
+    const __m512 sums = _mm512_mul_ps(sum_lanes16(partial), scale);  // lane r * 4 + jj
+    _mm_storeu_ps(scores.data() + j0, _mm512_extractf32x4_ps(sums, 0));
+    if (rows > 1) _mm_storeu_ps(scores.data() + padded + j0, _mm512_extractf32x4_ps(sums, 1));
+    if (rows > 2) _mm_storeu_ps(scores.data() + 2 * padded + j0, _mm512_extractf32x4_ps(sums, 2));
+    if (rows > 3) _mm_storeu_ps(scores.data() + 3 * padded + j0, _mm512_extractf32x4_ps(sums, 3));
   }
   // Softmax per row (masked slots -inf, so exactly 0 after exp); the padding past span is -inf too.
   const float neg_inf = -std::numeric_limits<float>::infinity();
@@ -146,14 +157,28 @@ void block(const Shapes& s, const T* q, const T* keys, const T* values, const bo
     }
     inv_sum[r] = 1.f / _mm512_reduce_add_ps(total);
   }
-  // Weighted values: each value is widened once and added into every row of the block.
+  // Weighted values: each value is widened once and added into every row of the block. For bf16 with
+  // an even DC, 32 values are widened at a time by interleaving them with zeros (two instructions for
+  // 32 values), which puts dimensions in the order 0-3, 8-11, 16-19, 24-27 | 4-7, 12-15, ... of each
+  // 32; the output is put back in order before it is stored. Each output value is the same sum, in
+  // the same order, either way.
+  constexpr bool kPairs = std::is_same_v<T, at::BFloat16> && DC % 2 == 0;
   __m512 acc[kRowBlock][DC];
   for (int r = 0; r < kRowBlock; ++r)
     for (int c = 0; c < DC; ++c) acc[r][c] = _mm512_setzero_ps();
   const T* vb = values + b * s.v_b + kh * s.v_h;
   for (int64_t j = 0; j < span; ++j) {
     __m512 v[DC];
-    for (int c = 0; c < DC; ++c) v[c] = load16(vb + j * s.v_j + 16 * c);
+    if constexpr (kPairs) {
+      const __m512i zero = _mm512_setzero_si512();
+      for (int c = 0; c < DC; c += 2) {
+        const __m512i raw = _mm512_loadu_si512(vb + j * s.v_j + 16 * c);
+        v[c] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, raw));
+        v[c + 1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, raw));
+      }
+    } else {
+      for (int c = 0; c < DC; ++c) v[c] = load16(vb + j * s.v_j + 16 * c);
+    }
     for (int r = 0; r < rows; ++r) {
       const __m512 p = _mm512_set1_ps(scores[r * padded + j]);
       for (int c = 0; c < DC; ++c) acc[r][c] = _mm512_fmadd_ps(p, v[c], acc[r][c]);
@@ -163,7 +188,16 @@ void block(const Shapes& s, const T* q, const T* keys, const T* values, const bo
   for (int r = 0; r < rows; ++r) {
     T* o = out + ((b * s.n + token[r]) * s.heads + head[r]) * head_dim;
     const __m512 inv = _mm512_set1_ps(inv_sum[r]);
-    for (int c = 0; c < DC; ++c) store16(o + 16 * c, _mm512_mul_ps(acc[r][c], inv));
+    if constexpr (kPairs) {
+      const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+      const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+      for (int c = 0; c < DC; c += 2) {
+        store16(o + 16 * c, _mm512_mul_ps(_mm512_permutex2var_ps(acc[r][c], first, acc[r][c + 1]), inv));
+        store16(o + 16 * c + 16, _mm512_mul_ps(_mm512_permutex2var_ps(acc[r][c], second, acc[r][c + 1]), inv));
+      }
+    } else {
+      for (int c = 0; c < DC; ++c) store16(o + 16 * c, _mm512_mul_ps(acc[r][c], inv));
+    }
   }
 }
 
