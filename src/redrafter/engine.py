@@ -33,7 +33,7 @@ from redrafter.drafter.lookup import History, join, join_beams, lookup_beams
 from redrafter.drafter.model import Drafter, inference_copy
 from redrafter.errors import RedrafterError
 from redrafter.models.base import TargetModel
-from redrafter.tree import NO_TOKEN, cap_tree_scored, pack, tree_kernel
+from redrafter.tree import NO_TOKEN, cap_tree_scored, pack
 from redrafter.sampling import inverse_cdf, probabilities, row_generators, uniforms
 from redrafter.verify import DraftProbs, draw, tree_accept
 
@@ -195,8 +195,7 @@ class ReDrafterProposer:
         same values) where the drafter's fused search runs, else as ``Drafter.next_state`` and ``logits``."""
         drafter, batch = self.drafter, context.shape[0]
         fused = getattr(drafter, "fused_search", None)
-        if (fused is not None and self.table is not None and self.table.dtype == torch.bfloat16
-                and batch * width <= fused.max_rows and tree_kernel(context) is not None):
+        if fused is not None and fused.runs(context, self.table, batch * width):
             rows = context.to(torch.bfloat16).repeat_interleave(width, 0)  # (batch * W, H), row b * W + w
 
             def fused_step(state: torch.Tensor | None, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -75,11 +75,10 @@ class DraftProbs:
         full = point_masses(beams, vocab, self.probs.dtype)
         width, length = self.probs.shape[1], self.probs.shape[2]
         region = full[:, :width, :length]
-        region.zero_()
         if self.vocab_map is None:
             region.copy_(self.probs)
         else:
-            region.index_copy_(-1, self.vocab_map, self.probs)
+            region.zero_().index_copy_(-1, self.vocab_map, self.probs)
         return full
 
 

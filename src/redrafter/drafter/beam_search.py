@@ -74,8 +74,7 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
     batch = g0.shape[0]
     device = g0.device
     fused = getattr(drafter, "fused_search", None)
-    if (fused is not None and table is not None and table.dtype == torch.bfloat16 and min_prob <= 0
-            and not return_log_probs and batch * width <= fused.max_rows and tree_kernel(context) is not None):
+    if fused is not None and min_prob <= 0 and not return_log_probs and fused.runs(context, table, batch * width):
         beams, scores, path_scores = fused(context, g0, table, width=width, length=length, keep_pruned=keep_pruned)
         if max_tree_tokens > 0:
             beams = cap_tree_scored(beams, path_scores, max_tree_tokens)

@@ -192,9 +192,16 @@ class FusedSearch:
         """One depth for R rows: (next_state, logits (R, V_d)) as ``Drafter.next_state`` from ``state``
         (None: s_0) and the embedding of ``ids`` (R,), then ``Drafter.logits``, with context (R, H)."""
         empty = torch.empty(0, dtype=torch.bfloat16)
-        state, logits = self.module.draft_step(context, empty if state is None else state, ids.contiguous(), embedding,
-                                               self.packed, self.scales, self.biases, self.has_input_proj)
-        return state, logits
+        return tuple(self.module.draft_step(context, empty if state is None else state, ids.contiguous(), embedding,
+                                            self.packed, self.scales, self.biases, self.has_input_proj))
+
+    def runs(self, context: torch.Tensor, table: torch.Tensor | None, rows: int) -> bool:
+        """Whether the fused calls serve ``rows`` drafter rows for ``context``, with the target's
+        embedding ``table``: a bf16 table, rows the int4 kernel takes, our tree kernels switched on."""
+        from redrafter.tree import tree_kernel
+
+        return (table is not None and table.dtype == torch.bfloat16 and rows <= self.max_rows
+                and tree_kernel(context) is not None)
 
 
 def load_drafter(path: str | os.PathLike, *, device: str | torch.device = "cpu",

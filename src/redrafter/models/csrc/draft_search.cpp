@@ -46,6 +46,17 @@ torch::Tensor drafter_logits(const std::vector<Layer>& layers, bool has_input_pr
   return layers[head](z);
 }
 
+// Drafter.next_state from `state` (undefined: s_0 = 0, where rnn_u(s_0) is its bias) and the embeddings
+// of `ids`: SiLU(rnn_w(E(ids)) + rnn_u(state)).
+torch::Tensor next_state(const std::vector<Layer>& layers, const torch::Tensor& embedding, const torch::Tensor& ids,
+                         const torch::Tensor& state) {
+  const Layer& rnn_w = layers[0];
+  const Layer& rnn_u = layers[1];
+  auto pre = rnn_w(embedding.index_select(0, ids));
+  if (!state.defined()) return torch::silu(rnn_u.bias.defined() ? pre + rnn_u.bias : pre);
+  return torch::silu(pre + rnn_u(state));
+}
+
 }  // namespace
 
 // One depth of the drafter for R rows (engine.propose_sampled's loop body before its sampling
@@ -64,14 +75,7 @@ std::vector<torch::Tensor> draft_step(const torch::Tensor& context, const torch:
   TORCH_CHECK(embedding.dim() == 2 && embedding.scalar_type() == torch::kBFloat16 && embedding.size(1) == context.size(1),
               "draft_step: embedding must be a (V, H) bfloat16 table");
   const auto layers = make_layers(packed, scales, biases, has_input_proj);
-  const Layer& rnn_w = layers[0];
-  const Layer& rnn_u = layers[1];
-  auto pre = rnn_w(embedding.index_select(0, ids));
-  torch::Tensor state;
-  if (state_in.numel() == 0)  // s_0 = 0: rnn_u(s_0) is its bias
-    state = torch::silu(rnn_u.bias.defined() ? pre + rnn_u.bias : pre);
-  else
-    state = torch::silu(pre + rnn_u(state_in.contiguous()));
+  const auto state = next_state(layers, embedding, ids, state_in.numel() ? state_in.contiguous() : torch::Tensor());
   return {state, drafter_logits(layers, has_input_proj, context.contiguous(), state)};
 }
 
@@ -95,17 +99,12 @@ std::vector<torch::Tensor> draft_search(const torch::Tensor& context, const torc
               "draft_search: embedding must be a (V, H) bfloat16 table");
   TORCH_CHECK(width >= 1 && length >= 1, "draft_search: width and length must be positive");
   const auto layers = make_layers(packed, scales, biases, has_input_proj);
-  const Layer& rnn_w = layers[0];
-  const Layer& rnn_u = layers[1];
   const bool mapped = draft_to_target.numel() > 0;
   const int64_t* to_target = mapped ? draft_to_target.data_ptr<int64_t>() : nullptr;
 
   const int64_t batch = context.size(0), hidden = context.size(1);
   const auto h = context.contiguous();
   const auto ids = g0.contiguous();
-  auto logits_of = [&](const torch::Tensor& hs, const torch::Tensor& state) {
-    return drafter_logits(layers, has_input_proj, hs, state);
-  };
 
   // Beams and their path scores per (row, beam, position); beams grow one position per depth.
   std::vector<int64_t> beams(batch * width), next_beams;
@@ -119,20 +118,17 @@ std::vector<torch::Tensor> draft_search(const torch::Tensor& context, const torc
   int64_t len = 1;
   for (int64_t depth = 1; depth < length; ++depth) {
     torch::Tensor logits, row_scores;
-    if (depth == 1) {  // every beam is g0 alone: one row per batch row; s_0 = 0, so rnn_u(s_0) is its bias
-      auto e = embedding.index_select(0, ids);
-      auto pre = rnn_w(e);
-      auto first = torch::silu(rnn_u.bias.defined() ? pre + rnn_u.bias : pre);  // (batch, H)
-      logits = logits_of(h, first).view({batch, 1, -1});
+    if (depth == 1) {  // every beam is g0 alone: one row per batch row, from s_0
+      auto first = next_state(layers, embedding, ids, torch::Tensor());  // (batch, H)
+      logits = drafter_logits(layers, has_input_proj, h, first).view({batch, 1, -1});
       TORCH_CHECK(logits.size(2) >= width, "draft_search: the draft vocabulary must hold at least W tokens");
       row_scores = torch::zeros({batch, 1}, torch::kFloat);
       state = first.repeat_interleave(width, 0);  // all W beams share it
     } else {
       auto last = torch::empty({batch * width}, torch::kLong);
       for (int64_t r = 0; r < batch * width; ++r) last.data_ptr<int64_t>()[r] = beams[r * len + len - 1];
-      auto e = embedding.index_select(0, last);
-      state = torch::silu(rnn_w(e) + rnn_u(state));
-      logits = logits_of(h.repeat_interleave(width, 0), state).view({batch, width, -1});
+      state = next_state(layers, embedding, last, state);
+      logits = drafter_logits(layers, has_input_proj, h.repeat_interleave(width, 0), state).view({batch, width, -1});
       row_scores = scores;
     }
     auto picked = beam_select(logits, row_scores, width);
