@@ -104,7 +104,13 @@ def test_real_methods_on_a_tiny_model_agree_and_write_outputs(tiny_methods, tmp_
         assert r["num_new_tokens"] == 12
         if r["method"] in ("hf-generate", "ar"):
             assert r["num_steps"] == 11 and r["tau"] == 1.0
+        if r["method"] == "ar":
+            assert r["num_tree_tokens"] == 11  # g0 alone per step
+        elif r["method"].startswith("redrafter"):
+            assert r["num_steps"] < r["num_tree_tokens"] <= r["num_steps"] * 10  # W=3 L=4: at most 1 + 3 x 3
     summary = summarise(rows)
+    assert summary["methods"]["ar"]["tree_tokens_per_step"] == 1.0
+    assert summary["methods"]["hf-generate"]["tree_tokens_per_step"] is None  # not our engine: not reported
     assert set(summary["categories"]) == {"a", "b"}
     written = write_outputs(tmp_path, rows, summary, {"dataset": "tiny", "machine": {}, "skipped": skipped})
     names = {p.name for p in written}

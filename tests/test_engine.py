@@ -7,7 +7,7 @@ from helpers import TINY_VOCAB, ScriptedProposer, hf_greedy, tiny_target
 from redrafter import (BeamConfig, Drafter, DrafterConfig, Engine, FinishEvent, GenerationConfig, LookupProposer,
                        ReDrafterProposer)
 from redrafter.engine import TokensEvent
-from redrafter.tree import NO_TOKEN
+from redrafter.tree import NO_TOKEN, pack
 
 PROMPTS = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5, 8, 9, 7], [2]]
 MAX_NEW = 48
@@ -39,7 +39,7 @@ def test_autoregressive_equals_generate(case):
     for prompt, reference in zip(PROMPTS, references):
         (result,) = run(Engine(target), [prompt], GenerationConfig(max_new_tokens=MAX_NEW))
         assert list(result.token_ids) == reference
-        assert result.stats.tokens_per_step == 1.0
+        assert result.stats.tokens_per_step == 1.0 and result.stats.tree_tokens_per_step == 1.0
 
 
 @pytest.mark.parametrize("width,length", [(1, 2), (3, 5), (4, 7)])
@@ -132,6 +132,47 @@ def test_context_lookup_equals_generate(case):
             assert list(result.token_ids) == reference
         tokens = sum(r.stats.num_new_tokens - 1 for r in results)
         assert tokens > sum(r.stats.num_steps for r in results)  # some steps kept drafted tokens
+
+
+def test_probability_floor_on_a_lookup_tree_equals_generate(case):
+    """``min_prob`` with the context-lookup beam and a cap: of the joined tree, only nodes whose
+    score (the drafter's path probability, or c_n^depth for looked-up tokens) reaches the floor stay,
+    so each step's tree is a subset of the unfloored capped tree, smaller in some steps (checked) and
+    still drafting in others; the output is plain greedy decoding, and the stats count the tokens
+    each step verified."""
+    target, references = case
+    torch.manual_seed(1)
+    drafter = Drafter(DrafterConfig(hidden_size=64, vocab_size=TINY_VOCAB)).eval()
+    for p in drafter.parameters():
+        torch.nn.init.normal_(p, std=0.1)  # q peaked enough that the path probability varies
+    shape = dict(width=4, length=4, max_tree_tokens=6, lookup_tokens=5)
+    floored = ReDrafterProposer(drafter, target, BeamConfig(min_prob=0.15, **shape))
+    unfloored = ReDrafterProposer(drafter, target, BeamConfig(**shape))
+    sizes, smaller, drafting, propose = [], 0, 0, floored.propose
+
+    def nodes(beams):
+        return [{tuple(t for t in beam if t != NO_TOKEN) for beam in row} for row in beams.tolist()]
+
+    def recording(*args, **kwargs):
+        nonlocal smaller, drafting
+        beams = propose(*args, **kwargs)
+        for kept, full in zip(nodes(beams), nodes(unfloored.propose(*args, **kwargs))):
+            prefixes = lambda paths: {p[:i] for p in paths for i in range(1, len(p) + 1)}
+            assert prefixes(kept) <= prefixes(full)
+            smaller += len(prefixes(kept)) < len(prefixes(full))
+            drafting += len(prefixes(kept)) > 1
+        sizes.append(pack(beams).lengths.tolist())
+        return beams
+
+    floored.propose = recording
+    results = run(Engine(target, floored), PROMPTS, GenerationConfig(max_new_tokens=MAX_NEW))
+    for result, reference in zip(results, references):
+        assert list(result.token_ids) == reference
+    assert smaller > 0 and drafting > 0
+    sizes.clear()
+    (alone,) = run(Engine(target, floored), PROMPTS[1:2], GenerationConfig(max_new_tokens=MAX_NEW))
+    assert len(sizes) == alone.stats.num_steps and alone.stats.num_tree_tokens == sum(s for (s,) in sizes)
+    assert alone.stats.num_steps < alone.stats.num_tree_tokens <= 6 * alone.stats.num_steps
 
 
 def test_speculation_gate_equals_generate(case):

@@ -145,8 +145,9 @@ def add_draft_shape_arguments(parser, *, multiple: bool = False) -> None:
                              f"drafter's measured best, else {DEFAULT_BEAM.length})")
     parser.add_argument("--min-draft-prob", default=None, metavar="P", help=(
         "adaptive draft: verify only the tree nodes whose drafter probability (the product of q along the "
-        "path) is at least P, possibly none but g0 (beam-search drafts only; 0 = the whole tree; default: "
-        "the drafter's measured best, else 0)" + (" (a comma list runs each)" if multiple else "")))
+        "path; c_n^depth for a looked-up token) is at least P, possibly none but g0, and of those at most "
+        "--max-tree-tokens (beam-search drafts only; 0 = the whole tree; default: the drafter's measured "
+        "best, else 0)" + (" (a comma list runs each)" if multiple else "")))
     parser.add_argument("--max-tree-tokens", default=None, metavar="N", help=(
         "verify at most N tree tokens per step (g0 included): the N nodes of the beams' tree most probable "
         "under the drafter (beam-search drafts only; 0 = all; default: the drafter's measured best, else 0)"
@@ -334,6 +335,7 @@ def run_generate(args: argparse.Namespace) -> int:
                         "num_new_tokens": stats.num_new_tokens,
                         "num_steps": stats.num_steps,
                         "tokens_per_step": round(stats.tokens_per_step, 4) if stats.num_steps else None,
+                        "tree_tokens_per_step": round(stats.tree_tokens_per_step, 4) if stats.num_steps else None,
                         "elapsed_s": round(stats.elapsed_s, 4),
                         "first_token_s": round(stats.first_token_s, 4),
                         "tokens_per_s": round(stats.tokens_per_s, 3),

@@ -19,7 +19,8 @@ class BeamConfig:
     under the drafter (the product of q along its path) is below ``min_prob`` is not verified, and
     beam search stops going deeper once no beam reaches it. A step then verifies anything from g0
     alone (a plain decode step: unsure drafts cost no verification) to the whole tree. Drafts stay
-    proposals, so the output is unchanged.
+    proposals, so the output is unchanged. With the lookup beam the floor applies to the joined tree,
+    before the cap: a looked-up token scores c_n^depth (below), a drafted node its path probability.
 
     ``max_tree_tokens`` > 0 caps the verified tree (beam-search drafts only): of the distinct tree
     nodes, g0 included, only the ``max_tree_tokens`` most probable under the drafter are verified

@@ -141,14 +141,19 @@ class ReDrafterProposer:
         beam, lookup = self.beam, self.beam.lookup_tokens > 0
         width, keep_pruned = search_shape(beam)
         result = beam_search(self.drafter, self.embed, context, g0, width=width, length=beam.length,
-                             min_prob=beam.min_prob, max_tree_tokens=0 if lookup else beam.max_tree_tokens,
+                             min_prob=0.0 if lookup else beam.min_prob,
+                             max_tree_tokens=0 if lookup else beam.max_tree_tokens,
                              keep_pruned=keep_pruned, table=self.table)
         if not lookup:
             return result.beams
-        looked_up, scores = self._lookup(g0, history)
+        looked_up, lookup_scores = self._lookup(g0, history)
         beams = join_beams(result.beams, looked_up)
+        scores = join(result.path_scores, lookup_scores, float("-inf"))
+        if beam.min_prob > 0:
+            # Both proposers' scores fall along a path, so the nodes that stay form a tree.
+            beams = torch.where(scores < math.log(beam.min_prob), torch.full_like(beams, NO_TOKEN), beams)
         if beam.max_tree_tokens:
-            beams = cap_tree_scored(beams, join(result.path_scores, scores, float("-inf")), beam.max_tree_tokens)
+            beams = cap_tree_scored(beams, scores, beam.max_tree_tokens)
         return beams
 
     def _lookup(self, g0: torch.Tensor, history: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,6 +279,12 @@ class GenerationStats:
     num_steps: int
     first_token_s: float
     elapsed_s: float
+    num_tree_tokens: int = 0  # tokens verified over all steps, g0 included (num_steps for plain decoding)
+
+    @property
+    def tree_tokens_per_step(self) -> float:
+        """Mean tokens per target forward after the prefill (the verified tree's size, g0 included)."""
+        return self.num_tree_tokens / self.num_steps if self.num_steps else float("nan")
 
     @property
     def tokens_per_step(self) -> float:
@@ -322,6 +333,7 @@ class _Row:
     ids: History  # the prompt, then every emitted token: what a proposer may look back on (indexed)
     prompt_length: int
     steps: int = 0
+    tree_tokens: int = 0  # tokens verified over all steps, g0 included
     first_token_s: float = 0.0
     finished: bool = False
     rate: float | None = None  # running mean of tokens per speculative step (BeamConfig.min_tokens_per_step)
@@ -460,10 +472,12 @@ class Engine:
             accepted = acceptance.accepted.tolist()
             chosen = acceptance.tokens.tolist()
             bonus = g0.tolist()
+            tree_sizes = tree.lengths.tolist()
             new = [chosen[b][1: 1 + accepted[b]] + [bonus[b]] for b in range(batch)]
             for b, r in enumerate(live):
                 if not rows[r].finished:
                     rows[r].steps += 1
+                    rows[r].tree_tokens += tree_sizes[b]
                     rows[r].observe(speculating[b], accepted[b] + 1)
             # The kept tokens' states predicted the new ones: g0's the first drafted token, ... the last's the bonus.
             hidden = out.hidden[rows_index.view(batch, 1), keep] if return_hidden else None  # (batch, L, H)
@@ -494,5 +508,6 @@ class Engine:
             if reason is not None:
                 row.finished = True
                 stats = GenerationStats(num_prompt_tokens=row.prompt_length, num_new_tokens=row.num_tokens,
-                                        num_steps=row.steps, first_token_s=row.first_token_s, elapsed_s=now)
+                                        num_steps=row.steps, first_token_s=row.first_token_s, elapsed_s=now,
+                                        num_tree_tokens=row.tree_tokens)
                 yield FinishEvent(row=index, reason=reason, token_ids=tuple(row.ids[row.prompt_length:]), stats=stats)

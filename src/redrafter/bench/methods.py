@@ -25,6 +25,7 @@ class RunResult:
     num_steps: int  # target forwards after the prefill
     elapsed_s: float
     first_token_s: float | None
+    num_tree_tokens: int | None = None  # tokens verified over all steps, g0 included (our engine only)
 
 
 class Method(Protocol):
@@ -62,7 +63,8 @@ class EngineMethod:
         finish = next(e for e in self.engine.generate([list(prompt_ids)], config, row_offset=self.runs)
                       if isinstance(e, FinishEvent))
         elapsed = time.perf_counter() - start
-        return RunResult(list(finish.token_ids), finish.stats.num_steps, elapsed, finish.stats.first_token_s)
+        return RunResult(list(finish.token_ids), finish.stats.num_steps, elapsed, finish.stats.first_token_s,
+                         finish.stats.num_tree_tokens)
 
 
 class _FirstTokenClock:

@@ -10,6 +10,7 @@ from typing import Sequence
 from redrafter.utils import write_text_atomic
 
 COLUMNS = [("tokens_per_s", "tokens/s", "{:.1f}"), ("tau", "τ", "{:.2f}"),
+           ("tree_tokens_per_step", "tree tokens/step", "{:.2f}"),
            ("speedup_vs_hf_generate", "× hf-generate", "{:.2f}"), ("speedup_vs_ar", "× ar", "{:.2f}"),
            ("first_token_s", "TTFT s", "{:.3f}"), ("identical_to_ar", "= ar", "{}"),
            ("num_prompts", "prompts", "{}")]

@@ -81,6 +81,7 @@ def run_bench(items: Sequence[Item], methods: Sequence[Method], *, encode: Encod
                 "prompt_id": item.prompt.id, "turn": item.turn, "category": item.prompt.category,
                 "method": method.name, "num_prompt_tokens": len(ids), "num_new_tokens": new,
                 "num_steps": result.num_steps, "tau": tau(new, result.num_steps),
+                "num_tree_tokens": result.num_tree_tokens,
                 "elapsed_s": result.elapsed_s, "tokens_per_s": new / result.elapsed_s if result.elapsed_s else None,
                 "first_token_s": result.first_token_s, "token_ids": result.token_ids,
             })
@@ -95,6 +96,15 @@ def run_bench(items: Sequence[Item], methods: Sequence[Method], *, encode: Encod
 def tau(num_new_tokens: int, num_steps: int) -> float | None:
     """Tokens per target forward after the prefill, bonus token included (plain decoding: 1.0)."""
     return (num_new_tokens - 1) / num_steps if num_steps else None
+
+
+def tree_tokens_per_step(rows: Sequence[dict]) -> float | None:
+    """Mean verified tree size per target forward after the prefill (g0 included), or None where a
+    method does not report it."""
+    if not rows or any(r.get("num_tree_tokens") is None for r in rows):
+        return None
+    steps = sum(r["num_steps"] for r in rows)
+    return sum(r["num_tree_tokens"] for r in rows) / steps if steps else None
 
 
 def mark_identical(rows: list[dict]) -> None:
@@ -132,6 +142,7 @@ def summarise_rows(rows: Sequence[dict]) -> dict:
             "tokens_per_s_total": new / elapsed if elapsed else None,
             "tau": (new - len(method_rows)) / steps if steps else None,
             "first_token_s": _median(r["first_token_s"] for r in method_rows),
+            "tree_tokens_per_step": tree_tokens_per_step(method_rows),
         }
         for baseline in ("hf-generate", "ar"):
             ratios = []
