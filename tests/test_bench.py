@@ -260,3 +260,19 @@ def test_profile_tree_kernels_label_their_phases_and_restore_the_setting(smollm2
     assert os.environ["REDRAFTER_TREE_KERNEL"] == "auto"
     assert main(["profile", "--tree-kernels", "ours", "--out", str(tmp_path / "bad")]) == 2
     assert "--tree-kernels" in capsys.readouterr().err
+
+
+def test_cpu_identity_reads_the_first_processor(tmp_path):
+    """Two CPUs a VM names alike ("AMD EPYC") differ in family, model and instruction sets: the bench
+    records them, from the first processor's block only."""
+    from redrafter.bench.runner import cpu_identity
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+                       "model name\t: AMD EPYC\nstepping\t: 1\ncpu MHz\t\t: 2596.134\n"
+                       "flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n\n"
+                       "processor\t: 1\ncpu family\t: 26\nflags\t\t: amx_tile\n")
+    assert cpu_identity(str(cpuinfo)) == {
+        "cpu": "AMD EPYC", "cpu_vendor": "AuthenticAMD", "cpu_family": "25", "cpu_model": "17", "cpu_stepping": "1",
+        "cpu_mhz": "2596.134", "cpu_flags": ["avx2", "avx512f", "avx512_bf16", "avx512_vnni"]}
+    assert cpu_identity(str(tmp_path / "missing")) == {}

@@ -172,12 +172,36 @@ def machine_info(threads: int, dtype: str) -> dict:
     import torch
     import transformers
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+    info = {"cpu": platform.processor()}
+    info.update(cpu_identity())
+    return {**info, "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "threads": threads, "dtype": dtype}
+
+
+# cpuinfo fields that tell two CPUs of one brand name apart (a VM may report only "AMD EPYC"), and the
+# instruction sets that decide which of our kernels run and how fast (docs/PERFORMANCE.md).
+CPU_FIELDS = {"model name": "cpu", "vendor_id": "cpu_vendor", "cpu family": "cpu_family", "model": "cpu_model",
+              "stepping": "cpu_stepping", "cpu MHz": "cpu_mhz"}
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_vp2intersect", "avx_vnni", "amx_bf16",
+             "amx_tile")
+
+
+def cpu_identity(path: str = "/proc/cpuinfo") -> dict:
+    """The first processor's identity in ``path`` (Linux): model name, vendor, family, model, stepping,
+    clock, and which of ``CPU_FLAGS`` it has; {} where the file cannot be read."""
+    try:
+        with open(path) as f:
+            block = f.read().split("\n\n", 1)[0]
+    except OSError:
+        return {}
+    fields = {}
+    for line in block.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    info = {name: fields[key] for key, name in CPU_FIELDS.items() if key in fields}
+    flags = set(fields.get("flags", "").split())
+    if flags:
+        info["cpu_flags"] = [flag for flag in CPU_FLAGS if flag in flags]
+    return info
