@@ -9,7 +9,7 @@ import torch
 from helpers import TINY_VOCAB, tiny_target
 from redrafter import BeamConfig, Drafter, DrafterConfig, save_drafter
 from redrafter.bench.methods import BenchContext, RunResult, build_methods
-from redrafter.bench.report import write_outputs
+from redrafter.bench.report import grid_cells, plot_grid, write_outputs
 from redrafter.bench.runner import Item, first_divergence, run_bench, schedule, summarise, summarise_rows
 from redrafter.bench.workloads import BenchPrompt, load_workload
 from redrafter.cli import main
@@ -260,6 +260,25 @@ def test_profile_tree_kernels_label_their_phases_and_restore_the_setting(smollm2
     assert os.environ["REDRAFTER_TREE_KERNEL"] == "auto"
     assert main(["profile", "--tree-kernels", "ours", "--out", str(tmp_path / "bad")]) == 2
     assert "--tree-kernels" in capsys.readouterr().err
+
+
+def test_grid_plot_groups_cells_by_their_other_settings(tmp_path):
+    """Names carry the cap, lookup and floor after L=..; the τ grid is drawn per group of those settings."""
+    from redrafter.bench.methods import redrafter_name
+
+    methods = {"ar": {"tau": 1.0}}
+    for k in (5, 8):
+        for w, n in [(4, 3), (8, 3), (8, 4)]:
+            name = redrafter_name(BeamConfig(width=w, length=n, max_tree_tokens=k, lookup_tokens=8))
+            methods[name] = {"tau": w + n / 10 + k / 100, "tokens_per_s": 10.0 * w}
+    methods[redrafter_name(BeamConfig(width=2, length=3, min_prob=0.1))] = {"tau": 1.5}  # a group of one: no plot
+    groups = grid_cells(methods)
+    assert set(groups) == {",K<=5,look=8", ",K<=8,look=8", ",p>=0.1"}
+    assert groups[",K<=8,look=8"][(8, 4)]["tau"] == pytest.approx(8.48)
+    assert set(groups[",K<=5,look=8"]) == {(4, 3), (8, 3), (8, 4)}
+    assert plot_grid(tmp_path / "g.png", methods) == [tmp_path / "g.png"]
+    assert (tmp_path / "g.png").stat().st_size > 0
+    assert plot_grid(tmp_path / "none.png", {"ar": {"tau": 1.0}}) == []
 
 
 def test_cpu_identity_reads_the_first_processor(tmp_path):

@@ -95,6 +95,8 @@ def test_beam_resolution_flags_then_drafter_recommendation_then_default(tmp_path
     (tmp_path / "generation.json").write_text('{"beam_width": 1, "beam_length": 5, "min_draft_prob": 0.2}')
     assert resolve_beam(None, None, tmp_path) == BeamConfig(1, 5, min_prob=0.2)
     assert resolve_beam(None, None, tmp_path, 0.0).min_prob == 0.0  # the flag wins
+    assert resolve_beam(None, 4, tmp_path).min_prob == 0.0  # measured for 1 x 5 only
+    assert resolve_beam(2, None, tmp_path, 0.3).min_prob == 0.3
     (tmp_path / "generation.json").write_text('{"beam_width": 8, "beam_length": 4, "max_tree_tokens": 12}')
     assert resolve_beam(None, None, tmp_path) == BeamConfig(8, 4, max_tree_tokens=12)
     assert resolve_beam(None, None, tmp_path, None, 0).max_tree_tokens == 0  # the flag wins

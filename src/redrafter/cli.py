@@ -120,16 +120,19 @@ def resolve_beam(width: int | None, length: int | None, drafter_path, min_prob: 
     (``weights``, ``beam_format``; ``sampling``: the setting measured for temperature > 0), then the
     built-in default.
 
-    A stored tree cap was measured for the stored W x L only: an explicit width or length without
-    ``max_tree_tokens`` verifies the whole tree. The context-lookup beam is a branch of its own and
-    keeps its stored setting."""
+    A stored tree cap and probability floor were measured for the stored W x L only: an explicit width or
+    length without ``max_tree_tokens`` (``min_prob``) verifies the whole tree (with no floor). The
+    context-lookup beam is a branch of its own and keeps its stored setting."""
     from redrafter.drafter.model import recommended_beam
 
     base = recommended_beam(drafter_path, weights, sampling) or DEFAULT_BEAM
+    stored_shape = width is None and length is None
     if max_tree_tokens is None:
-        max_tree_tokens = base.max_tree_tokens if width is None and length is None else 0
+        max_tree_tokens = base.max_tree_tokens if stored_shape else 0
+    if min_prob is None:
+        min_prob = base.min_prob if stored_shape else 0.0
     return BeamConfig(width=base.width if width is None else width, length=base.length if length is None else length,
-                      min_prob=base.min_prob if min_prob is None else min_prob, max_tree_tokens=max_tree_tokens,
+                      min_prob=min_prob, max_tree_tokens=max_tree_tokens,
                       lookup_tokens=base.lookup_tokens if lookup_tokens is None else lookup_tokens,
                       lookup_ngram=base.lookup_ngram if lookup_ngram is None else lookup_ngram,
                       min_tokens_per_step=(base.min_tokens_per_step if min_tokens_per_step is None
@@ -147,10 +150,12 @@ def add_draft_shape_arguments(parser, *, multiple: bool = False) -> None:
         "adaptive draft: verify only the tree nodes whose drafter probability (the product of q along the "
         "path; c_n^depth for a looked-up token) is at least P, possibly none but g0, and of those at most "
         "--max-tree-tokens (beam-search drafts only; 0 = the whole tree; default: the drafter's measured "
-        "best, else 0)" + (" (a comma list runs each)" if multiple else "")))
+        "best when --beam-width and --beam-length are not given, else 0; 0.15 for the shipped drafter with "
+        "int4 weights, greedy)" + (" (a comma list runs each)" if multiple else "")))
     parser.add_argument("--max-tree-tokens", default=None, metavar="N", help=(
         "verify at most N tree tokens per step (g0 included): the N nodes of the beams' tree most probable "
-        "under the drafter (beam-search drafts only; 0 = all; default: the drafter's measured best, else 0)"
+        "under the drafter (beam-search drafts only; 0 = all; default: the drafter's measured best when "
+        "--beam-width and --beam-length are not given, else 0)"
         + (" (a comma list runs each)" if multiple else "")))
     parser.add_argument("--lookup-tokens", default=None, metavar="N", help=(
         "context lookup: also verify, as one more beam, the up to N tokens that followed the last earlier "

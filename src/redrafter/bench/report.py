@@ -75,35 +75,47 @@ def plot_speedup_per_category(path: Path, summary: dict) -> list[Path]:
     return [path]
 
 
-def plot_grid(path: Path, methods: dict) -> list[Path]:
-    """τ (and tokens/s) over the W×L grid of redrafter methods; nothing when there is no grid."""
-    cells = {}
+def grid_cells(methods: dict) -> dict[str, dict[tuple[int, int], dict]]:
+    """The W×L cells of the redrafter methods, grouped by their other settings (the part of the name after
+    ``L=..``: cap, lookup, floor, draft mode), e.g. ``{",K<=5,look=8": {(8, 3): entry, ...}}``."""
+    groups: dict[str, dict[tuple[int, int], dict]] = {}
     for name, entry in methods.items():
-        match = re.fullmatch(r"redrafter\[W=(\d+),L=(\d+)\]", name)
+        match = re.fullmatch(r"redrafter\[W=(\d+),L=(\d+)(.*)\]", name)
         if match:
-            cells[(int(match[1]), int(match[2]))] = entry
-    widths, lengths = sorted({w for w, _ in cells}), sorted({n for _, n in cells})
-    if len(cells) < 2:
+            groups.setdefault(match[3], {})[(int(match[1]), int(match[2]))] = entry
+    return groups
+
+
+def plot_grid(path: Path, methods: dict) -> list[Path]:
+    """τ and speedup vs ar (tokens/s when ar did not run) over the W×L grid of redrafter methods, one row of
+    panels per group of other settings that has at least two cells; nothing when there is no grid."""
+    groups = {rest: cells for rest, cells in grid_cells(methods).items() if len(cells) >= 2}
+    if not groups:
         return []
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in [(axes[0], "tau", "τ (tokens per step)"), (axes[1], "speedup_vs_ar", "speedup vs ar")]:
-        grid = [[(cells.get((w, n)) or {}).get(key) or float("nan") for n in lengths] for w in widths]
-        image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-        ax.set_yticks(range(len(widths)), [str(w) for w in widths])
-        ax.set_xlabel("beam length L")
-        ax.set_ylabel("beam width W")
-        ax.set_title(title)
-        for i, row in enumerate(grid):
-            for j, value in enumerate(row):
-                if value == value:
-                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white", fontsize=8)
-        fig.colorbar(image, ax=ax)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(10, 4 * len(groups)), squeeze=False)
+    for row, (rest, cells) in zip(axes, groups.items()):
+        widths, lengths = sorted({w for w, _ in cells}), sorted({n for _, n in cells})
+        speed = "speedup_vs_ar" if any(e.get("speedup_vs_ar") for e in cells.values()) else "tokens_per_s"
+        label = rest.lstrip(",")
+        for ax, key, title in [(row[0], "tau", "τ (tokens per step)"),
+                               (row[1], speed, {"speedup_vs_ar": "speedup vs ar", "tokens_per_s": "tokens/s"}[speed])]:
+            grid = [[(cells.get((w, n)) or {}).get(key) or float("nan") for n in lengths] for w in widths]
+            image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+            ax.set_yticks(range(len(widths)), [str(w) for w in widths])
+            ax.set_xlabel("beam length L")
+            ax.set_ylabel("beam width W")
+            ax.set_title(f"{title} [{label}]" if label else title)
+            for i, values in enumerate(grid):
+                for j, value in enumerate(values):
+                    if value == value:
+                        ax.text(j, i, f"{value:.3g}", ha="center", va="center", color="white", fontsize=8)
+            fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
