@@ -9,7 +9,7 @@ import torch
 from helpers import TINY_VOCAB, tiny_target
 from redrafter import BeamConfig, Drafter, DrafterConfig, save_drafter
 from redrafter.bench.methods import BenchContext, RunResult, build_methods
-from redrafter.bench.report import grid_cells, plot_grid, write_outputs
+from redrafter.bench.report import grid_cells, markdown_table, plot_grid, write_outputs
 from redrafter.bench.runner import Item, first_divergence, run_bench, schedule, summarise, summarise_rows
 from redrafter.bench.workloads import BenchPrompt, load_workload
 from redrafter.cli import main
@@ -75,6 +75,13 @@ def test_metric_arithmetic():
     assert s["redrafter"]["tau"] == pytest.approx((10 + 20) / (4 + 5))
     assert s["ar"]["speedup_vs_hf_generate"] == pytest.approx(2.0)
     assert s["redrafter"]["speedup_vs_ar"] == pytest.approx((11 / 0.5 / 11 + 21 / 0.5 / 10.5) / 2)
+    # paired statistics of the per-prompt ratios 2 and 4: mean 3, standard error |4 - 2| / 2, both faster
+    assert s["redrafter"]["speedup_vs_ar_mean"] == pytest.approx(3.0)
+    assert s["redrafter"]["speedup_vs_ar_stderr"] == pytest.approx(1.0)
+    assert s["redrafter"]["speedup_vs_ar_faster"] == "2/2"
+    assert s["ar"]["speedup_vs_hf_generate_faster"] == "2/2" and s["hf-generate"]["speedup_vs_ar_faster"] == "0/2"
+    only = summarise_rows([row("redrafter", "p", 11, 4, 0.5, [1] * 11)])["redrafter"]
+    assert only["speedup_vs_ar_mean"] is None and only["speedup_vs_ar_faster"] is None  # no baseline ran
     assert s["redrafter"]["identical_to_ar"] == "1/2" and s["redrafter"]["first_divergences"] == [10]
     assert s["ar"]["tokens_per_s"] == pytest.approx((11 + 10.5) / 2)
     assert first_divergence([1, 2], [1, 2, 3]) == 2 and first_divergence([1], [1]) is None
@@ -260,6 +267,16 @@ def test_profile_tree_kernels_label_their_phases_and_restore_the_setting(smollm2
     assert os.environ["REDRAFTER_TREE_KERNEL"] == "auto"
     assert main(["profile", "--tree-kernels", "ours", "--out", str(tmp_path / "bad")]) == 2
     assert "--tree-kernels" in capsys.readouterr().err
+
+
+def test_markdown_table_shows_paired_statistics_and_only_columns_with_values():
+    table = markdown_table({"ar": {"tokens_per_s": 100.0, "speedup_vs_ar": 1.0, "speedup_vs_ar_mean": 1.0,
+                                   "speedup_vs_ar_stderr": 0.0},
+                            "b": {"tokens_per_s": 150.0, "speedup_vs_ar": 1.4, "speedup_vs_ar_mean": 1.5,
+                                  "speedup_vs_ar_stderr": None}})  # one prompt: no standard error
+    header, _, ar, b = table.splitlines()
+    assert "× hf-generate" not in header and "× ar mean ± s.e." in header  # hf-generate did not run
+    assert "| 1.000 ± 0.000 |" in ar and "| 1.500 |" in b and "±" not in b
 
 
 def test_grid_plot_groups_cells_by_their_other_settings(tmp_path):

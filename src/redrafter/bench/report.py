@@ -12,19 +12,33 @@ from redrafter.utils import write_text_atomic
 COLUMNS = [("tokens_per_s", "tokens/s", "{:.1f}"), ("tau", "τ", "{:.2f}"),
            ("tree_tokens_per_step", "tree tokens/step", "{:.2f}"),
            ("speedup_vs_hf_generate", "× hf-generate", "{:.2f}"), ("speedup_vs_ar", "× ar", "{:.2f}"),
+           ("speedup_vs_ar_mean", "× ar mean ± s.e.", "{:.3f} ± {speedup_vs_ar_stderr:.3f}"),
+           ("speedup_vs_ar_faster", "faster than ar", "{}"),
            ("first_token_s", "TTFT s", "{:.3f}"), ("identical_to_ar", "= ar", "{}"),
            ("num_prompts", "prompts", "{}")]
 
 
-def _fmt(value, pattern: str) -> str:
-    return "–" if value is None else pattern.format(value)
+def _fmt(entry: dict, key: str, pattern: str) -> str:
+    """``entry[key]`` by ``pattern``, which may name other keys of the entry ("{:.3f} ± {other:.3f}");
+    "–" where a value is missing."""
+    value = entry.get(key)
+    try:
+        return "–" if value is None else pattern.format(value, **entry)
+    except (TypeError, ValueError):  # another named value is missing (None)
+        return pattern.split(" ")[0].format(value)
+
+
+def _columns(methods: dict) -> list[tuple[str, str, str]]:
+    """The columns with a value for at least one method (no "× hf-generate" when it did not run)."""
+    return [c for c in COLUMNS if any(entry.get(c[0]) is not None for entry in methods.values())]
 
 
 def markdown_table(methods: dict) -> str:
-    lines = ["| method | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-             "|---|" + "---|" * len(COLUMNS)]
+    columns = _columns(methods)
+    lines = ["| method | " + " | ".join(title for _, title, _ in columns) + " |",
+             "|---|" + "---|" * len(columns)]
     for name, entry in methods.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(entry.get(k), p) for k, _, p in COLUMNS) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(entry, k, p) for k, _, p in columns) + " |")
     return "\n".join(lines)
 
 
@@ -128,8 +142,12 @@ def print_table(methods: dict) -> None:
 
     table = Table(title="redrafter bench")
     table.add_column("method", no_wrap=True)
-    for _, title, _ in COLUMNS:
+    columns = _columns(methods)
+    for _, title, _ in columns:
         table.add_column(title, justify="right")
     for name, entry in methods.items():
-        table.add_row(name, *[_fmt(entry.get(k), p) for k, _, p in COLUMNS])
-    Console(stderr=True).print(table)
+        table.add_row(name, *[_fmt(entry, k, p) for k, _, p in columns])
+    console = Console(stderr=True)
+    if not console.is_terminal:  # a log file: its lines need not fit a terminal, so print every column whole
+        console = Console(stderr=True, width=240)
+    console.print(table)

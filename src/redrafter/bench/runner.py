@@ -124,6 +124,16 @@ def _median(values: Iterable[float | None]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def paired_stats(ratios: Sequence[float]) -> dict:
+    """Per-prompt speedup ratios against a baseline run on the same prompts: their mean, its standard
+    error, and on how many prompts the method was the faster ("47/80"); None where there are none."""
+    if not ratios:
+        return {"mean": None, "stderr": None, "faster": None}
+    stderr = statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else None
+    return {"mean": statistics.fmean(ratios), "stderr": stderr,
+            "faster": f"{sum(r > 1 for r in ratios)}/{len(ratios)}"}
+
+
 def summarise_rows(rows: Sequence[dict]) -> dict:
     """Per-method metrics over ``rows``: medians of per-prompt values and of paired speedup ratios."""
     by_method: dict[str, list[dict]] = defaultdict(list)
@@ -150,7 +160,9 @@ def summarise_rows(rows: Sequence[dict]) -> dict:
                 base = per_prompt_tps.get((baseline, r["prompt_id"], r["turn"]))
                 if base and r["tokens_per_s"]:
                     ratios.append(r["tokens_per_s"] / base)
-            entry[f"speedup_vs_{baseline.replace('-', '_')}"] = _median(ratios)
+            key = f"speedup_vs_{baseline.replace('-', '_')}"
+            entry[key] = _median(ratios)
+            entry.update({f"{key}_{stat}": value for stat, value in paired_stats(ratios).items()})
         flags = [r["identical_to_ar"] for r in method_rows if r.get("identical_to_ar") is not None]
         entry["identical_to_ar"] = f"{sum(flags)}/{len(flags)}" if flags else None
         entry["first_divergences"] = sorted(r["first_divergence"] for r in method_rows
