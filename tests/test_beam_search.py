@@ -220,6 +220,21 @@ def test_search_shape_and_keep_pruned_limits():
                     length=3, keep_pruned=True, return_log_probs=True)
 
 
+def kept_paths(beams: torch.Tensor) -> list[set[tuple[int, ...]]]:
+    """Per row, the tree's nodes as the paths from g0 to them (a node is kept while its token is not
+    NO_TOKEN; the floor only cuts the ends of beams)."""
+    rows = []
+    for row in beams.tolist():
+        paths = set()
+        for beam in row:
+            for depth in range(1, len(beam) + 1):
+                if beam[depth - 1] == NO_TOKEN:
+                    break
+                paths.add(tuple(beam[:depth]))
+        rows.append(paths)
+    return rows
+
+
 @pytest.mark.parametrize("input_proj", [True, False])
 def test_fused_search_equals_the_loop_bit_for_bit(input_proj):
     """``FusedSearch`` (csrc/draft_search.cpp) against ``beam_search``'s own loop over the same int4
@@ -247,7 +262,7 @@ def test_fused_search_equals_the_loop_bit_for_bit(input_proj):
     table = torch.randn(target_vocab, hidden).to(torch.bfloat16)
     embed = torch.nn.functional.embedding
     generator = torch.Generator().manual_seed(2)
-    compared = 0
+    compared = floored = 0
     for batch in (1, 2, 4):
         for width, length, keep_pruned, cap in [(4, 3, True, 5), (1, 3, False, 0), (3, 4, True, 0), (2, 2, False, 0),
                                                 (4, 5, True, 6), (2, 1, False, 0)]:
@@ -265,4 +280,17 @@ def test_fused_search_equals_the_loop_bit_for_bit(input_proj):
             assert torch.equal(fused.scores, loop.scores) and torch.equal(fused.path_scores, loop.path_scores)
             assert fused.beams.shape[1] == width * (max(length - 1, 1) if keep_pruned else 1)
             compared += 1
-    assert compared == 18
+            # A probability floor: the loop stops at the first depth it leaves empty, the fused search
+            # drops the nodes after; the same nodes stay (each path from g0 to a kept node).
+            for min_prob in (1e-4, 0.05, 0.3, 0.999):
+                loop = beam_search(fast, lambda ids: embed(ids, table), context, g0, min_prob=min_prob, **kwargs)
+                fast.next_state = None
+                try:
+                    fused = beam_search(fast, lambda ids: embed(ids, table), context, g0, table=table,
+                                        min_prob=min_prob, **kwargs)
+                finally:
+                    fast.next_state = original
+                assert kept_paths(fused.beams) == kept_paths(loop.beams), (batch, width, length, min_prob)
+                floored += len(kept_paths(loop.beams)[0]) < len(kept_paths(beam_search(
+                    fast, lambda ids: embed(ids, table), context, g0, **kwargs).beams)[0])
+    assert compared == 18 and floored > 0  # some floors dropped nodes

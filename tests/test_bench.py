@@ -80,6 +80,7 @@ def test_metric_arithmetic():
     assert s["redrafter"]["speedup_vs_ar_stderr"] == pytest.approx(1.0)
     assert s["redrafter"]["speedup_vs_ar_faster"] == "2/2"
     assert s["ar"]["speedup_vs_hf_generate_faster"] == "2/2" and s["hf-generate"]["speedup_vs_ar_faster"] == "0/2"
+    assert s["ar"]["speedup_vs_ar"] == 1.0 and s["ar"]["speedup_vs_ar_faster"] is None  # not against itself
     only = summarise_rows([row("redrafter", "p", 11, 4, 0.5, [1] * 11)])["redrafter"]
     assert only["speedup_vs_ar_mean"] is None and only["speedup_vs_ar_faster"] is None  # no baseline ran
     assert s["redrafter"]["identical_to_ar"] == "1/2" and s["redrafter"]["first_divergences"] == [10]

@@ -151,7 +151,7 @@ def add_draft_shape_arguments(parser, *, multiple: bool = False) -> None:
         "path; c_n^depth for a looked-up token) is at least P, possibly none but g0, and of those at most "
         "--max-tree-tokens (beam-search drafts only; 0 = the whole tree; default: the drafter's measured "
         "best when --beam-width and --beam-length are not given, else 0; 0.15 for the shipped drafter with "
-        "int4 weights, greedy)" + (" (a comma list runs each)" if multiple else "")))
+        "our int4 kernel, greedy)" + (" (a comma list runs each)" if multiple else "")))
     parser.add_argument("--max-tree-tokens", default=None, metavar="N", help=(
         "verify at most N tree tokens per step (g0 included): the N nodes of the beams' tree most probable "
         "under the drafter (beam-search drafts only; 0 = all; default: the drafter's measured best when "

@@ -151,7 +151,7 @@ class ReDrafterProposer:
         scores = join(result.path_scores, lookup_scores, float("-inf"))
         if beam.min_prob > 0:
             # Both proposers' scores fall along a path, so the nodes that stay form a tree.
-            beams = torch.where(scores < math.log(beam.min_prob), torch.full_like(beams, NO_TOKEN), beams)
+            beams = torch.where(scores >= math.log(beam.min_prob), beams, torch.full_like(beams, NO_TOKEN))
         if beam.max_tree_tokens:
             beams = cap_tree_scored(beams, scores, beam.max_tree_tokens)
         return beams

@@ -24,7 +24,7 @@ def _fmt(entry: dict, key: str, pattern: str) -> str:
     value = entry.get(key)
     try:
         return "–" if value is None else pattern.format(value, **entry)
-    except (TypeError, ValueError):  # another named value is missing (None)
+    except (TypeError, ValueError, KeyError):  # another named value is missing (None or absent)
         return pattern.split(" ")[0].format(value)
 
 

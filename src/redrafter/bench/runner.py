@@ -162,7 +162,9 @@ def summarise_rows(rows: Sequence[dict]) -> dict:
                     ratios.append(r["tokens_per_s"] / base)
             key = f"speedup_vs_{baseline.replace('-', '_')}"
             entry[key] = _median(ratios)
-            entry.update({f"{key}_{stat}": value for stat, value in paired_stats(ratios).items()})
+            # the baseline's own row is no comparison ("0/80 faster" would read as a loss)
+            stats = paired_stats(ratios if name != baseline else [])
+            entry.update({f"{key}_{stat}": value for stat, value in stats.items()})
         flags = [r["identical_to_ar"] for r in method_rows if r.get("identical_to_ar") is not None]
         entry["identical_to_ar"] = f"{sum(flags)}/{len(flags)}" if flags else None
         entry["first_divergences"] = sorted(r["first_divergence"] for r in method_rows

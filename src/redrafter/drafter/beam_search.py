@@ -59,7 +59,9 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
         max_tree_tokens: > 0 keeps only the most probable distinct nodes (g0 included) of the tree.
         table:   the table behind ``embed`` ((V, H) tensor), when the caller has one: an inference copy
                   with a fused search (``model.FusedSearch``) then runs the whole search in one call,
-                  with the same results, where it can (no min_prob or log q, few enough rows).
+                  with the same results, where it can (no log q, few enough rows). With ``min_prob`` it
+                  keeps the same nodes, but runs every depth and returns L tokens per beam, the deeper
+                  ones ``NO_TOKEN``, where the loop stops early with shorter beams.
         keep_pruned: also return the beams of every shallower depth, each ending there (``NO_TOKEN``
                   after it), after the W beams: a node whose extensions all fell out of the top W
                   stays a candidate for a tree cap. With W >= K - 1 the K best nodes of the search
@@ -74,8 +76,10 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
     batch = g0.shape[0]
     device = g0.device
     fused = getattr(drafter, "fused_search", None)
-    if fused is not None and min_prob <= 0 and not return_log_probs and fused.runs(context, table, batch * width):
+    if fused is not None and not return_log_probs and fused.runs(context, table, batch * width):
         beams, scores, path_scores = fused(context, g0, table, width=width, length=length, keep_pruned=keep_pruned)
+        if min_prob > 0:  # the loop's nodes: it stops at the first depth left empty, this drops them after
+            beams = torch.where(path_scores >= math.log(min_prob), beams, torch.full_like(beams, NO_TOKEN))
         if max_tree_tokens > 0:
             beams = cap_tree_scored(beams, path_scores, max_tree_tokens)
         return BeamSearchResult(beams=beams, scores=scores, path_scores=path_scores, log_probs=None)
