@@ -28,7 +28,7 @@ from typing import Iterator, Protocol, Sequence, Union
 import torch
 
 from redrafter.config import BeamConfig, GenerationConfig, SamplingParams
-from redrafter.drafter.beam_search import beam_search
+from redrafter.drafter.beam_search import beam_search, drop_below
 from redrafter.drafter.lookup import History, join, join_beams, lookup_beams
 from redrafter.drafter.model import Drafter, inference_copy
 from redrafter.errors import RedrafterError
@@ -151,7 +151,7 @@ class ReDrafterProposer:
         scores = join(result.path_scores, lookup_scores, float("-inf"))
         if beam.min_prob > 0:
             # Both proposers' scores fall along a path, so the nodes that stay form a tree.
-            beams = torch.where(scores >= math.log(beam.min_prob), beams, torch.full_like(beams, NO_TOKEN))
+            beams = drop_below(beams, scores, beam.min_prob)
         if beam.max_tree_tokens:
             beams = cap_tree_scored(beams, scores, beam.max_tree_tokens)
         return beams

@@ -40,6 +40,12 @@ class BeamSearchResult:
     log_probs: torch.Tensor | None
 
 
+def drop_below(beams: torch.Tensor, scores: torch.Tensor, min_prob: float) -> torch.Tensor:
+    """``beams`` with every node whose log score is below log(min_prob) (or NaN) set to ``NO_TOKEN``.
+    Scores never rise along a path, so this cuts the ends of beams and leaves a tree."""
+    return torch.where(scores >= math.log(min_prob), beams, torch.full_like(beams, NO_TOKEN))
+
+
 @torch.inference_mode()
 def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor], context: torch.Tensor,
                 g0: torch.Tensor, *, width: int, length: int, min_prob: float = 0.0,
@@ -79,7 +85,7 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
     if fused is not None and not return_log_probs and fused.runs(context, table, batch * width):
         beams, scores, path_scores = fused(context, g0, table, width=width, length=length, keep_pruned=keep_pruned)
         if min_prob > 0:  # the loop's nodes: it stops at the first depth left empty, this drops them after
-            beams = torch.where(path_scores >= math.log(min_prob), beams, torch.full_like(beams, NO_TOKEN))
+            beams = drop_below(beams, path_scores, min_prob)
         if max_tree_tokens > 0:
             beams = cap_tree_scored(beams, path_scores, max_tree_tokens)
         return BeamSearchResult(beams=beams, scores=scores, path_scores=path_scores, log_probs=None)
@@ -133,7 +139,7 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
         beams = torch.cat([beams] + [pad_length(b, length, NO_TOKEN) for b, _ in reversed(shallower)], dim=1)
         path_scores = torch.cat([path_scores] + [pad_length(p, length, float("-inf")) for _, p in reversed(shallower)], dim=1)
     if floor is not None:  # a suffix of each beam: path scores never rise along it
-        beams = torch.where(path_scores >= floor, beams, torch.full_like(beams, NO_TOKEN))
+        beams = drop_below(beams, path_scores, min_prob)
     if max_tree_tokens > 0:
         beams = cap_tree_scored(beams, path_scores, max_tree_tokens)
     return BeamSearchResult(beams=beams, scores=scores, path_scores=path_scores, log_probs=log_probs)
