@@ -2,13 +2,15 @@
 each for the tensor versions and for our C++ versions (csrc/tree.cpp), which must agree exactly."""
 
 import itertools
+import math
 
 import pytest
 import torch
 
 from helpers import require_kernels
 from redrafter.config import SamplingParams
-from redrafter.tree import NO_TOKEN, cap_tree, cap_tree_scored, node_scores, owners, pack, pack_tensors, prefix_match, unpack
+from redrafter.drafter.lookup import join, join_beams, joined_tree
+from redrafter.tree import NO_TOKEN, cap_tree, cap_tree_scored, drop_below, node_scores, owners, pack, pack_tensors, prefix_match, unpack
 from redrafter.verify import tree_accept, uniforms_needed, walk
 
 
@@ -206,6 +208,35 @@ def test_cpp_tree_bookkeeping_equals_the_tensor_versions(monkeypatch):
             assert torch.equal(getattr(fast, name), getattr(walked, name)), (trial, name)
         accepted_somewhere += int(walked.accepted.max())
     assert capped_somewhere > 50 and accepted_somewhere > 100
+
+
+def test_cpp_joined_tree_equals_the_tensor_version():
+    """``lookup.joined_tree`` in one C++ call against its tensor definition (``join_beams``, ``join``,
+    ``drop_below``, ``cap_tree``) on random pairs of proposers' beams of different widths and lengths,
+    with and without a floor and a cap: the same tensor, value for value."""
+    module = require_kernels("tree")
+    generator = torch.Generator().manual_seed(5)
+    dropped = capped = 0
+    for trial in range(300):
+        batch = int(torch.randint(1, 4, (1,), generator=generator))
+        parts = []
+        for _ in range(2):
+            width, length = int(torch.randint(1, 8, (1,), generator=generator)), int(torch.randint(1, 7, (1,), generator=generator))
+            beams, scores = inconsistent_scored_beams(generator, batch, width, length)
+            parts.append((beams, scores - torch.rand(batch, width, length, generator=generator)))  # scores in (-inf, 0]
+        (beams, scores), (extra, extra_scores) = parts
+        min_prob = [0.0, 0.05, 0.3, 0.7][trial % 4]
+        cap = int(torch.randint(0, 12, (1,), generator=generator))
+        joined, joined_scores = join_beams(beams, extra), join(scores, extra_scores, float("-inf"))
+        expected = drop_below(joined, joined_scores, min_prob) if min_prob > 0 else joined
+        dropped += not torch.equal(expected, joined)
+        if cap:
+            floored, expected = expected, cap_tree(expected, node_scores(expected, joined_scores), cap)
+            capped += not torch.equal(expected, floored)
+        floor = math.log(min_prob) if min_prob > 0 else float("-inf")
+        assert torch.equal(module.cap_tree_joined(beams, scores, extra, extra_scores, floor, cap), expected), trial
+        assert torch.equal(joined_tree(beams, scores, extra, extra_scores, min_prob=min_prob, max_tokens=cap), expected)
+    assert dropped > 50 and capped > 50
 
 
 def test_cpp_sampled_walk_equals_the_tensor_version():

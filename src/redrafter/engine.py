@@ -28,12 +28,12 @@ from typing import Iterator, Protocol, Sequence, Union
 import torch
 
 from redrafter.config import BeamConfig, GenerationConfig, SamplingParams
-from redrafter.drafter.beam_search import beam_search, drop_below
-from redrafter.drafter.lookup import History, join, join_beams, lookup_beams
+from redrafter.drafter.beam_search import beam_search
+from redrafter.drafter.lookup import History, join_beams, joined_tree, lookup_beams
 from redrafter.drafter.model import Drafter, inference_copy
 from redrafter.errors import RedrafterError
 from redrafter.models.base import TargetModel
-from redrafter.tree import NO_TOKEN, cap_tree_scored, pack
+from redrafter.tree import NO_TOKEN, pack
 from redrafter.sampling import inverse_cdf, probabilities, row_generators, uniforms
 from redrafter.verify import DraftProbs, draw, tree_accept
 
@@ -141,20 +141,14 @@ class ReDrafterProposer:
         beam, lookup = self.beam, self.beam.lookup_tokens > 0
         width, keep_pruned = search_shape(beam)
         result = beam_search(self.drafter, self.embed, context, g0, width=width, length=beam.length,
-                             min_prob=0.0 if lookup else beam.min_prob,
-                             max_tree_tokens=0 if lookup else beam.max_tree_tokens,
+                             min_prob=beam.min_prob, max_tree_tokens=0 if lookup else beam.max_tree_tokens,
                              keep_pruned=keep_pruned, table=self.table)
         if not lookup:
             return result.beams
         looked_up, lookup_scores = self._lookup(g0, history)
-        beams = join_beams(result.beams, looked_up)
-        scores = join(result.path_scores, lookup_scores, float("-inf"))
-        if beam.min_prob > 0:
-            # Both proposers' scores fall along a path, so the nodes that stay form a tree.
-            beams = drop_below(beams, scores, beam.min_prob)
-        if beam.max_tree_tokens:
-            beams = cap_tree_scored(beams, scores, beam.max_tree_tokens)
-        return beams
+        # The drafted nodes below the floor are dropped already; the looked-up ones are dropped here.
+        return joined_tree(result.beams, result.path_scores, looked_up, lookup_scores, min_prob=beam.min_prob,
+                           max_tokens=beam.max_tree_tokens)
 
     def _lookup(self, g0: torch.Tensor, history: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         return lookup_beams(g0, history, num_tokens=self.beam.lookup_tokens, max_ngram=self.beam.lookup_ngram,

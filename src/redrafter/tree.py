@@ -33,6 +33,7 @@ probable nodes of a draft (``BeamConfig.max_tree_tokens``).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -144,6 +145,12 @@ def cap_tree(beams: torch.Tensor, path_scores: torch.Tensor, max_tokens: int) ->
     # A position is kept when the node owning it is.
     kept = kept_node.reshape(batch, -1).gather(1, (owner * length + depth).reshape(batch, -1)).view(batch, width, length)
     return torch.where(kept, beams, torch.full_like(beams, NO_TOKEN))
+
+
+def drop_below(beams: torch.Tensor, scores: torch.Tensor, min_prob: float) -> torch.Tensor:
+    """``beams`` with every node whose log score is below log(min_prob) (or NaN) set to ``NO_TOKEN``.
+    Scores never rise along a path, so this cuts the ends of beams and leaves a tree."""
+    return torch.where(scores >= math.log(min_prob), beams, torch.full_like(beams, NO_TOKEN))
 
 
 def cap_tree_scored(beams: torch.Tensor, path_scores: torch.Tensor, max_tokens: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 
 from redrafter.drafter.lookup import pad_length
 from redrafter.drafter.model import Drafter
-from redrafter.tree import NO_TOKEN, cap_tree_scored, tree_kernel
+from redrafter.tree import NO_TOKEN, cap_tree_scored, drop_below, tree_kernel  # noqa: F401 (drop_below re-exported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,12 +38,6 @@ class BeamSearchResult:
     scores: torch.Tensor
     path_scores: torch.Tensor
     log_probs: torch.Tensor | None
-
-
-def drop_below(beams: torch.Tensor, scores: torch.Tensor, min_prob: float) -> torch.Tensor:
-    """``beams`` with every node whose log score is below log(min_prob) (or NaN) set to ``NO_TOKEN``.
-    Scores never rise along a path, so this cuts the ends of beams and leaves a tree."""
-    return torch.where(scores >= math.log(min_prob), beams, torch.full_like(beams, NO_TOKEN))
 
 
 @torch.inference_mode()
@@ -83,9 +77,10 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
     device = g0.device
     fused = getattr(drafter, "fused_search", None)
     if fused is not None and not return_log_probs and fused.runs(context, table, batch * width):
-        beams, scores, path_scores = fused(context, g0, table, width=width, length=length, keep_pruned=keep_pruned)
-        if min_prob > 0:  # the loop's nodes: it stops at the first depth left empty, this drops them after
-            beams = drop_below(beams, path_scores, min_prob)
+        # With min_prob it extends only the beams at or above it and drops the nodes below it: the
+        # loop's nodes (the loop also stops at the first depth left empty; this pads with NO_TOKEN).
+        beams, scores, path_scores = fused(context, g0, table, width=width, length=length, keep_pruned=keep_pruned,
+                                           min_prob=min_prob)
         if max_tree_tokens > 0:
             beams = cap_tree_scored(beams, path_scores, max_tree_tokens)
         return BeamSearchResult(beams=beams, scores=scores, path_scores=path_scores, log_probs=None)

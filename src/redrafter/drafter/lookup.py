@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from redrafter.tree import NO_TOKEN
+from redrafter.tree import NO_TOKEN, cap_tree_scored, drop_below, tree_kernel
 
 
 def context_lookup(history: Sequence[int], *, num_tokens: int, max_ngram: int) -> list[int]:
@@ -161,6 +161,31 @@ def join(values: torch.Tensor, extra: torch.Tensor, fill) -> torch.Tensor:
     """(batch, W, L, ...) and (batch, W', L', ...) -> (batch, W + W', max(L, L'), ...), padded with ``fill``."""
     length = max(values.shape[2], extra.shape[2])
     return torch.cat([pad_length(values, length, fill), pad_length(extra, length, fill)], dim=1)
+
+
+def joined_tree(beams: torch.Tensor, scores: torch.Tensor, extra: torch.Tensor, extra_scores: torch.Tensor, *,
+                min_prob: float = 0.0, max_tokens: int = 0) -> torch.Tensor:
+    """Two proposers' beams as one tree: ``join_beams``, then ``drop_below`` with ``min_prob`` > 0, then
+    the cap to ``max_tokens`` nodes (``cap_tree_scored``) when > 0, on the joined path scores (-inf
+    where a beam was padded). Both proposers' scores fall along a path, so what stays is a tree.
+
+    Args:
+        beams, scores: (batch, W, L) the first proposer's beams and path scores (log).
+        extra, extra_scores: (batch, W', L') the second's, with the same g0.
+    Returns:
+        (batch, W + W', max(L, L')). On CPU one call of our tree kernel, with the same result.
+    """
+    module = tree_kernel(beams, torch.long)
+    if module is not None and hasattr(module, "cap_tree_joined"):
+        floor = math.log(min_prob) if min_prob > 0 else float("-inf")
+        return module.cap_tree_joined(beams, scores, extra, extra_scores, floor, max_tokens)
+    joined = join_beams(beams, extra)
+    joined_scores = join(scores, extra_scores, float("-inf"))
+    if min_prob > 0:
+        joined = drop_below(joined, joined_scores, min_prob)
+    if max_tokens > 0:
+        joined = cap_tree_scored(joined, joined_scores, max_tokens)
+    return joined
 
 
 def pad_length(values: torch.Tensor, length: int, fill) -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from pathlib import Path
 
@@ -181,11 +182,14 @@ class FusedSearch:
         return cls(module, layers, fast.draft_to_target, fast.input_proj is not None)
 
     def __call__(self, context: torch.Tensor, g0: torch.Tensor, embedding: torch.Tensor, *, width: int,
-                 length: int, keep_pruned: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(beams, scores, path_scores) as ``beam_search`` returns them, before any tree cap."""
+                 length: int, keep_pruned: bool, min_prob: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(beams, scores, path_scores) as ``beam_search`` returns them, before any tree cap. With
+        ``min_prob`` the nodes below it come back ``NO_TOKEN`` (``drop_below``), and only beams at or
+        above it are extended: their children are the only ones that can reach it."""
+        floor = math.log(min_prob) if min_prob > 0 else float("-inf")
         return tuple(self.module.draft_search(context.to(torch.bfloat16).contiguous(), g0.contiguous(), embedding,
                                               self.packed, self.scales, self.biases, self.draft_to_target,
-                                              self.has_input_proj, width, length, keep_pruned))
+                                              self.has_input_proj, width, length, keep_pruned, floor))
 
     def step(self, context: torch.Tensor, state: torch.Tensor | None, ids: torch.Tensor,
              embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

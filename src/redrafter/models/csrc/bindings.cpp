@@ -16,13 +16,16 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up);
 torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& wp);
 torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 torch::Tensor cap_tree_scored(const torch::Tensor& beams, const torch::Tensor& path_scores, int64_t max_tokens);
+torch::Tensor cap_tree_joined(const torch::Tensor& beams_a, const torch::Tensor& scores_a, const torch::Tensor& beams_b,
+                              const torch::Tensor& scores_b, double min_log_prob, int64_t max_tokens);
 std::vector<torch::Tensor> pack_tree(const torch::Tensor& beams);
 std::vector<torch::Tensor> beam_select(const torch::Tensor& logits, const torch::Tensor& scores, int64_t width);
 std::vector<torch::Tensor> draft_search(const torch::Tensor& context, const torch::Tensor& g0,
                                         const torch::Tensor& embedding, const std::vector<torch::Tensor>& packed,
                                         const std::vector<torch::Tensor>& scales,
                                         const std::vector<torch::Tensor>& biases, const torch::Tensor& draft_to_target,
-                                        bool has_input_proj, int64_t width, int64_t length, bool keep_pruned);
+                                        bool has_input_proj, int64_t width, int64_t length, bool keep_pruned,
+                                        double min_log_prob);
 std::vector<torch::Tensor> draft_step(const torch::Tensor& context, const torch::Tensor& state, const torch::Tensor& ids,
                                       const torch::Tensor& embedding, const std::vector<torch::Tensor>& packed,
                                       const std::vector<torch::Tensor>& scales, const std::vector<torch::Tensor>& biases,
@@ -45,9 +48,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_mm", &bf16_mm, "bf16 rows x bf16 weight packed in pairs (one pass over the weight)");
   m.def("rms_norm_bf16", &rms_norm_bf16, "transformers' RMSNorm of bf16 rows in one call");
   m.def("cap_tree_scored", &cap_tree_scored, "tree.node_scores then tree.cap_tree in one call");
+  m.def("cap_tree_joined", &cap_tree_joined, "lookup.joined_tree: two beam sets joined, floored and capped in one call");
   m.def("pack_tree", &pack_tree, "tree.pack in one call");
   m.def("beam_select", &beam_select, "one depth of the drafter's beam search after its logits");
-  m.def("draft_search", &draft_search, "the drafter's beam search in one call (int4 layers, no min_prob)");
+  m.def("draft_search", &draft_search, "the drafter's beam search in one call (int4 layers; min_prob prunes and drops)");
   m.def("draft_step", &draft_step, "one depth of the drafter (next state and logits) in one call (int4 layers)");
   m.def("greedy_accept", &greedy_accept, "verify.tree_accept's greedy walk in one call");
   m.def("sampled_accept", &sampled_accept, "verify.tree_accept's sampling walk in one call");

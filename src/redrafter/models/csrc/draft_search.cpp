@@ -83,13 +83,19 @@ std::vector<torch::Tensor> draft_step(const torch::Tensor& context, const torch:
 // table E. packed / scales / biases: the drafter's int4 layers in the order rnn_w, rnn_u, input_proj (when
 // has_input_proj), the residual blocks, the vocabulary projection (biases: an empty tensor for none).
 // draft_to_target (V_d,) int64, or empty when the draft vocabulary is the target's.
+// min_log_prob (-inf for none): the floor of beam_search's min_prob. A beam whose summed log q is below
+// it has no child above it (scores never rise along a path), so each depth runs the drafter only on the
+// beams at or above the floor (the others are not extended), the search stops at the first depth with
+// none, and every node below the floor comes back NO_TOKEN: the nodes the loop keeps, for fewer rows.
 // Returns {beams (B, W', L) int64, scores (B, W) float32, path_scores (B, W', L) float32} as beam_search
-// returns them: W' = W, or W * (L - 1) with keep_pruned (every shallower depth's beams after the W).
+// returns them: W' = W, or W * (L - 1) with keep_pruned (every shallower depth's beams after the W);
+// positions past an early stop are NO_TOKEN with path score -inf.
 std::vector<torch::Tensor> draft_search(const torch::Tensor& context, const torch::Tensor& g0,
                                         const torch::Tensor& embedding, const std::vector<torch::Tensor>& packed,
                                         const std::vector<torch::Tensor>& scales,
                                         const std::vector<torch::Tensor>& biases, const torch::Tensor& draft_to_target,
-                                        bool has_input_proj, int64_t width, int64_t length, bool keep_pruned) {
+                                        bool has_input_proj, int64_t width, int64_t length, bool keep_pruned,
+                                        double min_log_prob) {
   TORCH_CHECK(context.device().is_cpu() && context.dim() == 2 && context.scalar_type() == torch::kBFloat16,
               "draft_search: context must be a (batch, H) bfloat16 CPU tensor");
   TORCH_CHECK(g0.dim() == 1 && g0.size(0) == context.size(0) && g0.scalar_type() == torch::kLong,
@@ -101,8 +107,11 @@ std::vector<torch::Tensor> draft_search(const torch::Tensor& context, const torc
   const auto layers = make_layers(packed, scales, biases, has_input_proj);
   const bool mapped = draft_to_target.numel() > 0;
   const int64_t* to_target = mapped ? draft_to_target.data_ptr<int64_t>() : nullptr;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const bool floored = min_log_prob > -std::numeric_limits<double>::infinity();
+  const float floor = (float)min_log_prob;
 
-  const int64_t batch = context.size(0), hidden = context.size(1);
+  const int64_t batch = context.size(0);
   const auto h = context.contiguous();
   const auto ids = g0.contiguous();
 
@@ -114,22 +123,52 @@ std::vector<torch::Tensor> draft_search(const torch::Tensor& context, const torc
   std::vector<std::vector<int64_t>> shallow_beams;  // keep_pruned: each depth's beams before the last
   std::vector<std::vector<float>> shallow_paths;
   auto scores = torch::empty({batch, width}, torch::kFloat);
-  torch::Tensor state;  // (batch * width, H) after depth 1
+  torch::Tensor state;  // (batch * width, H): each beam's RNN state, after depth 1
+  std::vector<int64_t> source;  // the beams the drafter runs on at this depth, `rows` per batch row
   int64_t len = 1;
   for (int64_t depth = 1; depth < length; ++depth) {
-    torch::Tensor logits, row_scores;
+    torch::Tensor logits, row_scores, sub_state;
+    int64_t rows_per_batch;
     if (depth == 1) {  // every beam is g0 alone: one row per batch row, from s_0
-      auto first = next_state(layers, embedding, ids, torch::Tensor());  // (batch, H)
-      logits = drafter_logits(layers, has_input_proj, h, first).view({batch, 1, -1});
+      rows_per_batch = 1;
+      source.resize(batch);
+      for (int64_t b = 0; b < batch; ++b) source[b] = b * width;
+      sub_state = next_state(layers, embedding, ids, torch::Tensor());  // (batch, H)
+      logits = drafter_logits(layers, has_input_proj, h, sub_state).view({batch, 1, -1});
       TORCH_CHECK(logits.size(2) >= width, "draft_search: the draft vocabulary must hold at least W tokens");
       row_scores = torch::zeros({batch, 1}, torch::kFloat);
-      state = first.repeat_interleave(width, 0);  // all W beams share it
     } else {
-      auto last = torch::empty({batch * width}, torch::kLong);
-      for (int64_t r = 0; r < batch * width; ++r) last.data_ptr<int64_t>()[r] = beams[r * len + len - 1];
-      state = next_state(layers, embedding, last, state);
-      logits = drafter_logits(layers, has_input_proj, h.repeat_interleave(width, 0), state).view({batch, width, -1});
-      row_scores = scores;
+      // The beams at or above the floor (all of them without one), padded per batch row to the
+      // largest count with a beam that is not extended (score -inf).
+      const float* s = scores.data_ptr<float>();
+      std::vector<int64_t> count(batch, 0);
+      rows_per_batch = 0;
+      for (int64_t b = 0; b < batch; ++b) {
+        for (int64_t w = 0; w < width; ++w) count[b] += !floored || s[b * width + w] >= floor;
+        rows_per_batch = std::max(rows_per_batch, count[b]);
+      }
+      if (rows_per_batch == 0) break;  // no beam of any row reaches the floor: nothing deeper is kept
+      source.assign(batch * rows_per_batch, 0);
+      row_scores = torch::full({batch, rows_per_batch}, neg_inf, torch::kFloat);
+      float* rs = row_scores.data_ptr<float>();
+      auto last = torch::empty({batch * rows_per_batch}, torch::kLong);
+      auto state_rows = torch::empty({batch * rows_per_batch}, torch::kLong);
+      for (int64_t b = 0; b < batch; ++b) {
+        int64_t j = 0;
+        for (int64_t w = 0; w < width; ++w)
+          if (!floored || s[b * width + w] >= floor) source[b * rows_per_batch + j++] = b * width + w;
+        for (; j < rows_per_batch; ++j) source[b * rows_per_batch + j] = b * width;  // padding, score -inf
+        for (j = 0; j < rows_per_batch; ++j) {
+          const int64_t r = source[b * rows_per_batch + j];
+          if (j < count[b]) rs[b * rows_per_batch + j] = s[r];
+          last.data_ptr<int64_t>()[b * rows_per_batch + j] = beams[r * len + len - 1];
+          state_rows.data_ptr<int64_t>()[b * rows_per_batch + j] = r;
+        }
+      }
+      sub_state = next_state(layers, embedding, last,
+                             rows_per_batch == width ? state : state.index_select(0, state_rows));
+      logits = drafter_logits(layers, has_input_proj, h.repeat_interleave(rows_per_batch, 0), sub_state)
+                   .view({batch, rows_per_batch, -1});
     }
     auto picked = beam_select(logits, row_scores, width);
     const float* top = picked[0].data_ptr<float>();
@@ -138,26 +177,26 @@ std::vector<torch::Tensor> draft_search(const torch::Tensor& context, const torc
     if (keep_pruned && depth > 1) shallow_beams.push_back(beams), shallow_paths.push_back(paths);
     next_beams.assign(batch * width * (len + 1), 0);
     next_paths.assign(batch * width * (len + 1), 0.f);
-    auto rows = torch::empty({batch * width}, torch::kLong);
+    auto rows = torch::empty({batch * width}, torch::kLong);  // each new beam's row of sub_state
     for (int64_t b = 0; b < batch; ++b)
       for (int64_t w = 0; w < width; ++w) {
-        const int64_t r = b * width + w, p = b * width + parent[r];
+        const int64_t r = b * width + w, sub = b * rows_per_batch + parent[r], p = source[sub];
         for (int64_t k = 0; k < len; ++k)
           next_beams[r * (len + 1) + k] = beams[p * len + k], next_paths[r * (len + 1) + k] = paths[p * len + k];
         next_beams[r * (len + 1) + len] = mapped ? to_target[index[r]] : index[r];
         next_paths[r * (len + 1) + len] = top[r];
-        rows.data_ptr<int64_t>()[r] = p;
+        rows.data_ptr<int64_t>()[r] = sub;
       }
     beams.swap(next_beams), paths.swap(next_paths);
     ++len;
     scores = picked[0];
-    if (depth > 1) state = state.index_select(0, rows);  // at depth 1 every beam's state is the same
+    state = sub_state.index_select(0, rows);
   }
 
-  // The W beams, then each shallower depth's (deepest first), padded with NO_TOKEN and -inf.
+  // The W beams, then each shallower depth's (deepest first), padded with NO_TOKEN and -inf to L positions.
   const int64_t groups = 1 + (int64_t)shallow_beams.size(), rows_out = groups * width;
-  auto out_beams = torch::full({batch, rows_out, len}, kNoToken, torch::kLong);
-  auto out_paths = torch::full({batch, rows_out, len}, -std::numeric_limits<float>::infinity(), torch::kFloat);
+  auto out_beams = torch::full({batch, rows_out, length}, kNoToken, torch::kLong);
+  auto out_paths = torch::full({batch, rows_out, length}, neg_inf, torch::kFloat);
   int64_t* ob = out_beams.data_ptr<int64_t>();
   float* op = out_paths.data_ptr<float>();
   for (int64_t g = 0; g < groups; ++g) {
@@ -167,12 +206,14 @@ std::vector<torch::Tensor> draft_search(const torch::Tensor& context, const torc
     for (int64_t b = 0; b < batch; ++b)
       for (int64_t w = 0; w < width; ++w)
         for (int64_t k = 0; k < glen; ++k) {
-          const int64_t o = (b * rows_out + g * width + w) * len + k;
-          ob[o] = gb[(b * width + w) * glen + k], op[o] = gp[(b * width + w) * glen + k];
+          const int64_t o = (b * rows_out + g * width + w) * length + k;
+          const float v = gp[(b * width + w) * glen + k];
+          op[o] = v;
+          ob[o] = floored && !(v >= floor) ? kNoToken : gb[(b * width + w) * glen + k];  // tree.drop_below
         }
   }
-  if (length == 1) {  // nothing drafted: scores are 0 for beam 0 and -inf for the rest, as beam_search's
-    scores.fill_(-std::numeric_limits<float>::infinity());
+  if (len == 1) {  // nothing drafted: scores are 0 for beam 0 and -inf for the rest, as beam_search's
+    scores.fill_(neg_inf);
     scores.select(1, 0).fill_(0.f);
   }
   return {out_beams, scores, out_paths};

@@ -59,6 +59,47 @@ int64_t argmax_row(const float* x, int64_t size) {
   return 0;  // size == 0
 }
 
+
+// tree.node_scores then tree.cap_tree on one row's beams b (W x L, in place): NO_TOKEN at every node
+// outside the max_tokens best distinct nodes. s: the row's path scores, shaped like b.
+void cap_row(int64_t* b, const float* s, int64_t width, int64_t length, int64_t max_tokens,
+             std::vector<int64_t>& owner, std::vector<int64_t>& order, std::vector<float>& best,
+             std::vector<float>& score, std::vector<char>& kept) {
+  const int64_t nodes = width * length;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  order.resize(nodes), best.resize(nodes), score.resize(nodes), kept.resize(nodes);
+  owners(b, width, length, owner);
+  // node_scores: each node the best score of any beam through it, then the running minimum along each beam.
+  std::fill(best.begin(), best.end(), neg_inf);
+  for (int64_t p = 0; p < nodes; ++p) {
+    const float v = b[p] != kNoToken ? s[p] : neg_inf;
+    const int64_t node = owner[p] * length + p % length;
+    best[node] = std::max(best[node], v);
+  }
+  for (int64_t i = 0; i < width; ++i) {
+    float running = std::numeric_limits<float>::infinity();
+    for (int64_t k = 0; k < length; ++k) {
+      const int64_t p = i * length + k;
+      running = std::min(running, best[owner[p] * length + k]);
+      // cap_tree ranks owned nodes by that score; every other position scores -inf
+      score[p] = (owner[p] == i && b[p] != kNoToken) ? running : neg_inf;
+    }
+  }
+  // Rank by (score desc, depth asc, position asc): the order of cap_tree's two stable sorts.
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+    if (score[x] != score[y]) return score[x] > score[y];
+    return x % length < y % length;
+  });
+  std::fill(kept.begin(), kept.end(), 0);
+  for (int64_t rank = 0; rank < std::min(max_tokens, nodes); ++rank) {
+    const int64_t p = order[rank];
+    kept[p] = owner[p] == p / length && b[p] != kNoToken;
+  }
+  for (int64_t p = 0; p < nodes; ++p)
+    if (!kept[owner[p] * length + p % length]) b[p] = kNoToken;
+}
+
 }  // namespace
 
 // tree.node_scores then tree.cap_tree: the beams with NO_TOKEN at every node outside the
@@ -68,49 +109,61 @@ torch::Tensor cap_tree_scored(const torch::Tensor& beams_in, const torch::Tensor
   TORCH_CHECK(scores_in.device().is_cpu() && scores_in.sizes() == beams_in.sizes(),
               "cap_tree_scored: path_scores must be a CPU tensor shaped like beams");
   TORCH_CHECK(max_tokens >= 1, "cap_tree_scored: max_tokens must be >= 1");
-  const auto beams = beams_in.contiguous();
   const auto scores = scores_in.to(torch::kFloat).contiguous();
-  const int64_t batch = beams.size(0), width = beams.size(1), length = beams.size(2), nodes = width * length;
-  auto out = beams.clone();
+  const int64_t batch = beams_in.size(0), width = beams_in.size(1), length = beams_in.size(2), nodes = width * length;
+  auto out = beams_in.contiguous().clone();
   if (nodes <= max_tokens) return out;
+  std::vector<int64_t> owner, order;
+  std::vector<float> best, score;
+  std::vector<char> kept;
+  for (int64_t r = 0; r < batch; ++r)
+    cap_row(out.data_ptr<int64_t>() + r * nodes, scores.data_ptr<float>() + r * nodes, width, length, max_tokens,
+            owner, order, best, score, kept);
+  return out;
+}
+
+// drafter/lookup.joined_tree: two proposers' beams side by side (lookup.join_beams, the shorter padded
+// with NO_TOKEN and scores -inf), then NO_TOKEN at every node whose score is below min_log_prob or NaN
+// (tree.drop_below; none when min_log_prob is -inf), then the cap to max_tokens nodes (none when 0).
+// beams_a (B, W, L), scores_a like it; beams_b (B, W', L'), scores_b like it. Returns (B, W + W', max(L, L')).
+torch::Tensor cap_tree_joined(const torch::Tensor& beams_a, const torch::Tensor& scores_a, const torch::Tensor& beams_b,
+                              const torch::Tensor& scores_b, double min_log_prob, int64_t max_tokens) {
+  check_beams(beams_a, "cap_tree_joined");
+  check_beams(beams_b, "cap_tree_joined");
+  TORCH_CHECK(scores_a.device().is_cpu() && scores_a.sizes() == beams_a.sizes() && scores_b.device().is_cpu() &&
+                  scores_b.sizes() == beams_b.sizes(),
+              "cap_tree_joined: scores must be CPU tensors shaped like their beams");
+  TORCH_CHECK(beams_a.size(0) == beams_b.size(0), "cap_tree_joined: both beam sets must have the same batch");
+  TORCH_CHECK(max_tokens >= 0, "cap_tree_joined: max_tokens must be >= 0");
+  const int64_t batch = beams_a.size(0), wa = beams_a.size(1), wb = beams_b.size(1);
+  const int64_t la = beams_a.size(2), lb = beams_b.size(2), length = std::max(la, lb), width = wa + wb;
+  const int64_t nodes = width * length;
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  std::vector<int64_t> owner, order(nodes);
-  std::vector<float> best(nodes), score(nodes);
-  std::vector<char> kept(nodes);
-  for (int64_t r = 0; r < batch; ++r) {
-    const int64_t* b = beams.data_ptr<int64_t>() + r * nodes;
-    const float* s = scores.data_ptr<float>() + r * nodes;
-    int64_t* o = out.data_ptr<int64_t>() + r * nodes;
-    owners(b, width, length, owner);
-    // node_scores: each node the best score of any beam through it, then the running minimum along each beam.
-    std::fill(best.begin(), best.end(), neg_inf);
-    for (int64_t p = 0; p < nodes; ++p) {
-      const float v = b[p] != kNoToken ? s[p] : neg_inf;
-      const int64_t node = owner[p] * length + p % length;
-      best[node] = std::max(best[node], v);
-    }
-    for (int64_t i = 0; i < width; ++i) {
-      float running = std::numeric_limits<float>::infinity();
-      for (int64_t k = 0; k < length; ++k) {
-        const int64_t p = i * length + k;
-        running = std::min(running, best[owner[p] * length + k]);
-        // cap_tree ranks owned nodes by that score; every other position scores -inf
-        score[p] = (owner[p] == i && b[p] != kNoToken) ? running : neg_inf;
-      }
-    }
-    // Rank by (score desc, depth asc, position asc): the order of cap_tree's two stable sorts.
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
-      if (score[x] != score[y]) return score[x] > score[y];
-      return x % length < y % length;
-    });
-    std::fill(kept.begin(), kept.end(), 0);
-    for (int64_t rank = 0; rank < max_tokens; ++rank) {
-      const int64_t p = order[rank];
-      kept[p] = owner[p] == p / length && b[p] != kNoToken;
-    }
-    for (int64_t p = 0; p < nodes; ++p)
-      if (!kept[owner[p] * length + p % length]) o[p] = kNoToken;
+  auto out = torch::full({batch, width, length}, kNoToken, beams_a.options());
+  std::vector<float> joined(batch * nodes, neg_inf);
+  int64_t* o = out.data_ptr<int64_t>();
+  const bool floor = min_log_prob > -std::numeric_limits<double>::infinity();
+  const float threshold = (float)min_log_prob;
+  const torch::Tensor parts[2][2] = {{beams_a.contiguous(), scores_a.to(torch::kFloat).contiguous()},
+                                     {beams_b.contiguous(), scores_b.to(torch::kFloat).contiguous()}};
+  for (int part = 0; part < 2; ++part) {
+    const int64_t w_part = part ? wb : wa, l_part = part ? lb : la, first = part ? wa : 0;
+    const int64_t* b = parts[part][0].data_ptr<int64_t>();
+    const float* s = parts[part][1].data_ptr<float>();
+    for (int64_t r = 0; r < batch; ++r)
+      for (int64_t i = 0; i < w_part; ++i)
+        for (int64_t k = 0; k < l_part; ++k) {
+          const int64_t from = (r * w_part + i) * l_part + k, to = r * nodes + (first + i) * length + k;
+          joined[to] = s[from];
+          o[to] = (floor && !(s[from] >= threshold)) ? kNoToken : b[from];
+        }
+  }
+  if (max_tokens > 0 && nodes > max_tokens) {
+    std::vector<int64_t> owner, order;
+    std::vector<float> best, score;
+    std::vector<char> kept;
+    for (int64_t r = 0; r < batch; ++r)
+      cap_row(o + r * nodes, joined.data() + r * nodes, width, length, max_tokens, owner, order, best, score, kept);
   }
   return out;
 }
