@@ -294,3 +294,30 @@ def test_fused_search_equals_the_loop_bit_for_bit(input_proj):
                 floored += len(kept_paths(loop.beams)[0]) < len(kept_paths(beam_search(
                     fast, lambda ids: embed(ids, table), context, g0, **kwargs).beams)[0])
     assert compared == 18 and floored > 0  # some floors dropped nodes
+
+    # A floor that all 4 depth-2 beams of one row reach and only some of the other's: at depth 3 the
+    # fused search extends different numbers of beams per row (the other row padded with a beam it does
+    # not extend), and those beams' RNN states differ, so each extended beam must get its own state.
+    def search(context, g0, **kwargs):
+        return beam_search(fast, lambda ids: embed(ids, table), context, g0, **kwargs)
+
+    uneven = 0
+    for _ in range(60):
+        context = torch.randn(2, hidden, generator=generator).to(torch.bfloat16)
+        g0 = torch.randint(0, target_vocab, (2,), generator=generator)
+        second = search(context, g0, width=4, length=3).path_scores[:, :, 2]  # (2, 4) depth-2 scores, best first
+        full, part = (0, 1) if second[0, 3] > second[1, 3] else (1, 0)
+        low, high = float(second[part, 3]), float(min(second[full, 3], second[part, 0]))
+        if not low < high:
+            continue
+        kwargs = dict(width=4, length=4, keep_pruned=True, min_prob=math.exp((low + high) / 2))
+        loop = search(context, g0, **kwargs)
+        original = fast.next_state
+        fast.next_state = None
+        try:
+            fused = search(context, g0, table=table, **kwargs)
+        finally:
+            fast.next_state = original
+        assert kept_paths(fused.beams) == kept_paths(loop.beams)
+        uneven += any(len(p) == 4 for row in kept_paths(loop.beams) for p in row)  # some depth-3 node kept
+    assert uneven >= 5

@@ -165,8 +165,9 @@ std::vector<torch::Tensor> draft_search(const torch::Tensor& context, const torc
           state_rows.data_ptr<int64_t>()[b * rows_per_batch + j] = r;
         }
       }
-      sub_state = next_state(layers, embedding, last,
-                             rows_per_batch == width ? state : state.index_select(0, state_rows));
+      bool every_beam = true;  // then the rows are the beams in order, and the states are already in place
+      for (int64_t b = 0; b < batch; ++b) every_beam = every_beam && count[b] == width;
+      sub_state = next_state(layers, embedding, last, every_beam ? state : state.index_select(0, state_rows));
       logits = drafter_logits(layers, has_input_proj, h.repeat_interleave(rows_per_batch, 0), sub_state)
                    .view({batch, rows_per_batch, -1});
     }
