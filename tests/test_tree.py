@@ -9,6 +9,7 @@ import torch
 
 from helpers import require_kernels
 from redrafter.config import SamplingParams
+import redrafter.drafter.lookup as lookup
 from redrafter.drafter.lookup import join, join_beams, joined_tree
 from redrafter.tree import NO_TOKEN, cap_tree, cap_tree_scored, drop_below, node_scores, owners, pack, pack_tensors, prefix_match, unpack
 from redrafter.verify import tree_accept, uniforms_needed, walk
@@ -210,7 +211,7 @@ def test_cpp_tree_bookkeeping_equals_the_tensor_versions(monkeypatch):
     assert capped_somewhere > 50 and accepted_somewhere > 100
 
 
-def test_cpp_joined_tree_equals_the_tensor_version():
+def test_cpp_joined_tree_equals_the_tensor_version(monkeypatch):
     """``lookup.joined_tree`` in one C++ call against its tensor definition (``join_beams``, ``join``,
     ``drop_below``, ``cap_tree``) on random pairs of proposers' beams of different widths and lengths,
     with and without a floor and a cap: the same tensor, value for value."""
@@ -236,6 +237,10 @@ def test_cpp_joined_tree_equals_the_tensor_version():
         floor = math.log(min_prob) if min_prob > 0 else float("-inf")
         assert torch.equal(module.cap_tree_joined(beams, scores, extra, extra_scores, floor, cap), expected), trial
         assert torch.equal(joined_tree(beams, scores, extra, extra_scores, min_prob=min_prob, max_tokens=cap), expected)
+        # joined_tree's own tensor path (other devices, or no kernels built)
+        monkeypatch.setattr(lookup, "tree_kernel", lambda *args: None)
+        assert torch.equal(joined_tree(beams, scores, extra, extra_scores, min_prob=min_prob, max_tokens=cap), expected)
+        monkeypatch.undo()
     assert dropped > 50 and capped > 50
 
 

@@ -60,8 +60,8 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
         table:   the table behind ``embed`` ((V, H) tensor), when the caller has one: an inference copy
                   with a fused search (``model.FusedSearch``) then runs the whole search in one call,
                   with the same results, where it can (no log q, few enough rows). With ``min_prob`` it
-                  keeps the same nodes, but runs every depth and returns L tokens per beam, the deeper
-                  ones ``NO_TOKEN``, where the loop stops early with shorter beams.
+                  keeps the same nodes and extends only the beams at or above the floor; it returns L
+                  tokens per beam, the deeper ones ``NO_TOKEN``, where the loop returns shorter beams.
         keep_pruned: also return the beams of every shallower depth, each ending there (``NO_TOKEN``
                   after it), after the W beams: a node whose extensions all fell out of the top W
                   stays a candidate for a tree cap. With W >= K - 1 the K best nodes of the search

@@ -3,7 +3,8 @@
 // tensor operations per depth from Python; after the target's forward has streamed its weights
 // through the caches, each of them starts cold (docs/PERFORMANCE.md). This is the same loop, with the
 // same products and the same roundings, so its results equal the Python loop's bit for bit
-// (tests/test_beam_search.py): it covers the search without min_prob or log q (the greedy default).
+// (tests/test_beam_search.py): it covers the search without log q (greedy drafting), with or without
+// min_prob (the same nodes as the loop, for fewer drafter rows).
 // ``draft_step`` is one depth of the same drafter, for the loop that draws sampled drafts.
 #include <torch/extension.h>
 #include <cstdint>
@@ -84,9 +85,10 @@ std::vector<torch::Tensor> draft_step(const torch::Tensor& context, const torch:
 // has_input_proj), the residual blocks, the vocabulary projection (biases: an empty tensor for none).
 // draft_to_target (V_d,) int64, or empty when the draft vocabulary is the target's.
 // min_log_prob (-inf for none): the floor of beam_search's min_prob. A beam whose summed log q is below
-// it has no child above it (scores never rise along a path), so each depth runs the drafter only on the
-// beams at or above the floor (the others are not extended), the search stops at the first depth with
-// none, and every node below the floor comes back NO_TOKEN: the nodes the loop keeps, for fewer rows.
+// it has no child above it (scores never rise along a path), so with keep_pruned each depth runs the
+// drafter only on the beams at or above the floor (the others are not extended). As in the loop, the
+// search stops before the first depth whose best new node of every row is below the floor, and every
+// node below the floor comes back NO_TOKEN: the nodes the loop keeps, for fewer drafter rows.
 // Returns {beams (B, W', L) int64, scores (B, W) float32, path_scores (B, W', L) float32} as beam_search
 // returns them: W' = W, or W * (L - 1) with keep_pruned (every shallower depth's beams after the W);
 // positions past an early stop are NO_TOKEN with path score -inf.
@@ -110,6 +112,10 @@ std::vector<torch::Tensor> draft_search(const torch::Tensor& context, const torc
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const bool floored = min_log_prob > -std::numeric_limits<double>::infinity();
   const float floor = (float)min_log_prob;
+  // Extend only the beams at or above the floor where every depth's beams are returned (keep_pruned):
+  // without them, a kept node can be the prefix of a beam below the floor that the loop extends, and
+  // it stays only as long as that beam does.
+  const bool prune = floored && keep_pruned;
 
   const int64_t batch = context.size(0);
   const auto h = context.contiguous();
@@ -144,7 +150,7 @@ std::vector<torch::Tensor> draft_search(const torch::Tensor& context, const torc
       std::vector<int64_t> count(batch, 0);
       rows_per_batch = 0;
       for (int64_t b = 0; b < batch; ++b) {
-        for (int64_t w = 0; w < width; ++w) count[b] += !floored || s[b * width + w] >= floor;
+        for (int64_t w = 0; w < width; ++w) count[b] += !prune || s[b * width + w] >= floor;
         rows_per_batch = std::max(rows_per_batch, count[b]);
       }
       if (rows_per_batch == 0) break;  // no beam of any row reaches the floor: nothing deeper is kept
@@ -156,7 +162,7 @@ std::vector<torch::Tensor> draft_search(const torch::Tensor& context, const torc
       for (int64_t b = 0; b < batch; ++b) {
         int64_t j = 0;
         for (int64_t w = 0; w < width; ++w)
-          if (!floored || s[b * width + w] >= floor) source[b * rows_per_batch + j++] = b * width + w;
+          if (!prune || s[b * width + w] >= floor) source[b * rows_per_batch + j++] = b * width + w;
         for (; j < rows_per_batch; ++j) source[b * rows_per_batch + j] = b * width;  // padding, score -inf
         for (j = 0; j < rows_per_batch; ++j) {
           const int64_t r = source[b * rows_per_batch + j];
@@ -175,6 +181,11 @@ std::vector<torch::Tensor> draft_search(const torch::Tensor& context, const torc
     const float* top = picked[0].data_ptr<float>();
     const int64_t* parent = picked[1].data_ptr<int64_t>();
     const int64_t* index = picked[2].data_ptr<int64_t>();
+    if (floored) {  // the loop's stop: no row's best new node reaches the floor, so this depth is not kept
+      bool any = false;
+      for (int64_t b = 0; b < batch && !any; ++b) any = top[b * width] >= floor;
+      if (!any) break;
+    }
     if (keep_pruned && depth > 1) shallow_beams.push_back(beams), shallow_paths.push_back(paths);
     next_beams.assign(batch * width * (len + 1), 0);
     next_paths.assign(batch * width * (len + 1), 0.f);
