@@ -20,7 +20,7 @@ import torch
 
 from redrafter.drafter.lookup import pad_length
 from redrafter.drafter.model import Drafter
-from redrafter.tree import NO_TOKEN, cap_tree_scored, drop_below, tree_kernel  # noqa: F401 (drop_below re-exported)
+from redrafter.tree import NO_TOKEN, cap_tree_scored, drop_below, tree_kernel
 
 
 @dataclasses.dataclass(frozen=True)

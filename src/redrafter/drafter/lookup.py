@@ -176,7 +176,7 @@ def joined_tree(beams: torch.Tensor, scores: torch.Tensor, extra: torch.Tensor, 
         (batch, W + W', max(L, L')). On CPU one call of our tree kernel, with the same result.
     """
     module = tree_kernel(beams, torch.long)
-    if module is not None and hasattr(module, "cap_tree_joined"):
+    if module is not None:
         floor = math.log(min_prob) if min_prob > 0 else float("-inf")
         return module.cap_tree_joined(beams, scores, extra, extra_scores, floor, max_tokens)
     joined = join_beams(beams, extra)

@@ -59,7 +59,6 @@ int64_t argmax_row(const float* x, int64_t size) {
   return 0;  // size == 0
 }
 
-
 // tree.node_scores then tree.cap_tree on one row's beams b (W x L, in place): NO_TOKEN at every node
 // outside the max_tokens best distinct nodes. s: the row's path scores, shaped like b.
 void cap_row(int64_t* b, const float* s, int64_t width, int64_t length, int64_t max_tokens,
