@@ -92,6 +92,9 @@ def test_native_int4_gives_the_dense_backends_logits(kind, dtype, monkeypatch):
     calls = []
     original = Int4Weight.__call__
     monkeypatch.setattr(Int4Weight, "__call__", lambda self, x: calls.append(x.shape) or original(self, x))
+    if int4_target._decoder is not None:  # all layers in one call (bf16 with our kernels): 4 products per layer
+        one_call = int4_target._decoder
+        int4_target._decoder = lambda x, *args: calls.extend([x.shape] * 4 * len(args[1])) or one_call(x, *args)
 
     prompt = torch.tensor([[5, 17, 3, 42, 8, 61, 29, 11, 70, 2, 33, 14]])
     causal = torch.ones(12, 12, dtype=torch.bool).tril().view(1, 12, 12)
@@ -199,6 +202,45 @@ def test_avx512_kernel_equals_an_exact_product_for_any_row_count(shape):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, packed(x.view(1, 11, in_features)).view(11, out_features))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_decoder_layers_in_one_call_equal_the_layer_loop(kind):
+    """bf16 with our kernels: ``decoder_layers`` (every layer in one C++ call) gives the Python layer
+    loop's logits, hidden states and cache, bit for bit, for decode steps and trees of two rows at
+    different lengths (Qwen2: with its q|k|v bias); and it really runs."""
+    avx512_kernel()
+    require_kernels("attention")
+    model = snap_to_q4_1(tiny_model(kind))
+    int4 = int4_layer_weights(model, torch.bfloat16)
+    target = NativeTarget(model.to(torch.bfloat16), name="int4", int4_layers=int4, int4_max_rows=8)
+    assert target._decoder is not None and target._decoder_rows == 8
+    assert (target.layers[0].qkv.bias is not None) == (kind == "qwen2")
+    one_call, calls = target._decoder, []
+    prompts = torch.tensor([[5, 17, 3, 42, 8, 61, 29, 11, 70, 2], [9, 4, 13, 50, 7, 22, 1, 0, 0, 0]])
+    lengths = torch.tensor([10, 7])
+    causal = torch.ones(10, 10, dtype=torch.bool).tril().expand(2, 10, 10)
+    tree_mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=torch.bool).expand(2, 4, 4)
+    results = {}
+    for name, decoder in (("loop", None), ("one call", one_call)):
+        target._decoder = None if decoder is None else (lambda *args: calls.append(1) or one_call(*args))
+        cache, outputs = target.new_cache(2), []
+        target.forward(prompts, torch.arange(10).expand(2, 10), causal, cache)
+        target.commit(cache, torch.arange(10).expand(2, 10), lengths)
+        for step in range(3):
+            tokens = torch.tensor([[4 + step, 9, 23, 40], [31, 2 + step, 6, 44]])
+            out = target.forward(tokens, cache.lengths.view(2, 1) + torch.tensor([[0, 1, 1, 2]]), tree_mask, cache)
+            outputs += [out.logits, out.hidden]
+            target.commit(cache, torch.tensor([[0, 2, 3], [0, 1, 0]]), torch.tensor([3, 2 - step % 2]))
+            out = target.forward(torch.tensor([[7], [19]]), cache.lengths.view(2, 1),
+                                 torch.ones(2, 1, 1, dtype=torch.bool), cache)
+            outputs += [out.logits, out.hidden]
+            target.commit(cache, torch.zeros(2, 1, dtype=torch.long), torch.tensor([1, 1]))
+        results[name] = (outputs, cache.kv[:, :, :, :, : int(cache.lengths.max())])
+    assert len(calls) == 6  # the prefill (20 rows) ran the loop, every later forward the one call
+    for a, b in zip(results["loop"][0], results["one call"][0]):
+        assert torch.equal(a, b)
+    assert torch.equal(results["loop"][1], results["one call"][1])
 
 
 @pytest.mark.slow

@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 SOURCE_NAMES = ("int4_gemm.cpp", "tree_attention.cpp", "layer_ops.cpp", "rms_norm.cpp", "bf16_gemm.cpp", "tree.cpp", "beam_select.cpp",
-                "draft_search.cpp", "bindings.cpp")
+                "draft_search.cpp", "decoder.cpp", "bindings.cpp")
 SOURCES = [Path(__file__).with_name("csrc") / name for name in SOURCE_NAMES]
 HEADERS = [Path(__file__).with_name("csrc") / "vec.h"]  # part of the cache key, not compiled on their own
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")

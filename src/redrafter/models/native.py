@@ -94,6 +94,13 @@ def fused_weights(hf_layer: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Te
             "gate_up": cat([mlp.gate_proj, mlp.up_proj]), "down": single(mlp.down_proj)}
 
 
+def _int4_operands(linear: Linear, no_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed weight, scales, bias or ``no_bias``) of a linear layer that runs our int4 kernel, as
+    ``decoder_layers`` takes them."""
+    bias = linear.bias.detach() if linear.bias is not None else no_bias
+    return linear.int4.packed, linear.int4.scales, bias
+
+
 class _Layer:
     """One decoder layer's weights, with q|k|v and gate|up fused."""
 
@@ -280,6 +287,20 @@ class NativeTarget:
         fused = kernels.load() if self.device.type == "cpu" and self.dtype == torch.bfloat16 and not compile else None
         self._norm = fused.rms_norm_bf16 if fused is not None else rms_norm
         self.attention_kernel = "ours" if module is not None else "torch"  # what runs
+        # Every decoder layer in one call (csrc/decoder.cpp: the same kernel calls in the same order, so
+        # the same values, without ten Python-level calls per layer) where all of them run our kernels:
+        # our attention and RMSNorm, and our int4 products for every linear weight.
+        self._decoder = None
+        if module is not None and fused is not None and all(
+                linear.int4 is not None and linear.int4.kernel == "avx512" for linear in linears):
+            no_bias = torch.empty(0, dtype=self.dtype, device=self.device)
+            self._decoder_weights = [
+                tensor for layer in self.layers for tensor in (
+                    layer.input_norm, *_int4_operands(layer.qkv, no_bias), *_int4_operands(layer.o, no_bias),
+                    layer.post_norm, *_int4_operands(layer.gate_up, no_bias), *_int4_operands(layer.down, no_bias))]
+            self._decoder_eps = [float(layer.eps) for layer in self.layers]
+            self._decoder_rows = min(linear.int4_max_rows for linear in linears)  # rows every product runs 4-bit
+            self._decoder = module.decoder_layers
         if compile:  # dynamic shapes: the context and the tree size change every step
             self.forward = torch.compile(self.forward, dynamic=True)
 
@@ -383,7 +404,11 @@ class NativeTarget:
         wide = cache.kv.dtype != x.dtype  # a plain-decoding cache: attention in its wider dtype
         grouped = use_grouped_attention(x.dtype, x.device, batch, n, wide=wide)
         scale = self.head_dim ** -0.5
-        for i, layer in enumerate(self.layers):
+        one_call = ours and self._decoder is not None and batch * n <= self._decoder_rows
+        if one_call:  # every layer in one call: the loop below, in C++
+            x = self._decoder(x, self._decoder_weights, self._decoder_eps, rope_cos, rope_sin, cache.kv, slots,
+                              self.heads, self.kv_heads, span, allowed_rows, scale)
+        for i, layer in enumerate(() if one_call else self.layers):
             h = self._norm(x, layer.input_norm, layer.eps)
             qkv = layer.qkv(h)
             if fused is not None:  # rotary and cache write in one call; q is (batch, n, heads, head_dim)

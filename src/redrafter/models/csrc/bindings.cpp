@@ -15,6 +15,10 @@ torch::Tensor rope_store(const torch::Tensor& qkv, const torch::Tensor& cos, con
 torch::Tensor silu_mul(const torch::Tensor& gate_up);
 torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& wp);
 torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+torch::Tensor decoder_layers(torch::Tensor x, const std::vector<torch::Tensor>& weights, const std::vector<double>& eps,
+                             const torch::Tensor& cos, const torch::Tensor& signed_sin, torch::Tensor kv,
+                             const torch::Tensor& slots, int64_t heads, int64_t kv_heads, int64_t span,
+                             const torch::Tensor& allowed, double scale);
 torch::Tensor cap_tree_scored(const torch::Tensor& beams, const torch::Tensor& path_scores, int64_t max_tokens);
 torch::Tensor cap_tree_joined(const torch::Tensor& beams_a, const torch::Tensor& scores_a, const torch::Tensor& beams_b,
                               const torch::Tensor& scores_b, double min_log_prob, int64_t max_tokens);
@@ -47,6 +51,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "F.silu(gate) * up of a gate|up projection in one call");
   m.def("bf16_mm", &bf16_mm, "bf16 rows x bf16 weight packed in pairs (one pass over the weight)");
   m.def("rms_norm_bf16", &rms_norm_bf16, "transformers' RMSNorm of bf16 rows in one call");
+  m.def("decoder_layers", &decoder_layers, "a native forward's decoder layers (int4 products, our attention) in one call");
   m.def("cap_tree_scored", &cap_tree_scored, "tree.node_scores then tree.cap_tree in one call");
   m.def("cap_tree_joined", &cap_tree_joined, "lookup.joined_tree: two beam sets joined, floored and capped in one call");
   m.def("pack_tree", &pack_tree, "tree.pack in one call");
