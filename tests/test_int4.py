@@ -204,6 +204,41 @@ def test_avx512_kernel_equals_an_exact_product_for_any_row_count(shape):
     assert torch.equal(one, packed(x.view(1, 11, in_features)).view(11, out_features))
 
 
+def test_weight_arena_holds_the_tensors_in_order_on_their_own_pages():
+    """``utils.weight_arena``: views with each tensor's dtype, shape and values, one after another in
+    the order given, each starting on a page of its own; writing a view leaves the others alone."""
+    from redrafter.utils import ARENA_ALIGN, weight_arena
+
+    tensors = [torch.randint(0, 256, (5, 7, 32), dtype=torch.uint8), torch.randn(3, 11).half(),
+               torch.randn(4097), torch.randn(2, 3).bfloat16()]
+    views = weight_arena(tensors)
+    addresses = [v.data_ptr() for v in views]
+    for tensor, view in zip(tensors, views):
+        assert view.dtype == tensor.dtype and view.shape == tensor.shape and view.is_contiguous()
+        assert torch.equal(view, tensor) and view.data_ptr() != tensor.data_ptr()
+    assert addresses == sorted(addresses) and all(a % ARENA_ALIGN == 0 for a in addresses)
+    assert addresses[3] - addresses[2] == 5 * ARENA_ALIGN  # 4,097 floats (16,388 bytes) take 5 pages
+    views[2].fill_(0)
+    assert torch.equal(views[1], tensors[1]) and torch.equal(views[3], tensors[3])
+
+
+def test_native_int4_weights_live_in_one_arena_in_the_order_of_use():
+    """bf16 with our kernels: the decoder's 4-bit weights (and scales) are views of one block, in the
+    order a forward reads them."""
+    avx512_kernel()
+    require_kernels("attention")
+    model = snap_to_q4_1(tiny_model("llama"))
+    int4 = int4_layer_weights(model, torch.bfloat16)
+    target = NativeTarget(model.to(torch.bfloat16), name="int4", int4_layers=int4, int4_max_rows=8)
+    order = [tensor for layer in target.layers for linear in (layer.qkv, layer.o, layer.gate_up, layer.down)
+             for tensor in (linear.int4.packed, linear.int4.scales)]
+    addresses = [t.data_ptr() for t in order]
+    assert addresses == sorted(addresses)
+    assert len({t.untyped_storage().data_ptr() for t in order}) == 1  # one block
+    for i, layer in enumerate(int4):  # the same values as packed
+        assert torch.equal(target.layers[i].down.int4.packed, layer["down"].packed)
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_decoder_layers_in_one_call_equal_the_layer_loop(kind):
     """bf16 with our kernels: ``decoder_layers`` (every layer in one C++ call) gives the Python layer

@@ -56,3 +56,43 @@ def release_free_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (e.g. musl)
         pass
+
+
+HUGE_PAGE = 2 << 20  # bytes in an x86-64 huge page
+ARENA_ALIGN = 4096  # each tensor starts on its own page
+
+
+def weight_arena(tensors: list) -> list:
+    """CPU copies of ``tensors`` laid out one after another, in the order given, in one block of memory
+    that Linux backs with huge pages where it allows (``madvise(MADV_HUGEPAGE)``, which a system whose
+    transparent huge pages are set to "madvise", the common default, needs before it uses them).
+
+    For weights that a forward streams in a fixed order (models/native.py): 4 KB pages cost a
+    translation miss every 4 KB of a 50 MB stream, and weights scattered over the heap restart the
+    stream at every product. In the order of use on huge pages, a decoding step of the embedded SmolLM2
+    took about 9 % less time (docs/PERFORMANCE.md). Returns views of the block, with each tensor's
+    dtype, shape and values; the block lives as long as any of them."""
+    import mmap
+
+    import torch
+
+    sizes = [(t.numel() * t.element_size() + ARENA_ALIGN - 1) // ARENA_ALIGN * ARENA_ALIGN for t in tensors]
+    total = max(HUGE_PAGE, (sum(sizes) + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE)
+    if hasattr(mmap, "MAP_ANONYMOUS"):
+        block = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # page-aligned, zero-filled
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                block.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:  # a kernel without transparent huge pages: 4 KB pages, still in order
+                pass
+        memory = torch.frombuffer(block, dtype=torch.uint8)  # holds a reference to the block
+    else:  # no anonymous mmap (Windows): one heap block, still in order
+        memory = torch.empty(total, dtype=torch.uint8)
+    views, offset = [], 0
+    for tensor, size in zip(tensors, sizes):
+        nbytes = tensor.numel() * tensor.element_size()
+        view = memory[offset: offset + nbytes].view(tensor.dtype).view(tensor.shape)
+        view.copy_(tensor)
+        views.append(view)
+        offset += size
+    return views
