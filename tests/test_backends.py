@@ -304,3 +304,22 @@ def test_plain_decoding_cache_of_a_bf16_model_is_float32_and_decodes_like_the_bf
         for held in cache_layer(caches[True], layer):
             held = held[:, :, : int(lengths.max())]
             assert torch.equal(held.bfloat16().float(), held)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_rotary_table_equals_the_models_rotary_embedding(kind, dtype):
+    """The native backend's table of cos and signed sin (grown past its first 1,024 positions) gives
+    exactly what the model's rotary embedding computes at the same positions."""
+    from helpers import tiny_model
+    from redrafter.models.native import ROTARY_TABLE_MIN, NativeTarget, signed_rotary
+
+    target = NativeTarget(tiny_model(kind).to(dtype), name="tiny")
+    x = torch.zeros(2, 3, 64, dtype=dtype)
+    generator = torch.Generator().manual_seed(0)
+    for high in (300, ROTARY_TABLE_MIN + 500, 4000):
+        positions = torch.randint(0, high, (2, 3), generator=generator)
+        cos, signed_sin = target._rotary(x, positions, high)
+        want_cos, want_sin = signed_rotary(*target.rotary(x, positions))
+        assert cos.dtype == dtype and torch.equal(cos, want_cos) and torch.equal(signed_sin, want_sin)
+    assert target._rotary_table[0].shape[0] >= 4000

@@ -215,6 +215,16 @@ def use_grouped_attention(dtype: torch.dtype, device: torch.device, batch: int, 
     return n == 1 or (batch > 1 and n <= GROUPED_ATTENTION_MAX_TOKENS)
 
 
+STATIC_ROPE = ("default", "linear", "llama3")  # rotary types whose cos/sin depend on the position alone
+ROTARY_TABLE_MIN = 1024  # positions in the first rotary table (NativeTarget._rotary)
+
+
+def signed_rotary(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) -> (cos, sin with its first half negated): rotate_half's sign folded into sin."""
+    half = sin.shape[-1] // 2
+    return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
 class NativeTarget:
     """The native implementation of the TargetModel protocol (see the module docstring)."""
 
@@ -237,6 +247,8 @@ class NativeTarget:
         base = model.model
         self.embedding = base.embed_tokens.weight.detach()
         self.rotary = base.rotary_emb
+        self._rotary_table: tuple[torch.Tensor, torch.Tensor] | None = None  # (positions, head_dim) cos and signed sin
+        self._compiled = compile  # a compiled forward computes the rotary embedding each time (no table to trace)
         self.norm = base.norm.weight.detach()
         self.norm_eps = base.norm.variance_epsilon
         # Linear kernels (module doc): oneDNN-packed weights on CPU unless compiling (inductor cannot
@@ -404,11 +416,8 @@ class NativeTarget:
             allowed_rows = torch.empty(0, dtype=torch.bool) if allowed is None else allowed.view(batch, n, span)
 
         x = self.embed(tokens)
-        cos, sin = self.rotary(x, positions)  # (batch, n, head_dim) in the model dtype
-        # Rotary: x * cos + rotate_half(x) * sin, where rotate_half(x) = cat(-x2, x1) = roll(x, half) * sign;
-        # folding the sign into sin leaves one roll per layer instead of two slices, a neg and a cat.
+        cos, signed_sin = self._rotary(x, positions, span)  # (batch, n, head_dim) in the model dtype
         half = self.head_dim // 2
-        signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
         rope_cos, rope_sin = cos, signed_sin  # (batch, n, head_dim), for the kernel
         cos, signed_sin = cos.unsqueeze(2), signed_sin.unsqueeze(2)  # (batch, n, 1, head_dim): over heads
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -462,6 +471,23 @@ class NativeTarget:
         hidden = self._norm(x, self.norm, self.norm_eps)
         cache.pending = n
         return ForwardOutput(logits=self.project(hidden), hidden=hidden)
+
+    def _rotary(self, x: torch.Tensor, positions: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin) at ``positions`` (batch, n), each (batch, n, head_dim) in x's dtype.
+
+        Rotary: x * cos + rotate_half(x) * sin, where rotate_half(x) = cat(-x2, x1) = roll(x, half) * sign;
+        folding the sign into sin leaves one roll per layer instead of two slices, a neg and a cat.
+        Where the model's rotary embedding does not change with the positions seen (``STATIC_ROPE``),
+        both come from a table it computed for every position up to ``span`` or more: one lookup per
+        forward instead of about ten operations, the same values (its cos and sin are elementwise)."""
+        if self._compiled or getattr(self.rotary, "rope_type", None) not in STATIC_ROPE:
+            return signed_rotary(*self.rotary(x, positions))
+        table = self._rotary_table
+        if table is None or table[0].shape[0] < span or table[0].dtype != x.dtype:
+            size = max(span, ROTARY_TABLE_MIN, 2 * table[0].shape[0] if table is not None else 0)
+            cos, signed_sin = signed_rotary(*self.rotary(x[:1, :1], torch.arange(size, device=x.device).view(1, size)))
+            table = self._rotary_table = (cos[0], signed_sin[0])
+        return table[0][positions], table[1][positions]
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head logits (..., V) in float32."""
