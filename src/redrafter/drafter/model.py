@@ -14,7 +14,6 @@ maps its indices to target token ids; drafts are proposals only, so verification
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -27,7 +26,7 @@ from torch import nn
 
 from redrafter.config import DrafterConfig
 from redrafter.errors import RedrafterError
-from redrafter.utils import atomic_directory, weight_arena
+from redrafter.utils import atomic_directory
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -153,11 +152,11 @@ class FusedSearch:
     the loop's tensor operations from Python (docs/PERFORMANCE.md)."""
 
     def __init__(self, module, layers: list, draft_to_target: torch.Tensor | None, has_input_proj: bool) -> None:
-        # The layers' 4-bit weights move into one block on huge pages (utils.weight_arena), which the
-        # layers then share: a search reads them right after a target forward has evicted them.
-        views = iter(weight_arena([tensor for layer in layers for tensor in (layer.int4.packed, layer.int4.scales)]))
-        for layer in layers:
-            layer.int4 = dataclasses.replace(layer.int4, packed=next(views), scales=next(views))
+        from redrafter.models.int4 import in_one_block
+
+        # The layers' 4-bit weights move into one block on huge pages, which the layers then share:
+        # a search reads them right after a target forward has evicted them.
+        in_one_block(layers)
         self.packed = [layer.int4.packed for layer in layers]
         self.scales = [layer.int4.scales for layer in layers]
         empty = torch.empty(0, dtype=torch.bfloat16)

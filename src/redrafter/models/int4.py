@@ -37,6 +37,7 @@ import dataclasses
 import torch
 
 from redrafter.models import kernels
+from redrafter.utils import weight_arena
 
 GROUP_SIZE = 32  # inputs per (scale, zero) pair: the block size of GGUF's Q4_0 / Q4_1
 GRID_TOLERANCE = 1e-3  # largest |w - grid value| as a fraction of the step (grid_4bit)
@@ -282,3 +283,13 @@ def pack_int8(weight: torch.Tensor, group: int = GROUP_SIZE) -> Int8Weight:
     packed, scales = module.pack_weight8(q, d)
     return Int8Weight(packed=packed, scales=scales, out_features=out_features, in_features=in_features,
                       matmul=module.int8_mm)
+
+
+def in_one_block(linears: list) -> None:
+    """Move the packed weights and scales of ``linears`` (``base.Linear`` with an ``Int4Weight`` or
+    ``Int8Weight``) into one block, in the order given, on huge pages where Linux allows
+    (``utils.weight_arena``): the same values, streamed faster by a forward or a draft search that
+    reads them in that order (docs/PERFORMANCE.md)."""
+    views = iter(weight_arena([tensor for linear in linears for tensor in (linear.int4.packed, linear.int4.scales)]))
+    for linear in linears:
+        linear.int4 = dataclasses.replace(linear.int4, packed=next(views), scales=next(views))

@@ -40,8 +40,8 @@ from redrafter.errors import RedrafterError
 from redrafter.models import kernels
 from redrafter.models.base import ForwardOutput, Linear, TargetInfo
 from redrafter.models.hf import target_info
-from redrafter.models.int4 import Int4GridError, Int8Weight, pack_int4
-from redrafter.utils import release_free_heap, weight_arena
+from redrafter.models.int4 import Int4GridError, Int8Weight, in_one_block, pack_int4
+from redrafter.utils import release_free_heap
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
@@ -305,7 +305,8 @@ class NativeTarget:
         self._decoder = None
         if module is not None and fused is not None and all(
                 linear.int4 is not None and linear.int4.kernel == "avx512" for linear in linears):
-            self._arrange_weights(linears)
+            # the 4-bit decoder weights, then an 8-bit LM head's, in the order a forward reads them
+            in_one_block(linears + ([self.lm_head] if isinstance(self.lm_head.int4, Int8Weight) else []))
             no_bias = torch.empty(0, dtype=self.dtype, device=self.device)
             self._decoder_weights = [
                 tensor for layer in self.layers for tensor in (
@@ -316,16 +317,6 @@ class NativeTarget:
             self._decoder = module.decoder_layers
         if compile:  # dynamic shapes: the context and the tree size change every step
             self.forward = torch.compile(self.forward, dynamic=True)
-
-    def _arrange_weights(self, linears: list[Linear]) -> None:
-        """Move the 4-bit decoder weights, then an 8-bit LM head's, into one block in the order a
-        forward reads them, on huge pages where Linux allows (``utils.weight_arena``): the same values,
-        streamed faster."""
-        heads = [self.lm_head] if isinstance(self.lm_head.int4, Int8Weight) else []
-        weights = [linear.int4 for linear in linears + heads]
-        views = iter(weight_arena([tensor for weight in weights for tensor in (weight.packed, weight.scales)]))
-        for linear, weight in zip(linears + heads, weights):
-            linear.int4 = dataclasses.replace(weight, packed=next(views), scales=next(views))
 
     def release_transformers_weights(self) -> int:
         """Free the plain weights that only the transformers model still needs; returns the bytes freed.
