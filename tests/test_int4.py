@@ -123,6 +123,67 @@ def test_native_int4_gives_the_dense_backends_logits(kind, dtype, monkeypatch):
     assert (results["int4"] - results["dense"]).abs().max() <= tolerance * scale
 
 
+def snap_to_q6_k(weight: torch.Tensor) -> None:
+    """Round a float32 weight in place to a symmetric 6-bit grid per 16 inputs, as a Q6_K weight is
+    (q in -32..31, one scale per group)."""
+    with torch.no_grad():
+        w = weight.view(weight.shape[0], -1, 16)
+        step = (w.abs().amax(-1, keepdim=True) / 32).half().float().clamp_min(1e-8)
+        weight.copy_(((w / step).round().clamp(-32, 31) * step).view_as(weight))
+
+
+def q4_k_m_mix(kind: str):
+    """A tiny float32 model mixed as GGUF's Q4_K_M mixes Qwen2.5-Coder: 4-bit weights, but layer 0's
+    v weight (inside the fused q|k|v), layer 1's MLP down weight and the LM head on a 6-bit (Q6_K) grid."""
+    model = snap_to_q4_1(tiny_model(kind))
+    snap_to_q6_k(model.model.layers[0].self_attn.v_proj.weight)
+    snap_to_q6_k(model.model.layers[1].mlp.down_proj.weight)
+    snap_to_q6_k(model.get_output_embeddings().weight)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_q4_k_m_mix_runs_its_6_bit_weights_8_bit(kind):
+    """bf16 with our kernels: the Q6_K-grid down weight and LM head run 8-bit (int8_mm, groups of 16),
+    the q|k|v with a Q6_K v in parts (q|k 4-bit, v 8-bit: mixed_mm), with the decoder in one call; a
+    decode step and a tree give the dense backend's logits to bf16 rounding."""
+    avx512_kernel()
+    require_kernels("attention")
+    from redrafter.models.int4 import Int8Weight, MixedWeight
+    from redrafter.models.loading import int8_lm_head
+
+    model = q4_k_m_mix(kind)
+    int4 = int4_layer_weights(model, torch.bfloat16)
+    assert isinstance(int4[1]["down"], Int8Weight) and int4[1]["down"].group == 16
+    assert isinstance(int4[0]["down"], Int4Weight) and isinstance(int4[1]["qkv"], Int4Weight)
+    qkv = int4[0]["qkv"]
+    assert isinstance(qkv, MixedWeight) and [type(p) for p in qkv.parts] == [Int4Weight, Int8Weight]
+    assert [p.out_features for p in qkv.parts] == [96, 32]
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(5)).bfloat16()
+    assert torch.equal(qkv(x), torch.cat([part(x) for part in qkv.parts], -1))  # each part as alone
+    head = int8_lm_head(model)
+    assert head is not None and head.group == 16
+    target = NativeTarget(model.to(torch.bfloat16), name="mix", int4_layers=int4, int4_max_rows=8, lm_head_int8=head)
+    assert target.int8_count == 2 and target.int4_count == 6 and target.lm_head_weights == "int8"
+    assert target._decoder is not None
+    dense = NativeTarget(q4_k_m_mix(kind).to(torch.bfloat16), name="dense")  # the same seed and grids
+    prompt = torch.tensor([[5, 17, 3, 42, 8, 61, 29, 11, 70, 2, 33, 14]])
+    causal = torch.ones(12, 12, dtype=torch.bool).tril().view(1, 12, 12)
+    tree_mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=torch.bool).view(1, 4, 4)
+    results = {}
+    for name, t in (("dense", dense), ("mix", target)):
+        cache = t.new_cache(1)
+        t.forward(prompt, torch.arange(12).view(1, 12), causal, cache)
+        t.commit(cache, torch.arange(12).view(1, 12), torch.tensor([12]))
+        one = t.forward(torch.tensor([[7]]), cache.lengths.view(1, 1), torch.ones(1, 1, 1, dtype=torch.bool), cache)
+        t.commit(cache, torch.zeros(1, 1, dtype=torch.long), torch.tensor([1]))
+        tree = t.forward(torch.tensor([[4, 9, 23, 40]]), cache.lengths.view(1, 1) + torch.tensor([[0, 1, 1, 2]]),
+                         tree_mask, cache)
+        results[name] = torch.cat([one.logits.float().flatten(), tree.logits.float().flatten()])
+    scale = results["dense"].abs().max()
+    assert (results["mix"] - results["dense"]).abs().max() <= 0.03 * scale
+
+
 @pytest.mark.slow
 def test_int4_greedy_on_the_real_q4_1_model_matches_generate(smollm2):
     """The embedded SmolLM2 is a Q4_1 GGUF: with --weights int4 every decoder product of a step of up to
@@ -243,13 +304,13 @@ def test_native_int4_weights_live_in_one_arena_in_the_order_of_use():
 def test_decoder_layers_in_one_call_equal_the_layer_loop(kind):
     """bf16 with our kernels: ``decoder_layers`` (every layer in one C++ call) gives the Python layer
     loop's logits, hidden states and cache, bit for bit, for decode steps and trees of two rows at
-    different lengths (Qwen2: with its q|k|v bias); and it really runs."""
+    different lengths (Qwen2: with its q|k|v bias; both with one 8-bit weight); and it really runs."""
     avx512_kernel()
     require_kernels("attention")
-    model = snap_to_q4_1(tiny_model(kind))
+    model = q4_k_m_mix(kind)  # layer 1's down weight runs 8-bit, layer 0's q|k|v in parts
     int4 = int4_layer_weights(model, torch.bfloat16)
     target = NativeTarget(model.to(torch.bfloat16), name="int4", int4_layers=int4, int4_max_rows=8)
-    assert target._decoder is not None and target._decoder_rows == 8
+    assert target._decoder is not None and target._decoder_rows == 8 and target.int8_count == 2
     assert (target.layers[0].qkv.bias is not None) == (kind == "qwen2")
     one_call, calls = target._decoder, []
     prompts = torch.tensor([[5, 17, 3, 42, 8, 61, 29, 11, 70, 2], [9, 4, 13, 50, 7, 22, 1, 0, 0, 0]])
@@ -432,18 +493,49 @@ def test_q8_0_grid_of_a_weight_checked_in_row_chunks_is_the_whole_grid():
         int4.grid_8bit(off)
 
 
-@pytest.mark.parametrize("shape", [(48, 96), (160, 576)])
-def test_int8_products_use_exactly_the_q8_0_weight_for_any_row_count(shape):
-    """The 8-bit LM head (our kernel's int8_mm) gives the product of the bf16
-    activations with exactly the Q8_0 weight, computed in float64, to bf16 output rounding; each row
-    gets what it gets alone."""
+def q6_k_weight(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
+    """A float32 weight as a Q6_K GGUF holds it: per block of 256 inputs a float16 d, per group of 16
+    an 8-bit scale sc, q in -32..31, w = d * sc * q (one group all zero, one on a coarse grid)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-32, 32, (out_features, in_features // 16, 16), generator=g).float()
+    q[0, 0] = 0
+    q[1 % out_features, 0] = torch.randint(-4, 4, (16,), generator=g).float() * 8  # levels 8 apart
+    sc = torch.randint(-127, 128, (out_features, in_features // 16, 1), generator=g).float()
+    d = (torch.rand(out_features, -(-in_features // 256), 1, generator=g) * 1e-3 + 1e-5).half().float()
+    d = d.repeat_interleave(16, dim=1)[:, : in_features // 16]
+    return (d * sc * q).view(out_features, in_features)
+
+
+def test_q6_k_grid_is_recovered_and_off_grid_weights_are_refused():
+    from redrafter.models.int4 import grid_8bit_16
+
+    w = q6_k_weight(32, 512, seed=1)
+    q, d = grid_8bit_16(w)
+    assert q.dtype == torch.int8 and d.shape == (32, 32) and int(q.abs().max()) <= 127
+    rebuilt = (q.view(32, 32, 16).float() * d.float().unsqueeze(-1)).view(32, 512)
+    assert (rebuilt - w).abs().max() <= 1e-6 * w.abs().max()
+    off = w.clone()
+    off[5, 7] += float(d[5, 0]) * 0.3
+    with pytest.raises(Int4GridError, match="1 groups of 16 inputs in rows 0-31 of 32 are not on an 8-bit grid"):
+        grid_8bit_16(off)
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q6_k"])
+@pytest.mark.parametrize("shape", [(48, 512), (160, 576)])
+def test_int8_products_use_exactly_the_8bit_weight_for_any_row_count(shape, kind):
+    """Our kernel's int8_mm (an 8-bit LM head, a Q6_K down weight) gives the product of the bf16
+    activations with exactly the Q8_0 or Q6_K weight, computed in float64, to bf16 output rounding;
+    each row gets what it gets alone."""
     avx512_kernel()
     from redrafter.models.int4 import pack_int8
 
     out_features, in_features = shape
-    w = q8_0_weight(out_features, in_features, seed=out_features)
+    w = (q8_0_weight if kind == "q8_0" else q6_k_weight)(out_features, in_features, seed=out_features)
     packed = pack_int8(w)
-    assert packed.max_rows == 16 and packed.scales.dtype == torch.float16 and packed.packed.dtype == torch.uint8
+    assert packed.max_rows == 16 and packed.packed.dtype == torch.uint8
+    assert packed.group == (32 if kind == "q8_0" else 16)
+    if kind == "q8_0":
+        assert packed.scales.dtype == torch.float16
     g = torch.Generator().manual_seed(2)
     for rows in (1, 3, 6, 9, 16):
         x = torch.randn(rows, in_features, generator=g).bfloat16()

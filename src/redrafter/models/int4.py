@@ -246,18 +246,64 @@ def grid_8bit(weight: torch.Tensor, group: int = GROUP_SIZE) -> tuple[torch.Tens
     return torch.cat(qs), torch.cat(ds)
 
 
+def grid_8bit_16(weight: torch.Tensor, tolerance: float = GRID_TOLERANCE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recover a symmetric 8-bit grid per group of 16 inputs from a dense (float32) weight: w = d * q
+    with q an integer in -127..127 and one d per group, as a Q6_K weight holds (q in -32..31, d the
+    block's float16 scale times the group's 8-bit one). Per group, d = max |w| / k for the first k in
+    32, 31, 1..127 that puts every weight within ``tolerance`` of a step from its grid point.
+    Returns (q (out, in) int8, d (out, in / 16) float16 where the rounded values keep that, else
+    float32). Raises ``Int4GridError`` when some group is not on such a grid."""
+    group = 16
+    out_features, in_features = weight.shape
+    if in_features % group:
+        raise Int4GridError(f"{in_features} inputs are not a multiple of the group size {group}")
+    qs, ds = [], []
+    for start in range(0, out_features, _GRID_CHUNK_ROWS):  # chunks of rows, as in grid_8bit
+        rows = weight.detach()[start:start + _GRID_CHUNK_ROWS]
+        blocks = rows.float().reshape(-1, group)
+        peak = blocks.abs().amax(-1)
+        q = torch.zeros_like(blocks, dtype=torch.int8)
+        d = torch.zeros_like(peak)
+        todo = torch.nonzero(peak > 0).squeeze(-1)  # an all-zero group is q = 0, d = 0
+        for levels in (32, 31, *range(1, 128)):
+            if todo.numel() == 0:
+                break
+            step = peak[todo] / levels
+            scaled = blocks[todo] / step.unsqueeze(-1)
+            rounded = scaled.round()
+            fits = (scaled - rounded).abs().amax(-1) <= tolerance
+            q[todo[fits]] = rounded[fits].to(torch.int8)
+            d[todo[fits]] = step[fits]
+            todo = todo[~fits]
+        if todo.numel():
+            raise Int4GridError(f"{todo.numel()} groups of {group} inputs in rows {start}-{start + rows.shape[0] - 1} "
+                                f"of {out_features} are not on an 8-bit grid of 16 inputs (Q6_K)")
+        qs.append(q.view(rows.shape[0], in_features))
+        ds.append(d.view(rows.shape[0], in_features // group))
+    q, d = torch.cat(qs), torch.cat(ds)
+    d16 = d.half()
+    blocks = weight.detach().float().reshape(out_features, -1, group)
+    if bool(torch.isfinite(d16).all()):
+        error = (q.view_as(blocks).float() * d16.float().unsqueeze(-1) - blocks).abs().amax(-1)
+        if bool((error <= tolerance * d).all()):
+            return q, d16
+    return q, d
+
+
 @dataclasses.dataclass(frozen=True)
 class Int8Weight:
-    """A Q8_0 weight (w = d * q per group of 32 inputs, q in -127..127, d float16) run by our kernel's
-    8-bit products (``int8_mm``): the weights are exactly the file's, and a product streams 8.5 bits per
-    weight (q and one float16 d per group) instead of bf16's 16. For an LM head tied to a Q8_0
-    embedding (the embedded SmolLM2's)."""
+    """An 8-bit weight, w = d * q with q in -127..127 and one d per group of inputs, run by our
+    kernel's 8-bit products (``int8_mm``) with exactly the file's weights: a Q8_0 weight (groups of 32,
+    float16 d; 8.5 bits per weight streamed instead of bf16's 16, e.g. the LM head tied to the embedded
+    SmolLM2's Q8_0 embedding) or a Q6_K one (groups of 16, float32 d; 10 bits, e.g. Qwen2.5-Coder's LM
+    head and half its MLP down weights)."""
 
     packed: torch.Tensor  # (out / 16, in / 4, 64) uint8, ``pack_weight8``'s layout
-    scales: torch.Tensor  # (out / 16, in / 32, 16) float16 d
+    scales: torch.Tensor  # (out / 16, in / group, 16) float16 or float32 d
     out_features: int
     in_features: int
     matmul: object = dataclasses.field(repr=False, compare=False)  # kernels' int8_mm
+    kernel: str = "avx512"  # ours (as ``Int4Weight.kernel``)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) bf16 -> (..., out_features) bf16."""
@@ -265,31 +311,123 @@ class Int8Weight:
         return y.view(*x.shape[:-1], self.out_features)
 
     @property
+    def group(self) -> int:
+        return self.in_features // self.scales.shape[1]
+
+    @property
     def max_rows(self) -> int:
         return INT4_MAX_ROWS_AVX512
 
+    def dequantize(self) -> torch.Tensor:
+        """The dense (out_features, in_features) weight this computes with (float32), for tests."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.packed.device)
+        return self(eye).float().T.contiguous()
 
-def pack_int8(weight: torch.Tensor, group: int = GROUP_SIZE) -> Int8Weight:
-    """An ``Int8Weight`` computing with ``weight`` (out, in), which must lie on a Q8_0 grid (``grid_8bit``),
-    for bf16 activations with our kernel. Raises ``Int4GridError`` when the weight is off the grid,
-    the shape does not suit the kernel, or the kernel is not available."""
+
+def pack_int8(weight: torch.Tensor, group: int | None = None) -> Int8Weight:
+    """An ``Int8Weight`` computing with ``weight`` (out, in), for bf16 activations with our kernel. The
+    weight must lie on a Q8_0 grid (``grid_8bit``, ``group`` 32) or a symmetric 8-bit grid per 16
+    inputs (``grid_8bit_16``, ``group`` 16); ``group`` None tries 32, then 16. Raises ``Int4GridError``
+    when the weight is off the grid, the shape does not suit the kernel, or the kernel is not available."""
     out_features, in_features = weight.shape
-    if out_features % 16 or group != 32:
-        raise Int4GridError("8-bit products need a multiple of 16 output features and groups of 32 inputs")
+    if out_features % 16 or group not in (None, 16, 32):
+        raise Int4GridError("8-bit products need a multiple of 16 output features and groups of 32 or 16 inputs")
     module = kernels.int4()
     if module is None:
         raise Int4GridError(f"the AVX-512 int4 kernel is not available: {kernels.int4_unavailable_reason() or 'its build failed'}")
-    q, d = grid_8bit(weight, group)
+    if group == 32:
+        q, d = grid_8bit(weight, 32)
+    elif group == 16:
+        q, d = grid_8bit_16(weight)
+    else:
+        try:
+            q, d = grid_8bit(weight, 32)
+        except Int4GridError:
+            q, d = grid_8bit_16(weight)
     packed, scales = module.pack_weight8(q, d)
     return Int8Weight(packed=packed, scales=scales, out_features=out_features, in_features=in_features,
                       matmul=module.int8_mm)
 
 
+@dataclasses.dataclass(frozen=True)
+class MixedWeight:
+    """A fused weight whose output features come in parts of different grids, run by our kernel's
+    ``mixed_mm``: each part (an ``Int4Weight`` for our kernel or an ``Int8Weight``) gives the next
+    ``out_features`` columns, as it would alone. For a q|k|v whose q and k are Q4_K and v Q6_K (half of
+    Qwen2.5-Coder's layers in its Q4_K_M GGUF)."""
+
+    parts: tuple
+    matmul: object = dataclasses.field(repr=False, compare=False)  # kernels' mixed_mm
+    kernel: str = "avx512"
+
+    @property
+    def out_features(self) -> int:
+        return sum(part.out_features for part in self.parts)
+
+    @property
+    def in_features(self) -> int:
+        return self.parts[0].in_features
+
+    @property
+    def max_rows(self) -> int:
+        return min(part.max_rows for part in self.parts)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in_features) bf16 -> (..., out_features) bf16."""
+        rows = x.reshape(-1, self.in_features).contiguous()
+        y = self.matmul(rows, [part.packed for part in self.parts], [part.scales for part in self.parts])
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.cat([part.dequantize() for part in self.parts])
+
+
+def pack_parts(weight: torch.Tensor, sizes: list[int]) -> MixedWeight:
+    """A ``MixedWeight`` for a bf16 model computing with ``weight`` (out, in), whose rows are the
+    concatenation of weights of ``sizes`` rows each (q, k, v), each on a 4-bit grid or an 8-bit one
+    (``pack_int8``); neighbours on the same kind of grid are packed together. Raises ``Int4GridError``
+    when some part is on neither grid, a part's rows are not a multiple of 16, or the kernel is not
+    available."""
+    if sum(sizes) != weight.shape[0]:
+        raise Int4GridError(f"parts of {sizes} rows do not make up {weight.shape[0]}")
+    module = kernels.int4()
+    if module is None:
+        raise Int4GridError(f"the AVX-512 int4 kernel is not available: {kernels.int4_unavailable_reason() or 'its build failed'}")
+    kinds, start = [], 0
+    for size in sizes:
+        rows = weight[start:start + size]
+        start += size
+        try:
+            pack_int4(rows, torch.bfloat16, kernel="avx512")
+            kind = "4-bit"
+        except Int4GridError:
+            pack_int8(rows)  # raises when on neither grid
+            kind = "8-bit"
+        if kinds and kinds[-1][0] == kind:
+            kinds[-1][1] += size
+        else:
+            kinds.append([kind, size])
+    parts, start = [], 0
+    for kind, size in kinds:
+        rows = weight[start:start + size]
+        start += size
+        parts.append(pack_int4(rows, torch.bfloat16, kernel="avx512") if kind == "4-bit" else pack_int8(rows))
+    return MixedWeight(parts=tuple(parts), matmul=module.mixed_mm)
+
+
+def packed_parts(weight) -> list:
+    """The parts of a weight for our kernel: a ``MixedWeight``'s, else the weight alone."""
+    return list(weight.parts) if isinstance(weight, MixedWeight) else [weight]
+
+
 def in_one_block(linears: list) -> None:
-    """Move the packed weights and scales of ``linears`` (``base.Linear`` with an ``Int4Weight`` or
-    ``Int8Weight``) into one block, in the order given, on huge pages where Linux allows
+    """Move the packed weights and scales of ``linears`` (``base.Linear`` with an ``Int4Weight``,
+    ``Int8Weight`` or ``MixedWeight``) into one block, in the order given, on huge pages where Linux allows
     (``utils.weight_arena``): the same values, streamed faster by a forward or a draft search that
     reads them in that order (docs/PERFORMANCE.md)."""
-    views = iter(weight_arena([tensor for linear in linears for tensor in (linear.int4.packed, linear.int4.scales)]))
+    views = iter(weight_arena([tensor for linear in linears for part in packed_parts(linear.int4)
+                               for tensor in (part.packed, part.scales)]))
     for linear in linears:
-        linear.int4 = dataclasses.replace(linear.int4, packed=next(views), scales=next(views))
+        parts = [dataclasses.replace(part, packed=next(views), scales=next(views)) for part in packed_parts(linear.int4)]
+        linear.int4 = (dataclasses.replace(linear.int4, parts=tuple(parts)) if isinstance(linear.int4, MixedWeight)
+                       else parts[0])

@@ -36,10 +36,11 @@ ATTENTION_KERNELS = ("auto", "ours", "torch")
 
 
 def int8_lm_head(model):
-    """The LM head of a float32 transformers ``model`` as ``int4.Int8Weight`` when it lies on a Q8_0
-    grid (a GGUF whose output or tied embedding table is Q8_0, like the embedded SmolLM2's) and our
-    int4 kernel runs, else None: steps of a few tokens then compute with exactly the file's weights
-    and stream 8.5 bits per weight instead of bf16's 16 (docs/PERFORMANCE.md)."""
+    """The LM head of a float32 transformers ``model`` as ``int4.Int8Weight`` when it lies on an 8-bit
+    grid (a GGUF whose output or tied embedding table is Q8_0, like the embedded SmolLM2's, or Q6_K,
+    like Qwen2.5-Coder's Q4_K_M) and our int4 kernel runs, else None: steps of a few tokens then
+    compute with exactly the file's weights and stream 8.5 (Q8_0) or 10 (Q6_K) bits per weight
+    instead of bf16's 16 (docs/PERFORMANCE.md)."""
     from redrafter.models.int4 import Int4GridError, pack_int8
 
     head = model.get_output_embeddings()
@@ -294,9 +295,10 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
     target = NativeTarget(model, name=spec, compile=compile, int4_layers=int4_layers, attention_kernel=attention_kernel,
                           lm_head_int8=head8)
     if int4_layers is not None:
-        logging.getLogger(__name__).info("int4 products for %d of %d weights (%s kernel), steps of up to %d tokens; "
-                                         "LM head %s", target.int4_count, 4 * target.num_layers,
-                                         "/".join(target.int4_kernels), target.int4_max_rows, target.lm_head_weights)
+        logging.getLogger(__name__).info("int4 products for %d of %d weights, 8-bit for %d (%s kernel), steps of up to "
+                                         "%d tokens; LM head %s", target.int4_count, 4 * target.num_layers,
+                                         target.int8_count, "/".join(target.int4_kernels), target.int4_max_rows,
+                                         target.lm_head_weights)
     if not keep_transformers_model:
         freed = target.release_transformers_weights()
         logging.getLogger(__name__).info("freed %.0f MB of unpacked weights", freed / 2**20)

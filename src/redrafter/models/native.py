@@ -40,7 +40,8 @@ from redrafter.errors import RedrafterError
 from redrafter.models import kernels
 from redrafter.models.base import ForwardOutput, Linear, TargetInfo
 from redrafter.models.hf import target_info
-from redrafter.models.int4 import Int4GridError, Int8Weight, in_one_block, pack_int4
+from redrafter.models.int4 import (Int4GridError, Int8Weight, MixedWeight, in_one_block, pack_int4, pack_int8,
+                                  pack_parts, packed_parts)
 from redrafter.utils import release_free_heap
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -94,11 +95,23 @@ def fused_weights(hf_layer: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Te
             "gate_up": cat([mlp.gate_proj, mlp.up_proj]), "down": single(mlp.down_proj)}
 
 
-def _int4_operands(linear: Linear, no_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(packed weight, scales, bias or ``no_bias``) of a linear layer that runs our int4 kernel, as
-    ``decoder_layers`` takes them."""
-    bias = linear.bias.detach() if linear.bias is not None else no_bias
-    return linear.int4.packed, linear.int4.scales, bias
+DECODER_PARTS = 3  # packed parts of a linear weight that ``decoder_layers`` takes, at most (csrc/decoder.cpp)
+
+
+def fused_sizes(hf_layer: nn.Module) -> dict[str, list[int]]:
+    """The rows of each weight inside ``fused_weights``' fused ones: q, k, v and gate, up."""
+    attn, mlp = hf_layer.self_attn, hf_layer.mlp
+    return {"qkv": [m.weight.shape[0] for m in (attn.q_proj, attn.k_proj, attn.v_proj)],
+            "gate_up": [m.weight.shape[0] for m in (mlp.gate_proj, mlp.up_proj)]}
+
+
+def _int4_operands(linear: Linear, none: torch.Tensor) -> list[torch.Tensor]:
+    """A linear layer that runs our 4- or 8-bit kernel as ``decoder_layers`` takes it: (packed weight,
+    scales) of each part, ``none`` for the parts it lacks, then its bias or ``none``."""
+    parts = packed_parts(linear.int4)
+    operands = [tensor for part in parts for tensor in (part.packed, part.scales)]
+    operands += [none] * (2 * (DECODER_PARTS - len(parts)))
+    return operands + [linear.bias.detach() if linear.bias is not None else none]
 
 
 class _Layer:
@@ -134,21 +147,35 @@ class _Layer:
 
 def int4_layer_weights(model: nn.Module, dtype: torch.dtype, kernel: str = "auto") -> list[dict]:
     """Each decoder layer's q|k|v, o, gate|up and down weights that lie on a 4-bit grid, as
-    ``int4.Int4Weight`` for activations in ``dtype``, fused in ``_Layer``'s order (a dict per layer;
-    a weight not on a grid is left out and keeps dense products: GGUF's Q4_K_M mixes in 6-bit
-    weights). ``model`` should hold float32 weights (a dequantized GGUF loaded in float32), so the
+    ``int4.Int4Weight`` for activations in ``dtype``, fused in ``_Layer``'s order (a dict per layer).
+    With our kernel, a weight on an 8-bit grid instead (a Q8_0 one, or the Q6_K ones GGUF's Q4_K_M
+    mixes in) runs 8-bit as ``int4.Int8Weight``. A weight on neither grid is left out and keeps dense
+    products. ``model`` should hold float32 weights (a dequantized GGUF loaded in float32), so the
     grid is exact. ``kernel``: see ``int4.pack_int4``. Raises ``RedrafterError`` naming the first weight
-    when no weight is on a grid."""
-    layers, first_error = [], None
+    when no weight is on a 4-bit grid."""
+    layers, first_error, any_int4 = [], None, False
+    eight_bit = kernel != "torch" and dtype == torch.bfloat16 and kernels.int4() is not None
     for index, layer in enumerate(model.model.layers):
-        packed = {}
+        packed, sizes = {}, fused_sizes(layer)
         for name, (weight, _) in fused_weights(layer).items():
             try:
                 packed[name] = pack_int4(weight, dtype, kernel=kernel)
+                any_int4 = True
             except Int4GridError as exc:
                 first_error = first_error or f"layer {index} {name} weight: {exc}"
+                if not eight_bit:
+                    continue
+                try:
+                    packed[name] = pack_int8(weight)
+                except Int4GridError:  # fused weights of different grids (q, k 4-bit, v 8-bit): in parts
+                    try:
+                        packed[name] = pack_parts(weight, sizes[name]) if name in sizes else None
+                    except Int4GridError:
+                        pass
+                if packed.get(name) is None:
+                    packed.pop(name, None)
         layers.append(packed)
-    if not any(layers):
+    if not any_int4:
         raise RedrafterError(f"--weights int4: no weight is 4-bit ({first_error}); int4 needs 4-bit weights, "
                              "e.g. a Q4_0 / Q4_1 / Q4_K GGUF")
     return layers
@@ -270,7 +297,9 @@ class NativeTarget:
             raise RedrafterError(f"{len(int4_layers)} int4 layers for a model of {len(base.layers)}")
         # int4_max_rows None: each weight's kernel decides (``Int4Weight.max_rows``).
         self.weights = "int4" if int4_layers is not None else "dense"  # what --weights chose
-        self.int4_count = sum(len(layer) for layer in int4_layers or [])  # of the 4 * layers decoder weights
+        # of the 4 * layers decoder weights: how many run 4-bit, how many 8-bit in all or part (Q8_0 / Q6_K)
+        self.int8_count = sum(isinstance(w, (Int8Weight, MixedWeight)) for layer in int4_layers or [] for w in layer.values())
+        self.int4_count = sum(len(layer) for layer in int4_layers or []) - self.int8_count
         self.layers = [_Layer(layer, self.heads, self.kv_heads, self.head_dim, pack=pack_weights,
                               max_rows=weight_major_rows, int4=None if int4_layers is None else int4_layers[i],
                               int4_max_rows=int4_max_rows)
@@ -301,17 +330,20 @@ class NativeTarget:
         self.attention_kernel = "ours" if module is not None else "torch"  # what runs
         # Every decoder layer in one call (csrc/decoder.cpp: the same kernel calls in the same order, so
         # the same values, without ten Python-level calls per layer) where all of them run our kernels:
-        # our attention and RMSNorm, and our int4 products for every linear weight.
+        # our attention and RMSNorm, and our 4- or 8-bit products for every linear weight.
         self._decoder = None
+        # the 4- and 8-bit decoder weights our kernel runs, then an 8-bit LM head's, in the order a forward reads them
+        ours = [linear for linear in linears + [self.lm_head] if linear.int4 is not None and linear.int4.kernel == "avx512"]
+        if ours:
+            in_one_block(ours)
         if module is not None and fused is not None and all(
                 linear.int4 is not None and linear.int4.kernel == "avx512" for linear in linears):
-            # the 4-bit decoder weights, then an 8-bit LM head's, in the order a forward reads them
-            in_one_block(linears + ([self.lm_head] if isinstance(self.lm_head.int4, Int8Weight) else []))
             no_bias = torch.empty(0, dtype=self.dtype, device=self.device)
             self._decoder_weights = [
                 tensor for layer in self.layers for tensor in (
-                    layer.input_norm, *_int4_operands(layer.qkv, no_bias), *_int4_operands(layer.o, no_bias),
-                    layer.post_norm, *_int4_operands(layer.gate_up, no_bias), *_int4_operands(layer.down, no_bias))]
+                    layer.input_norm, layer.post_norm, *_int4_operands(layer.qkv, no_bias),
+                    *_int4_operands(layer.o, no_bias), *_int4_operands(layer.gate_up, no_bias),
+                    *_int4_operands(layer.down, no_bias))]
             self._decoder_eps = [float(layer.eps) for layer in self.layers]
             self._decoder_rows = min(linear.int4_max_rows for linear in linears)  # rows every product runs 4-bit
             self._decoder = module.decoder_layers

@@ -5,6 +5,7 @@
 torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sm);
 std::vector<torch::Tensor> pack_weight(const torch::Tensor& q, const torch::Tensor& step, const torch::Tensor& low);
 torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sm);
+torch::Tensor mixed_mm(const torch::Tensor& x, const std::vector<torch::Tensor>& wqs, const std::vector<torch::Tensor>& sms);
 std::vector<torch::Tensor> pack_weight8(const torch::Tensor& q, const torch::Tensor& d);
 torch::Tensor tree_attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
                              const torch::Tensor& allowed, double scale);
@@ -45,6 +46,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_weight", &pack_weight, "pack a 4-bit weight for int4_mm");
   m.def("int8_mm", &int8_mm, "bf16 rows x 8-bit (Q8_0) weight (one pass over the weight)");
   m.def("pack_weight8", &pack_weight8, "pack an 8-bit weight for int8_mm");
+  m.def("mixed_mm", &mixed_mm, "bf16 rows x a weight in parts of 4- and 8-bit output features");
   m.def("tree_attention", &tree_attention, "attention of a few new tokens per row over a cache, with a mask");
   m.def("cache_attention", &cache_attention, "tree_attention over one layer of a whole cache");
   m.def("rope_store", &rope_store, "rotary embedding of q and k, and the cache write of k and v, in one call");

@@ -21,13 +21,14 @@
 namespace {
 
 constexpr int kTile = 16;   // output features per tile (one zmm of float32)
-constexpr int kGroup = 32;  // inputs per (step, low)
+constexpr int kGroup = 32;  // inputs per (step, low) of a 4-bit weight, per d of a Q8_0 one
 constexpr int kQuadBytes = 32;
 constexpr int kPrefetchBytes = 8192;  // the weight stream runs 8 KB ahead (prefetching past the end is harmless)
 
 // A quad of inputs (4u .. 4u+3) of a tile's 16 features as the operands of two vdpbf16ps: the bf16
 // pairs of inputs (4u, 4u+1) and (4u+2, 4u+3).
 struct Int4Format {
+  static constexpr int kGroup = 32;  // inputs per (step, low)
   static constexpr int kQuad = kQuadBytes;
   static constexpr bool kLow = true;  // per group, 16 steps and then 16 lows; else 16 steps (d) alone
   static inline void quad(const uint8_t* p, const __m512i table, __m512bh& first, __m512bh& second) {
@@ -37,7 +38,11 @@ struct Int4Format {
   }
 };
 
+// 8-bit weights, w = d * q: G = 32 for a Q8_0 weight (float16 d), G = 16 for a Q6_K one (float32
+// d = the block's float16 scale times the sub-block's 8-bit one).
+template <int G>
 struct Int8Format {
+  static constexpr int kGroup = G;  // inputs per d
   static constexpr int kQuad = 2 * kQuadBytes;
   static constexpr bool kLow = false;
   static inline __m512bh pair(const uint8_t* p) {
@@ -67,7 +72,7 @@ template <typename F, typename S, int R>
 inline void tile_rows(const uint8_t* wq, const S* sm, const uint32_t* a, int64_t a_stride32,
                       const float* asum, int64_t groups, at::BFloat16* out, int64_t out_stride,
                       const __m512i table) {
-  constexpr int kGroupBytes = kGroup / 4 * F::kQuad;  // one group of a tile's weights
+  constexpr int kGroupBytes = F::kGroup / 4 * F::kQuad;  // one group of a tile's weights
   constexpr int kScales = (F::kLow ? 2 : 1) * kTile;  // per tile and group
   constexpr int kAhead = kPrefetchBytes / kGroupBytes;  // groups
   __m512 acc[R];
@@ -83,9 +88,9 @@ inline void tile_rows(const uint8_t* wq, const S* sm, const uint32_t* a, int64_t
     _mm_prefetch(reinterpret_cast<const char*>(sm + (g + kAhead) * kScales), _MM_HINT_T0);
     if constexpr (sizeof(S) * kScales > 64)
       _mm_prefetch(reinterpret_cast<const char*>(sm + (g + kAhead) * kScales) + 64, _MM_HINT_T0);
-    const uint32_t* ag = a + g * (kGroup / 2);
+    const uint32_t* ag = a + g * (F::kGroup / 2);
 #pragma GCC unroll 8
-    for (int u = 0; u < kGroup / 4; ++u) {
+    for (int u = 0; u < F::kGroup / 4; ++u) {
       __m512bh first, second;
       F::quad(wg + u * F::kQuad, table, first, second);
       for (int r = 0; r < R; ++r) {
@@ -119,10 +124,12 @@ constexpr TileFn<S> kTileFns[kMaxChunk + 1] = {nullptr,
                                                tile_rows<F, S, 7>, tile_rows<F, S, 8>};
 
 // All tiles of the product (see int4_mm), for weights of format F with scales of type S.
+// Row r of the output starts at o + r * N (N: the output's row stride, which may exceed tiles * 16 when
+// this weight fills only some of its columns).
 template <typename F, typename S>
 void run_tiles(const uint32_t* a, const float* s, const uint8_t* w, const S* scales, at::BFloat16* o, int64_t M,
-               int64_t K, int64_t tiles, int64_t groups) {
-  const int64_t N = tiles * kTile, a_stride32 = K / 2;
+               int64_t K, int64_t tiles, int64_t groups, int64_t N) {
+  const int64_t a_stride32 = K / 2;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     alignas(64) uint16_t tbl[32];
     for (int i = 0; i < 32; ++i) {
@@ -150,9 +157,11 @@ void run_tiles(const uint32_t* a, const float* s, const uint8_t* w, const S* sca
 
 namespace {
 
-// x (M, K) bf16 contiguous, wq (N/16, K/4, quad bytes) uint8, sm (N/16, K/32, scales) float32 or float16 -> (M, N) bf16.
+// x (M, K) bf16 contiguous, wq (N/16, K/4, quad bytes) uint8, sm (N/16, K/G, scales) float32 or float16
+// -> columns col0 .. col0 + N of out (M, >= col0 + N) bf16 contiguous.
 template <typename F>
-torch::Tensor quantized_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sm) {
+void quantized_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sm, torch::Tensor& out,
+                  int64_t col0) {
   constexpr int kScales = (F::kLow ? 2 : 1) * kTile;
   TORCH_CHECK(x.device().is_cpu() && wq.device().is_cpu() && sm.device().is_cpu(), "the products run on CPU tensors");
   TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x: contiguous 2-D bf16");
@@ -162,29 +171,44 @@ torch::Tensor quantized_mm(const torch::Tensor& x, const torch::Tensor& wq, cons
                   sm.size(2) == kScales && sm.is_contiguous(),
               "sm: contiguous (N/16, K/32, ", kScales, ") float32 or float16");
   const int64_t M = x.size(0), K = x.size(1), tiles = wq.size(0), N = tiles * kTile;
-  TORCH_CHECK(wq.size(1) * 4 == K && K % kGroup == 0 && sm.size(1) * kGroup == K && sm.size(0) == tiles,
+  TORCH_CHECK(wq.size(1) * 4 == K && K % F::kGroup == 0 && sm.size(1) * F::kGroup == K && sm.size(0) == tiles,
               "shapes of x, wq and sm disagree");
-  const int64_t groups = K / kGroup;
-  auto out = torch::empty({M, N}, x.options());
-  if (M == 0) return out;
+  const int64_t groups = K / F::kGroup;
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) >= col0 + N && out.is_contiguous(),
+              "out: contiguous (M, >= ", col0 + N, ")");
+  if (M == 0) return;
   // Per row and group: the sum of the (bf16) activations, for the lows (a dot product with ones).
   std::vector<float> asum(F::kLow ? M * groups : 0);
   const uint32_t* a = reinterpret_cast<const uint32_t*>(x.data_ptr<at::BFloat16>());
   if constexpr (F::kLow) {
     const __m512bh ones = (__m512bh)_mm512_set1_epi16((short)0x3F80);  // bf16 1.0
     for (int64_t i = 0; i < M * groups; ++i) {
-      const __m512i pairs = _mm512_loadu_si512(a + i * (kGroup / 2));
-      asum[i] = _mm512_reduce_add_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)pairs, ones));
+      static_assert(F::kGroup == 32, "the lows' sums read groups of 32 inputs");
+      const __m512i pairs = _mm512_loadu_si512(a + i * (F::kGroup / 2));
+      asum[i] = _mm512_reduce_add_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)pairs, ones));  // 32 inputs
     }
   }
   const uint8_t* w = wq.data_ptr<uint8_t>();
-  at::BFloat16* o = out.data_ptr<at::BFloat16>();
+  at::BFloat16* o = out.data_ptr<at::BFloat16>() + col0;
   if (sm.dtype() == torch::kFloat16) {
-    run_tiles<F>(a, asum.data(), w, sm.data_ptr<at::Half>(), o, M, K, tiles, groups);
+    run_tiles<F>(a, asum.data(), w, sm.data_ptr<at::Half>(), o, M, K, tiles, groups, out.size(1));
   } else {
-    run_tiles<F>(a, asum.data(), w, sm.data_ptr<float>(), o, M, K, tiles, groups);
+    run_tiles<F>(a, asum.data(), w, sm.data_ptr<float>(), o, M, K, tiles, groups, out.size(1));
   }
-  return out;
+}
+
+// One packed weight's product into columns col0 .. of out: 4-bit (pack_weight, 32 bytes per quad of
+// inputs) or 8-bit (pack_weight8, 64 bytes; 32 or 16 inputs per d, from sm's shape).
+void any_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sm, torch::Tensor& out, int64_t col0) {
+  TORCH_CHECK(x.dim() == 2 && wq.dim() == 3 && sm.dim() == 3, "x: 2-D, wq and sm: 3-D");
+  if (wq.size(2) == kQuadBytes) return quantized_mm<Int4Format>(x, wq, sm, out, col0);
+  if (sm.size(1) * 16 == x.size(1)) return quantized_mm<Int8Format<16>>(x, wq, sm, out, col0);
+  quantized_mm<Int8Format<32>>(x, wq, sm, out, col0);
+}
+
+torch::Tensor new_output(const torch::Tensor& x, int64_t n) {
+  TORCH_CHECK(x.dim() == 2, "x: 2-D");
+  return torch::empty({x.size(0), n}, x.options());
 }
 
 // (N, K/32) scales -> (N/16, K/32, 16) in the tile layout.
@@ -196,12 +220,34 @@ torch::Tensor tile_scales(const torch::Tensor& scales, int64_t tiles, int64_t gr
 
 // x (M, K) bf16, wq and sm from pack_weight -> (M, N) bf16.
 torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sm) {
-  return quantized_mm<Int4Format>(x, wq, sm);
+  auto out = new_output(x, wq.size(0) * kTile);
+  quantized_mm<Int4Format>(x, wq, sm, out, 0);
+  return out;
 }
 
-// x (M, K) bf16, wq and sm from pack_weight8 -> (M, N) bf16.
+// x (M, K) bf16, wq and sm from pack_weight8 -> (M, N) bf16; the groups (32 or 16 inputs per d) follow
+// from sm's shape.
 torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sm) {
-  return quantized_mm<Int8Format>(x, wq, sm);
+  auto out = new_output(x, wq.size(0) * kTile);
+  TORCH_CHECK(wq.size(2) == 2 * kQuadBytes, "wq: an 8-bit weight (pack_weight8)");
+  any_mm(x, wq, sm, out, 0);
+  return out;
+}
+
+// x (M, K) bf16 through a weight whose output features come in parts of different formats (a fused
+// q|k|v whose v is Q6_K and q, k Q4_K): part i (wqs[i], sms[i], from pack_weight or pack_weight8) gives
+// the next wqs[i].size(0) * 16 columns of the (M, N) bf16 result. Each part computes as it would alone.
+torch::Tensor mixed_mm(const torch::Tensor& x, const std::vector<torch::Tensor>& wqs, const std::vector<torch::Tensor>& sms) {
+  TORCH_CHECK(!wqs.empty() && wqs.size() == sms.size(), "mixed_mm: as many scales as weights, at least one");
+  int64_t n = 0;
+  for (const auto& wq : wqs) n += wq.size(0) * kTile;
+  auto out = new_output(x, n);
+  int64_t col0 = 0;
+  for (size_t i = 0; i < wqs.size(); ++i) {
+    any_mm(x, wqs[i], sms[i], out, col0);
+    col0 += wqs[i].size(0) * kTile;
+  }
+  return out;
 }
 
 // q (N, K) integer 0..15, step/low (N, K/32) float32 or float16 -> (wq, sm) in the layout above, sm in the
@@ -224,13 +270,16 @@ std::vector<torch::Tensor> pack_weight(const torch::Tensor& q, const torch::Tens
   return {wq, sm};
 }
 
-// q (N, K) int8 in -127..127, d (N, K/32) float32 or float16 -> (wq, sm) in the 8-bit layout above.
+// q (N, K) int8 in -127..127, d (N, K/32) or (N, K/16) float32 or float16 -> (wq, sm) in the 8-bit
+// layout above.
 std::vector<torch::Tensor> pack_weight8(const torch::Tensor& q, const torch::Tensor& d) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kInt8 && q.size(0) % kTile == 0 && q.size(1) % kGroup == 0,
               "q: int8 (N, K) with N a multiple of 16 and K of 32");
   TORCH_CHECK(d.scalar_type() == torch::kFloat32 || d.scalar_type() == torch::kFloat16, "d: float32 or float16");
-  const int64_t N = q.size(0), K = q.size(1), tiles = N / kTile, groups = K / kGroup;
-  TORCH_CHECK(d.dim() == 2 && d.size(0) == N && d.size(1) == groups, "d: (N, K/32)");
+  const int64_t N = q.size(0), K = q.size(1), tiles = N / kTile;
+  TORCH_CHECK(d.dim() == 2 && d.size(0) == N && (d.size(1) * 32 == K || d.size(1) * 16 == K),
+              "d: (N, K/32) or (N, K/16)");
+  const int64_t groups = d.size(1);
   // (tiles, feature j, quad u, pair h, input e) -> (tiles, u, h, j, e): byte 2j+e of pair h of quad u
   auto t = q.contiguous().view(torch::kUInt8).view({tiles, kTile, K / 4, 2, 2});
   auto wq = t.permute({0, 2, 3, 1, 4}).contiguous().view({tiles, K / 4, 2 * kQuadBytes});
