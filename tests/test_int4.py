@@ -79,6 +79,19 @@ def snap_to_q4_1(model):
     return model
 
 
+PROMPT = torch.tensor([[5, 17, 3, 42, 8, 61, 29, 11, 70, 2, 33, 14]])  # one row of 12 tokens
+TREE_MASK = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=torch.bool).view(1, 4, 4)
+
+
+def prefilled(target):
+    """A one-row cache of ``target`` holding PROMPT, and the prefill's logits."""
+    cache = target.new_cache(1)
+    causal = torch.ones(12, 12, dtype=torch.bool).tril().view(1, 12, 12)
+    logits = target.forward(PROMPT, torch.arange(12).view(1, 12), causal, cache).logits
+    target.commit(cache, torch.arange(12).view(1, 12), torch.tensor([12]))
+    return cache, logits
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_int4_gives_the_dense_backends_logits(kind, dtype, monkeypatch):
@@ -96,14 +109,10 @@ def test_native_int4_gives_the_dense_backends_logits(kind, dtype, monkeypatch):
         one_call = int4_target._decoder
         int4_target._decoder = lambda x, *args: calls.extend([x.shape] * 4 * len(args[1])) or one_call(x, *args)
 
-    prompt = torch.tensor([[5, 17, 3, 42, 8, 61, 29, 11, 70, 2, 33, 14]])
-    causal = torch.ones(12, 12, dtype=torch.bool).tril().view(1, 12, 12)
-    tree_mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=torch.bool).view(1, 4, 4)
     results = {}
     for name, target in (("dense", dense_target), ("int4", int4_target)):
-        cache = target.new_cache(1)
-        steps = [target.forward(prompt, torch.arange(12).view(1, 12), causal, cache).logits]
-        target.commit(cache, torch.arange(12).view(1, 12), torch.tensor([12]))
+        cache, logits = prefilled(target)
+        steps = [logits]
         if name == "int4":
             assert not calls  # the prefill ran dense
         for token in (7, 19):
@@ -112,7 +121,7 @@ def test_native_int4_gives_the_dense_backends_logits(kind, dtype, monkeypatch):
             target.commit(cache, torch.zeros(1, 1, dtype=torch.long), torch.tensor([1]))
         tree = torch.tensor([[4, 9, 23, 40]])
         positions = cache.lengths.view(1, 1) + torch.tensor([[0, 1, 1, 2]])
-        steps.append(target.forward(tree, positions, tree_mask, cache).logits)
+        steps.append(target.forward(tree, positions, TREE_MASK, cache).logits)
         target.commit(cache, torch.tensor([[0, 2, 3]]), torch.tensor([3]))
         steps.append(target.forward(torch.tensor([[1]]), cache.lengths.view(1, 1),
                                     torch.ones(1, 1, 1, dtype=torch.bool), cache).logits)
@@ -167,18 +176,13 @@ def test_q4_k_m_mix_runs_its_6_bit_weights_8_bit(kind):
     assert target.int8_count == 2 and target.int4_count == 6 and target.lm_head_weights == "int8"
     assert target._decoder is not None
     dense = NativeTarget(q4_k_m_mix(kind).to(torch.bfloat16), name="dense")  # the same seed and grids
-    prompt = torch.tensor([[5, 17, 3, 42, 8, 61, 29, 11, 70, 2, 33, 14]])
-    causal = torch.ones(12, 12, dtype=torch.bool).tril().view(1, 12, 12)
-    tree_mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=torch.bool).view(1, 4, 4)
     results = {}
     for name, t in (("dense", dense), ("mix", target)):
-        cache = t.new_cache(1)
-        t.forward(prompt, torch.arange(12).view(1, 12), causal, cache)
-        t.commit(cache, torch.arange(12).view(1, 12), torch.tensor([12]))
+        cache, _ = prefilled(t)
         one = t.forward(torch.tensor([[7]]), cache.lengths.view(1, 1), torch.ones(1, 1, 1, dtype=torch.bool), cache)
         t.commit(cache, torch.zeros(1, 1, dtype=torch.long), torch.tensor([1]))
         tree = t.forward(torch.tensor([[4, 9, 23, 40]]), cache.lengths.view(1, 1) + torch.tensor([[0, 1, 1, 2]]),
-                         tree_mask, cache)
+                         TREE_MASK, cache)
         results[name] = torch.cat([one.logits.float().flatten(), tree.logits.float().flatten()])
     scale = results["dense"].abs().max()
     assert (results["mix"] - results["dense"]).abs().max() <= 0.03 * scale
@@ -316,7 +320,7 @@ def test_decoder_layers_in_one_call_equal_the_layer_loop(kind):
     prompts = torch.tensor([[5, 17, 3, 42, 8, 61, 29, 11, 70, 2], [9, 4, 13, 50, 7, 22, 1, 0, 0, 0]])
     lengths = torch.tensor([10, 7])
     causal = torch.ones(10, 10, dtype=torch.bool).tril().expand(2, 10, 10)
-    tree_mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=torch.bool).expand(2, 4, 4)
+    tree_mask = TREE_MASK.expand(2, 4, 4)
     results = {}
     for name, decoder in (("loop", None), ("one call", one_call)):
         target._decoder = None if decoder is None else (lambda *args: calls.append(1) or one_call(*args))
