@@ -497,6 +497,57 @@ def test_q8_0_grid_of_a_weight_checked_in_row_chunks_is_the_whole_grid():
         int4.grid_8bit(off)
 
 
+def q4_k_weight(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
+    """A float32 weight as a Q4_K GGUF holds it: per block of 256 inputs float16 d and dmin, per group of
+    32 a 6-bit sc and m (the block's largest 63), q in 0..15, w = d * sc * q - dmin * m. Some groups'
+    q start above 0 or end below 15, as the file's do."""
+    g = torch.Generator().manual_seed(seed)
+    groups, blocks = in_features // 32, in_features // 256
+    q = torch.randint(0, 16, (out_features, groups, 32), generator=g)
+    q[:, :, 0], q[:, :, 1] = 0, 15
+    q[:, 1::5] = torch.randint(3, 16, (out_features, len(range(1, groups, 5)), 32), generator=g)  # smallest q above 0
+    q[:, 2::7] = torch.randint(0, 12, (out_features, len(range(2, groups, 7)), 32), generator=g)  # largest below 15
+    sc = torch.randint(1, 64, (out_features, blocks, 8), generator=g)
+    m = torch.randint(0, 64, (out_features, blocks, 8), generator=g)
+    sc[:, :, 3], m[:, :, 5] = 63, 63
+    d = (torch.rand(out_features, blocks, 1, generator=g) * 1e-3 + 1e-4).half().float()
+    dmin = (torch.rand(out_features, blocks, 1, generator=g) * 1e-3 + 1e-4).half().float()
+    step = (d * sc).view(out_features, groups, 1)
+    low = (-dmin * m).view(out_features, groups, 1)
+    return (q * step + low).view(out_features, in_features)
+
+
+@pytest.mark.parametrize("shape", [(32, 512), (160, 1536)])
+def test_q4_k_weights_run_with_byte_scales_and_exactly_their_weights(shape):
+    """A Q4_K weight's steps and lows are recovered as byte multipliers of per-256 units (K scales,
+    4.75 bits per weight streamed instead of 6): products equal the exact float64 product to bf16
+    rounding for any row count, each row as alone."""
+    avx512_kernel()
+    from redrafter.models.int4 import k_scales
+
+    out_features, in_features = shape
+    w = q4_k_weight(out_features, in_features, seed=out_features)
+    packed = pack_int4(w, torch.bfloat16, kernel="avx512")
+    assert packed.scales.dtype == torch.uint8
+    assert packed.scales.shape == (out_features // 16, in_features // 32 * 32 + in_features // 256 * 128)
+    g = torch.Generator().manual_seed(2)
+    for rows in (1, 3, 8, 11):
+        x = torch.randn(rows, in_features, generator=g).bfloat16()
+        y = packed(x)
+        exact = x.double() @ w.double().T
+        bound = 2.0 ** -8 * exact.abs() + 1e-5 * (x.double().abs() @ w.double().abs().T)
+        assert bool(((y.double() - exact).abs() <= bound).all()), rows
+        assert torch.equal(y, torch.cat([packed(x[i: i + 1]) for i in range(rows)])), rows
+    from redrafter.models.int4 import MixedWeight, pack_parts  # a Q4_K q|k beside a Q6_K v, in parts
+
+    mixed = pack_parts(torch.cat([w, q6_k_weight(32, in_features, seed=3)]), [out_features, 32])
+    assert isinstance(mixed, MixedWeight) and mixed.parts[0].scales.dtype == torch.uint8
+    assert torch.equal(mixed(x), torch.cat([part(x) for part in mixed.parts], -1))
+    q, step, low = grid_4bit(w)  # steps and lows that are no Q4_K's keep float32
+    noise = 1 + 0.01 * torch.rand(step.shape, generator=g)
+    assert k_scales(w, q, step * noise, low) is None
+
+
 def q6_k_weight(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
     """A float32 weight as a Q6_K GGUF holds it: per block of 256 inputs a float16 d, per group of 16
     an 8-bit scale sc, q in -32..31, w = d * sc * q (one group all zero, one on a coarse grid)."""

@@ -159,6 +159,114 @@ def float16_scales(weight: torch.Tensor, q: torch.Tensor, step: torch.Tensor, lo
     return (step16, low16) if bool((error <= tolerance * step).all()) else None
 
 
+K_BLOCK = 8  # groups of 32 per block of a Q4_K weight (256 inputs), each with its own units
+_K_TOLERANCE = 1e-4  # largest distance of a multiplier from an integer, in units
+
+
+def k_scales(weight: torch.Tensor, q: torch.Tensor, step: torch.Tensor, low: torch.Tensor,
+             tolerance: float = GRID_TOLERANCE):
+    """``grid_4bit``'s steps and lows as a Q4_K weight holds them, where they allow it: per block of 8
+    groups (256 inputs) a step unit d and a low unit -dmin (float32), per group integer multipliers sc
+    and m in 0..255, step = sc * d and low = m * (-dmin).
+
+    ``grid_4bit`` takes a group's smallest weight as its low. Where the group's smallest q is above 0
+    that is the file's low plus a few steps, so the low is moved back by j steps (and q up by j) for
+    the smallest j that makes it a multiple of the unit. Returns (q, multipliers (out, in / 32, 2)
+    uint8, units (out, in / 256, 2) float32) when every weight is then within ``tolerance`` of a step
+    of its dense value, else None (the weight keeps float32 steps and lows)."""
+    out_features, groups = step.shape
+    if groups % K_BLOCK:
+        return None
+    blocks = groups // K_BLOCK
+    steps, lows = step.view(out_features, blocks, K_BLOCK), low.view(out_features, blocks, K_BLOCK)
+    d = steps.amax(-1, keepdim=True) / 63  # a Q4_K quantizer maps a block's largest scale to 63
+    sc = steps / d.clamp_min(torch.finfo(torch.float32).tiny)
+    whole = ((sc - sc.round()).abs() <= _K_TOLERANCE).all(-1)
+    failed = torch.nonzero(~whole.flatten()).squeeze(-1)
+    if failed.numel():  # rare: some group's step is not a multiple of the largest / 63; try step / n
+        sub_steps = steps.view(-1, K_BLOCK)[failed]
+        sub_d = d.view(-1, 1)[failed]
+        solved = torch.zeros(failed.numel(), dtype=torch.bool)
+        for g in range(K_BLOCK):
+            for n in range(1, 256):
+                candidate = (sub_steps[:, g] / n).unsqueeze(-1)
+                ratio = sub_steps / candidate.clamp_min(torch.finfo(torch.float32).tiny)
+                fits = ~solved & (candidate.squeeze(-1) > 0) & ((ratio - ratio.round()).abs() <= _K_TOLERANCE).all(-1) \
+                    & (ratio.round() <= 255).all(-1)
+                sub_d = torch.where(fits.unsqueeze(-1), candidate, sub_d)
+                solved |= fits
+            if bool(solved.all()):
+                break
+        if not bool(solved.all()):
+            return None
+        d.view(-1, 1)[failed] = sub_d
+        sc = steps / d.clamp_min(torch.finfo(torch.float32).tiny)
+    sc = sc.round()
+    qb = q.view(out_features, groups, -1)
+    room = (15 - qb.amax(-1)).view(out_features, blocks, K_BLOCK)  # how far q can move up
+    # -dmin: the most negative low maps to 63. A block whose most negative low was moved up (its group's
+    # smallest q is above 0) fails with that unit and tries each group's low moved back by 0..15 steps.
+    unit = lows.amin(-1, keepdim=True) / 63
+    unit = torch.where(unit == 0, torch.full_like(unit, -1.0), unit)  # no low below 0: every m is 0
+    m, shift = _low_multipliers(lows, steps, room, unit)
+    failed = torch.nonzero((m < 0).any(-1).flatten()).squeeze(-1)
+    if failed.numel():
+        flat = (lows.view(-1, K_BLOCK), steps.view(-1, K_BLOCK), room.view(-1, K_BLOCK))
+        sub_lows, sub_steps, sub_room = (t[failed] for t in flat)
+        sub_m, sub_shift = m.view(-1, K_BLOCK)[failed], shift.view(-1, K_BLOCK)[failed]
+        sub_unit = unit.view(-1, 1)[failed]
+        for g in range(K_BLOCK):
+            for j in range(16):
+                todo = (sub_m < 0).any(-1)
+                if not bool(todo.any()):
+                    break
+                candidate = ((sub_lows[:, g] - j * sub_steps[:, g]) / 63).unsqueeze(-1)
+                candidate = torch.where(candidate == 0, torch.full_like(candidate, -1.0), candidate)
+                cand_m, cand_shift = _low_multipliers(sub_lows, sub_steps, sub_room, candidate)
+                better = todo & (j <= sub_room[:, g]) & (cand_m >= 0).all(-1)
+                sub_m = torch.where(better.unsqueeze(-1), cand_m, sub_m)
+                sub_shift = torch.where(better.unsqueeze(-1), cand_shift, sub_shift)
+                sub_unit = torch.where(better.unsqueeze(-1), candidate, sub_unit)
+        m.view(-1, K_BLOCK)[failed], shift.view(-1, K_BLOCK)[failed] = sub_m, sub_shift
+        unit.view(-1, 1)[failed] = sub_unit
+    if bool((m < 0).any()) or float(sc.max()) > 255:
+        return None
+    q_new = (qb + shift.view(out_features, groups, 1)).view_as(q)
+    rebuilt = (q_new.view(out_features, blocks, K_BLOCK, -1).float() * (sc * d).unsqueeze(-1)
+               + (m * unit).unsqueeze(-1)).view(out_features, -1)
+    error = (rebuilt - weight.detach().float()).abs().view(out_features, groups, -1).amax(-1)
+    if not bool((error <= tolerance * step.clamp_min(torch.finfo(torch.float32).tiny)).all()):
+        return None
+    multipliers = torch.stack([sc.view(out_features, groups), m.view(out_features, groups)], -1).to(torch.uint8)
+    units = torch.stack([d.squeeze(-1), unit.squeeze(-1)], -1)
+    return q_new, multipliers, units
+
+
+def _low_multipliers(lows: torch.Tensor, steps: torch.Tensor, room: torch.Tensor, unit: torch.Tensor):
+    """Per group, the smallest j in 0..room such that (low - j * step) / unit is an integer m in 0..255:
+    (m, j), with m = -1 where no j fits."""
+    m = torch.full_like(lows, -1.0)
+    shift = torch.zeros_like(room)
+    for j in range(16):
+        moved = (lows - j * steps) / unit
+        rounded = moved.round()
+        fits = (m < 0) & (j <= room) & ((moved - rounded).abs() <= _K_TOLERANCE) & (rounded >= 0) & (rounded <= 255)
+        m = torch.where(fits, rounded, m)
+        shift = torch.where(fits, torch.full_like(shift, j), shift)
+    return m, shift
+
+
+def pack_k_scales(multipliers: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    """``k_scales``' multipliers (out, groups, 2) and units (out, blocks, 2) in our kernel's K-scale layout
+    (csrc/int4_gemm.cpp): per tile of 16 features, per group 16 step then 16 low multipliers (bytes),
+    then per block 16 step then 16 low units (float32 bytes). Returns (out / 16, bytes per tile) uint8."""
+    out_features, groups, _ = multipliers.shape
+    tiles, blocks = out_features // 16, units.shape[1]
+    per_group = multipliers.view(tiles, 16, groups, 2).permute(0, 2, 3, 1).reshape(tiles, groups * 32)
+    per_block = units.float().contiguous().view(tiles, 16, blocks, 2).permute(0, 2, 3, 1).contiguous()
+    return torch.cat([per_group, per_block.view(torch.uint8).reshape(tiles, blocks * 128)], 1).contiguous()
+
+
 def round_4bit(weight: torch.Tensor, group: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round a weight that is not on a 4-bit grid to one, as a Q4_1 quantizer does: per group of
     ``group`` inputs, low = the smallest weight and step = (largest - smallest) / 15, both rounded to
@@ -207,6 +315,13 @@ def pack_int4(weight: torch.Tensor, dtype: torch.dtype, group: int = GROUP_SIZE,
         if module is None:
             raise Int4GridError(f"the AVX-512 int4 kernel is not available: {kernels.int4_unavailable_reason() or 'its build failed'}")
         scales16 = (step16, low16) if rounding else float16_scales(weight, q, step, low)
+        k_form = None if scales16 is not None else k_scales(weight, q, step, low)
+        if k_form is not None:  # a Q4_K weight: its steps and lows as byte multipliers of float32 units
+            q, multipliers, units = k_form
+            packed, _ = module.pack_weight(q, step, low)
+            scales = pack_k_scales(multipliers, units)
+            return Int4Weight(packed=packed, scales=scales, group=group, out_features=out_features,
+                              in_features=in_features, kernel="avx512", matmul=module.int4_mm)
         packed, scales = module.pack_weight(q, *(scales16 or (step, low)))
         return Int4Weight(packed=packed, scales=scales, group=group, out_features=out_features,
                           in_features=in_features, kernel="avx512", matmul=module.int4_mm)

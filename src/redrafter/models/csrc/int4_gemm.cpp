@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -62,6 +63,23 @@ inline __m512 load_scales(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load_scales(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+// 16 bytes as float32 (exactly).
+inline __m512 load_bytes(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Scales of type uint8_t are "K scales", a Q4_K weight's own form (pack_k_scales in models/int4.py):
+// per tile, per group of 32 inputs, 16 step multipliers then 16 low multipliers (bytes); after all
+// groups, per block of 8 groups (256 inputs), 16 step units then 16 low units (float32). A group's
+// step is multiplier x unit, exactly its d x sc in float32 (and its low dmin x m): 4.75 bits per
+// weight streamed where float32 steps and lows take 6.
+constexpr int kBlockGroups = 8;
+constexpr int kUnitBytes = 2 * kTile * 4;  // per tile and block of 8 groups
+template <typename S>
+constexpr int64_t tile_scale_count(int64_t groups, int per_group) {
+  if constexpr (std::is_same_v<S, uint8_t>) return groups * per_group + groups / kBlockGroups * kUnitBytes;
+  return groups * per_group;
+}
 
 // R rows of one tile, up to 8: two accumulator chains per row (vdpbf16ps's latency exceeds its issue
 // interval). Every row gets the same operations in the same order whatever R is, so a row's result
@@ -88,6 +106,13 @@ inline void tile_rows(const uint8_t* wq, const S* sm, const uint32_t* a, int64_t
     _mm_prefetch(reinterpret_cast<const char*>(sm + (g + kAhead) * kScales), _MM_HINT_T0);
     if constexpr (sizeof(S) * kScales > 64)
       _mm_prefetch(reinterpret_cast<const char*>(sm + (g + kAhead) * kScales) + 64, _MM_HINT_T0);
+    const float* units = nullptr;  // K scales: this group's block's units
+    if constexpr (std::is_same_v<S, uint8_t>) {
+      const uint8_t* unit_base = sm + groups * kScales;
+      units = reinterpret_cast<const float*>(unit_base + g / kBlockGroups * kUnitBytes);
+      _mm_prefetch(reinterpret_cast<const char*>(unit_base + (g + kAhead) / kBlockGroups * kUnitBytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(unit_base + (g + kAhead) / kBlockGroups * kUnitBytes) + 64, _MM_HINT_T0);
+    }
     const uint32_t* ag = a + g * (F::kGroup / 2);
 #pragma GCC unroll 8
     for (int u = 0; u < F::kGroup / 4; ++u) {
@@ -99,8 +124,14 @@ inline void tile_rows(const uint8_t* wq, const S* sm, const uint32_t* a, int64_t
         tmp2[r] = _mm512_dpbf16_ps(tmp2[r], (__m512bh)_mm512_set1_epi32((int)ar[2 * u + 1]), second);
       }
     }
-    const __m512 step = load_scales(sm + g * kScales);
-    const __m512 low = F::kLow ? load_scales(sm + g * kScales + kTile) : _mm512_setzero_ps();
+    __m512 step, low = _mm512_setzero_ps();
+    if constexpr (std::is_same_v<S, uint8_t>) {
+      step = _mm512_mul_ps(load_bytes(sm + g * kScales), _mm512_loadu_ps(units));
+      low = _mm512_mul_ps(load_bytes(sm + g * kScales + kTile), _mm512_loadu_ps(units + kTile));
+    } else {
+      step = load_scales(sm + g * kScales);
+      if constexpr (F::kLow) low = load_scales(sm + g * kScales + kTile);
+    }
     for (int r = 0; r < R; ++r) {
       const __m512 dot = _mm512_add_ps(tmp[r], tmp2[r]);
       acc[r] = _mm512_fmadd_ps(dot, step, acc[r]);
@@ -141,7 +172,7 @@ void run_tiles(const uint32_t* a, const float* s, const uint8_t* w, const S* sca
     const __m512i table = _mm512_load_si512(tbl);
     for (int64_t t = begin; t < end; ++t) {
       const uint8_t* wt = w + t * (K / 4) * F::kQuad;
-      const S* st = scales + t * groups * (F::kLow ? 2 : 1) * kTile;
+      const S* st = scales + t * tile_scale_count<S>(groups, (F::kLow ? 2 : 1) * kTile);
       // Even chunks of at most 8 rows (12 rows: 6 + 6, not 8 + 4).
       const int64_t chunks = (M + kMaxChunk - 1) / kMaxChunk, chunk = (M + chunks - 1) / chunks;
       for (int64_t r0 = 0; r0 < M; r0 += chunk) {
@@ -167,13 +198,18 @@ void quantized_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::
   TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x: contiguous 2-D bf16");
   TORCH_CHECK(wq.dtype() == torch::kUInt8 && wq.dim() == 3 && wq.size(2) == F::kQuad && wq.is_contiguous(),
               "wq: contiguous (N/16, K/4, ", F::kQuad, ") uint8");
-  TORCH_CHECK((sm.dtype() == torch::kFloat32 || sm.dtype() == torch::kFloat16) && sm.dim() == 3 &&
-                  sm.size(2) == kScales && sm.is_contiguous(),
-              "sm: contiguous (N/16, K/32, ", kScales, ") float32 or float16");
   const int64_t M = x.size(0), K = x.size(1), tiles = wq.size(0), N = tiles * kTile;
-  TORCH_CHECK(wq.size(1) * 4 == K && K % F::kGroup == 0 && sm.size(1) * F::kGroup == K && sm.size(0) == tiles,
-              "shapes of x, wq and sm disagree");
   const int64_t groups = K / F::kGroup;
+  if (F::kLow && sm.dtype() == torch::kUInt8) {  // K scales
+    TORCH_CHECK(sm.dim() == 2 && sm.is_contiguous() && groups % kBlockGroups == 0 &&
+                    sm.size(1) == tile_scale_count<uint8_t>(groups, kScales),
+                "sm: contiguous (N/16, K/32 * 32 + K/256 * 128) uint8 K scales");
+  } else {
+    TORCH_CHECK((sm.dtype() == torch::kFloat32 || sm.dtype() == torch::kFloat16) && sm.dim() == 3 &&
+                    sm.size(2) == kScales && sm.is_contiguous() && sm.size(1) * F::kGroup == K,
+                "sm: contiguous (N/16, K/", F::kGroup, ", ", kScales, ") float32 or float16");
+  }
+  TORCH_CHECK(wq.size(1) * 4 == K && K % F::kGroup == 0 && sm.size(0) == tiles, "shapes of x, wq and sm disagree");
   TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) >= col0 + N && out.is_contiguous(),
               "out: contiguous (M, >= ", col0 + N, ")");
   if (M == 0) return;
@@ -192,6 +228,8 @@ void quantized_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::
   at::BFloat16* o = out.data_ptr<at::BFloat16>() + col0;
   if (sm.dtype() == torch::kFloat16) {
     run_tiles<F>(a, asum.data(), w, sm.data_ptr<at::Half>(), o, M, K, tiles, groups, out.size(1));
+  } else if (sm.dtype() == torch::kUInt8) {
+    if constexpr (F::kLow) run_tiles<F>(a, asum.data(), w, sm.data_ptr<uint8_t>(), o, M, K, tiles, groups, out.size(1));
   } else {
     run_tiles<F>(a, asum.data(), w, sm.data_ptr<float>(), o, M, K, tiles, groups, out.size(1));
   }
@@ -200,7 +238,7 @@ void quantized_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::
 // One packed weight's product into columns col0 .. of out: 4-bit (pack_weight, 32 bytes per quad of
 // inputs) or 8-bit (pack_weight8, 64 bytes; 32 or 16 inputs per d, from sm's shape).
 void any_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sm, torch::Tensor& out, int64_t col0) {
-  TORCH_CHECK(x.dim() == 2 && wq.dim() == 3 && sm.dim() == 3, "x: 2-D, wq and sm: 3-D");
+  TORCH_CHECK(x.dim() == 2 && wq.dim() == 3 && sm.dim() >= 2, "x: 2-D, wq: 3-D, sm: 2-D (K scales) or 3-D");
   if (wq.size(2) == kQuadBytes) return quantized_mm<Int4Format>(x, wq, sm, out, col0);
   if (sm.size(1) * 16 == x.size(1)) return quantized_mm<Int8Format<16>>(x, wq, sm, out, col0);
   quantized_mm<Int8Format<32>>(x, wq, sm, out, col0);
