@@ -33,6 +33,7 @@ kernel is slow, so float32 models keep dense products by default.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import torch
 
@@ -433,32 +434,23 @@ class Int8Weight:
     def max_rows(self) -> int:
         return INT4_MAX_ROWS_AVX512
 
-    def dequantize(self) -> torch.Tensor:
-        """The dense (out_features, in_features) weight this computes with (float32), for tests."""
-        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.packed.device)
-        return self(eye).float().T.contiguous()
 
 
-def pack_int8(weight: torch.Tensor, group: int | None = None) -> Int8Weight:
+def pack_int8(weight: torch.Tensor) -> Int8Weight:
     """An ``Int8Weight`` computing with ``weight`` (out, in), for bf16 activations with our kernel. The
-    weight must lie on a Q8_0 grid (``grid_8bit``, ``group`` 32) or a symmetric 8-bit grid per 16
-    inputs (``grid_8bit_16``, ``group`` 16); ``group`` None tries 32, then 16. Raises ``Int4GridError``
-    when the weight is off the grid, the shape does not suit the kernel, or the kernel is not available."""
+    weight must lie on a Q8_0 grid (``grid_8bit``, tried first) or a symmetric 8-bit grid per 16 inputs
+    (``grid_8bit_16``). Raises ``Int4GridError`` when the weight is off both, the shape does not suit
+    the kernel, or the kernel is not available."""
     out_features, in_features = weight.shape
-    if out_features % 16 or group not in (None, 16, 32):
-        raise Int4GridError("8-bit products need a multiple of 16 output features and groups of 32 or 16 inputs")
+    if out_features % 16:
+        raise Int4GridError("8-bit products need a multiple of 16 output features")
     module = kernels.int4()
     if module is None:
         raise Int4GridError(f"the AVX-512 int4 kernel is not available: {kernels.int4_unavailable_reason() or 'its build failed'}")
-    if group == 32:
+    try:
         q, d = grid_8bit(weight, 32)
-    elif group == 16:
+    except Int4GridError:
         q, d = grid_8bit_16(weight)
-    else:
-        try:
-            q, d = grid_8bit(weight, 32)
-        except Int4GridError:
-            q, d = grid_8bit_16(weight)
     packed, scales = module.pack_weight8(q, d)
     return Int8Weight(packed=packed, scales=scales, out_features=out_features, in_features=in_features,
                       matmul=module.int8_mm)
@@ -493,9 +485,6 @@ class MixedWeight:
         y = self.matmul(rows, [part.packed for part in self.parts], [part.scales for part in self.parts])
         return y.view(*x.shape[:-1], self.out_features)
 
-    def dequantize(self) -> torch.Tensor:
-        return torch.cat([part.dequantize() for part in self.parts])
-
 
 def pack_parts(weight: torch.Tensor, sizes: list[int]) -> MixedWeight:
     """A ``MixedWeight`` for a bf16 model computing with ``weight`` (out, in), whose rows are the
@@ -508,25 +497,19 @@ def pack_parts(weight: torch.Tensor, sizes: list[int]) -> MixedWeight:
     module = kernels.int4()
     if module is None:
         raise Int4GridError(f"the AVX-512 int4 kernel is not available: {kernels.int4_unavailable_reason() or 'its build failed'}")
-    kinds, start = [], 0
-    for size in sizes:
-        rows = weight[start:start + size]
-        start += size
+
+    def pack(rows: torch.Tensor):
         try:
-            pack_int4(rows, torch.bfloat16, kernel="avx512")
-            kind = "4-bit"
+            return pack_int4(rows, torch.bfloat16, kernel="avx512")
         except Int4GridError:
-            pack_int8(rows)  # raises when on neither grid
-            kind = "8-bit"
-        if kinds and kinds[-1][0] == kind:
-            kinds[-1][1] += size
-        else:
-            kinds.append([kind, size])
-    parts, start = [], 0
-    for kind, size in kinds:
-        rows = weight[start:start + size]
-        start += size
-        parts.append(pack_int4(rows, torch.bfloat16, kernel="avx512") if kind == "4-bit" else pack_int8(rows))
+            return pack_int8(rows)  # raises when on neither grid
+
+    bounds = [0, *itertools.accumulate(sizes)]
+    alone = [pack(weight[bounds[i]:bounds[i + 1]]) for i in range(len(sizes))]
+    parts = []
+    for _, run in itertools.groupby(range(len(sizes)), key=lambda i: type(alone[i])):
+        run = list(run)  # neighbours on the same kind of grid are packed together
+        parts.append(alone[run[0]] if len(run) == 1 else pack(weight[bounds[run[0]]:bounds[run[-1] + 1]]))
     return MixedWeight(parts=tuple(parts), matmul=module.mixed_mm)
 
 
