@@ -110,5 +110,5 @@ def require_kernels(kind: str):
     if reason is not None:
         pytest.skip(f"no {kind} kernel on this machine: {reason}")
     module = getattr(kernels, kind)()
-    assert module is not None, "the CPU has AVX-512 BF16 but our kernels did not build (see the log)"
+    assert module is not None, f"the CPU can run our {kind} kernels but they did not build (see the log)"
     return module

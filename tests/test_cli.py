@@ -148,12 +148,16 @@ def test_shipped_drafter_is_used_by_default_and_lossless(capsys, smollm2):
 
     path = shipped_drafter(DEFAULT_MODEL)
     assert path is not None and sum(f.stat().st_size for f in path.iterdir()) <= 30 * 2**20
-    beam = recommended_beam(path)
+    from redrafter.models import kernels
+
+    # float32: --weights auto takes the file's 4-bit weights where our AVX2 kernel runs, else the dense ones
+    weights = "int4" if kernels.avx2() is not None else "dense"
+    beam = recommended_beam(path, "int4:avx2" if weights == "int4" else "dense")
     assert beam is not None
     common = ["--prompt", "Describe a rainbow to a child.", "--max-new-tokens", "48", "--dtype", "float32"]
     (ar,) = run_json(capsys, *common, "--autoregressive")
     (spec,) = run_json(capsys, *common)
-    assert spec["weights"] == ar["weights"] == "dense"  # float32: --weights auto keeps the exact dense products
+    assert spec["weights"] == ar["weights"] == weights
     assert spec["mode"] == "redrafter" and (spec["beam_width"], spec["beam_length"]) == (beam.width, beam.length)
     assert spec["max_tree_tokens"] == beam.max_tree_tokens
     assert spec["token_ids"] == ar["token_ids"]

@@ -105,9 +105,11 @@ def test_native_int4_gives_the_dense_backends_logits(kind, dtype, monkeypatch):
     calls = []
     original = Int4Weight.__call__
     monkeypatch.setattr(Int4Weight, "__call__", lambda self, x: calls.append(x.shape) or original(self, x))
-    if int4_target._decoder is not None:  # all layers in one call (bf16 with our kernels): 4 products per layer
-        one_call = int4_target._decoder
-        int4_target._decoder = lambda x, *args: calls.extend([x.shape] * 4 * len(args[1])) or one_call(x, *args)
+    for attr in ("_decoder", "_decoder_f32"):  # all layers in one call (our kernels): 4 products per layer
+        one_call = getattr(int4_target, attr)
+        if one_call is not None:
+            setattr(int4_target, attr,
+                    lambda x, *args, run=one_call: calls.extend([x.shape] * 4 * len(args[1])) or run(x, *args))
 
     results = {}
     for name, target in (("dense", dense_target), ("int4", int4_target)):
@@ -305,25 +307,31 @@ def test_native_int4_weights_live_in_one_arena_in_the_order_of_use():
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_decoder_layers_in_one_call_equal_the_layer_loop(kind):
-    """bf16 with our kernels: ``decoder_layers`` (every layer in one C++ call) gives the Python layer
-    loop's logits, hidden states and cache, bit for bit, for decode steps and trees of two rows at
-    different lengths (Qwen2: with its q|k|v bias; both with one 8-bit weight); and it really runs."""
-    avx512_kernel()
-    require_kernels("attention")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decoder_layers_in_one_call_equal_the_layer_loop(kind, dtype):
+    """With our kernels (bf16: AVX-512's ``decoder_layers``; float32: AVX2's ``decoder_layers_f32``),
+    every layer in one C++ call gives the Python layer loop's logits, hidden states and cache, bit for
+    bit, for decode steps and trees of two rows at different lengths (Qwen2: with its q|k|v bias; both
+    with one 8-bit weight and a q|k|v in parts); and it really runs."""
+    if dtype == torch.bfloat16:
+        avx512_kernel()
+        require_kernels("attention")
+    else:
+        require_kernels("avx2")
+    attr = "_decoder" if dtype == torch.bfloat16 else "_decoder_f32"
     model = q4_k_m_mix(kind)  # layer 1's down weight runs 8-bit, layer 0's q|k|v in parts
-    int4 = int4_layer_weights(model, torch.bfloat16)
-    target = NativeTarget(model.to(torch.bfloat16), name="int4", int4_layers=int4, int4_max_rows=8)
-    assert target._decoder is not None and target._decoder_rows == 8 and target.int8_count == 2
+    int4 = int4_layer_weights(model, dtype)
+    target = NativeTarget(model.to(dtype), name="int4", int4_layers=int4, int4_max_rows=8)
+    assert getattr(target, attr) is not None and target._decoder_rows == 8 and target.int8_count == 2
     assert (target.layers[0].qkv.bias is not None) == (kind == "qwen2")
-    one_call, calls = target._decoder, []
+    one_call, calls = getattr(target, attr), []
     prompts = torch.tensor([[5, 17, 3, 42, 8, 61, 29, 11, 70, 2], [9, 4, 13, 50, 7, 22, 1, 0, 0, 0]])
     lengths = torch.tensor([10, 7])
     causal = torch.ones(10, 10, dtype=torch.bool).tril().expand(2, 10, 10)
     tree_mask = TREE_MASK.expand(2, 4, 4)
     results = {}
     for name, decoder in (("loop", None), ("one call", one_call)):
-        target._decoder = None if decoder is None else (lambda *args: calls.append(1) or one_call(*args))
+        setattr(target, attr, None if decoder is None else (lambda *args: calls.append(1) or one_call(*args)))
         cache, outputs = target.new_cache(2), []
         target.forward(prompts, torch.arange(10).expand(2, 10), causal, cache)
         target.commit(cache, torch.arange(10).expand(2, 10), lengths)
@@ -380,7 +388,8 @@ def test_int4_kernel_choice():
     from redrafter.models.int4 import INT4_MAX_ROWS
 
     w, _ = q4_1_weight(64, 64, seed=3)
-    assert pack_int4(w, torch.float32).kernel == "torch"
+    assert pack_int4(w, torch.float32).kernel == ("avx2" if kernels.avx2_unavailable_reason() is None else "torch")
+    assert pack_int4(w, torch.float32, kernel="torch").kernel == "torch"
     q = torch.randint(0, 16, (64, 64), generator=torch.Generator().manual_seed(4))
     q[:, 0], q[:, 1] = 0, 15
     wide = q.float() * 0.0078125 - 0.0625  # one grid per 64 inputs
@@ -395,6 +404,8 @@ def test_int4_kernel_choice():
         pack_int4(w, torch.bfloat16, kernel="amx")
     with pytest.raises(ValueError, match="takes bfloat16 activations"):
         pack_int4(w, torch.float32, kernel="avx512")
+    with pytest.raises(ValueError, match="takes float32 activations"):
+        pack_int4(w, torch.bfloat16, kernel="avx2")
     odd, _ = q4_1_weight(40, 64, seed=5)
     with pytest.raises(Int4GridError, match="not a multiple of 16"):
         pack_int4(odd, torch.bfloat16)
@@ -618,3 +629,93 @@ def test_the_embedded_models_lm_head_runs_8_bit_in_bf16():
     assert eight.shape == dense.shape == (1, 3, target.info.vocab_size)
     assert (eight - dense).abs().max() <= 0.02 * dense.abs().max()
     assert (eight.argmax(-1) == dense.argmax(-1)).all()
+
+
+# --- our AVX2 kernel for float32 models (csrc/avx2/gemm_f32.cpp) -------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(48, 96), (64, 32), (176, 1536)])
+@pytest.mark.parametrize("scales", ["float16", "float32"])
+def test_avx2_kernel_equals_an_exact_product_for_any_row_count(shape, scales):
+    """float32 rows through a 4-bit weight with our AVX2 kernel: the product with exactly q * step + low
+    (float16 steps and lows where they hold the grid, else float32), computed in float64, to float32
+    rounding of the sums; each row gets what it gets alone, whatever the row count (chunks of 8, 4, 2,
+    1) and the number of threads."""
+    require_kernels("avx2")
+    out_features, in_features = shape
+    w, _ = q4_1_weight(out_features, in_features, seed=out_features)
+    if scales == "float16":  # rows 0-2's special groups have lows above m (d * q + m), not float16 values
+        w[:3] = w[3]
+    else:  # steps that float16 cannot hold
+        w = w * 1.0001
+    packed = pack_int4(w, torch.float32)
+    assert packed.kernel == "avx2" and packed.max_rows == 16
+    assert packed.scales.dtype == (torch.float16 if scales == "float16" else torch.float32)
+    if scales == "float16":  # the file's own d and m: exactly its weights
+        assert torch.equal(packed.dequantize(), w)
+    g = torch.Generator().manual_seed(1)
+    for rows in (1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 33):
+        x = torch.randn(rows, in_features, generator=g)
+        y = packed(x)
+        assert y.dtype == torch.float32 and y.shape == (rows, out_features)
+        exact = x.double() @ w.double().T
+        bound = 1e-6 * (x.double().abs() @ w.double().abs().T) + 1e-6 * exact.abs()
+        assert bool(((y.double() - exact).abs() <= bound).all()), rows
+        assert torch.equal(y, torch.cat([packed(x[i: i + 1]) for i in range(rows)])), rows
+    x = torch.randn(11, in_features, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = packed(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, packed(x.view(1, 11, in_features)).view(11, out_features))
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q6_k"])
+def test_avx2_int8_products_use_exactly_the_8bit_weight(kind):
+    """float32 rows through a Q8_0 or Q6_K weight (an LM head, a Q4_K_M file's down weights) with our
+    AVX2 kernel: the float64 product with exactly the file's weight, to float32 rounding; rows alone
+    get the same; a fused weight in parts (4-bit q|k, 8-bit v) gives each part's columns as alone."""
+    require_kernels("avx2")
+    from redrafter.models.int4 import MixedWeight, pack_int8, pack_parts
+
+    w = (q8_0_weight if kind == "q8_0" else q6_k_weight)(176, 576, seed=7)
+    packed = pack_int8(w, torch.float32)
+    assert packed.kernel == "avx2" and packed.group == (32 if kind == "q8_0" else 16)
+    g = torch.Generator().manual_seed(2)
+    for rows in (1, 3, 6, 9, 16):
+        x = torch.randn(rows, 576, generator=g)
+        y = packed(x)
+        exact = x.double() @ w.double().T
+        assert bool(((y.double() - exact).abs() <= 1e-6 * (x.double().abs() @ w.double().abs().T)).all()), rows
+        assert torch.equal(y, torch.cat([packed(x[i: i + 1]) for i in range(rows)])), rows
+    four, _ = q4_1_weight(96, 576, seed=8)
+    fused = pack_parts(torch.cat([four, w[:32]]), [64, 32, 32], torch.float32)
+    assert isinstance(fused, MixedWeight) and fused.kernel == "avx2"
+    assert [type(p).__name__ for p in fused.parts] == ["Int4Weight", "Int8Weight"]
+    x = torch.randn(5, 576, generator=g)
+    assert torch.equal(fused(x), torch.cat([part(x) for part in fused.parts], -1))
+    assert (fused(x) - x @ torch.cat([four, w[:32]]).T).abs().max() <= 1e-5 * x.abs().sum(-1).max()
+
+
+def test_float32_int4_model_on_avx2_runs_every_product_with_our_kernel():
+    """The embedded SmolLM2 in float32 with --weights auto where our AVX2 kernel runs: every decoder
+    weight 4-bit and the LM head 8-bit (its tied Q8_0 embedding) with our kernel, and a decode step's
+    logits within float32 summation-order noise of the dense float32 model's."""
+    require_kernels("avx2")
+    from redrafter.cli import beam_format
+    from redrafter.models.loading import load_target
+
+    target, _ = load_target("smollm2-135m-instruct", dtype="float32")
+    dense, _ = load_target("smollm2-135m-instruct", dtype="float32", weights="dense")
+    assert target.weights == "int4" and target.int4_kernels == ["avx2"] and target.lm_head_weights == "int8"
+    assert target.int4_count == 4 * target.num_layers and beam_format(target) == "int4:avx2"
+    results = []
+    for t in (target, dense):
+        cache, _ = prefilled(t)
+        step = t.forward(torch.tensor([[7, 19, 4]]), cache.lengths.view(1, 1) + torch.tensor([[0, 1, 1]]),
+                         TREE_MASK[:, :3, :3], cache).logits
+        results.append(step)
+    assert (results[0] - results[1]).abs().max() <= 1e-4 * results[1].abs().max()
+    assert torch.equal(results[0].argmax(-1), results[1].argmax(-1))

@@ -105,10 +105,12 @@ def resolve_drafter(model_spec: str, drafter: str | None) -> Path:
 
 def beam_format(target) -> str:
     """The key of a drafter's stored beam setting for ``target`` (``recommended_beam``): its weight
-    format, and for int4 without our kernel "int4:torch", whose trees of 5+ tokens cost a second pass."""
+    format, and for int4 without our AVX-512 kernel "int4:avx2" (our float32 kernel, whose trees cost
+    nearly in proportion to their tokens) or "int4:torch" (whose trees of 5+ tokens cost a second pass)."""
     weights = getattr(target, "weights", "dense")
-    if weights == "int4" and "avx512" not in getattr(target, "int4_kernels", []):
-        return "int4:torch"
+    kernels = getattr(target, "int4_kernels", [])
+    if weights == "int4" and "avx512" not in kernels:
+        return "int4:avx2" if "avx2" in kernels else "int4:torch"
     return weights
 
 

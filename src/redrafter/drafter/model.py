@@ -95,8 +95,10 @@ def int4_drafting_unavailable_reason(drafter: Drafter) -> str | None:
     from redrafter.models import kernels
 
     parameter = next(drafter.parameters())
-    if parameter.device.type != "cpu" or parameter.dtype != torch.bfloat16:
-        return f"int4 drafting runs bfloat16 drafters on CPU, not {parameter.dtype} on {parameter.device.type}"
+    if parameter.device.type != "cpu" or parameter.dtype not in (torch.bfloat16, torch.float32):
+        return f"int4 drafting runs bfloat16 or float32 drafters on CPU, not {parameter.dtype} on {parameter.device.type}"
+    if parameter.dtype == torch.float32:
+        return kernels.avx2_unavailable_reason() or (None if kernels.avx2() is not None else "our kernels did not build")
     return kernels.int4_unavailable_reason() or (None if kernels.int4() is not None else "our kernels did not build")
 
 
@@ -111,7 +113,8 @@ def inference_copy(drafter: Drafter, *, weights: str = "auto") -> Drafter:
     forward that streamed the target's weights through the caches, so the drafter's weights come cold
     from memory, and 4 bits stream a quarter of the bytes (docs/PERFORMANCE.md). Only the proposals
     change (the target verifies every token), and little: MT-Bench τ 2.10 with bf16 weights, 2.09
-    rounded. "auto": int4 where it runs (a bf16 drafter on a CPU with our kernels), else "dense".
+    rounded. "auto": int4 where it runs (a bf16 drafter on a CPU with our AVX-512 kernels, a float32 one
+    with our AVX2 kernel), else "dense".
     The copy is a snapshot: later changes to ``drafter`` (training) do not reach it, and it
     stays on its device and dtype (make another copy rather than moving it). A drafter that already is
     such a copy is returned as is, so proposers sharing one drafter can share one copy.
@@ -134,7 +137,9 @@ def inference_copy(drafter: Drafter, *, weights: str = "auto") -> Drafter:
             out_features, in_features = weight.shape
             int4 = None
             if reason is None and out_features % 16 == 0 and in_features % 32 == 0:
-                int4 = pack_int4(weight.float(), torch.bfloat16, kernel="avx512", rounding=True)
+                dtype = weight.dtype if weight.dtype == torch.float32 else torch.bfloat16
+                int4 = pack_int4(weight.float(), dtype, kernel="avx2" if dtype == torch.float32 else "avx512",
+                                 rounding=True)
                 fast.weights = "int4"
             layer = Linear(weight, None if module.bias is None else module.bias.detach(), pack=True, few_rows=True,
                            int4=int4)

@@ -44,6 +44,8 @@ GROUP_SIZE = 32  # inputs per (scale, zero) pair: the block size of GGUF's Q4_0 
 GRID_TOLERANCE = 1e-3  # largest |w - grid value| as a fraction of the step (grid_4bit)
 INT4_MAX_ROWS = 8  # rows up to which torch's int4 kernel beats dense bf16 products (docs/PERFORMANCE.md)
 INT4_MAX_ROWS_AVX512 = 16  # the same for ours (kernels.int4)
+INT4_MAX_ROWS_AVX2 = 16  # the same for our float32 kernel (kernels.avx2)
+OUR_KERNELS = ("avx512", "avx2")  # Int4Weight.kernel values that run ``matmul``
 INNER_K_TILES = 8  # the CPU kernel's packing parameter (2, 4 or 8)
 
 
@@ -64,7 +66,8 @@ class Int4Weight:
                       ``_convert_weight_to_int4pack_for_cpu``; scales (in / group, out, 2) scale and zero
                       in the activation dtype). "avx512": ours (``kernels.int4``, bf16 activations;
                       scales are float16 or float32 steps and lows, so the weights are exactly
-                      q * step + low).
+                      q * step + low). "avx2": ours for float32 activations (``kernels.avx2``,
+                      csrc/avx2/gemm_f32.cpp; the same weights, in its own layout).
     """
 
     packed: torch.Tensor
@@ -73,13 +76,13 @@ class Int4Weight:
     out_features: int
     in_features: int
     kernel: str = "torch"
-    matmul: object = dataclasses.field(default=None, repr=False, compare=False)  # "avx512": int4_mm
+    matmul: object = dataclasses.field(default=None, repr=False, compare=False)  # ours: int4_mm or mm_f32
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) -> (..., out_features), in x's dtype (bf16 for "avx512"; the
-        activation dtype the weight was packed for with "torch")."""
+        activation dtype the weight was packed for with "torch"; float32 for "avx2")."""
         rows = x.reshape(-1, self.in_features)
-        if self.kernel == "avx512":
+        if self.kernel in OUR_KERNELS:
             y = self.matmul(rows.contiguous(), self.packed, self.scales)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scales)
@@ -88,11 +91,11 @@ class Int4Weight:
     @property
     def max_rows(self) -> int:
         """Rows up to which this kernel's products beat dense bf16 ones (docs/PERFORMANCE.md)."""
-        return INT4_MAX_ROWS_AVX512 if self.kernel == "avx512" else INT4_MAX_ROWS
+        return {"avx512": INT4_MAX_ROWS_AVX512, "avx2": INT4_MAX_ROWS_AVX2}.get(self.kernel, INT4_MAX_ROWS)
 
     def dequantize(self) -> torch.Tensor:
         """The dense (out_features, in_features) weight this computes with (float32), for tests."""
-        dtype = torch.bfloat16 if self.kernel == "avx512" else self.scales.dtype
+        dtype = {"avx512": torch.bfloat16, "avx2": torch.float32}.get(self.kernel, self.scales.dtype)
         eye = torch.eye(self.in_features, dtype=dtype, device=self.packed.device)
         return self(eye).float().T.contiguous()
 
@@ -289,28 +292,42 @@ def round_4bit(weight: torch.Tensor, group: int = GROUP_SIZE) -> tuple[torch.Ten
 def pack_int4(weight: torch.Tensor, dtype: torch.dtype, group: int = GROUP_SIZE, kernel: str = "auto", *,
               rounding: bool = False) -> Int4Weight:
     """An ``Int4Weight`` computing with ``weight`` (out, in), for activations in ``dtype`` (bf16 or
-    float32 on CPU). ``kernel``: "auto" takes ours ("avx512") for bf16 where it loads and the shape
-    suits it (out a multiple of 16, groups of 32), else torch's. Raises ``Int4GridError`` when the
+    float32 on CPU). ``kernel``: "auto" takes ours where it loads and the shape suits it (out a multiple
+    of 16, groups of 32): "avx512" for bf16, "avx2" for float32; else torch's. Raises ``Int4GridError`` when the
     weight is not on a 4-bit grid, unless ``rounding``: then the weight is rounded to one first
     (``round_4bit``), and the products compute with that rounded weight, not ``weight`` (for a drafter,
     whose products only choose what to propose)."""
     if weight.device.type != "cpu":
         raise Int4GridError(f"int4 kernels run on CPU here, not {weight.device.type}")
-    if kernel not in ("auto", "torch", "avx512"):
+    if kernel not in ("auto", "torch", *OUR_KERNELS):
         raise ValueError(f"unknown int4 kernel {kernel!r}")
     out_features, in_features = weight.shape
     if out_features % 16:
         raise Int4GridError(f"{out_features} output features are not a multiple of 16 (both int4 kernels' tile)")
     if kernel == "avx512" and (dtype != torch.bfloat16 or group != 32):
         raise ValueError("the AVX-512 int4 kernel takes bfloat16 activations and groups of 32 inputs")
+    if kernel == "avx2" and (dtype != torch.float32 or group != 32):
+        raise ValueError("the AVX2 int4 kernel takes float32 activations and groups of 32 inputs")
     if rounding:
         q, step16, low16 = round_4bit(weight, group)
         step, low = step16.float(), low16.float()
     else:
         q, step, low = grid_4bit(weight, group)
     if kernel == "auto":
-        fits = dtype == torch.bfloat16 and group == 32
-        kernel = "avx512" if fits and kernels.int4() is not None else "torch"
+        if group == 32 and dtype == torch.bfloat16 and kernels.int4() is not None:
+            kernel = "avx512"
+        elif group == 32 and dtype == torch.float32 and kernels.avx2() is not None:
+            kernel = "avx2"
+        else:
+            kernel = "torch"
+    if kernel == "avx2":
+        module = kernels.avx2()
+        if module is None:
+            raise Int4GridError(f"the AVX2 int4 kernel is not available: {kernels.avx2_unavailable_reason() or 'its build failed'}")
+        scales16 = (step16, low16) if rounding else float16_scales(weight, q, step, low)
+        packed, scales = module.pack_weight_f32(q, *(scales16 or (step, low)))
+        return Int4Weight(packed=packed, scales=scales, group=group, out_features=out_features,
+                          in_features=in_features, kernel="avx2", matmul=module.mm_f32)
     if kernel == "avx512":
         module = kernels.int4()
         if module is None:
@@ -418,11 +435,11 @@ class Int8Weight:
     scales: torch.Tensor  # (out / 16, in / group, 16) float16 or float32 d
     out_features: int
     in_features: int
-    matmul: object = dataclasses.field(repr=False, compare=False)  # kernels' int8_mm
-    kernel: str = "avx512"  # ours (as ``Int4Weight.kernel``)
+    matmul: object = dataclasses.field(repr=False, compare=False)  # kernels' int8_mm (avx2: mm_f32)
+    kernel: str = "avx512"  # ours (as ``Int4Weight.kernel``): "avx512" (bf16) or "avx2" (float32)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in_features) bf16 -> (..., out_features) bf16."""
+        """x (..., in_features) bf16 ("avx512") or float32 ("avx2") -> (..., out_features), the same dtype."""
         y = self.matmul(x.reshape(-1, self.in_features).contiguous(), self.packed, self.scales)
         return y.view(*x.shape[:-1], self.out_features)
 
@@ -432,25 +449,42 @@ class Int8Weight:
 
     @property
     def max_rows(self) -> int:
-        return INT4_MAX_ROWS_AVX512
+        return INT4_MAX_ROWS_AVX2 if self.kernel == "avx2" else INT4_MAX_ROWS_AVX512
 
 
 
-def pack_int8(weight: torch.Tensor) -> Int8Weight:
-    """An ``Int8Weight`` computing with ``weight`` (out, in), for bf16 activations with our kernel. The
-    weight must lie on a Q8_0 grid (``grid_8bit``, tried first) or a symmetric 8-bit grid per 16 inputs
-    (``grid_8bit_16``). Raises ``Int4GridError`` when the weight is off both, the shape does not suit
-    the kernel, or the kernel is not available."""
+def our_module(dtype: torch.dtype):
+    """Our kernels' extension for activations in ``dtype`` and its kernel name: ("avx512", ``kernels.int4()``)
+    for bf16, ("avx2", ``kernels.avx2()``) for float32. Raises ``Int4GridError`` when it is not available."""
+    if dtype == torch.float32:
+        module, name, reason = kernels.avx2(), "avx2", kernels.avx2_unavailable_reason
+    elif dtype == torch.bfloat16:
+        module, name, reason = kernels.int4(), "avx512", kernels.int4_unavailable_reason
+    else:
+        raise Int4GridError(f"our 4- and 8-bit kernels take bfloat16 or float32 activations, not {dtype}")
+    if module is None:
+        label = {"avx512": "AVX-512", "avx2": "AVX2"}[name]
+        raise Int4GridError(f"the {label} int4 kernel is not available: {reason() or 'its build failed'}")
+    return name, module
+
+
+def pack_int8(weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> Int8Weight:
+    """An ``Int8Weight`` computing with ``weight`` (out, in), for activations in ``dtype`` (bf16 or float32)
+    with our kernel. The weight must lie on a Q8_0 grid (``grid_8bit``, tried first) or a symmetric 8-bit
+    grid per 16 inputs (``grid_8bit_16``). Raises ``Int4GridError`` when the weight is off both, the shape
+    does not suit the kernel, or the kernel is not available."""
     out_features, in_features = weight.shape
     if out_features % 16:
         raise Int4GridError("8-bit products need a multiple of 16 output features")
-    module = kernels.int4()
-    if module is None:
-        raise Int4GridError(f"the AVX-512 int4 kernel is not available: {kernels.int4_unavailable_reason() or 'its build failed'}")
+    name, module = our_module(dtype)
     try:
         q, d = grid_8bit(weight, 32)
     except Int4GridError:
         q, d = grid_8bit_16(weight)
+    if name == "avx2":
+        packed, scales = module.pack_weight8_f32(q, d)
+        return Int8Weight(packed=packed, scales=scales, out_features=out_features, in_features=in_features,
+                          matmul=module.mm_f32, kernel="avx2")
     packed, scales = module.pack_weight8(q, d)
     return Int8Weight(packed=packed, scales=scales, out_features=out_features, in_features=in_features,
                       matmul=module.int8_mm)
@@ -464,8 +498,8 @@ class MixedWeight:
     Qwen2.5-Coder's layers in its Q4_K_M GGUF)."""
 
     parts: tuple
-    matmul: object = dataclasses.field(repr=False, compare=False)  # kernels' mixed_mm
-    kernel: str = "avx512"
+    matmul: object = dataclasses.field(repr=False, compare=False)  # kernels' mixed_mm (avx2: mixed_mm_f32)
+    kernel: str = "avx512"  # or "avx2" (float32)
 
     @property
     def out_features(self) -> int:
@@ -480,29 +514,27 @@ class MixedWeight:
         return min(part.max_rows for part in self.parts)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in_features) bf16 -> (..., out_features) bf16."""
+        """x (..., in_features) -> (..., out_features), bf16 ("avx512") or float32 ("avx2")."""
         rows = x.reshape(-1, self.in_features).contiguous()
         y = self.matmul(rows, [part.packed for part in self.parts], [part.scales for part in self.parts])
         return y.view(*x.shape[:-1], self.out_features)
 
 
-def pack_parts(weight: torch.Tensor, sizes: list[int]) -> MixedWeight:
-    """A ``MixedWeight`` for a bf16 model computing with ``weight`` (out, in), whose rows are the
+def pack_parts(weight: torch.Tensor, sizes: list[int], dtype: torch.dtype = torch.bfloat16) -> MixedWeight:
+    """A ``MixedWeight`` for a model in ``dtype`` (bf16 or float32) computing with ``weight`` (out, in), whose rows are the
     concatenation of weights of ``sizes`` rows each (q, k, v), each on a 4-bit grid or an 8-bit one
     (``pack_int8``); neighbours on the same kind of grid are packed together. Raises ``Int4GridError``
     when some part is on neither grid, a part's rows are not a multiple of 16, or the kernel is not
     available."""
     if sum(sizes) != weight.shape[0]:
         raise Int4GridError(f"parts of {sizes} rows do not make up {weight.shape[0]}")
-    module = kernels.int4()
-    if module is None:
-        raise Int4GridError(f"the AVX-512 int4 kernel is not available: {kernels.int4_unavailable_reason() or 'its build failed'}")
+    name, module = our_module(dtype)
 
     def pack(rows: torch.Tensor):
         try:
-            return pack_int4(rows, torch.bfloat16, kernel="avx512")
+            return pack_int4(rows, dtype, kernel=name)
         except Int4GridError:
-            return pack_int8(rows)  # raises when on neither grid
+            return pack_int8(rows, dtype)  # raises when on neither grid
 
     bounds = [0, *itertools.accumulate(sizes)]
     alone = [pack(weight[bounds[i]:bounds[i + 1]]) for i in range(len(sizes))]
@@ -510,6 +542,8 @@ def pack_parts(weight: torch.Tensor, sizes: list[int]) -> MixedWeight:
     for _, run in itertools.groupby(range(len(sizes)), key=lambda i: type(alone[i])):
         run = list(run)  # neighbours on the same kind of grid are packed together
         parts.append(alone[run[0]] if len(run) == 1 else pack(weight[bounds[run[0]]:bounds[run[-1] + 1]]))
+    if name == "avx2":
+        return MixedWeight(parts=tuple(parts), matmul=module.mixed_mm_f32, kernel="avx2")
     return MixedWeight(parts=tuple(parts), matmul=module.mixed_mm)
 
 

@@ -74,44 +74,76 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def unavailable_reason() -> str | None:
-    """Why the kernels cannot run here, or None when they can be built and run."""
+AVX2_SOURCES = [Path(__file__).with_name("csrc") / "avx2" / "gemm_f32.cpp"]
+AVX2_REQUIRED_FLAGS = ("avx2", "fma", "f16c")
+AVX2_COMPILE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+
+
+def unavailable_reason(required: tuple[str, ...] = REQUIRED_FLAGS) -> str | None:
+    """Why kernels needing the CPU flags ``required`` cannot run here, or None when they can be built and run."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return f"not an x86-64 CPU ({platform.machine()})"
-    missing = [flag for flag in REQUIRED_FLAGS if flag not in cpu_flags()]
+    missing = [flag for flag in required if flag not in cpu_flags()]
     if missing:
         return f"the CPU lacks {', '.join(missing)}"
     return None
 
 
-def cache_dir() -> Path:
-    """Where the built extension lives: one directory per source text and torch version."""
+def cache_dir(sources: list[Path] | None = None, prefix: str = "cpu") -> Path:
+    """Where a built extension lives: one directory per source text and torch version."""
     root = Path(os.environ.get("REDRAFTER_KERNEL_CACHE", Path.home() / ".cache" / "redrafter" / "kernels"))
-    text = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    text = b"".join(path.read_bytes() for path in (SOURCES + HEADERS if sources is None else sources))
     key = hashlib.sha256(text + torch.__version__.encode()).hexdigest()[:16]
-    return root / f"cpu-{key}"
+    return root / f"{prefix}-{key}"
 
 
-@functools.cache
-def load():
-    """The compiled extension (the functions listed above), building it on first
-    use; None when the machine cannot run it or the build fails (logged once; torch's kernels run)."""
-    reason = unavailable_reason()
-    if reason is not None:
-        log.info("CPU kernels: torch's (%s)", reason)
-        return None
+def _build(name: str, sources: list[Path], flags: list[str], directory: Path):
+    """Build (or load the cached build of) one extension; None when the build fails (logged)."""
     from torch.utils import cpp_extension
 
-    directory = cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
     if not any(directory.glob("*.so")):
         log.warning("building our CPU kernels in %s (once per machine, about a minute)", directory)
     try:
-        return cpp_extension.load("redrafter_kernels", [str(path) for path in SOURCES], extra_cflags=COMPILE_FLAGS,
+        return cpp_extension.load(name, [str(path) for path in sources], extra_cflags=flags,
                                   extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
     except Exception as exc:  # no compiler or ninja, an old assembler: fall back, loudly
-        log.warning("CPU kernels: the build failed, using torch's (%s)", str(exc).strip().splitlines()[-1:])
+        log.warning("CPU kernels (%s): the build failed, using torch's (%s)", name,
+                    str(exc).strip().splitlines()[-1:])
         return None
+
+
+@functools.cache
+def load():
+    """The compiled AVX-512 extension (the functions listed above), building it on first use; None
+    when the machine cannot run it or the build fails (logged once; torch's kernels run)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        log.info("CPU kernels: torch's (%s)", reason)
+        return None
+    return _build("redrafter_kernels", SOURCES, COMPILE_FLAGS, cache_dir())
+
+
+@functools.cache
+def load_avx2():
+    """The compiled AVX2 extension (``mm_f32``: float32 rows through 4- and 8-bit weights,
+    csrc/avx2/gemm_f32.cpp), building it on first use; None where the CPU lacks AVX2/FMA/F16C or the
+    build fails."""
+    reason = unavailable_reason(AVX2_REQUIRED_FLAGS)
+    if reason is not None:
+        log.info("float32 int4 kernel: torch's (%s)", reason)
+        return None
+    return _build("redrafter_kernels_avx2", AVX2_SOURCES, AVX2_COMPILE_FLAGS, cache_dir(AVX2_SOURCES, "avx2"))
+
+
+def avx2_unavailable_reason() -> str | None:
+    """Why our float32 4- and 8-bit products cannot run here (None when they can; the build may still fail)."""
+    return switched_off("REDRAFTER_INT4_KERNEL") or unavailable_reason(AVX2_REQUIRED_FLAGS)
+
+
+def avx2():
+    """The extension for float32 4- and 8-bit products, or None (``avx2_unavailable_reason``, or a failed build)."""
+    return None if avx2_unavailable_reason() is not None else load_avx2()
 
 
 def switched_off(variable: str) -> str | None:
@@ -155,9 +187,14 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     module = load()
     if module is None:
-        print(f"CPU kernels: not available ({unavailable_reason() or 'build failed'}); torch's kernels are used")
-        return 0
-    print(f"CPU kernels: ready in {cache_dir()}")
+        print(f"CPU kernels (bfloat16): not available ({unavailable_reason() or 'build failed'}); torch's kernels are used")
+    else:
+        print(f"CPU kernels (bfloat16): ready in {cache_dir()}")
+    module = load_avx2()
+    if module is None:
+        print(f"CPU kernels (float32 int4): not available ({unavailable_reason(AVX2_REQUIRED_FLAGS) or 'build failed'})")
+    else:
+        print(f"CPU kernels (float32 int4): ready in {cache_dir(AVX2_SOURCES, 'avx2')}")
     return 0
 
 

@@ -31,25 +31,25 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DTYPE_CHOICES = ("auto", *DTYPES)
 BACKENDS = ("auto", "native", "hf")
 WEIGHT_FORMATS = ("auto", "dense", "int4")
-INT4_KERNELS = ("auto", "avx512", "torch")
+INT4_KERNELS = ("auto", "avx512", "avx2", "torch")
 ATTENTION_KERNELS = ("auto", "ours", "torch")
 
 
-def int8_lm_head(model):
-    """The LM head of a float32 transformers ``model`` as ``int4.Int8Weight`` when it lies on an 8-bit
-    grid (a GGUF whose output or tied embedding table is Q8_0, like the embedded SmolLM2's, or Q6_K,
-    like Qwen2.5-Coder's Q4_K_M) and our int4 kernel runs, else None: steps of a few tokens then
+def int8_lm_head(model, dtype: torch.dtype = torch.bfloat16):
+    """The LM head of a float32 transformers ``model`` as ``int4.Int8Weight`` for activations in ``dtype``
+    when it lies on an 8-bit grid (a GGUF whose output or tied embedding table is Q8_0, like the embedded
+    SmolLM2's, or Q6_K, like Qwen2.5-Coder's Q4_K_M) and our kernel for ``dtype`` runs, else None: steps of a few tokens then
     compute with exactly the file's weights and stream 8.5 (Q8_0) or 10 (Q6_K) bits per weight
-    instead of bf16's 16 (docs/PERFORMANCE.md)."""
+    instead of bf16's 16 or float32's 32 (docs/PERFORMANCE.md)."""
     from redrafter.models.int4 import Int4GridError, pack_int8
 
     head = model.get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None:
         return None
     try:
-        return pack_int8(head.weight.detach())
+        return pack_int8(head.weight.detach(), dtype)
     except Int4GridError as exc:
-        logging.getLogger(__name__).info("bf16 LM head: %s", exc)
+        logging.getLogger(__name__).info("dense LM head: %s", exc)
         return None
 
 
@@ -85,10 +85,12 @@ def add_backend_arguments(parser, *, dtype_default: str = "auto") -> None:
                         help="int4: the native backend runs steps of a few tokens with 4-bit products, for "
                              "models whose weights are 4-bit (a Q4_0/Q4_1/Q4_K GGUF, e.g. the embedded default; "
                              "CPU), and with our kernel an LM head stored as Q8_0 8-bit with exactly its weights; "
-                             "auto: int4 for such a GGUF in bfloat16 on CPU, else dense (docs/PERFORMANCE.md)")
+                             "auto: int4 for such a GGUF on CPU in bfloat16, or in float32 where our AVX2 kernel runs, "
+                             "else dense (docs/PERFORMANCE.md)")
     parser.add_argument("--int4-kernel", choices=INT4_KERNELS, default="auto",
                         help="which kernel runs int4 products: avx512 (ours: one pass over the weight for up "
-                             "to 8 rows; bf16 on AVX-512-BF16 CPUs), torch (aten's), or auto: ours where it runs")
+                             "to 8 rows; bf16 on AVX-512-BF16 CPUs), avx2 (ours for float32 models on AVX2 "
+                             "CPUs), torch (aten's), or auto: ours where it runs")
     parser.add_argument("--attention-kernel", choices=ATTENTION_KERNELS, default="auto",
                         help="which kernel runs the native backend's attention for steps of up to 64 tokens: "
                              "ours (bf16 on AVX-512-BF16 CPUs), torch (scaled_dot_product_attention), or auto: "
@@ -188,12 +190,16 @@ def converted_gguf(gguf: Path, out: Path) -> Path:
 
 def auto_weights(spec: str, backend: str, dtype: torch.dtype, device: str | torch.device) -> str:
     """What ``--weights auto`` tries: "int4" for a GGUF source (the embedded models, a .gguf path) on the
-    native backend in bfloat16 on CPU, where 4-bit products make a decode step ~0.6x as long
-    (docs/PERFORMANCE.md); "dense" otherwise (float32 keeps the exact dense products: its int4 kernel is
-    slow). Whether the weights really are 4-bit is checked on loading."""
+    native backend on CPU in bfloat16, where 4-bit products make a decode step ~0.6x as long, or in
+    float32 where our AVX2 kernel runs (a step about 0.4x as long; docs/PERFORMANCE.md); "dense"
+    otherwise (torch's float32 int4 kernel is slower than dense products). Whether the weights really
+    are 4-bit is checked on loading."""
+    from redrafter.models import kernels
+
     gguf = spec in EMBEDDED_MODELS or Path(spec).suffix == ".gguf"
-    cpu_bf16 = torch.device(device).type == "cpu" and dtype == torch.bfloat16
-    return "int4" if gguf and cpu_bf16 and backend != "hf" else "dense"
+    cpu = torch.device(device).type == "cpu"
+    fast = dtype == torch.bfloat16 or (dtype == torch.float32 and kernels.avx2() is not None)
+    return "int4" if gguf and cpu and fast and backend != "hf" else "dense"
 
 
 def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
@@ -207,10 +213,11 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
     ``compile``: ``torch.compile`` the native forward (native backend only).
     ``weights``: "int4" gives the native backend 4-bit products for steps of a few tokens
     (``models.int4``; the model's linear weights must lie on a 4-bit grid, as a Q4_0/Q4_1 GGUF's do).
-    "auto" (``auto_weights``) tries int4 for a GGUF source in bfloat16 on CPU and keeps dense weights
-    when they are not 4-bit; "dense" never uses int4. ``target.weights`` says what was chosen.
-    ``int4_kernel``: "avx512" (ours, ``models.kernels``), "torch", or "auto" (ours for bf16 where it
-    runs); ``target.int4_kernels`` says which ran.
+    "auto" (``auto_weights``) tries int4 for a GGUF source on CPU (bfloat16, or float32 with our AVX2
+    kernel) and keeps dense weights when they are not 4-bit; "dense" never uses int4. ``target.weights``
+    says what was chosen.
+    ``int4_kernel``: "avx512" (ours for bf16, ``models.kernels``), "avx2" (ours for float32), "torch", or
+    "auto" (ours where it runs); ``target.int4_kernels`` says which ran.
     ``attention_kernel``: "ours" (``models.kernels``), "torch", or "auto" (ours for bf16 on CPU where
     it runs); ``target.attention_kernel`` says which runs (native backend only).
     ``keep_transformers_model``: False frees the native backend's plain weight copies that only the
@@ -243,12 +250,16 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
     torch_dtype = resolve_dtype(dtype, device)
     if int4_kernel == "avx512" and torch_dtype != torch.bfloat16:
         raise RedrafterError("--int4-kernel avx512 runs bfloat16 models only (--dtype bfloat16)")
-    if int4_kernel == "avx512":
+    if int4_kernel == "avx2" and torch_dtype != torch.float32:
+        raise RedrafterError("--int4-kernel avx2 runs float32 models only (--dtype float32)")
+    if int4_kernel in ("avx512", "avx2"):
         from redrafter.models import kernels
 
-        if kernels.int4() is None:
-            raise RedrafterError("--int4-kernel avx512 cannot run here: "
-                                 f"{kernels.int4_unavailable_reason() or 'its build failed (see the log)'}")
+        module, reason = ((kernels.int4(), kernels.int4_unavailable_reason) if int4_kernel == "avx512"
+                          else (kernels.avx2(), kernels.avx2_unavailable_reason))
+        if module is None:
+            raise RedrafterError(f"--int4-kernel {int4_kernel} cannot run here: "
+                                 f"{reason() or 'its build failed (see the log)'}")
     requested = weights
     if weights == "auto":
         weights = "dense" if compile else auto_weights(spec, backend, torch_dtype, device)
@@ -289,8 +300,8 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
             if requested != "auto":
                 raise
             logging.getLogger(__name__).info("dense weights: %s", exc)
-        if int4_layers is not None and "avx512" in {w.kernel for layer in int4_layers for w in layer.values()}:
-            head8 = int8_lm_head(model)
+        if int4_layers is not None and {"avx512", "avx2"} & {w.kernel for layer in int4_layers for w in layer.values()}:
+            head8 = int8_lm_head(model, torch_dtype)
         model = model.to(torch_dtype)
     target = NativeTarget(model, name=spec, compile=compile, int4_layers=int4_layers, attention_kernel=attention_kernel,
                           lm_head_int8=head8)

@@ -40,7 +40,7 @@ from redrafter.errors import RedrafterError
 from redrafter.models import kernels
 from redrafter.models.base import ForwardOutput, Linear, TargetInfo
 from redrafter.models.hf import target_info
-from redrafter.models.int4 import (Int4GridError, Int8Weight, MixedWeight, in_one_block, pack_int4, pack_int8,
+from redrafter.models.int4 import (OUR_KERNELS, Int4GridError, Int8Weight, MixedWeight, in_one_block, pack_int4, pack_int8,
                                   pack_parts, packed_parts)
 from redrafter.utils import release_free_heap
 
@@ -154,7 +154,8 @@ def int4_layer_weights(model: nn.Module, dtype: torch.dtype, kernel: str = "auto
     grid is exact. ``kernel``: see ``int4.pack_int4``. Raises ``RedrafterError`` naming the first weight
     when no weight is on a 4-bit grid."""
     layers, first_error, any_int4 = [], None, False
-    eight_bit = kernel != "torch" and dtype == torch.bfloat16 and kernels.int4() is not None
+    ours = {torch.bfloat16: kernels.int4, torch.float32: kernels.avx2}.get(dtype)
+    eight_bit = kernel != "torch" and ours is not None and ours() is not None
     for index, layer in enumerate(model.model.layers):
         packed, sizes = {}, fused_sizes(layer)
         for name, (weight, _) in fused_weights(layer).items():
@@ -166,10 +167,10 @@ def int4_layer_weights(model: nn.Module, dtype: torch.dtype, kernel: str = "auto
                 if not eight_bit:
                     continue
                 try:
-                    packed[name] = pack_int8(weight)
+                    packed[name] = pack_int8(weight, dtype)
                 except Int4GridError:  # fused weights of different grids (q, k 4-bit, v 8-bit): in parts
                     try:
-                        packed[name] = pack_parts(weight, sizes[name]) if name in sizes else None
+                        packed[name] = pack_parts(weight, sizes[name], dtype) if name in sizes else None
                     except Int4GridError:
                         pass
                 if packed.get(name) is None:
@@ -306,7 +307,7 @@ class NativeTarget:
                        for i, layer in enumerate(base.layers)]
         linears = [linear for layer in self.layers for linear in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         self.int4_max_rows = max(linear.int4_max_rows for linear in linears)  # the longest 4-bit step
-        self.int4_kernels = sorted({linear.int4.kernel for linear in linears if linear.int4})  # "avx512", "torch"
+        self.int4_kernels = sorted({linear.int4.kernel for linear in linears if linear.int4})  # "avx512", "avx2", "torch"
         self.packed = self.lm_head.packed is not None
         # Attention of steps of up to ATTENTION_KERNEL_MAX_TOKENS new tokens per row: ours
         # (kernels.attention) for bf16 models on CPU where it runs, else torch's.
@@ -333,7 +334,7 @@ class NativeTarget:
         # our attention and RMSNorm, and our 4- or 8-bit products for every linear weight.
         self._decoder = None
         # the 4- and 8-bit decoder weights our kernel runs, then an 8-bit LM head's, in the order a forward reads them
-        ours = [linear for linear in linears + [self.lm_head] if linear.int4 is not None and linear.int4.kernel == "avx512"]
+        ours = [linear for linear in linears + [self.lm_head] if linear.int4 is not None and linear.int4.kernel in OUR_KERNELS]
         if ours:
             in_one_block(ours)
         if module is not None and fused is not None and all(
@@ -347,6 +348,20 @@ class NativeTarget:
             self._decoder_eps = [float(layer.eps) for layer in self.layers]
             self._decoder_rows = min(linear.int4_max_rows for linear in linears)  # rows every product runs 4-bit
             self._decoder = module.decoder_layers
+        # The same for a float32 model whose linear weights all run our AVX2 kernel (csrc/avx2/gemm_f32.cpp:
+        # the torch path's tensor operations, from C++).
+        self._decoder_f32 = None
+        if (self._decoder is None and module is None and self.dtype == torch.float32 and not compile
+                and all(linear.int4 is not None and linear.int4.kernel == "avx2" for linear in linears)):
+            no_bias = torch.empty(0, dtype=self.dtype, device=self.device)
+            self._decoder_weights = [
+                tensor for layer in self.layers for tensor in (
+                    layer.input_norm, layer.post_norm, *_int4_operands(layer.qkv, no_bias),
+                    *_int4_operands(layer.o, no_bias), *_int4_operands(layer.gate_up, no_bias),
+                    *_int4_operands(layer.down, no_bias))]
+            self._decoder_eps = [float(layer.eps) for layer in self.layers]
+            self._decoder_rows = min(linear.int4_max_rows for linear in linears)
+            self._decoder_f32 = kernels.avx2().decoder_layers_f32
         if compile:  # dynamic shapes: the context and the tree size change every step
             self.forward = torch.compile(self.forward, dynamic=True)
 
@@ -451,6 +466,12 @@ class NativeTarget:
         if one_call:  # every layer in one call: the loop below, in C++
             x = self._decoder(x, self._decoder_weights, self._decoder_eps, rope_cos, rope_sin, cache.kv, slots,
                               self.heads, self.kv_heads, span, allowed_rows, scale)
+        elif (self._decoder_f32 is not None and fused is None and not wide and not grouped
+              and batch * n <= self._decoder_rows):  # float32, our AVX2 products: the loop's torch path in C++
+            one_call = True
+            x = self._decoder_f32(x, self._decoder_weights, self._decoder_eps, cos, signed_sin, cache.kv,
+                                  start.tolist(), self.heads, self.kv_heads, span,
+                                  allowed if allowed is not None else torch.empty(0, dtype=torch.bool))
         for i, layer in enumerate(() if one_call else self.layers):
             h = self._norm(x, layer.input_norm, layer.eps)
             qkv = layer.qkv(h)
