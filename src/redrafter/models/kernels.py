@@ -74,7 +74,7 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-AVX2_SOURCES = [Path(__file__).with_name("csrc") / "avx2" / "gemm_f32.cpp"]
+AVX2_SOURCES = [Path(__file__).with_name("csrc") / "avx2" / name for name in ("gemm_f32.cpp", "layer_f32.cpp")]
 AVX2_REQUIRED_FLAGS = ("avx2", "fma", "f16c")
 AVX2_COMPILE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 
@@ -126,9 +126,9 @@ def load():
 
 @functools.cache
 def load_avx2():
-    """The compiled AVX2 extension (``mm_f32``: float32 rows through 4- and 8-bit weights,
-    csrc/avx2/gemm_f32.cpp), building it on first use; None where the CPU lacks AVX2/FMA/F16C or the
-    build fails."""
+    """The compiled AVX2 extension for float32 models (csrc/avx2: ``mm_f32``, float32 rows through 4- and
+    8-bit weights; ``rms_norm_f32``; ``attention_f32``; ``decoder_layers_f32``), building it on first
+    use; None where the CPU lacks AVX2/FMA/F16C or the build fails."""
     reason = unavailable_reason(AVX2_REQUIRED_FLAGS)
     if reason is not None:
         log.info("float32 int4 kernel: torch's (%s)", reason)

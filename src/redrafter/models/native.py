@@ -310,15 +310,21 @@ class NativeTarget:
         self.int4_kernels = sorted({linear.int4.kernel for linear in linears if linear.int4})  # "avx512", "avx2", "torch"
         self.packed = self.lm_head.packed is not None
         # Attention of steps of up to ATTENTION_KERNEL_MAX_TOKENS new tokens per row: ours
-        # (kernels.attention) for bf16 models on CPU where it runs, else torch's.
+        # (kernels.attention) for bf16 models on CPU where it runs, ours for float32 (kernels.avx2, below)
+        # where that runs, else torch's.
         if attention_kernel not in ("auto", "ours", "torch"):
             raise RedrafterError(f"unknown attention kernel '{attention_kernel}' (expected auto, ours or torch)")
         fits = self.device.type == "cpu" and self.dtype == torch.bfloat16 and self.head_dim in ATTENTION_KERNEL_HEAD_DIMS
-        if attention_kernel == "ours" and not fits:
+        float32_ours = (self.device.type == "cpu" and self.dtype == torch.float32 and not compile
+                        and config.hidden_size % 8 == 0 and self.head_dim % 16 == 0
+                        and config.intermediate_size % 8 == 0 and kernels.avx2() is not None)
+        if attention_kernel == "ours" and float32_ours:
+            pass  # our AVX2 kernel (self._avx2)
+        elif attention_kernel == "ours" and not fits:
             raise RedrafterError("our attention kernel runs bfloat16 models on CPU with a head size of "
                                  f"{'/'.join(map(str, ATTENTION_KERNEL_HEAD_DIMS))}")
         module = kernels.attention() if fits and attention_kernel != "torch" and not compile else None
-        if attention_kernel == "ours" and module is None:
+        if attention_kernel == "ours" and module is None and not float32_ours:
             raise RedrafterError("our attention kernel cannot run here: "
                                  f"{kernels.attention_unavailable_reason() or 'its build failed (see the log)'}")
         # With it, each layer's rotary embedding and cache write are one call (csrc/layer_ops.cpp, bit-identical
@@ -328,7 +334,13 @@ class NativeTarget:
         # RMSNorm of bf16 rows in one call (kernels: bit-identical to ``rms_norm``, tests/test_cpu_kernels.py).
         fused = kernels.load() if self.device.type == "cpu" and self.dtype == torch.bfloat16 and not compile else None
         self._norm = fused.rms_norm_bf16 if fused is not None else rms_norm
-        self.attention_kernel = "ours" if module is not None else "torch"  # what runs
+        # float32 on CPU with AVX2: our RMSNorm (one call instead of about ten operations), SiLU x up, and for
+        # steps of up to ATTENTION_KERNEL_MAX_TOKENS tokens the rotary embedding with the cache write and
+        # attention (csrc/avx2/layer_f32.cpp).
+        self._avx2 = kernels.avx2() if float32_ours and attention_kernel != "torch" else None
+        if self._avx2 is not None:
+            self._norm = self._avx2.rms_norm_f32
+        self.attention_kernel = "ours" if module is not None or self._avx2 is not None else "torch"  # what runs
         # Every decoder layer in one call (csrc/decoder.cpp: the same kernel calls in the same order, so
         # the same values, without ten Python-level calls per layer) where all of them run our kernels:
         # our attention and RMSNorm, and our 4- or 8-bit products for every linear weight.
@@ -351,7 +363,7 @@ class NativeTarget:
         # The same for a float32 model whose linear weights all run our AVX2 kernel (csrc/avx2/gemm_f32.cpp:
         # the torch path's tensor operations, from C++).
         self._decoder_f32 = None
-        if (self._decoder is None and module is None and self.dtype == torch.float32 and not compile
+        if (self._decoder is None and self._avx2 is not None
                 and all(linear.int4 is not None and linear.int4.kernel == "avx2" for linear in linears)):
             no_bias = torch.empty(0, dtype=self.dtype, device=self.device)
             self._decoder_weights = [
@@ -361,7 +373,7 @@ class NativeTarget:
                     *_int4_operands(layer.down, no_bias))]
             self._decoder_eps = [float(layer.eps) for layer in self.layers]
             self._decoder_rows = min(linear.int4_max_rows for linear in linears)
-            self._decoder_f32 = kernels.avx2().decoder_layers_f32
+            self._decoder_f32 = self._avx2.decoder_layers_f32
         if compile:  # dynamic shapes: the context and the tree size change every step
             self.forward = torch.compile(self.forward, dynamic=True)
 
@@ -466,16 +478,23 @@ class NativeTarget:
         if one_call:  # every layer in one call: the loop below, in C++
             x = self._decoder(x, self._decoder_weights, self._decoder_eps, rope_cos, rope_sin, cache.kv, slots,
                               self.heads, self.kv_heads, span, allowed_rows, scale)
-        elif (self._decoder_f32 is not None and fused is None and not wide and not grouped
-              and batch * n <= self._decoder_rows):  # float32, our AVX2 products: the loop's torch path in C++
+        # float32 with our AVX2 kernels: the rotary embedding, cache write and attention of steps of a few tokens
+        avx2_attention = self._avx2 is not None and not wide and n <= ATTENTION_KERNEL_MAX_TOKENS
+        if avx2_attention:
+            starts = start.tolist()
+            allowed_or_all = torch.empty(0, dtype=torch.bool) if allowed is None else allowed
+        if (not one_call and avx2_attention and self._decoder_f32 is not None
+                and batch * n <= self._decoder_rows):  # and all our products: the loop below, in C++
             one_call = True
-            x = self._decoder_f32(x, self._decoder_weights, self._decoder_eps, cos, signed_sin, cache.kv,
-                                  start.tolist(), self.heads, self.kv_heads, span,
-                                  allowed if allowed is not None else torch.empty(0, dtype=torch.bool))
+            x = self._decoder_f32(x, self._decoder_weights, self._decoder_eps, rope_cos, rope_sin, cache.kv, starts,
+                                  self.heads, self.kv_heads, span, allowed_or_all, scale)
         for i, layer in enumerate(() if one_call else self.layers):
             h = self._norm(x, layer.input_norm, layer.eps)
             qkv = layer.qkv(h)
-            if fused is not None:  # rotary and cache write in one call; q is (batch, n, heads, head_dim)
+            if avx2_attention:  # q (batch, n, heads, head_dim) -> attn (batch, n, heads * head_dim)
+                q = self._avx2.rope_store_f32(qkv, rope_cos, rope_sin, cache.kv, i, starts, self.heads, self.kv_heads)
+                attn = self._avx2.attention_f32(q, cache.kv, i, span, allowed_or_all, scale)
+            elif fused is not None:  # rotary and cache write in one call; q is (batch, n, heads, head_dim)
                 q = fused.rope_store(qkv, rope_cos, rope_sin, cache.kv, i, slots, self.heads, self.kv_heads)
                 if ours:
                     attn = fused.cache_attention(q, cache.kv, i, span, allowed_rows, scale).view(batch, n, q_size)
@@ -497,7 +516,7 @@ class NativeTarget:
                 else:
                     keys[rows, :, slots] = k.transpose(1, 2)
                     values[rows, :, slots] = v.transpose(1, 2)
-            if not ours:  # q (batch, heads, n, head_dim)
+            if not ours and not avx2_attention:  # q (batch, heads, n, head_dim)
                 keys, values = cache.kv[i, 0, :, :, :span], cache.kv[i, 1, :, :, :span]
                 if grouped:
                     attn = grouped_attention(q, keys, values, allowed)
@@ -509,6 +528,10 @@ class NativeTarget:
             h = self._norm(x, layer.post_norm, layer.eps)
             if fused is not None:
                 x = layer.down(fused.silu_mul(layer.gate_up(h)), residual=x)
+            elif self._avx2 is not None:
+                gate_up = layer.gate_up(h)
+                x = layer.down(self._avx2.silu_mul_f32(gate_up.view(-1, gate_up.shape[-1])).view(batch, n, -1),
+                               residual=x)
             else:
                 gate, up = layer.gate_up(h).chunk(2, dim=-1)
                 x = layer.down(F.silu(gate) * up, residual=x)

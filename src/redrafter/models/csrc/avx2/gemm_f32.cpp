@@ -271,6 +271,14 @@ std::vector<torch::Tensor> pack_weight8_f32(const torch::Tensor& q, const torch:
   return {wq, tile_scales(d, tiles).contiguous()};
 }
 
+torch::Tensor rms_norm_f32(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+torch::Tensor attention_f32(const torch::Tensor& q, const torch::Tensor& kv, int64_t layer, int64_t span,
+                            const torch::Tensor& allowed, double scale);
+torch::Tensor rope_store_f32(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& signed_sin,
+                             torch::Tensor kv, int64_t layer, const std::vector<int64_t>& starts, int64_t heads,
+                             int64_t kv_heads);
+torch::Tensor silu_mul_f32(const torch::Tensor& gate_up);
+
 namespace {
 
 constexpr int kParts = 3;                   // packed parts of a linear weight, at most (mixed_mm_f32)
@@ -297,17 +305,18 @@ torch::Tensor linear_f32(const torch::Tensor& x, const torch::Tensor* w) {
 }  // namespace
 
 // A float32 native forward's decoder layers in one call, for a model whose linear weights all run mm_f32
-// (NativeTarget.forward's torch path: no wide cache, scaled_dot_product_attention). Each layer makes the
-// tensor operations the Python loop makes, in the same order, so the result is the same bit for bit,
-// without about twenty Python-level calls per layer.
-// x (B, n, H) float32; weights, eps: as decoder_layers (decoder.cpp); cos, signed_sin (B, n, 1, head_dim);
+// (NativeTarget.forward's loop with our float32 RMSNorm and attention). Each layer makes the calls the
+// Python loop makes, in the same order, so the result is the same bit for bit, without about twenty
+// Python-level calls per layer.
+// x (B, n, H) float32; weights, eps: as decoder_layers (decoder.cpp); cos, signed_sin (B, n, head_dim);
 // kv (layers, 2, B, kv_heads, capacity, head_dim); starts (B,) long: each row's first new slot;
-// allowed: (B, 1, n, span) bool, or an empty tensor for every slot. Returns x after the last layer.
+// allowed: (B, 1, n, span) bool, or an empty tensor for every slot; scale: the attention's. Returns x
+// after the last layer.
 torch::Tensor decoder_layers_f32(torch::Tensor x, const std::vector<torch::Tensor>& weights,
                                  const std::vector<double>& eps, const torch::Tensor& cos,
                                  const torch::Tensor& signed_sin, torch::Tensor kv, const std::vector<int64_t>& starts,
-                                 int64_t heads, int64_t kv_heads, int64_t span, const torch::Tensor& allowed) {
-  using torch::indexing::Slice;
+                                 int64_t heads, int64_t kv_heads, int64_t span, const torch::Tensor& allowed,
+                                 double scale) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == torch::kFloat32, "decoder_layers_f32: x must be (B, n, H) float32");
   const int64_t layers = (int64_t)eps.size();
   TORCH_CHECK((int64_t)weights.size() == kPerLayer * layers, "decoder_layers_f32: ", kPerLayer,
@@ -316,32 +325,18 @@ torch::Tensor decoder_layers_f32(torch::Tensor x, const std::vector<torch::Tenso
               "decoder_layers_f32: a float32 cache of ", layers, " layers");
   const int64_t batch = x.size(0), n = x.size(1), hidden = x.size(2), rows = batch * n;
   TORCH_CHECK((int64_t)starts.size() == batch, "decoder_layers_f32: one start per row");
-  const int64_t head_dim = kv.size(5), q_size = heads * head_dim, kv_size = kv_heads * head_dim;
-  const std::optional<torch::Tensor> mask = allowed.numel() ? std::optional<torch::Tensor>(allowed) : std::nullopt;
+  const int64_t q_size = heads * kv.size(5);
   for (int64_t i = 0; i < layers; ++i) {
     const torch::Tensor* w = weights.data() + kPerLayer * i;
     const torch::Tensor *qkv_w = w + 2, *o_w = qkv_w + kPerLinear, *gate_up_w = o_w + kPerLinear,
                         *down_w = gate_up_w + kPerLinear;
-    torch::Tensor h = at::rms_norm(x, {hidden}, w[0], eps[i]);
+    torch::Tensor h = rms_norm_f32(x, w[0], eps[i]);
     torch::Tensor qkv = linear_f32(h.reshape({rows, hidden}), qkv_w).view({batch, n, -1});
-    torch::Tensor qk = qkv.index({"...", Slice(0, q_size + kv_size)}).view({batch, n, heads + kv_heads, head_dim});
-    qk = at::addcmul(qk * cos, qk.roll({head_dim / 2}, {-1}), signed_sin).transpose(1, 2);
-    torch::Tensor v = qkv.index({"...", Slice(q_size + kv_size, torch::indexing::None)})
-                          .view({batch, n, kv_heads, head_dim}).transpose(1, 2);
-    torch::Tensor q = qk.index({Slice(), Slice(0, heads)}), k = qk.index({Slice(), Slice(heads, torch::indexing::None)});
-    torch::Tensor keys = kv[i][0], values = kv[i][1];  // (B, kv_heads, capacity, head_dim)
-    for (int64_t b = 0; b < batch; ++b) {
-      keys[b].index({Slice(), Slice(starts[b], starts[b] + n)}).copy_(k[b]);
-      values[b].index({Slice(), Slice(starts[b], starts[b] + n)}).copy_(v[b]);
-    }
-    torch::Tensor attn = at::scaled_dot_product_attention(
-        q, keys.index({Slice(), Slice(), Slice(0, span)}), values.index({Slice(), Slice(), Slice(0, span)}), mask, 0.0,
-        false, std::nullopt, kv_heads != heads);
-    attn = attn.transpose(1, 2).reshape({batch, n, q_size});
+    torch::Tensor q = rope_store_f32(qkv, cos, signed_sin, kv, i, starts, heads, kv_heads);
+    torch::Tensor attn = attention_f32(q, kv, i, span, allowed, scale);  // (B, n, heads * head_dim)
     x = x + linear_f32(attn.reshape({rows, q_size}), o_w).view({batch, n, hidden});
-    h = at::rms_norm(x, {hidden}, w[1], eps[i]);
-    auto gate_up = linear_f32(h.reshape({rows, hidden}), gate_up_w).view({batch, n, -1}).chunk(2, -1);
-    x = x + linear_f32((at::silu(gate_up[0]) * gate_up[1]).reshape({rows, -1}), down_w).view({batch, n, hidden});
+    h = rms_norm_f32(x, w[1], eps[i]);
+    x = x + linear_f32(silu_mul_f32(linear_f32(h.reshape({rows, hidden}), gate_up_w)), down_w).view({batch, n, hidden});
   }
   return x;
 }
@@ -352,4 +347,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_weight_f32", &pack_weight_f32, "a 4-bit weight in mm_f32's layout");
   m.def("pack_weight8_f32", &pack_weight8_f32, "an 8-bit weight in mm_f32's layout");
   m.def("decoder_layers_f32", &decoder_layers_f32, "a float32 forward's decoder layers in one call");
+  m.def("rms_norm_f32", &rms_norm_f32, "transformers' RMSNorm of float32 rows in one call (AVX2)");
+  m.def("attention_f32", &attention_f32, "attention of a few float32 tokens per row over a cache layer (AVX2)");
+  m.def("rope_store_f32", &rope_store_f32, "a float32 layer's rotary embedding and cache write (AVX2)");
+  m.def("silu_mul_f32", &silu_mul_f32, "silu(gate) * up of float32 rows (AVX2)");
 }

@@ -1,0 +1,238 @@
+// A float32 decoder layer's RMSNorm and attention for CPUs with AVX2 and FMA (the float32 counterparts of
+// rms_norm.cpp and tree_attention.cpp): each one call where torch makes about ten operations (RMSNorm)
+// or a flash-attention pass tuned for long sequences (attention of a few new tokens).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+#include <cstring>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+// The 8 lanes' sum, in a fixed order: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).
+inline float hsum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// exp(x) for 8 lanes: 2^t, t = x log2(e) = n + f with f in [-1/2, 1/2]; 2^f by its Taylor series to
+// degree 7 (below 1e-8 relative), 2^n through the exponent bits. t is clamped to [-126, 126]: below,
+// the result is 0 (exp of a score far under the maximum), so -inf gives 0.
+inline __m256 exp8(__m256 x) {
+  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+  const __m256 under = _mm256_cmp_ps(t, _mm256_set1_ps(-126.f), _CMP_LT_OQ);
+  const __m256 tc = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-126.f)), _mm256_set1_ps(126.f));
+  const __m256 n = _mm256_round_ps(tc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 y = _mm256_mul_ps(_mm256_sub_ps(tc, n), _mm256_set1_ps(0.693147180559945309f));
+  __m256 p = _mm256_set1_ps(1.f / 5040.f);
+  p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.f / 720.f));
+  p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.f / 120.f));
+  p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.f / 24.f));
+  p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.f / 6.f));
+  p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+}
+
+}  // namespace
+
+// x (..., H) float32 contiguous, weight (H,) float32 -> weight * (x * rsqrt(mean(x^2) + eps)), the two
+// products rounded in that order as transformers' Llama/Qwen2 RMSNorm rounds them in float32; the mean
+// is summed in 8 lanes and then hsum8's order. H a multiple of 8.
+torch::Tensor rms_norm_f32(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kFloat32, "rms_norm_f32: float32");
+  const int64_t H = x.size(-1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == H && H % 8 == 0, "rms_norm_f32: weight (H,), H a multiple of 8");
+  auto xc = x.contiguous();
+  auto out = torch::empty_like(xc);
+  const int64_t rows = xc.numel() / H;
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = weight.contiguous().data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* a = xp + r * H;
+    __m256 s = _mm256_setzero_ps();
+    for (int64_t k = 0; k < H; k += 8) {
+      const __m256 v = _mm256_loadu_ps(a + k);
+      s = _mm256_fmadd_ps(v, v, s);
+    }
+    const float inv = 1.f / std::sqrt(hsum8(s) / (float)H + (float)eps);
+    const __m256 scale = _mm256_set1_ps(inv);
+    for (int64_t k = 0; k < H; k += 8)
+      _mm256_storeu_ps(op + r * H + k,
+                       _mm256_mul_ps(_mm256_loadu_ps(wp + k), _mm256_mul_ps(_mm256_loadu_ps(a + k), scale)));
+  }
+  return out;
+}
+
+namespace {
+
+// One query's attention over its visible slots (see attention_f32). DV: D / 8 known at compile time
+// (the accumulators stay in registers), or 0 for any D.
+template <int DV>
+void attend(const float* qv, const float* keys, const float* values, const std::vector<int32_t>& list, float scale,
+            int64_t D, std::vector<float>& scores, float* o) {
+  const int64_t dv = DV ? DV : D / 8;
+  const int64_t m = (int64_t)list.size();
+  if (m == 0) {  // no visible slot (a fully masked softmax): NaN, as torch gives
+    for (int64_t d = 0; d < D; ++d) o[d] = std::nanf("");
+    return;
+  }
+  scores.resize((m + 7) / 8 * 8);
+  float peak = -INFINITY;
+  for (int64_t j = 0; j < m; ++j) {
+    const float* k = keys + (int64_t)list[j] * D;
+    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qv), _mm256_loadu_ps(k));
+    for (int64_t d = 1; d < dv; ++d) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qv + 8 * d), _mm256_loadu_ps(k + 8 * d), acc);
+    scores[j] = hsum8(acc) * scale;
+    peak = std::max(peak, scores[j]);
+  }
+  for (int64_t j = m; j < (int64_t)scores.size(); ++j) scores[j] = -INFINITY;
+  const __m256 top = _mm256_set1_ps(peak);
+  for (int64_t j = 0; j < m; j += 8)
+    _mm256_storeu_ps(scores.data() + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(scores.data() + j), top)));
+  float total = 0.f;
+  for (int64_t j = 0; j < m; ++j) total += scores[j];
+  __m256 acc[DV ? DV : 32];
+  for (int64_t d = 0; d < dv; ++d) acc[d] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < m; ++j) {
+    const float* v = values + (int64_t)list[j] * D;
+    const __m256 p = _mm256_set1_ps(scores[j]);
+    for (int64_t d = 0; d < dv; ++d) acc[d] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * d), acc[d]);
+  }
+  const __m256 inv = _mm256_set1_ps(1.f / total);
+  for (int64_t d = 0; d < dv; ++d) _mm256_storeu_ps(o + 8 * d, _mm256_mul_ps(acc[d], inv));
+}
+
+}  // namespace
+
+// Attention of n new tokens per row over one layer of the cache, float32.
+// q (B, n, heads, D) (rope_store_f32's); kv (layers, 2, B, kv_heads, capacity, D) contiguous; layer; span: the
+// slots read; allowed (B, 1, n, span) bool, or an empty tensor when every slot below span is visible to
+// every query. Returns (B, n, heads * D).
+//
+// Each query attends to the list of its visible slots in slot order (the committed ones, then its tree
+// ancestors and itself) with one fixed order of operations over that list: scores, their maximum,
+// exp(score - max) and its sum, and the weighted values, each slot after the one before. So a tree token
+// computes exactly what the same token computes after a commit, when its ancestors sit in consecutive
+// slots, and speculative decoding stays token-identical to plain decoding.
+torch::Tensor attention_f32(const torch::Tensor& q, const torch::Tensor& kv, int64_t layer, int64_t span,
+                            const torch::Tensor& allowed, double scale) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && kv.scalar_type() == torch::kFloat32, "attention_f32: float32");
+  TORCH_CHECK(q.dim() == 4 && kv.dim() == 6 && kv.is_contiguous(), "attention_f32: q (B, n, heads, D), kv 6-D contiguous");
+  const int64_t B = q.size(0), n = q.size(1), heads = q.size(2), D = q.size(3);
+  const int64_t kv_heads = kv.size(3), capacity = kv.size(4);
+  TORCH_CHECK(kv.size(2) == B && kv.size(5) == D && D % 8 == 0 && heads % kv_heads == 0 && span <= capacity &&
+                  layer >= 0 && layer < kv.size(0),
+              "attention_f32: shapes of q and kv disagree");
+  const bool all = allowed.numel() == 0;
+  TORCH_CHECK(all || (allowed.scalar_type() == torch::kBool && allowed.dim() == 4 && allowed.size(0) == B &&
+                      allowed.size(2) == n && allowed.size(3) == span),
+              "attention_f32: allowed (B, 1, n, span) bool");
+  auto qc = q.contiguous();
+  auto out = torch::empty({B, n, heads * D}, q.options());
+  // Per row and query, its visible slots in order.
+  std::vector<std::vector<int32_t>> visible(B * n);
+  auto mask = all ? torch::Tensor() : allowed.contiguous();
+  const bool* mp = all ? nullptr : mask.data_ptr<bool>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < n; ++i) {
+      auto& list = visible[b * n + i];
+      list.reserve(span);
+      for (int64_t s = 0; s < span; ++s)
+        if (all || mp[(b * n + i) * span + s]) list.push_back((int32_t)s);
+    }
+  TORCH_CHECK(D <= 256, "attention_f32: head size above 256");
+  const float* qp = qc.data_ptr<float>();
+  const float* kvp = kv.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t group = heads / kv_heads;
+  at::parallel_for(0, B * heads * n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (heads * n), h = task / n % heads, i = task % n;
+      const float* keys = kvp + (((layer * 2 + 0) * B + b) * kv_heads + h / group) * capacity * D;
+      const float* values = kvp + (((layer * 2 + 1) * B + b) * kv_heads + h / group) * capacity * D;
+      const float* qv = qp + ((b * n + i) * heads + h) * D;
+      float* o = op + (b * n + i) * heads * D + h * D;
+      const auto& list = visible[b * n + i];
+      switch (D) {
+        case 64: attend<8>(qv, keys, values, list, (float)scale, D, scores, o); break;
+        case 128: attend<16>(qv, keys, values, list, (float)scale, D, scores, o); break;
+        default: attend<0>(qv, keys, values, list, (float)scale, D, scores, o);
+      }
+    }
+  });
+  return out;
+}
+
+// A layer's rotary embedding and cache write, float32: qkv (B, n, (heads + 2 kv_heads) D) contiguous;
+// cos, signed_sin (B, n, D) (signed_rotary's: the rotate-half sign folded into sin); kv (layers, 2, B,
+// kv_heads, capacity, D) contiguous; starts: each row's first new slot. Per head vector x of q and k,
+// x * cos + roll(x, D / 2) * signed_sin (one fused multiply-add after the product x * cos); k and v go
+// to slots starts[b] .. starts[b] + n of the layer. Returns q (B, n, heads, D).
+torch::Tensor rope_store_f32(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& signed_sin,
+                             torch::Tensor kv, int64_t layer, const std::vector<int64_t>& starts, int64_t heads,
+                             int64_t kv_heads) {
+  TORCH_CHECK(qkv.scalar_type() == torch::kFloat32 && kv.scalar_type() == torch::kFloat32 && kv.is_contiguous() &&
+                  kv.dim() == 6 && qkv.dim() == 3,
+              "rope_store_f32: float32 qkv (B, n, width) and a contiguous 6-D cache");
+  const int64_t B = qkv.size(0), n = qkv.size(1), D = kv.size(5), capacity = kv.size(4), half = D / 2;
+  TORCH_CHECK(qkv.size(2) == (heads + 2 * kv_heads) * D && kv.size(2) == B && kv.size(3) == kv_heads && D % 16 == 0 &&
+                  (int64_t)starts.size() == B,
+              "rope_store_f32: shapes disagree");
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(starts[b] >= 0 && starts[b] + n <= capacity, "rope_store_f32: slots beyond the cache");
+  auto x = qkv.contiguous();
+  auto c = cos.to(torch::kFloat32).contiguous(), s = signed_sin.to(torch::kFloat32).contiguous();
+  TORCH_CHECK(c.numel() == B * n * D && s.numel() == B * n * D, "rope_store_f32: cos, signed_sin (B, n, D)");
+  auto q = torch::empty({B, n, heads, D}, qkv.options());
+  const float *xp = x.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
+  float *qp = q.data_ptr<float>(), *kvp = kv.data_ptr<float>();
+  const int64_t width = x.size(2);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < n; ++i) {
+      const float* row = xp + (b * n + i) * width;
+      const float *cr = cp + (b * n + i) * D, *sr = sp + (b * n + i) * D;
+      auto rotate = [&](const float* v, float* out) {
+        for (int64_t d = 0; d < D; d += 8) {
+          const int64_t from = d < half ? d + half : d - half;  // roll(v, half)[d] = v[d - half mod D]
+          const __m256 r = _mm256_mul_ps(_mm256_loadu_ps(v + d), _mm256_loadu_ps(cr + d));
+          _mm256_storeu_ps(out + d, _mm256_fmadd_ps(_mm256_loadu_ps(v + from), _mm256_loadu_ps(sr + d), r));
+        }
+      };
+      for (int64_t h = 0; h < heads; ++h) rotate(row + h * D, qp + ((b * n + i) * heads + h) * D);
+      const int64_t slot = starts[b] + i;
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        float* key = kvp + (((layer * 2 + 0) * B + b) * kv_heads + h) * capacity * D + slot * D;
+        float* value = kvp + (((layer * 2 + 1) * B + b) * kv_heads + h) * capacity * D + slot * D;
+        rotate(row + (heads + h) * D, key);
+        std::memcpy(value, row + (heads + kv_heads + h) * D, D * sizeof(float));
+      }
+    }
+  return q;
+}
+
+// gate|up (R, 2I) float32 -> silu(gate) * up (R, I), silu(g) = g / (1 + exp(-g)) with exp8.
+torch::Tensor silu_mul_f32(const torch::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.scalar_type() == torch::kFloat32 && gate_up.dim() == 2 && gate_up.size(1) % 16 == 0,
+              "silu_mul_f32: float32 (R, 2I), I a multiple of 8");
+  auto x = gate_up.contiguous();
+  const int64_t R = x.size(0), I = x.size(1) / 2;
+  auto out = torch::empty({R, I}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const __m256 one = _mm256_set1_ps(1.f);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t k = 0; k < I; k += 8) {
+      const __m256 g = _mm256_loadu_ps(xp + r * 2 * I + k), u = _mm256_loadu_ps(xp + r * 2 * I + I + k);
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+      _mm256_storeu_ps(op + r * I + k, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), u));
+    }
+  return out;
+}
