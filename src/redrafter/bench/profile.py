@@ -79,7 +79,8 @@ def forward_parts(target, context: int, sizes: list[int], repeats: int) -> dict[
     products, attention, RMSNorm, the LM head, and everything else, each part timed by a wrapper
     around its call (the mean of ``repeats`` forwards; K = 1 on the plain-decoding cache). The
     wrappers' own few microseconds per call land in "other". The layers run as the Python loop, whose
-    calls can be timed, also where the backend runs them in one call (``decoder_layers``): "other"
+    calls can be timed, also where the backend runs them in one call (``decoder_layers``,
+    ``decoder_layers_f32``): "other"
     then holds the loop's own cost, which that call saves."""
     seconds: dict[str, float] = {}
     originals = []
@@ -99,9 +100,10 @@ def forward_parts(target, context: int, sizes: list[int], repeats: int) -> dict[
 
     result = {}
     try:
-        if getattr(target, "_decoder", None) is not None:
-            originals.append((target, "_decoder", target._decoder))
-            target._decoder = None
+        for attribute in ("_decoder", "_decoder_f32"):
+            if getattr(target, attribute, None) is not None:
+                originals.append((target, attribute, getattr(target, attribute)))
+                setattr(target, attribute, None)
         for layer in target.layers:
             for attribute in ("qkv", "o", "gate_up", "down"):
                 timed(layer, attribute, "products")
