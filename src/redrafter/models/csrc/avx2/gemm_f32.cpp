@@ -26,13 +26,15 @@
 namespace {
 
 constexpr int kTile = 8;            // output features per tile (one ymm of float32)
-constexpr int kPrefetchBytes = 2048;
+constexpr int kPrefetchBytes = 8192;
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
-// 4-bit weights: one octet of inputs per 32 bytes; word() holds it, next(i) gives input i's q of the
-// 8 features (i = 0..7 in turn).
+// 4-bit weights: one octet of inputs per 32 bytes. next(i) gives input i's q of the 8 features times
+// 16^i for i < 7 (the nibble masked in place), whose activation was multiplied by 16^-i beforehand, and
+// q itself for i = 7 (the top nibble shifted down): the same products exactly, one operation fewer per
+// input than masking and shifting each nibble.
 struct Four {
   static constexpr int kOctetBytes = 32;  // per tile
   static constexpr bool kLow = true;
@@ -40,10 +42,9 @@ struct Four {
     __m256i w;
     Octet() = default;
     explicit Octet(const uint8_t* p) : w(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))) {}
-    inline __m256 next(int) {
-      const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(w, _mm256_set1_epi32(15)));
-      w = _mm256_srli_epi32(w, 4);
-      return q;
+    inline __m256 next(int i) {
+      if (i == 7) return _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 28));
+      return _mm256_cvtepi32_ps(_mm256_and_si256(w, _mm256_set1_epi32(15 << (4 * i))));
     }
   };
 };
@@ -115,7 +116,7 @@ template <typename F, int G, typename S, int R>
 void rows_over_tiles(int64_t begin, int64_t end, const uint8_t* w, int64_t tile_bytes, const S* sm,
                      int64_t tile_scales, const float* a, int64_t K, const float* asum, int64_t groups, float* out,
                      int64_t N) {
-  constexpr int T = 8 / R > 4 ? 4 : 8 / R;  // one row: 4 tiles (its dequantizing, not its FMAs, bounds it)
+  constexpr int T = R >= 6 ? 1 : R >= 3 ? 2 : 4;  // R * T <= 10 accumulators (more spill); one row: 4 tiles
   int64_t t = begin;
   for (; t + T <= end; t += T)
     tile_rows<F, G, S, R, T>(w + t * tile_bytes, tile_bytes, sm + t * tile_scales, tile_scales, a, K, asum, groups,
@@ -125,8 +126,24 @@ void rows_over_tiles(int64_t begin, int64_t end, const uint8_t* w, int64_t tile_
                              out + t * kTile, N);
 }
 
-// All tiles of one weight, split between the threads; within a thread, blocks of 4 tiles, and within a
-// block the rows in chunks of 8, then 4, 2, 1 (a row computes the same whatever its chunk).
+using RowsFn = void (*)(int64_t, int64_t, const uint8_t*, int64_t, const void*, int64_t, const float*, int64_t,
+                        const float*, int64_t, float*, int64_t);
+template <typename F, int G, typename S, int R>
+void rows_over_tiles_any(int64_t begin, int64_t end, const uint8_t* w, int64_t tile_bytes, const void* sm,
+                         int64_t tile_scales, const float* a, int64_t K, const float* asum, int64_t groups, float* out,
+                         int64_t N) {
+  rows_over_tiles<F, G, S, R>(begin, end, w, tile_bytes, static_cast<const S*>(sm), tile_scales, a, K, asum, groups,
+                              out, N);
+}
+template <typename F, int G, typename S>
+constexpr RowsFn kRowsFns[9] = {nullptr,
+                                rows_over_tiles_any<F, G, S, 1>, rows_over_tiles_any<F, G, S, 2>,
+                                rows_over_tiles_any<F, G, S, 3>, rows_over_tiles_any<F, G, S, 4>,
+                                rows_over_tiles_any<F, G, S, 5>, rows_over_tiles_any<F, G, S, 6>,
+                                rows_over_tiles_any<F, G, S, 7>, rows_over_tiles_any<F, G, S, 8>};
+
+// All tiles of one weight, split between the threads; within a thread, blocks of 8 tiles, and within a
+// block the rows in even chunks of at most 8 (12 rows: 6 + 6; a row computes the same whatever its chunk).
 template <typename F, int G, typename S>
 void run_tiles(const float* a, const float* asum, const uint8_t* w, const S* sm, float* out, int64_t M, int64_t K,
                int64_t tiles, int64_t N) {
@@ -137,23 +154,12 @@ void run_tiles(const float* a, const float* asum, const uint8_t* w, const S* sm,
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; b += kBlock) {
       const int64_t e = std::min(end, b + kBlock);
-      int64_t r = 0;
-      for (; r + 8 <= M; r += 8)
-        rows_over_tiles<F, G, S, 8>(b, e, w, tile_bytes, sm, tile_scales, a + r * K, K, asum + r * groups, groups,
-                                    out + r * N, N);
-      if (r + 4 <= M) {
-        rows_over_tiles<F, G, S, 4>(b, e, w, tile_bytes, sm, tile_scales, a + r * K, K, asum + r * groups, groups,
-                                    out + r * N, N);
-        r += 4;
+      const int64_t chunks = (M + 7) / 8, chunk = (M + chunks - 1) / chunks;
+      for (int64_t r = 0; r < M; r += chunk) {
+        const int rows = (int)std::min<int64_t>(chunk, M - r);
+        kRowsFns<F, G, S>[rows](b, e, w, tile_bytes, sm, tile_scales, a + r * K, K, asum + r * groups, groups,
+                                out + r * N, N);
       }
-      if (r + 2 <= M) {
-        rows_over_tiles<F, G, S, 2>(b, e, w, tile_bytes, sm, tile_scales, a + r * K, K, asum + r * groups, groups,
-                                    out + r * N, N);
-        r += 2;
-      }
-      if (r < M)
-        rows_over_tiles<F, G, S, 1>(b, e, w, tile_bytes, sm, tile_scales, a + r * K, K, asum + r * groups, groups,
-                                    out + r * N, N);
     }
   });
 }
@@ -191,6 +197,14 @@ void product(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tenso
       _mm256_store_ps(lanes, s);
       asum[i] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
     }
+  }
+  // The 4-bit products read each input's activation times 16^-(k % 8), and 1 for k % 8 = 7 (Four::next):
+  // exact, a power of two (short of activations below 2^-100, which would turn subnormal).
+  std::vector<float> scaled(four ? M * K : 0);
+  if (four) {
+    const __m256 factors = _mm256_setr_ps(1.f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-20f, 0x1p-24f, 1.f);
+    for (int64_t i = 0; i < M * K; i += 8) _mm256_storeu_ps(scaled.data() + i, _mm256_mul_ps(_mm256_loadu_ps(a + i), factors));
+    a = scaled.data();
   }
   const uint8_t* w = wq.data_ptr<uint8_t>();
   float* o = out.data_ptr<float>() + col0;
