@@ -423,10 +423,17 @@ def test_int4_kernel_choice_on_the_command_line(monkeypatch):
     assert beam_format(target) == "int4:torch"  # the drafter's setting measured for torch's kernel
     with pytest.raises(RedrafterError, match="runs bfloat16 models only"):
         load_target("smollm2-135m-instruct", dtype="float32", weights="int4", int4_kernel="avx512")
+    with pytest.raises(RedrafterError, match="runs float32 models only"):
+        load_target("smollm2-135m-instruct", dtype="bfloat16", weights="int4", int4_kernel="avx2")
     monkeypatch.setenv("REDRAFTER_INT4_KERNEL", "torch")
     assert kernels.int4_unavailable_reason() == "REDRAFTER_INT4_KERNEL=torch" and kernels.int4() is None
+    assert kernels.avx2_unavailable_reason() == "REDRAFTER_INT4_KERNEL=torch" and kernels.avx2() is None
     with pytest.raises(RedrafterError, match="cannot run here: REDRAFTER_INT4_KERNEL=torch"):
         load_target("smollm2-135m-instruct", dtype="bfloat16", weights="int4", int4_kernel="avx512")
+    with pytest.raises(RedrafterError, match="cannot run here: REDRAFTER_INT4_KERNEL=torch"):
+        load_target("smollm2-135m-instruct", dtype="float32", weights="int4", int4_kernel="avx2")
+    target, _ = load_target("smollm2-135m-instruct", dtype="float32")  # auto: dense without our kernel
+    assert target.weights == "dense"
 
 
 def test_float16_scales_where_they_hold_the_grid_exactly():
