@@ -536,29 +536,36 @@ def q4_k_weight(out_features: int, in_features: int, seed: int = 0) -> torch.Ten
 
 
 @pytest.mark.parametrize("shape", [(32, 512), (160, 1536)])
-def test_q4_k_weights_run_with_byte_scales_and_exactly_their_weights(shape):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_q4_k_weights_run_with_byte_scales_and_exactly_their_weights(shape, dtype):
     """A Q4_K weight's steps and lows are recovered as byte multipliers of per-256 units (K scales,
-    4.75 bits per weight streamed instead of 6): products equal the exact float64 product to bf16
-    rounding for any row count, each row as alone."""
-    avx512_kernel()
+    4.75 bits per weight streamed instead of 6), for our bf16 kernel (tiles of 16) and our float32 one
+    (tiles of 8): products equal the exact float64 product to output rounding (bf16: 2^-8; float32:
+    float32 sums) for any row count, each row as alone."""
+    if dtype == torch.bfloat16:
+        avx512_kernel()
+    else:
+        require_kernels("avx2")
     from redrafter.models.int4 import k_scales
 
+    kernel, tile = ("avx512", 16) if dtype == torch.bfloat16 else ("avx2", 8)
     out_features, in_features = shape
     w = q4_k_weight(out_features, in_features, seed=out_features)
-    packed = pack_int4(w, torch.bfloat16, kernel="avx512")
+    packed = pack_int4(w, dtype, kernel=kernel)
     assert packed.scales.dtype == torch.uint8
-    assert packed.scales.shape == (out_features // 16, in_features // 32 * 32 + in_features // 256 * 128)
+    assert packed.scales.shape == (out_features // tile, in_features // 32 * 2 * tile + in_features // 256 * 8 * tile)
     g = torch.Generator().manual_seed(2)
+    relative = 2.0 ** -8 if dtype == torch.bfloat16 else 1e-6
     for rows in (1, 3, 8, 11):
-        x = torch.randn(rows, in_features, generator=g).bfloat16()
+        x = torch.randn(rows, in_features, generator=g).to(dtype)
         y = packed(x)
         exact = x.double() @ w.double().T
-        bound = 2.0 ** -8 * exact.abs() + 1e-5 * (x.double().abs() @ w.double().abs().T)
+        bound = relative * exact.abs() + 1e-5 * (x.double().abs() @ w.double().abs().T)
         assert bool(((y.double() - exact).abs() <= bound).all()), rows
         assert torch.equal(y, torch.cat([packed(x[i: i + 1]) for i in range(rows)])), rows
     from redrafter.models.int4 import MixedWeight, pack_parts  # a Q4_K q|k beside a Q6_K v, in parts
 
-    mixed = pack_parts(torch.cat([w, q6_k_weight(32, in_features, seed=3)]), [out_features, 32])
+    mixed = pack_parts(torch.cat([w, q6_k_weight(32, in_features, seed=3)]), [out_features, 32], dtype)
     assert isinstance(mixed, MixedWeight) and mixed.parts[0].scales.dtype == torch.uint8
     assert torch.equal(mixed(x), torch.cat([part(x) for part in mixed.parts], -1))
     q, step, low = grid_4bit(w)  # steps and lows that are no Q4_K's keep float32

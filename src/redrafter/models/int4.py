@@ -260,15 +260,16 @@ def _low_multipliers(lows: torch.Tensor, steps: torch.Tensor, room: torch.Tensor
     return m, shift
 
 
-def pack_k_scales(multipliers: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-    """``k_scales``' multipliers (out, groups, 2) and units (out, blocks, 2) in our kernel's K-scale layout
-    (csrc/int4_gemm.cpp): per tile of 16 features, per group 16 step then 16 low multipliers (bytes),
-    then per block 16 step then 16 low units (float32 bytes). Returns (out / 16, bytes per tile) uint8."""
+def pack_k_scales(multipliers: torch.Tensor, units: torch.Tensor, tile: int = 16) -> torch.Tensor:
+    """``k_scales``' multipliers (out, groups, 2) and units (out, blocks, 2) in our kernels' K-scale layout
+    (csrc/int4_gemm.cpp with tiles of 16 features, csrc/avx2/gemm_f32.cpp with tiles of 8): per tile, per
+    group ``tile`` step then ``tile`` low multipliers (bytes), then per block ``tile`` step then ``tile``
+    low units (float32 bytes). Returns (out / tile, bytes per tile) uint8."""
     out_features, groups, _ = multipliers.shape
-    tiles, blocks = out_features // 16, units.shape[1]
-    per_group = multipliers.view(tiles, 16, groups, 2).permute(0, 2, 3, 1).reshape(tiles, groups * 32)
-    per_block = units.float().contiguous().view(tiles, 16, blocks, 2).permute(0, 2, 3, 1).contiguous()
-    return torch.cat([per_group, per_block.view(torch.uint8).reshape(tiles, blocks * 128)], 1).contiguous()
+    tiles, blocks = out_features // tile, units.shape[1]
+    per_group = multipliers.view(tiles, tile, groups, 2).permute(0, 2, 3, 1).reshape(tiles, groups * 2 * tile)
+    per_block = units.float().contiguous().view(tiles, tile, blocks, 2).permute(0, 2, 3, 1).contiguous()
+    return torch.cat([per_group, per_block.view(torch.uint8).reshape(tiles, blocks * 8 * tile)], 1).contiguous()
 
 
 def round_4bit(weight: torch.Tensor, group: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -325,6 +326,13 @@ def pack_int4(weight: torch.Tensor, dtype: torch.dtype, group: int = GROUP_SIZE,
         if module is None:
             raise Int4GridError(f"the AVX2 int4 kernel is not available: {kernels.avx2_unavailable_reason() or 'its build failed'}")
         scales16 = (step16, low16) if rounding else float16_scales(weight, q, step, low)
+        k_form = None if scales16 is not None else k_scales(weight, q, step, low)
+        if k_form is not None:  # a Q4_K weight: its steps and lows as byte multipliers of float32 units
+            q, multipliers, units = k_form
+            packed, _ = module.pack_weight_f32(q, step, low)
+            return Int4Weight(packed=packed, scales=pack_k_scales(multipliers, units, tile=8), group=group,
+                              out_features=out_features, in_features=in_features, kernel="avx2",
+                              matmul=module.mm_f32)
         packed, scales = module.pack_weight_f32(q, *(scales16 or (step, low)))
         return Int4Weight(packed=packed, scales=scales, group=group, out_features=out_features,
                           in_features=in_features, kernel="avx2", matmul=module.mm_f32)

@@ -30,6 +30,23 @@ constexpr int kPrefetchBytes = 8192;
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+// 8 bytes as float32 (exactly).
+inline __m256 load8(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Scales of type uint8_t are "K scales", a Q4_K weight's own form (int4.pack_k_scales with tiles of 8):
+// per tile, per group of 32 inputs, 8 step multipliers then 8 low multipliers (bytes); after all groups,
+// per block of 8 groups (256 inputs), 8 step units then 8 low units (float32). A group's step is
+// multiplier x unit, exactly its d x sc in float32 (and its low dmin x m): 4.75 bits per weight
+// streamed where float32 steps and lows take 6.
+constexpr int kBlockGroups = 8;
+constexpr int kUnitBytes = 2 * kTile * 4;  // per tile and block of 8 groups
+template <typename S>
+constexpr int64_t tile_scale_count(int64_t groups, int per_group) {
+  if constexpr (std::is_same_v<S, uint8_t>) return groups * per_group + groups / kBlockGroups * kUnitBytes;
+  return groups * per_group;
+}
 
 // 4-bit weights: one octet of inputs per 32 bytes. next(i) gives input i's q of the 8 features times
 // 16^i for i < 7 (the nibble masked in place), whose activation was multiplied by 16^-i beforehand, and
@@ -99,11 +116,17 @@ inline void tile_rows(const uint8_t* w, int64_t tile_bytes, const S* sm, int64_t
     }
     for (int t = 0; t < T; ++t) {
       const S* s = sm + t * tile_scales + g * kScales;
-      const __m256 step = load8(s);
+      __m256 step = load8(s), low = _mm256_setzero_ps();
+      if constexpr (F::kLow) low = load8(s + kTile);
+      if constexpr (std::is_same_v<S, uint8_t>) {  // multipliers times their block's units
+        const float* units =
+            reinterpret_cast<const float*>(sm + t * tile_scales + groups * kScales + g / kBlockGroups * kUnitBytes);
+        step = _mm256_mul_ps(step, _mm256_loadu_ps(units));
+        low = _mm256_mul_ps(low, _mm256_loadu_ps(units + kTile));
+      }
       for (int r = 0; r < R; ++r) {
         total[r][t] = _mm256_fmadd_ps(acc[r][t], step, total[r][t]);
-        if constexpr (F::kLow)
-          total[r][t] = _mm256_fmadd_ps(load8(s + kTile), _mm256_set1_ps(asum[r * groups + g]), total[r][t]);
+        if constexpr (F::kLow) total[r][t] = _mm256_fmadd_ps(low, _mm256_set1_ps(asum[r * groups + g]), total[r][t]);
       }
     }
   }
@@ -149,7 +172,7 @@ void run_tiles(const float* a, const float* asum, const uint8_t* w, const S* sm,
                int64_t tiles, int64_t N) {
   const int64_t groups = K / G;
   const int64_t tile_bytes = K / 8 * F::kOctetBytes;
-  const int64_t tile_scales = groups * (F::kLow ? 2 : 1) * kTile;
+  const int64_t tile_scales = tile_scale_count<S>(groups, (F::kLow ? 2 : 1) * kTile);
   constexpr int64_t kBlock = 8;  // tiles whose weights stay in L1/L2 while every row chunk passes over them
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; b += kBlock) {
@@ -172,19 +195,25 @@ void product(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tenso
   TORCH_CHECK(wq.dtype() == torch::kUInt8 && wq.dim() == 3 && (wq.size(2) == 32 || wq.size(2) == 64) &&
                   wq.is_contiguous(),
               "wq: contiguous (N/8, K/8, 32 or 64) uint8");
-  TORCH_CHECK((sm.dtype() == torch::kFloat32 || sm.dtype() == torch::kFloat16) && sm.dim() == 3 && sm.is_contiguous(),
-              "sm: contiguous 3-D float32 or float16");
   const bool four = wq.size(2) == 32;
   const int64_t M = x.size(0), K = x.size(1), tiles = wq.size(0), N = tiles * kTile;
-  TORCH_CHECK(wq.size(1) * 8 == K && sm.size(0) == tiles, "shapes of x, wq and sm disagree");
+  TORCH_CHECK(wq.size(1) * 8 == K && sm.size(0) == tiles && sm.is_contiguous(), "shapes of x, wq and sm disagree");
   const int64_t per_group = (four ? 2 : 1) * kTile;
-  TORCH_CHECK(sm.size(2) == per_group && (sm.size(1) * 32 == K || (!four && sm.size(1) * 16 == K)),
-              "sm: (N/8, K/32, ", per_group, ")", four ? "" : " or (N/8, K/16, 8)");
+  const bool k_scales = sm.dtype() == torch::kUInt8;
+  if (k_scales) {
+    TORCH_CHECK(four && sm.dim() == 2 && K % 256 == 0 && sm.size(1) == tile_scale_count<uint8_t>(K / 32, per_group),
+                "sm: (N/8, K/32 * 16 + K/256 * 64) uint8 K scales of a 4-bit weight");
+  } else {
+    TORCH_CHECK((sm.dtype() == torch::kFloat32 || sm.dtype() == torch::kFloat16) && sm.dim() == 3,
+                "sm: 3-D float32 or float16, or 2-D uint8 K scales");
+    TORCH_CHECK(sm.size(2) == per_group && (sm.size(1) * 32 == K || (!four && sm.size(1) * 16 == K)),
+                "sm: (N/8, K/32, ", per_group, ")", four ? "" : " or (N/8, K/16, 8)");
+  }
   TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) >= col0 + N && out.is_contiguous() &&
                   out.dtype() == torch::kFloat32,
               "out: contiguous float32 (M, >= ", col0 + N, ")");
   if (M == 0) return;
-  const int G = (int)(K / sm.size(1));
+  const int G = k_scales ? 32 : (int)(K / sm.size(1));
   const int64_t groups = K / G;
   const float* a = x.data_ptr<float>();
   std::vector<float> asum(four ? M * groups : 0);
@@ -212,6 +241,7 @@ void product(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tenso
   const bool half = sm.dtype() == torch::kFloat16;
   if (four) {
     if (half) run_tiles<Four, 32>(a, asum.data(), w, sm.data_ptr<at::Half>(), o, M, K, tiles, stride);
+    else if (k_scales) run_tiles<Four, 32>(a, asum.data(), w, sm.data_ptr<uint8_t>(), o, M, K, tiles, stride);
     else run_tiles<Four, 32>(a, asum.data(), w, sm.data_ptr<float>(), o, M, K, tiles, stride);
   } else if (G == 32) {
     if (half) run_tiles<Eight, 32>(a, asum.data(), w, sm.data_ptr<at::Half>(), o, M, K, tiles, stride);
