@@ -207,3 +207,25 @@ def test_float32_speculative_decoding_equals_plain_decoding_with_our_avx2_kernel
     assert [e.token_ids for e in fast] == [e.token_ids for e in plain]
     assert all(len(e.token_ids) >= 32 for e in plain)
     assert all(e.stats.tokens_per_step > 1.2 for e in fast)
+
+
+def test_avx2_switches_turn_off_what_they_name(monkeypatch):
+    """REDRAFTER_ATTENTION_KERNEL=torch turns off our float32 layer kernels (attention, rotary, RMSNorm,
+    SiLU) but not the 4-bit products; REDRAFTER_INT4_KERNEL=torch the products but not the layer
+    kernels; --int4-kernel torch in float32 keeps --weights auto dense (torch's float32 int4 is slow)."""
+    from redrafter.models import kernels
+    from redrafter.models.loading import auto_weights
+
+    avx2()
+    monkeypatch.setenv("REDRAFTER_ATTENTION_KERNEL", "torch")
+    assert kernels.avx2_layers() is None and kernels.avx2() is not None
+    target = NativeTarget(tiny_model("llama"), name="tiny", pack_weights=False)
+    assert target._avx2 is None and target.attention_kernel == "torch"
+    monkeypatch.setenv("REDRAFTER_ATTENTION_KERNEL", "auto")
+    monkeypatch.setenv("REDRAFTER_INT4_KERNEL", "torch")
+    assert kernels.avx2() is None and kernels.avx2_layers() is not None
+    assert auto_weights("smollm2-135m-instruct", "auto", torch.float32, "cpu") == "dense"
+    monkeypatch.setenv("REDRAFTER_INT4_KERNEL", "auto")
+    assert auto_weights("smollm2-135m-instruct", "auto", torch.float32, "cpu") == "int4"
+    assert auto_weights("smollm2-135m-instruct", "auto", torch.float32, "cpu", "torch") == "dense"
+    assert auto_weights("smollm2-135m-instruct", "hf", torch.float32, "cpu") == "dense"

@@ -116,6 +116,15 @@ def forward_parts(target, context: int, sizes: list[int], repeats: int) -> dict[
             timed(proxy, "cache_attention", "attention")
             timed(proxy, "rope_store", "rotary and cache write")
             timed(proxy, "silu_mul", "silu x up")
+        if getattr(target, "_avx2", None) is not None:  # ours for float32 (csrc/avx2)
+            module = target._avx2
+            proxy = types.SimpleNamespace(**{name: getattr(module, name)
+                                             for name in ("rope_store_f32", "attention_f32", "silu_mul_f32")})
+            originals.append((target, "_avx2", module))
+            target._avx2 = proxy
+            timed(proxy, "attention_f32", "attention")
+            timed(proxy, "rope_store_f32", "rotary and cache write")
+            timed(proxy, "silu_mul_f32", "silu x up")
         timed(target, "_norm", "rmsnorm")
         timed(target, "project", "lm head")
         with torch.inference_mode():

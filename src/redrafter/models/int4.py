@@ -14,20 +14,22 @@ layouts or of the row permutations transformers applies to Llama's q/k weights, 
 itself: a weight that is not on a 4-bit grid is reported by name (``Int4GridError``), never
 re-quantized.
 
-Two kernels (docs/PERFORMANCE.md). Ours (``kernels``, AVX-512 BF16, bf16 activations) walks
+Three kernels (docs/PERFORMANCE.md). Ours for bf16 (``kernels``, AVX-512 BF16, bf16 activations) walks
 the weight once for up to 8 rows (more in chunks of 8, rereading each tile from L1): SmolLM2's 30 layers of products take about 5 ms for one row
 against 15-17 ms dense (the weight stream shrinks 3.5x) and about 9 ms for 8 rows, so ``base.Linear``
-uses it up to ``INT4_MAX_ROWS_AVX512`` rows. torch's kernel (everywhere else, and for float32)
-streams and unpacks the weight once per 4 rows, so 5 rows cost about twice 4; it is used up to
-``INT4_MAX_ROWS`` rows. Beyond, the dense oneDNN weight runs (prefills, batched datagen).
+uses it up to ``INT4_MAX_ROWS_AVX512`` rows. Ours for float32 (``kernels.avx2``, any CPU with AVX2,
+FMA and F16C) does the same with float32 arithmetic, up to ``INT4_MAX_ROWS_AVX2`` rows. torch's kernel
+(everywhere else) streams and unpacks the weight once per 4 rows, so 5 rows cost about twice 4; it is
+used up to ``INT4_MAX_ROWS`` rows. Beyond, the dense oneDNN weight runs (prefills, batched datagen).
 
 Numerics: ours holds each group's step and low in float16 where the rounded values keep every weight
 within the grid tolerance of its dense value (a Q4_0 / Q4_1 file's own d and m are float16 values;
 ``float16_scales``), else in float32; its weights are
 exactly ``q * step + low``; products of bf16 activations accumulate in float32 and round once to bf16.
-torch's kernel holds scale and zero in the activation dtype: in bf16 its weights differ from the
-dense bf16 ones by rounding; in float32 they are exactly the dense ones (tested), but the float32
-kernel is slow, so float32 models keep dense products by default.
+A Q4_K weight's steps and lows are held as its file does (``k_scales``). torch's kernel holds scale
+and zero in the activation dtype: in bf16 its weights differ from the dense bf16 ones by rounding; in
+float32 they are exactly the dense ones (tested), but that kernel is slow, so float32 models keep
+dense products by default where our float32 kernel does not run.
 """
 
 from __future__ import annotations
@@ -304,7 +306,7 @@ def pack_int4(weight: torch.Tensor, dtype: torch.dtype, group: int = GROUP_SIZE,
         raise ValueError(f"unknown int4 kernel {kernel!r}")
     out_features, in_features = weight.shape
     if out_features % 16:
-        raise Int4GridError(f"{out_features} output features are not a multiple of 16 (both int4 kernels' tile)")
+        raise Int4GridError(f"{out_features} output features are not a multiple of 16 (our kernels' tiles are 16 and 8)")
     if kernel == "avx512" and (dtype != torch.bfloat16 or group != 32):
         raise ValueError("the AVX-512 int4 kernel takes bfloat16 activations and groups of 32 inputs")
     if kernel == "avx2" and (dtype != torch.float32 or group != 32):
@@ -439,8 +441,8 @@ class Int8Weight:
     SmolLM2's Q8_0 embedding) or a Q6_K one (groups of 16, float32 d; 10 bits, e.g. Qwen2.5-Coder's LM
     head and half its MLP down weights)."""
 
-    packed: torch.Tensor  # (out / 16, in / 4, 64) uint8, ``pack_weight8``'s layout
-    scales: torch.Tensor  # (out / 16, in / group, 16) float16 or float32 d
+    packed: torch.Tensor  # (out / 16, in / 4, 64) uint8, ``pack_weight8``'s layout (avx2: (out / 8, in / 8, 64))
+    scales: torch.Tensor  # (out / 16, in / group, 16) float16 or float32 d (avx2: (out / 8, in / group, 8))
     out_features: int
     in_features: int
     matmul: object = dataclasses.field(repr=False, compare=False)  # kernels' int8_mm (avx2: mm_f32)

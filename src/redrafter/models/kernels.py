@@ -31,7 +31,10 @@
   one depth of it (next state and logits) for the loop that draws sampled drafts.
 
 They need AVX-512 BW and AVX-512 BF16 (Zen 4, Sapphire Rapids and later), a C++ compiler and ninja;
-elsewhere ``load()`` returns None and the model uses torch's kernels.
+elsewhere ``load()`` returns None and the model uses torch's kernels. A second extension,
+``csrc/avx2`` (``load_avx2``), runs float32 models on any CPU with AVX2, FMA and F16C: 4- and 8-bit
+products, attention, the rotary embedding with its cache write, RMSNorm, SiLU x up and the decoder
+in one call (docs/PERFORMANCE.md, "CPUs without AVX-512").
 
 The build (about 40 s on 2 cores) happens once and is cached under ``REDRAFTER_KERNEL_CACHE``
 (default ``~/.cache/redrafter/kernels``), keyed by the sources and torch's version; ``make install``
@@ -121,29 +124,54 @@ def load():
     if reason is not None:
         log.info("CPU kernels: torch's (%s)", reason)
         return None
-    return _build("redrafter_kernels", SOURCES, COMPILE_FLAGS, cache_dir())
+    try:
+        directory = cache_dir()
+    except OSError as exc:  # a source file missing from the installed package
+        log.warning("CPU kernels: sources missing, using torch's (%s)", exc)
+        return None
+    return _build("redrafter_kernels", SOURCES, COMPILE_FLAGS, directory)
 
 
 @functools.cache
 def load_avx2():
-    """The compiled AVX2 extension for float32 models (csrc/avx2: ``mm_f32``, float32 rows through 4- and
-    8-bit weights; ``rms_norm_f32``; ``attention_f32``; ``decoder_layers_f32``), building it on first
-    use; None where the CPU lacks AVX2/FMA/F16C or the build fails."""
+    """The compiled AVX2 extension for float32 models (csrc/avx2): ``mm_f32`` and ``mixed_mm_f32``
+    (float32 rows through 4- and 8-bit weights, packed by ``pack_weight_f32`` / ``pack_weight8_f32``),
+    ``rms_norm_f32``, ``rope_store_f32``, ``attention_f32``, ``silu_mul_f32`` and
+    ``decoder_layers_f32``; built on first use. None where the CPU lacks AVX2/FMA/F16C or the build fails."""
     reason = unavailable_reason(AVX2_REQUIRED_FLAGS)
     if reason is not None:
-        log.info("float32 int4 kernel: torch's (%s)", reason)
+        log.info("float32 CPU kernels: torch's (%s)", reason)
         return None
-    return _build("redrafter_kernels_avx2", AVX2_SOURCES, AVX2_COMPILE_FLAGS, cache_dir(AVX2_SOURCES, "avx2"))
+    try:
+        directory = cache_dir(AVX2_SOURCES, "avx2")
+    except OSError as exc:  # a source file missing from the installed package
+        log.warning("float32 CPU kernels: sources missing, using torch's (%s)", exc)
+        return None
+    return _build("redrafter_kernels_avx2", AVX2_SOURCES, AVX2_COMPILE_FLAGS, directory)
 
 
 def avx2_unavailable_reason() -> str | None:
-    """Why our float32 4- and 8-bit products cannot run here (None when they can; the build may still fail)."""
+    """Why our float32 4- and 8-bit products cannot run here (None when they can; the build may still
+    fail): ``REDRAFTER_INT4_KERNEL=torch``, or the CPU."""
     return switched_off("REDRAFTER_INT4_KERNEL") or unavailable_reason(AVX2_REQUIRED_FLAGS)
 
 
 def avx2():
-    """The extension for float32 4- and 8-bit products, or None (``avx2_unavailable_reason``, or a failed build)."""
+    """The AVX2 extension for float32 4- and 8-bit products, or None (``avx2_unavailable_reason``, or a
+    failed build)."""
     return None if avx2_unavailable_reason() is not None else load_avx2()
+
+
+def avx2_layers_unavailable_reason() -> str | None:
+    """Why our float32 attention, rotary/cache write, RMSNorm and SiLU x up cannot run here (None when
+    they can): ``REDRAFTER_ATTENTION_KERNEL=torch``, or the CPU."""
+    return switched_off("REDRAFTER_ATTENTION_KERNEL") or unavailable_reason(AVX2_REQUIRED_FLAGS)
+
+
+def avx2_layers():
+    """The AVX2 extension for a float32 layer's attention, rotary/cache write, RMSNorm and SiLU x up, or
+    None (``avx2_layers_unavailable_reason``, or a failed build)."""
+    return None if avx2_layers_unavailable_reason() is not None else load_avx2()
 
 
 def switched_off(variable: str) -> str | None:

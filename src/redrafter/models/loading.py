@@ -188,18 +188,22 @@ def converted_gguf(gguf: Path, out: Path) -> Path:
     return out
 
 
-def auto_weights(spec: str, backend: str, dtype: torch.dtype, device: str | torch.device) -> str:
+def auto_weights(spec: str, backend: str, dtype: torch.dtype, device: str | torch.device,
+                 int4_kernel: str = "auto") -> str:
     """What ``--weights auto`` tries: "int4" for a GGUF source (the embedded models, a .gguf path) on the
     native backend on CPU in bfloat16, where 4-bit products make a decode step ~0.6x as long, or in
-    float32 where our AVX2 kernel runs (a step about 0.4x as long; docs/PERFORMANCE.md); "dense"
-    otherwise (torch's float32 int4 kernel is slower than dense products). Whether the weights really
-    are 4-bit is checked on loading."""
+    float32 where our AVX2 kernel runs (a step about 0.4x as long; docs/PERFORMANCE.md) and
+    ``int4_kernel`` allows it; "dense" otherwise (torch's float32 int4 kernel is slower than dense
+    products). Whether the weights really are 4-bit is checked on loading."""
     from redrafter.models import kernels
 
     gguf = spec in EMBEDDED_MODELS or Path(spec).suffix == ".gguf"
-    cpu = torch.device(device).type == "cpu"
-    fast = dtype == torch.bfloat16 or (dtype == torch.float32 and kernels.avx2() is not None)
-    return "int4" if gguf and cpu and fast and backend != "hf" else "dense"
+    if not gguf or torch.device(device).type != "cpu" or backend == "hf":
+        return "dense"
+    if dtype == torch.bfloat16:
+        return "int4"
+    fast = dtype == torch.float32 and int4_kernel in ("auto", "avx2") and kernels.avx2() is not None
+    return "int4" if fast else "dense"
 
 
 def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
@@ -262,7 +266,7 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
                                  f"{reason() or 'its build failed (see the log)'}")
     requested = weights
     if weights == "auto":
-        weights = "dense" if compile else auto_weights(spec, backend, torch_dtype, device)
+        weights = "dense" if compile else auto_weights(spec, backend, torch_dtype, device, int4_kernel)
     directory = resolve_model_dir(spec)
     from transformers.utils import logging as hf_logging
 

@@ -220,7 +220,7 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
 
 GROUPED_ATTENTION_MAX_TOKENS = 64  # new tokens per row; prefills of longer prompts keep the fused kernel
-ATTENTION_KERNEL_MAX_TOKENS = 64  # the same for our kernel (csrc/tree_attention.cpp)
+ATTENTION_KERNEL_MAX_TOKENS = 64  # the same for our kernels (csrc/tree_attention.cpp, csrc/avx2/layer_f32.cpp)
 ATTENTION_KERNEL_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 192, 256)
 
 
@@ -235,7 +235,7 @@ def use_grouped_attention(dtype: torch.dtype, device: torch.device, batch: int, 
     tokens (prefills of 128 or 256 tokens are faster fused). On a float32 cache of such a model
     (``wide``, plain decoding) one row is faster fused (41 against 78 us per layer for one token over
     300 slots). float32 models keep the fused kernel (both cost the same there, and the exactness
-    tests run in float32)."""
+    tests run in float32), or run ours (``kernels.avx2_layers``) where it runs."""
     if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         return False
     if wide:
@@ -310,23 +310,24 @@ class NativeTarget:
         self.int4_kernels = sorted({linear.int4.kernel for linear in linears if linear.int4})  # "avx512", "avx2", "torch"
         self.packed = self.lm_head.packed is not None
         # Attention of steps of up to ATTENTION_KERNEL_MAX_TOKENS new tokens per row: ours
-        # (kernels.attention) for bf16 models on CPU where it runs, ours for float32 (kernels.avx2, below)
-        # where that runs, else torch's.
+        # (kernels.attention) for bf16 models on CPU where it runs, ours for float32 (kernels.avx2_layers,
+        # below) where that runs, else torch's.
         if attention_kernel not in ("auto", "ours", "torch"):
             raise RedrafterError(f"unknown attention kernel '{attention_kernel}' (expected auto, ours or torch)")
         fits = self.device.type == "cpu" and self.dtype == torch.bfloat16 and self.head_dim in ATTENTION_KERNEL_HEAD_DIMS
         float32_ours = (self.device.type == "cpu" and self.dtype == torch.float32 and not compile
-                        and config.hidden_size % 8 == 0 and self.head_dim % 16 == 0
-                        and config.intermediate_size % 8 == 0 and kernels.avx2() is not None)
-        if attention_kernel == "ours" and float32_ours:
-            pass  # our AVX2 kernel (self._avx2)
-        elif attention_kernel == "ours" and not fits:
+                        and config.hidden_size % 8 == 0 and self.head_dim % 16 == 0 and self.head_dim <= 256
+                        and config.intermediate_size % 8 == 0 and kernels.avx2_layers() is not None)
+        if attention_kernel == "ours" and not fits and not float32_ours:
+            reason = (f"not here: {kernels.avx2_layers_unavailable_reason()}" if self.dtype == torch.float32
+                      and kernels.avx2_layers_unavailable_reason() else "")
             raise RedrafterError("our attention kernel runs bfloat16 models on CPU with a head size of "
-                                 f"{'/'.join(map(str, ATTENTION_KERNEL_HEAD_DIMS))}")
+                                 f"{'/'.join(map(str, ATTENTION_KERNEL_HEAD_DIMS))} (AVX-512 BF16), or float32 models "
+                                 f"on CPUs with AVX2 and a head size a multiple of 16 up to 256 {reason}".rstrip())
         module = kernels.attention() if fits and attention_kernel != "torch" and not compile else None
         if attention_kernel == "ours" and module is None and not float32_ours:
             raise RedrafterError("our attention kernel cannot run here: "
-                                 f"{kernels.attention_unavailable_reason() or 'its build failed (see the log)'}")
+                                 f"{(kernels.avx2_layers_unavailable_reason() if self.dtype == torch.float32 else kernels.attention_unavailable_reason()) or 'its build failed (see the log)'}")
         # With it, each layer's rotary embedding and cache write are one call (csrc/layer_ops.cpp, bit-identical
         # to the tensor version), attention reads the cache without views made in Python, and the MLP's
         # SiLU and multiply are one call (the same roundings; our exp can move a SiLU by its last bit).
@@ -337,7 +338,7 @@ class NativeTarget:
         # float32 on CPU with AVX2: our RMSNorm (one call instead of about ten operations), SiLU x up, and for
         # steps of up to ATTENTION_KERNEL_MAX_TOKENS tokens the rotary embedding with the cache write and
         # attention (csrc/avx2/layer_f32.cpp).
-        self._avx2 = kernels.avx2() if float32_ours and attention_kernel != "torch" else None
+        self._avx2 = kernels.avx2_layers() if float32_ours and attention_kernel != "torch" else None
         if self._avx2 is not None:
             self._norm = self._avx2.rms_norm_f32
         self.attention_kernel = "ours" if module is not None or self._avx2 is not None else "torch"  # what runs
@@ -349,8 +350,15 @@ class NativeTarget:
         ours = [linear for linear in linears + [self.lm_head] if linear.int4 is not None and linear.int4.kernel in OUR_KERNELS]
         if ours:
             in_one_block(ours)
-        if module is not None and fused is not None and all(
-                linear.int4 is not None and linear.int4.kernel == "avx512" for linear in linears):
+        self._decoder_f32 = None
+        kinds = {linear.int4.kernel if linear.int4 is not None else None for linear in linears}
+        if module is not None and fused is not None and kinds == {"avx512"}:
+            self._decoder = module.decoder_layers
+        elif self._avx2 is not None and kinds == {"avx2"}:
+            # The same for a float32 model whose linear weights all run our AVX2 kernel (csrc/avx2/gemm_f32.cpp:
+            # the loop's calls, from C++).
+            self._decoder_f32 = self._avx2.decoder_layers_f32
+        if self._decoder is not None or self._decoder_f32 is not None:
             no_bias = torch.empty(0, dtype=self.dtype, device=self.device)
             self._decoder_weights = [
                 tensor for layer in self.layers for tensor in (
@@ -359,21 +367,6 @@ class NativeTarget:
                     *_int4_operands(layer.down, no_bias))]
             self._decoder_eps = [float(layer.eps) for layer in self.layers]
             self._decoder_rows = min(linear.int4_max_rows for linear in linears)  # rows every product runs 4-bit
-            self._decoder = module.decoder_layers
-        # The same for a float32 model whose linear weights all run our AVX2 kernel (csrc/avx2/gemm_f32.cpp:
-        # the torch path's tensor operations, from C++).
-        self._decoder_f32 = None
-        if (self._decoder is None and self._avx2 is not None
-                and all(linear.int4 is not None and linear.int4.kernel == "avx2" for linear in linears)):
-            no_bias = torch.empty(0, dtype=self.dtype, device=self.device)
-            self._decoder_weights = [
-                tensor for layer in self.layers for tensor in (
-                    layer.input_norm, layer.post_norm, *_int4_operands(layer.qkv, no_bias),
-                    *_int4_operands(layer.o, no_bias), *_int4_operands(layer.gate_up, no_bias),
-                    *_int4_operands(layer.down, no_bias))]
-            self._decoder_eps = [float(layer.eps) for layer in self.layers]
-            self._decoder_rows = min(linear.int4_max_rows for linear in linears)
-            self._decoder_f32 = self._avx2.decoder_layers_f32
         if compile:  # dynamic shapes: the context and the tree size change every step
             self.forward = torch.compile(self.forward, dynamic=True)
 

@@ -4,9 +4,9 @@
 //
 // Weight layouts (pack_weight_f32 / pack_weight8_f32), output features in tiles of 8 (one ymm):
 // - 4-bit: per tile, per octet of inputs (k = 8o .. 8o+7), 32 bytes: lane j (a uint32) holds the 8
-//   nibbles of feature j, nibble i = q[j][8o+i] (q in 0..15). A shift, a mask and a conversion give the
-//   8 features' q of one input as float32. Scales per tile and group of 32 inputs: 8 steps then 8 lows
-//   (float16 where that holds the grid, else float32); w = q * step + low.
+//   nibbles of feature j, nibble i = q[j][8o+i] (q in 0..15). A mask and a conversion give the 8
+//   features' q of one input as float32 (Four). Scales per tile and group of 32 inputs: 8 steps then 8
+//   lows (float16 where that holds the grid, else float32, or K scales: below); w = q * step + low.
 // - 8-bit: per tile, per input k, 8 bytes: q[j][k] (int8) of the 8 features. Scales per tile and group
 //   of G inputs (32: Q8_0, float16 d; 16: Q6_K, float32 d): 8 values of d; w = d * q.
 // Per group, sum_k a_k (q_k step + low) = step * sum_k a_k q_k + low * sum_k a_k (the activation sums
@@ -80,7 +80,7 @@ struct Eight {
   };
 };
 
-// R rows times T neighbouring tiles (R * T <= 8 accumulators). Per row, tile and group one chain: the
+// R rows times T neighbouring tiles (rows_over_tiles picks T). Per row, tile and group one chain: the
 // inputs in order from 0, then total += dot * step (+ low * the group's activation sum). The R * T
 // chains are independent, which keeps both FMA units busy.
 template <typename F, int G, typename S, int R, int T>
@@ -134,7 +134,8 @@ inline void tile_rows(const uint8_t* w, int64_t tile_bytes, const S* sm, int64_t
     for (int t = 0; t < T; ++t) _mm256_storeu_ps(out + r * N + t * kTile, total[r][t]);
 }
 
-// R rows over tiles [begin, end): T = 8 / R tiles at a time, then one at a time.
+// R rows over tiles [begin, end): T tiles at a time (4 for 1-2 rows, 2 for 3-5, 1 beyond: more
+// accumulators spill), then one at a time.
 template <typename F, int G, typename S, int R>
 void rows_over_tiles(int64_t begin, int64_t end, const uint8_t* w, int64_t tile_bytes, const S* sm,
                      int64_t tile_scales, const float* a, int64_t K, const float* asum, int64_t groups, float* out,
@@ -197,7 +198,8 @@ void product(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tenso
               "wq: contiguous (N/8, K/8, 32 or 64) uint8");
   const bool four = wq.size(2) == 32;
   const int64_t M = x.size(0), K = x.size(1), tiles = wq.size(0), N = tiles * kTile;
-  TORCH_CHECK(wq.size(1) * 8 == K && sm.size(0) == tiles && sm.is_contiguous(), "shapes of x, wq and sm disagree");
+  TORCH_CHECK(K > 0 && wq.size(1) * 8 == K && sm.size(0) == tiles && sm.is_contiguous(),
+              "shapes of x, wq and sm disagree");
   const int64_t per_group = (four ? 2 : 1) * kTile;
   const bool k_scales = sm.dtype() == torch::kUInt8;
   if (k_scales) {
@@ -287,6 +289,7 @@ torch::Tensor mixed_mm_f32(const torch::Tensor& x, const std::vector<torch::Tens
 // q (N, K) integer 0..15, step/low (N, K/32) both float32 or both float16 -> (wq, sm), 4-bit layout.
 std::vector<torch::Tensor> pack_weight_f32(const torch::Tensor& q, const torch::Tensor& step, const torch::Tensor& low) {
   TORCH_CHECK(q.dim() == 2 && q.size(0) % kTile == 0 && q.size(1) % 32 == 0, "q: (N, K), N a multiple of 8, K of 32");
+  TORCH_CHECK(q.numel() == 0 || (q.min().item<int64_t>() >= 0 && q.max().item<int64_t>() <= 15), "q: values in 0..15");
   TORCH_CHECK((step.scalar_type() == torch::kFloat32 || step.scalar_type() == torch::kFloat16) &&
                   low.scalar_type() == step.scalar_type(),
               "step and low: both float32 or both float16");
@@ -294,7 +297,7 @@ std::vector<torch::Tensor> pack_weight_f32(const torch::Tensor& q, const torch::
   TORCH_CHECK(step.dim() == 2 && step.size(0) == N && step.size(1) * 32 == K && low.sizes() == step.sizes(),
               "step, low: (N, K/32)");
   // (tiles, j, octet o, i): byte b of lane j's word = q[2b] | q[2b+1] << 4 (little-endian: nibble i = q[i])
-  auto t = q.to(torch::kUInt8).view({tiles, kTile, K / 8, 8});
+  auto t = q.to(torch::kUInt8).contiguous().view({tiles, kTile, K / 8, 8});
   auto even = t.index({"...", torch::indexing::Slice(0, 8, 2)});
   auto odd = t.index({"...", torch::indexing::Slice(1, 8, 2)});
   auto wq = even.bitwise_or(odd.bitwise_left_shift(4)).permute({0, 2, 1, 3}).contiguous().view({tiles, K / 8, 32});
@@ -304,8 +307,8 @@ std::vector<torch::Tensor> pack_weight_f32(const torch::Tensor& q, const torch::
 
 // q (N, K) int8, d (N, K/32) or (N, K/16) float32 or float16 -> (wq, sm), 8-bit layout.
 std::vector<torch::Tensor> pack_weight8_f32(const torch::Tensor& q, const torch::Tensor& d) {
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kInt8 && q.size(0) % kTile == 0 && q.size(1) % 32 == 0,
-              "q: int8 (N, K), N a multiple of 8, K of 32");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kInt8 && q.size(0) % kTile == 0 && q.size(1) % 16 == 0,
+              "q: int8 (N, K), N a multiple of 8, K of 16");
   TORCH_CHECK(d.scalar_type() == torch::kFloat32 || d.scalar_type() == torch::kFloat16, "d: float32 or float16");
   const int64_t N = q.size(0), K = q.size(1), tiles = N / kTile;
   TORCH_CHECK(d.dim() == 2 && d.size(0) == N && (d.size(1) * 32 == K || d.size(1) * 16 == K), "d: (N, K/32) or (N, K/16)");

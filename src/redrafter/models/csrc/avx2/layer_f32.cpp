@@ -1,6 +1,7 @@
-// A float32 decoder layer's RMSNorm and attention for CPUs with AVX2 and FMA (the float32 counterparts of
-// rms_norm.cpp and tree_attention.cpp): each one call where torch makes about ten operations (RMSNorm)
-// or a flash-attention pass tuned for long sequences (attention of a few new tokens).
+// A float32 decoder layer's RMSNorm, rotary embedding with its cache write, attention and SiLU x up for
+// CPUs with AVX2 and FMA (the float32 counterparts of rms_norm.cpp, layer_ops.cpp and
+// tree_attention.cpp): each one call where torch makes several operations, or a flash-attention pass
+// tuned for long sequences (attention of a few new tokens).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -20,7 +21,9 @@ inline float hsum8(__m256 v) {
 
 // exp(x) for 8 lanes: 2^t, t = x log2(e) = n + f with f in [-1/2, 1/2]; 2^f by its Taylor series to
 // degree 7 (below 1e-8 relative), 2^n through the exponent bits. t is clamped to [-126, 126]: below,
-// the result is 0 (exp of a score far under the maximum), so -inf gives 0.
+// the result is 0 (exp of a score far under the maximum), so -inf gives 0; above, 2^126 (not inf:
+// SiLU of a very negative input, where only the ratio matters). A NaN input gives 0 or a tiny value,
+// not NaN.
 inline __m256 exp8(__m256 x) {
   const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
   const __m256 under = _mm256_cmp_ps(t, _mm256_set1_ps(-126.f), _CMP_LT_OQ);
@@ -47,12 +50,14 @@ inline __m256 exp8(__m256 x) {
 torch::Tensor rms_norm_f32(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kFloat32, "rms_norm_f32: float32");
   const int64_t H = x.size(-1);
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == H && H % 8 == 0, "rms_norm_f32: weight (H,), H a multiple of 8");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == H && H > 0 && H % 8 == 0,
+              "rms_norm_f32: weight (H,), H a positive multiple of 8");
   auto xc = x.contiguous();
+  auto wc = weight.contiguous();
   auto out = torch::empty_like(xc);
   const int64_t rows = xc.numel() / H;
   const float* xp = xc.data_ptr<float>();
-  const float* wp = weight.contiguous().data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
   float* op = out.data_ptr<float>();
   for (int64_t r = 0; r < rows; ++r) {
     const float* a = xp + r * H;
@@ -79,7 +84,7 @@ void attend(const float* qv, const float* keys, const float* values, const std::
             int64_t D, std::vector<float>& scores, float* o) {
   const int64_t dv = DV ? DV : D / 8;
   const int64_t m = (int64_t)list.size();
-  if (m == 0) {  // no visible slot (a fully masked softmax): NaN, as torch gives
+  if (m == 0) {  // no visible slot (a fully masked softmax): NaN, as torch's scaled_dot_product_attention gives
     for (int64_t d = 0; d < D; ++d) o[d] = std::nanf("");
     return;
   }
@@ -127,12 +132,12 @@ torch::Tensor attention_f32(const torch::Tensor& q, const torch::Tensor& kv, int
   TORCH_CHECK(q.dim() == 4 && kv.dim() == 6 && kv.is_contiguous(), "attention_f32: q (B, n, heads, D), kv 6-D contiguous");
   const int64_t B = q.size(0), n = q.size(1), heads = q.size(2), D = q.size(3);
   const int64_t kv_heads = kv.size(3), capacity = kv.size(4);
-  TORCH_CHECK(kv.size(2) == B && kv.size(5) == D && D % 8 == 0 && heads % kv_heads == 0 && span <= capacity &&
-                  layer >= 0 && layer < kv.size(0),
+  TORCH_CHECK(kv.size(2) == B && kv.size(5) == D && D > 0 && D % 8 == 0 && kv_heads > 0 && heads % kv_heads == 0 &&
+                  span >= 0 && span <= capacity && layer >= 0 && layer < kv.size(0),
               "attention_f32: shapes of q and kv disagree");
   const bool all = allowed.numel() == 0;
   TORCH_CHECK(all || (allowed.scalar_type() == torch::kBool && allowed.dim() == 4 && allowed.size(0) == B &&
-                      allowed.size(2) == n && allowed.size(3) == span),
+                      allowed.size(1) == 1 && allowed.size(2) == n && allowed.size(3) == span),
               "attention_f32: allowed (B, 1, n, span) bool");
   auto qc = q.contiguous();
   auto out = torch::empty({B, n, heads * D}, q.options());
@@ -183,8 +188,8 @@ torch::Tensor rope_store_f32(const torch::Tensor& qkv, const torch::Tensor& cos,
                   kv.dim() == 6 && qkv.dim() == 3,
               "rope_store_f32: float32 qkv (B, n, width) and a contiguous 6-D cache");
   const int64_t B = qkv.size(0), n = qkv.size(1), D = kv.size(5), capacity = kv.size(4), half = D / 2;
-  TORCH_CHECK(qkv.size(2) == (heads + 2 * kv_heads) * D && kv.size(2) == B && kv.size(3) == kv_heads && D % 16 == 0 &&
-                  (int64_t)starts.size() == B,
+  TORCH_CHECK(qkv.size(2) == (heads + 2 * kv_heads) * D && kv.size(2) == B && kv.size(3) == kv_heads && D > 0 &&
+                  D % 16 == 0 && (int64_t)starts.size() == B && layer >= 0 && layer < kv.size(0),
               "rope_store_f32: shapes disagree");
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(starts[b] >= 0 && starts[b] + n <= capacity, "rope_store_f32: slots beyond the cache");
