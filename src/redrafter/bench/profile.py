@@ -107,24 +107,18 @@ def forward_parts(target, context: int, sizes: list[int], repeats: int) -> dict[
         for layer in target.layers:
             for attribute in ("qkv", "o", "gate_up", "down"):
                 timed(layer, attribute, "products")
-        if target._layer_kernels is not None:  # ours; torch's attention runs inline with the other operations
-            module = target._layer_kernels
-            proxy = types.SimpleNamespace(**{name: getattr(module, name)
-                                             for name in ("rope_store", "cache_attention", "silu_mul")})
-            originals.append((target, "_layer_kernels", module))
-            target._layer_kernels = proxy
-            timed(proxy, "cache_attention", "attention")
-            timed(proxy, "rope_store", "rotary and cache write")
-            timed(proxy, "silu_mul", "silu x up")
-        if getattr(target, "_avx2", None) is not None:  # ours for float32 (csrc/avx2)
-            module = target._avx2
-            proxy = types.SimpleNamespace(**{name: getattr(module, name)
-                                             for name in ("rope_store_f32", "attention_f32", "silu_mul_f32")})
-            originals.append((target, "_avx2", module))
-            target._avx2 = proxy
-            timed(proxy, "attention_f32", "attention")
-            timed(proxy, "rope_store_f32", "rotary and cache write")
-            timed(proxy, "silu_mul_f32", "silu x up")
+        # Our layer kernels (bf16: _layer_kernels; float32: _avx2) through a proxy whose calls are timed;
+        # torch's attention runs inline with the other operations.
+        for attribute, names in (("_layer_kernels", ("cache_attention", "rope_store", "silu_mul")),
+                                 ("_avx2", ("attention_f32", "rope_store_f32", "silu_mul_f32"))):
+            module = getattr(target, attribute, None)
+            if module is None:
+                continue
+            proxy = types.SimpleNamespace(**{name: getattr(module, name) for name in names})
+            originals.append((target, attribute, module))
+            setattr(target, attribute, proxy)
+            for name, part in zip(names, ("attention", "rotary and cache write", "silu x up")):
+                timed(proxy, name, part)
         timed(target, "_norm", "rmsnorm")
         timed(target, "project", "lm head")
         with torch.inference_mode():

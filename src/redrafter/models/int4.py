@@ -323,36 +323,20 @@ def pack_int4(weight: torch.Tensor, dtype: torch.dtype, group: int = GROUP_SIZE,
             kernel = "avx2"
         else:
             kernel = "torch"
-    if kernel == "avx2":
-        module = kernels.avx2()
-        if module is None:
-            raise Int4GridError(f"the AVX2 int4 kernel is not available: {kernels.avx2_unavailable_reason() or 'its build failed'}")
+    if kernel in OUR_KERNELS:
+        _, module = our_module(torch.bfloat16 if kernel == "avx512" else torch.float32)
+        pack, matmul, tile = ((module.pack_weight, module.int4_mm, 16) if kernel == "avx512"
+                              else (module.pack_weight_f32, module.mm_f32, 8))
         scales16 = (step16, low16) if rounding else float16_scales(weight, q, step, low)
         k_form = None if scales16 is not None else k_scales(weight, q, step, low)
         if k_form is not None:  # a Q4_K weight: its steps and lows as byte multipliers of float32 units
             q, multipliers, units = k_form
-            packed, _ = module.pack_weight_f32(q, step, low)
-            return Int4Weight(packed=packed, scales=pack_k_scales(multipliers, units, tile=8), group=group,
-                              out_features=out_features, in_features=in_features, kernel="avx2",
-                              matmul=module.mm_f32)
-        packed, scales = module.pack_weight_f32(q, *(scales16 or (step, low)))
+            packed, _ = pack(q, step, low)
+            scales = pack_k_scales(multipliers, units, tile=tile)
+        else:
+            packed, scales = pack(q, *(scales16 or (step, low)))
         return Int4Weight(packed=packed, scales=scales, group=group, out_features=out_features,
-                          in_features=in_features, kernel="avx2", matmul=module.mm_f32)
-    if kernel == "avx512":
-        module = kernels.int4()
-        if module is None:
-            raise Int4GridError(f"the AVX-512 int4 kernel is not available: {kernels.int4_unavailable_reason() or 'its build failed'}")
-        scales16 = (step16, low16) if rounding else float16_scales(weight, q, step, low)
-        k_form = None if scales16 is not None else k_scales(weight, q, step, low)
-        if k_form is not None:  # a Q4_K weight: its steps and lows as byte multipliers of float32 units
-            q, multipliers, units = k_form
-            packed, _ = module.pack_weight(q, step, low)
-            scales = pack_k_scales(multipliers, units)
-            return Int4Weight(packed=packed, scales=scales, group=group, out_features=out_features,
-                              in_features=in_features, kernel="avx512", matmul=module.int4_mm)
-        packed, scales = module.pack_weight(q, *(scales16 or (step, low)))
-        return Int4Weight(packed=packed, scales=scales, group=group, out_features=out_features,
-                          in_features=in_features, kernel="avx512", matmul=module.int4_mm)
+                          in_features=in_features, kernel=kernel, matmul=matmul)
     zero = low + 8 * step  # (q - 8) * step + (low + 8 step) = q * step + low
     scales_zeros = torch.stack([step.T, zero.T], dim=-1).contiguous().to(dtype)  # (in / group, out, 2)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), INNER_K_TILES)
