@@ -169,7 +169,7 @@ def test_beam_select_is_the_best_w_of_scores_plus_log_q(dtype):
     add nothing while W finite candidates exist. Vocabularies cover the vector loop and its tail."""
     from helpers import require_kernels
 
-    module = require_kernels("tree")
+    module = require_kernels("int4")  # beam_select: in the AVX-512 extension only
     generator = torch.Generator().manual_seed(3)
     for trial in range(60):
         batch, beams = int(torch.randint(1, 3, (1,), generator=generator)), int(torch.randint(1, 9, (1,), generator=generator))
@@ -196,7 +196,7 @@ def test_beam_select_is_the_best_w_of_scores_plus_log_q(dtype):
 def test_beam_select_rejects_bad_input():
     from helpers import require_kernels
 
-    module = require_kernels("tree")
+    module = require_kernels("int4")  # beam_select: in the AVX-512 extension only
     with pytest.raises(RuntimeError, match="width"):
         module.beam_select(torch.zeros(1, 2, 3), torch.zeros(1, 2), 7)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):

@@ -77,7 +77,8 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-AVX2_SOURCES = [Path(__file__).with_name("csrc") / "avx2" / name for name in ("gemm_f32.cpp", "layer_f32.cpp")]
+AVX2_SOURCES = [Path(__file__).with_name("csrc") / "avx2" / name for name in ("gemm_f32.cpp", "layer_f32.cpp")] + [
+    Path(__file__).with_name("csrc") / "tree.cpp"]  # the tree bookkeeping, with its AVX2 argmax
 AVX2_REQUIRED_FLAGS = ("avx2", "fma", "f16c")
 AVX2_COMPILE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 
@@ -200,14 +201,19 @@ def attention():
 
 
 def tree_unavailable_reason() -> str | None:
-    """Why our tree bookkeeping cannot run here (None when it can; the build may still fail)."""
+    """Why our tree bookkeeping cannot run here (None when it can; the build may still fail): it runs
+    in the AVX-512 extension, else in the AVX2 one."""
+    if unavailable_reason() is not None and unavailable_reason(AVX2_REQUIRED_FLAGS) is None:
+        return switched_off("REDRAFTER_TREE_KERNEL")
     return switched_off("REDRAFTER_TREE_KERNEL") or unavailable_reason()
 
 
 def tree():
     """The extension for tree bookkeeping on CPU tensors (tree.py, verify.py), or None
     (``tree_unavailable_reason``, or a failed build): the tensor versions run then."""
-    return None if tree_unavailable_reason() is not None else load()
+    if tree_unavailable_reason() is not None:
+        return None
+    return load() if unavailable_reason() is None else load_avx2()
 
 
 def main() -> int:

@@ -36,6 +36,7 @@ void owners(const int64_t* b, int64_t width, int64_t length, std::vector<int64_t
 
 // torch.argmax of one float32 row: the first index of the largest value, NaN counting as largest.
 // The vocabulary is large (49,152 for SmolLM2) and torch's reduction is slow on CPU (about 30 us a row).
+#ifdef __AVX512F__
 int64_t argmax_row(const float* x, int64_t size) {
   __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __mmask16 nan = 0;
@@ -58,6 +59,33 @@ int64_t argmax_row(const float* x, int64_t size) {
   }
   return 0;  // size == 0
 }
+#else  // the same with AVX2 (this file is also built into the AVX2 extension, csrc/avx2)
+int64_t argmax_row(const float* x, int64_t size) {
+  __m256 best = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int nan = 0;
+  int64_t i = 0;
+  for (; i + 8 <= size; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    nan |= _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    best = _mm256_max_ps(best, v);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, best);
+  float top = lanes[0];
+  for (int l = 1; l < 8; ++l) top = std::max(top, lanes[l]);
+  for (int64_t j = i; j < size; ++j) {
+    if (x[j] != x[j]) nan = 1;
+    top = std::max(top, x[j]);
+  }
+  for (int64_t j = 0; j < size; ++j) {
+    if (nan ? x[j] != x[j] : x[j] == top) return j;
+    if (!nan && j % 8 == 0 && j + 8 <= size &&
+        !_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), _mm256_set1_ps(top), _CMP_EQ_OQ)))
+      j += 7;  // no maximum in these 8: skip them
+  }
+  return 0;  // size == 0
+}
+#endif
 
 // tree.node_scores then tree.cap_tree on one row's beams b (W x L, in place): NO_TOKEN at every node
 // outside the max_tokens best distinct nodes. s: the row's path scores, shaped like b.
