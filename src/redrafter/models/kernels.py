@@ -57,7 +57,7 @@ import torch
 SOURCE_NAMES = ("int4_gemm.cpp", "tree_attention.cpp", "layer_ops.cpp", "rms_norm.cpp", "bf16_gemm.cpp", "tree.cpp", "beam_select.cpp",
                 "draft_search.cpp", "decoder.cpp", "bindings.cpp")
 SOURCES = [Path(__file__).with_name("csrc") / name for name in SOURCE_NAMES]
-HEADERS = [Path(__file__).with_name("csrc") / "vec.h"]  # part of the cache key, not compiled on their own
+HEADERS = [Path(__file__).with_name("csrc") / name for name in ("vec.h", "tree.h")]  # part of the cache key, not compiled on their own
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
 
@@ -79,6 +79,7 @@ def cpu_flags() -> frozenset[str]:
 
 AVX2_SOURCES = [Path(__file__).with_name("csrc") / "avx2" / name for name in ("gemm_f32.cpp", "layer_f32.cpp")] + [
     Path(__file__).with_name("csrc") / "tree.cpp"]  # the tree bookkeeping, with its AVX2 argmax
+AVX2_HEADERS = [Path(__file__).with_name("csrc") / "tree.h"]
 AVX2_REQUIRED_FLAGS = ("avx2", "fma", "f16c")
 AVX2_COMPILE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 
@@ -144,7 +145,7 @@ def load_avx2():
         log.info("float32 CPU kernels: torch's (%s)", reason)
         return None
     try:
-        directory = cache_dir(AVX2_SOURCES, "avx2")
+        directory = cache_dir(AVX2_SOURCES + AVX2_HEADERS, "avx2")
     except OSError as exc:  # a source file missing from the installed package
         log.warning("float32 CPU kernels: sources missing, using torch's (%s)", exc)
         return None
@@ -228,7 +229,7 @@ def main() -> int:
     if module is None:
         print(f"CPU kernels (float32 int4): not available ({unavailable_reason(AVX2_REQUIRED_FLAGS) or 'build failed'})")
     else:
-        print(f"CPU kernels (float32 int4): ready in {cache_dir(AVX2_SOURCES, 'avx2')}")
+        print(f"CPU kernels (float32 int4): ready in {cache_dir(AVX2_SOURCES + AVX2_HEADERS, 'avx2')}")
     return 0
 
 

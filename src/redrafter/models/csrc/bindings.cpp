@@ -2,6 +2,8 @@
 #include <torch/extension.h>
 #include <vector>
 
+#include "tree.h"
+
 torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sm);
 std::vector<torch::Tensor> pack_weight(const torch::Tensor& q, const torch::Tensor& step, const torch::Tensor& low);
 torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sm);
@@ -20,10 +22,6 @@ torch::Tensor decoder_layers(torch::Tensor x, const std::vector<torch::Tensor>& 
                              const torch::Tensor& cos, const torch::Tensor& signed_sin, torch::Tensor kv,
                              const torch::Tensor& slots, int64_t heads, int64_t kv_heads, int64_t span,
                              const torch::Tensor& allowed, double scale);
-torch::Tensor cap_tree_scored(const torch::Tensor& beams, const torch::Tensor& path_scores, int64_t max_tokens);
-torch::Tensor cap_tree_joined(const torch::Tensor& beams_a, const torch::Tensor& scores_a, const torch::Tensor& beams_b,
-                              const torch::Tensor& scores_b, double min_log_prob, int64_t max_tokens);
-std::vector<torch::Tensor> pack_tree(const torch::Tensor& beams);
 std::vector<torch::Tensor> beam_select(const torch::Tensor& logits, const torch::Tensor& scores, int64_t width);
 std::vector<torch::Tensor> draft_search(const torch::Tensor& context, const torch::Tensor& g0,
                                         const torch::Tensor& embedding, const std::vector<torch::Tensor>& packed,
@@ -35,13 +33,9 @@ std::vector<torch::Tensor> draft_step(const torch::Tensor& context, const torch:
                                       const torch::Tensor& embedding, const std::vector<torch::Tensor>& packed,
                                       const std::vector<torch::Tensor>& scales, const std::vector<torch::Tensor>& biases,
                                       bool has_input_proj);
-std::vector<torch::Tensor> greedy_accept(const torch::Tensor& beams, const torch::Tensor& unpacker,
-                                         const torch::Tensor& logits);
-std::vector<torch::Tensor> sampled_accept(const torch::Tensor& beams, const torch::Tensor& unpacker,
-                                          const torch::Tensor& probs, const torch::Tensor& draft_probs,
-                                          const torch::Tensor& draft_map, const torch::Tensor& uniforms);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  bind_tree(m);
   m.def("int4_mm", &int4_mm, "bf16 rows x 4-bit weight (one pass over the weight)");
   m.def("pack_weight", &pack_weight, "pack a 4-bit weight for int4_mm");
   m.def("int8_mm", &int8_mm, "bf16 rows x 8-bit (Q8_0) weight (one pass over the weight)");
@@ -54,12 +48,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_mm", &bf16_mm, "bf16 rows x bf16 weight packed in pairs (one pass over the weight)");
   m.def("rms_norm_bf16", &rms_norm_bf16, "transformers' RMSNorm of bf16 rows in one call");
   m.def("decoder_layers", &decoder_layers, "a native forward's decoder layers (int4 products, our attention) in one call");
-  m.def("cap_tree_scored", &cap_tree_scored, "tree.node_scores then tree.cap_tree in one call");
-  m.def("cap_tree_joined", &cap_tree_joined, "lookup.joined_tree: two beam sets joined, floored and capped in one call");
-  m.def("pack_tree", &pack_tree, "tree.pack in one call");
   m.def("beam_select", &beam_select, "one depth of the drafter's beam search after its logits");
   m.def("draft_search", &draft_search, "the drafter's beam search in one call (int4 layers; min_prob prunes and drops)");
   m.def("draft_step", &draft_step, "one depth of the drafter (next state and logits) in one call (int4 layers)");
-  m.def("greedy_accept", &greedy_accept, "verify.tree_accept's greedy walk in one call");
-  m.def("sampled_accept", &sampled_accept, "verify.tree_accept's sampling walk in one call");
 }

@@ -23,6 +23,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "../tree.h"
+
 namespace {
 
 constexpr int kTile = 8;            // output features per tile (one ymm of float32)
@@ -388,23 +390,8 @@ torch::Tensor decoder_layers_f32(torch::Tensor x, const std::vector<torch::Tenso
   return x;
 }
 
-// The tree bookkeeping (csrc/tree.cpp, built into this extension too).
-torch::Tensor cap_tree_scored(const torch::Tensor& beams, const torch::Tensor& path_scores, int64_t max_tokens);
-torch::Tensor cap_tree_joined(const torch::Tensor& beams_a, const torch::Tensor& scores_a, const torch::Tensor& beams_b,
-                              const torch::Tensor& scores_b, double min_log_prob, int64_t max_tokens);
-std::vector<torch::Tensor> pack_tree(const torch::Tensor& beams);
-std::vector<torch::Tensor> greedy_accept(const torch::Tensor& beams, const torch::Tensor& unpacker,
-                                         const torch::Tensor& logits);
-std::vector<torch::Tensor> sampled_accept(const torch::Tensor& beams, const torch::Tensor& unpacker,
-                                          const torch::Tensor& probs, const torch::Tensor& draft_probs,
-                                          const torch::Tensor& draft_map, const torch::Tensor& uniforms);
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("cap_tree_scored", &cap_tree_scored, "tree.node_scores then tree.cap_tree in one call");
-  m.def("cap_tree_joined", &cap_tree_joined, "lookup.joined_tree: two beam sets joined, floored and capped in one call");
-  m.def("pack_tree", &pack_tree, "tree.pack in one call");
-  m.def("greedy_accept", &greedy_accept, "verify.tree_accept's greedy walk in one call");
-  m.def("sampled_accept", &sampled_accept, "verify.tree_accept's sampling walk in one call");
+  bind_tree(m);  // csrc/tree.cpp, built into this extension too
   m.def("mm_f32", &mm_f32, "float32 rows through a 4- or 8-bit weight (AVX2)");
   m.def("mixed_mm_f32", &mixed_mm_f32, "float32 rows through a weight in parts of different formats (AVX2)");
   m.def("pack_weight_f32", &pack_weight_f32, "a 4-bit weight in mm_f32's layout");
