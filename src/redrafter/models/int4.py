@@ -51,6 +51,15 @@ OUR_KERNELS = ("avx512", "avx2")  # Int4Weight.kernel values that run ``matmul``
 INNER_K_TILES = 8  # the CPU kernel's packing parameter (2, 4 or 8)
 
 
+_GRID_CHUNK_ELEMENTS = 1 << 20  # weights per chunk of rows when recovering or checking a grid
+
+
+def _row_chunks(out_features: int, in_features: int):
+    """(start, end) of row chunks of about ``_GRID_CHUNK_ELEMENTS`` weights."""
+    rows = max(1, _GRID_CHUNK_ELEMENTS // max(1, in_features))
+    return [(start, min(start + rows, out_features)) for start in range(0, out_features, rows)]
+
+
 class Int4GridError(ValueError):
     """A weight that does not lie on a 4-bit grid per group of inputs."""
 
@@ -120,30 +129,34 @@ def grid_4bit(weight: torch.Tensor, group: int = GROUP_SIZE, tolerance: float = 
     out_features, in_features = weight.shape
     if in_features % group:
         raise Int4GridError(f"{in_features} inputs are not a multiple of the group size {group}")
-    blocks = weight.detach().float().reshape(out_features, in_features // group, group)
-    low, high = blocks.amin(-1), blocks.amax(-1)
-    spread = high - low
-    q = torch.zeros_like(blocks, dtype=torch.int32)
-    step = torch.zeros_like(low)
-    unresolved = spread > 0  # a constant group is q = 0, step 0, low = its value
-    offsets = blocks - low.unsqueeze(-1)
-    worst = torch.zeros_like(low)
-    for levels in (15, *range(1, 15)):  # Q4 quantizers map a group's min and max to 0 and 15
-        if not bool(unresolved.any()):
-            break
-        candidate = spread / levels
-        scaled = offsets / candidate.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
-        rounded = scaled.round()
-        error = (scaled - rounded).abs().amax(-1)
-        fits = unresolved & (error <= tolerance)
-        q = torch.where(fits.unsqueeze(-1), rounded.to(torch.int32), q)
-        step = torch.where(fits, candidate, step)
-        worst = torch.where(fits, error, worst)
-        unresolved &= ~fits
-    if bool(unresolved.any()):
-        bad = int(unresolved.sum())
-        raise Int4GridError(f"{bad} of {unresolved.numel()} groups of {group} inputs are not on a 4-bit grid")
-    return q.view(out_features, in_features), step, low
+    groups = in_features // group
+    q = torch.zeros(out_features * groups, group, dtype=torch.int32)
+    step = torch.zeros(out_features * groups)
+    low = torch.empty(out_features * groups)
+    # In chunks of rows (temporaries of a few MB, not hundreds: Qwen2.5-1.5B's weights load in seconds
+    # instead of minutes), and each level tries only the groups that no earlier level fitted.
+    for start, end in _row_chunks(out_features, in_features):
+        blocks = weight.detach()[start:end].float().reshape(-1, group)
+        first = start * groups
+        chunk_low, high = blocks.amin(-1), blocks.amax(-1)
+        low[first:first + blocks.shape[0]] = chunk_low
+        spread = high - chunk_low
+        todo = torch.nonzero(spread > 0).squeeze(-1)  # a constant group is q = 0, step 0, low = its value
+        for levels in (15, *range(1, 15)):  # Q4 quantizers map a group's min and max to 0 and 15
+            if todo.numel() == 0:
+                break
+            candidate = spread[todo] / levels
+            scaled = (blocks[todo] - chunk_low[todo].unsqueeze(-1)) / candidate.clamp_min(
+                torch.finfo(torch.float32).tiny).unsqueeze(-1)
+            rounded = scaled.round()
+            fits = (scaled - rounded).abs().amax(-1) <= tolerance
+            q[first + todo[fits]] = rounded[fits].to(torch.int32)
+            step[first + todo[fits]] = candidate[fits]
+            todo = todo[~fits]
+        if todo.numel():
+            raise Int4GridError(f"{todo.numel()} groups of {group} inputs in rows {start}-{end - 1} of {out_features} "
+                                "are not on a 4-bit grid")
+    return q.view(out_features, in_features), step.view(out_features, groups), low.view(out_features, groups)
 
 
 def float16_scales(weight: torch.Tensor, q: torch.Tensor, step: torch.Tensor, low: torch.Tensor,
@@ -159,10 +172,13 @@ def float16_scales(weight: torch.Tensor, q: torch.Tensor, step: torch.Tensor, lo
     if not bool(torch.isfinite(step16).all() and torch.isfinite(low16).all()):
         return None
     out_features, groups = step.shape
-    blocks = weight.detach().float().reshape(out_features, groups, -1)
-    rebuilt = q.view(out_features, groups, -1).float() * step16.float().unsqueeze(-1) + low16.float().unsqueeze(-1)
-    error = (rebuilt - blocks).abs().amax(-1)
-    return (step16, low16) if bool((error <= tolerance * step).all()) else None
+    for start, end in _row_chunks(out_features, weight.shape[1]):
+        blocks = weight.detach()[start:end].float().reshape(end - start, groups, -1)
+        rebuilt = (q[start:end].view(end - start, groups, -1).float() * step16[start:end].float().unsqueeze(-1)
+                   + low16[start:end].float().unsqueeze(-1))
+        if not bool(((rebuilt - blocks).abs().amax(-1) <= tolerance * step[start:end]).all()):
+            return None
+    return step16, low16
 
 
 K_BLOCK = 8  # groups of 32 per block of a Q4_K weight (256 inputs), each with its own units
@@ -238,11 +254,12 @@ def k_scales(weight: torch.Tensor, q: torch.Tensor, step: torch.Tensor, low: tor
     if bool((m < 0).any()) or float(sc.max()) > 255:
         return None
     q_new = (qb + shift.view(out_features, groups, 1)).view_as(q)
-    rebuilt = (q_new.view(out_features, blocks, K_BLOCK, -1).float() * (sc * d).unsqueeze(-1)
-               + (m * unit).unsqueeze(-1)).view(out_features, -1)
-    error = (rebuilt - weight.detach().float()).abs().view(out_features, groups, -1).amax(-1)
-    if not bool((error <= tolerance * step.clamp_min(torch.finfo(torch.float32).tiny)).all()):
-        return None
+    for start, end in _row_chunks(out_features, q.shape[1]):
+        rebuilt = (q_new[start:end].view(end - start, blocks, K_BLOCK, -1).float() * (sc * d)[start:end].unsqueeze(-1)
+                   + (m * unit)[start:end].unsqueeze(-1)).view(end - start, -1)
+        error = (rebuilt - weight.detach()[start:end].float()).abs().view(end - start, groups, -1).amax(-1)
+        if not bool((error <= tolerance * step[start:end].clamp_min(torch.finfo(torch.float32).tiny)).all()):
+            return None
     multipliers = torch.stack([sc.view(out_features, groups), m.view(out_features, groups)], -1).to(torch.uint8)
     units = torch.stack([d.squeeze(-1), unit.squeeze(-1)], -1)
     return q_new, multipliers, units
