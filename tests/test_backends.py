@@ -38,8 +38,14 @@ def test_prefill_logits_equal_sequential_with_ragged_batch(kind, backend):
     target = tiny_target(kind, backend)
     prompts = [[3, 1, 4, 1, 5, 9, 2], [6, 5, 3]]
     _, out = prefill(target, prompts)
+    # Each row's last token alone (the engine's prefill): only those rows go through the LM head.
+    rows, last = torch.arange(2), torch.tensor([len(p) - 1 for p in prompts])
+    lasts = out.logits_at(rows, last)
+    assert lasts.shape == (2, TINY_VOCAB) and "logits" not in out.__dict__
     for i, p in enumerate(prompts):
         torch.testing.assert_close(out.logits[i, : len(p)], sequential(target.model, p), atol=1e-4, rtol=0)
+        torch.testing.assert_close(lasts[i], out.logits[i, len(p) - 1], atol=1e-5, rtol=0)
+    assert torch.equal(out.logits_at(rows, last), out.logits[rows, last])  # read from the full logits now
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

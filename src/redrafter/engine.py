@@ -408,7 +408,7 @@ class Engine:
         target.commit(cache, positions, lengths)
         last = lengths - 1
         context = out.hidden[rows_index, last]  # (batch, H)
-        g0 = draw(out.logits[rows_index, last], params, generators)  # (batch,)
+        g0 = draw(out.logits_at(rows_index, last), params, generators)  # (batch,): the head for these alone
         hidden = context.unsqueeze(1) if return_hidden else None  # (batch, 1, H): g0 came from it
         yield from self._emit(rows, list(range(batch)), [[t] for t in g0.tolist()], [0] * batch, config, stop_ids,
                               start, hidden)

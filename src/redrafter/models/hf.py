@@ -84,7 +84,7 @@ class TransformersTarget:
                         cache=cache.kv, use_cache=True)
         hidden = out.last_hidden_state  # (batch, n, H)
         cache.pending = n
-        return ForwardOutput(logits=self.project(hidden), hidden=hidden)
+        return ForwardOutput(hidden, self.project)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head logits (..., V) in float32 (few rows: weight-major, see ``few_row_linear``)."""

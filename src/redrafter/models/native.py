@@ -530,7 +530,7 @@ class NativeTarget:
                 x = layer.down(F.silu(gate) * up, residual=x)
         hidden = self._norm(x, self.norm, self.norm_eps)
         cache.pending = n
-        return ForwardOutput(logits=self.project(hidden), hidden=hidden)
+        return ForwardOutput(hidden, self.project)
 
     def _rotary(self, x: torch.Tensor, positions: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, signed sin) at ``positions`` (batch, n), each (batch, n, head_dim) in x's dtype.
