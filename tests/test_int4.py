@@ -733,3 +733,40 @@ def test_float32_int4_model_on_avx2_runs_every_product_with_our_kernel():
         results.append(step)
     assert (results[0] - results[1]).abs().max() <= 1e-4 * results[1].abs().max()
     assert torch.equal(results[0].argmax(-1), results[1].argmax(-1))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_float32_int4_on_avx2_runs_every_row_count_without_dense_copies(kind, monkeypatch):
+    """float32 with our AVX2 kernel for every decoder weight (int4_max_rows left to the kernel): a
+    prefill longer than any tree runs the 4-bit products too, no oneDNN copy of those weights is
+    made, the logits equal the dense backend's to float32 precision, and releasing the transformers
+    weights frees every plain decoder weight while forwards still run."""
+    require_kernels("avx2")
+    model = snap_to_q4_1(tiny_model(kind))
+    int4 = int4_layer_weights(model, torch.float32)
+    target = NativeTarget(model, name="int4", int4_layers=int4)
+    dense = NativeTarget(snap_to_q4_1(tiny_model(kind)), name="dense")  # the same seed
+    linears = [linear for layer in target.layers for linear in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    assert target.int4_every_row and all(linear.packed is None for linear in linears)
+    assert not dense.int4_every_row and all(linear.packed is not None for linear in (dense.layers[0].qkv,))
+    assert target._decoder_rows == 16  # the one-call decoder stays for steps, not prefills
+    rows_seen = []
+    original = Int4Weight.__call__
+    monkeypatch.setattr(Int4Weight, "__call__", lambda self, x: rows_seen.append(x.numel() // x.shape[-1])
+                        or original(self, x))
+    prompt = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(3))
+    causal = torch.ones(40, 40, dtype=torch.bool).tril().expand(2, 40, 40)
+
+    def run(t):
+        cache = t.new_cache(2)
+        logits = t.forward(prompt, torch.arange(40).expand(2, 40), causal, cache).logits
+        t.commit(cache, torch.arange(40).expand(2, 40), torch.tensor([40, 31]))
+        step = t.forward(torch.tensor([[7], [19]]), cache.lengths.view(2, 1), torch.ones(2, 1, 1, dtype=torch.bool),
+                         cache).logits
+        return torch.cat([logits.flatten(), step.flatten()])
+
+    expected, got = run(dense), run(target)
+    assert 80 in rows_seen  # the prefill's 2 x 40 rows ran 4-bit
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert target.release_transformers_weights() > 0 and all(linear.weight is None for linear in linears)
+    assert torch.equal(run(target), got)

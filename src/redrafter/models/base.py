@@ -86,6 +86,7 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
+EVERY_ROW = 1 << 62  # a Linear's int4_max_rows when its 4-/8-bit kernel runs every row count
 BF16_KERNEL_MAX_ROWS = 8  # rows up to which our bf16 kernel (``few_rows``) runs a product
 
 

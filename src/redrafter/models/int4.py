@@ -20,7 +20,9 @@ against 15-17 ms dense (the weight stream shrinks 3.5x) and about 9 ms for 8 row
 uses it up to ``INT4_MAX_ROWS_AVX512`` rows. Ours for float32 (``kernels.avx2``, any CPU with AVX2,
 FMA and F16C) does the same with float32 arithmetic, up to ``INT4_MAX_ROWS_AVX2`` rows. torch's kernel
 (everywhere else) streams and unpacks the weight once per 4 rows, so 5 rows cost about twice 4; it is
-used up to ``INT4_MAX_ROWS`` rows. Beyond, the dense oneDNN weight runs (prefills, batched datagen).
+used up to ``INT4_MAX_ROWS`` rows. Beyond, the dense oneDNN weight runs (prefills, batched datagen),
+except for a float32 model whose every decoder weight runs ours (``NativeTarget.int4_every_row``): ours
+then runs every row count, and no dense copy is made.
 
 Numerics: ours holds each group's step and low in float16 where the rounded values keep every weight
 within the grid tolerance of its dense value (a Q4_0 / Q4_1 file's own d and m are float16 values;

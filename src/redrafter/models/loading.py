@@ -310,10 +310,10 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
     target = NativeTarget(model, name=spec, compile=compile, int4_layers=int4_layers, attention_kernel=attention_kernel,
                           lm_head_int8=head8)
     if int4_layers is not None:
-        logging.getLogger(__name__).info("int4 products for %d of %d weights, 8-bit for %d (%s kernel), steps of up to "
-                                         "%d tokens; LM head %s", target.int4_count, 4 * target.num_layers,
-                                         target.int8_count, "/".join(target.int4_kernels), target.int4_max_rows,
-                                         target.lm_head_weights)
+        rows = "every step" if target.int4_every_row else f"steps of up to {target.int4_max_rows} tokens"
+        logging.getLogger(__name__).info("int4 products for %d of %d weights, 8-bit for %d (%s kernel), %s; LM head %s",
+                                         target.int4_count, 4 * target.num_layers, target.int8_count,
+                                         "/".join(target.int4_kernels), rows, target.lm_head_weights)
     if not keep_transformers_model:
         freed = target.release_transformers_weights()
         logging.getLogger(__name__).info("freed %.0f MB of unpacked weights", freed / 2**20)

@@ -38,7 +38,7 @@ from torch import nn
 
 from redrafter.errors import RedrafterError
 from redrafter.models import kernels
-from redrafter.models.base import ForwardOutput, Linear, TargetInfo
+from redrafter.models.base import EVERY_ROW, ForwardOutput, Linear, TargetInfo
 from redrafter.models.hf import target_info
 from redrafter.models.int4 import (OUR_KERNELS, Int4GridError, Int8Weight, MixedWeight, in_one_block, pack_int4, pack_int8,
                                   pack_parts, packed_parts)
@@ -289,9 +289,18 @@ class NativeTarget:
         self.weight_major_rows = weight_major_rows
         head = model.get_output_embeddings()
         head_bias = getattr(head, "bias", None)
+        # float32 with our AVX2 products for every decoder weight: they run every row count, a prefill's
+        # too (within about 15% of oneDNN's dense float32 products at 256 rows, faster below 64 rows), so
+        # no oneDNN copy of those weights is made: a quarter of the load time and 6 GB less memory for
+        # Qwen2.5-1.5B. The 8-bit LM head then runs every row count as well.
+        self.int4_every_row = (int4_layers is not None and int4_max_rows is None and all(
+            len(layer) == 4 and all(w.kernel == "avx2" for w in layer.values()) for layer in int4_layers))
+        every_row = {"pack": False, "int4_max_rows": EVERY_ROW} if self.int4_every_row else {}
         # lm_head_int8 (``int4.pack_int8``, for an LM head on a Q8_0 grid): steps of up to 16 tokens run it.
+        head_every_row = every_row if lm_head_int8 is not None and lm_head_int8.kernel == "avx2" else {}
         self.lm_head = Linear(head.weight.detach(), None if head_bias is None else head_bias.detach(),
-                              pack=pack_weights, max_rows=weight_major_rows, int4=lm_head_int8)
+                              **{"pack": pack_weights, "max_rows": weight_major_rows, "int4": lm_head_int8,
+                                 **head_every_row})
         self.lm_head_weights = "int8" if lm_head_int8 is not None else "dense"
         # int4_layers (``int4_layer_weights``): products of up to int4_max_rows rows run 4-bit.
         if int4_layers is not None and len(int4_layers) != len(base.layers):
@@ -301,14 +310,15 @@ class NativeTarget:
         # of the 4 * layers decoder weights: how many run 4-bit, how many 8-bit in all or part (Q8_0 / Q6_K)
         self.int8_count = sum(isinstance(w, (Int8Weight, MixedWeight)) for layer in int4_layers or [] for w in layer.values())
         self.int4_count = sum(len(layer) for layer in int4_layers or []) - self.int8_count
-        self.layers = [_Layer(layer, self.heads, self.kv_heads, self.head_dim, pack=pack_weights,
-                              max_rows=weight_major_rows, int4=None if int4_layers is None else int4_layers[i],
-                              int4_max_rows=int4_max_rows)
+        self.layers = [_Layer(layer, self.heads, self.kv_heads, self.head_dim, **{
+                              "pack": pack_weights, "max_rows": weight_major_rows,
+                              "int4": None if int4_layers is None else int4_layers[i], "int4_max_rows": int4_max_rows,
+                              **every_row})
                        for i, layer in enumerate(base.layers)]
         linears = [linear for layer in self.layers for linear in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         self.int4_max_rows = max(linear.int4_max_rows for linear in linears)  # the longest 4-bit step
         self.int4_kernels = sorted({linear.int4.kernel for linear in linears if linear.int4})  # "avx512", "avx2", "torch"
-        self.packed = self.lm_head.packed is not None
+        self.packed = self.lm_head.packed is not None or self.int4_every_row  # the plain weights can go
         # Attention of steps of up to ATTENTION_KERNEL_MAX_TOKENS new tokens per row: ours
         # (kernels.attention) for bf16 models on CPU where it runs, ours for float32 (kernels.avx2_layers,
         # below) where that runs, else torch's.
@@ -366,7 +376,9 @@ class NativeTarget:
                     *_int4_operands(layer.o, no_bias), *_int4_operands(layer.gate_up, no_bias),
                     *_int4_operands(layer.down, no_bias))]
             self._decoder_eps = [float(layer.eps) for layer in self.layers]
-            self._decoder_rows = min(linear.int4_max_rows for linear in linears)  # rows every product runs 4-bit
+            # rows every product runs 4-bit, and at most the kernels' own step size (not a prefill's)
+            self._decoder_rows = min(min(linear.int4_max_rows for linear in linears),
+                                     min(linear.int4.max_rows for linear in linears))
         if compile:  # dynamic shapes: the context and the tree size change every step
             self.forward = torch.compile(self.forward, dynamic=True)
 
@@ -377,7 +389,8 @@ class NativeTarget:
         and the plain tensor the transformers modules (used by transformers-based baselines and
         datagen's sampling path) hold. A server or ``redrafter generate`` needs only the packed copy,
         so this halves the weights' memory. Afterwards ``self.model`` is None. The embedding (and an
-        LM head tied to it) stays. Without packed weights, nothing is freed.
+        LM head tied to it) stays. Weights whose 4-/8-bit kernel runs every row count (``int4_every_row``)
+        need no plain copy either. Without packed weights, nothing is freed.
         """
         if not self.packed or self.model is None:
             return 0
@@ -388,7 +401,7 @@ class NativeTarget:
         if self.lm_head.weight.untyped_storage().data_ptr() != embedding_storage:
             linears.append(self.lm_head)
         for linear in linears:
-            if linear.packed is None:  # runs the plain weight
+            if linear.packed is None and linear.int4_max_rows < EVERY_ROW:  # runs the plain weight
                 continue
             freed += linear.weight.numel() * linear.weight.element_size()
             linear.weight = None
