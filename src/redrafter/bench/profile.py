@@ -6,7 +6,8 @@
    forwards split into products, attention, RMSNorm, LM head and the rest (``forward_parts``).
 2. Drafting cost: beam search of the drafter for each W x L (x K, a tree cap) of ``--beams``.
 3. Phase breakdown of real generation (a chat prompt, plain and speculative): time in the target
-   forward, commit, drafting, tree packing and everything else (acceptance, bookkeeping, Python).
+   forward, its LM head (run when the engine reads the logits), commit, drafting, tree packing and
+   everything else (acceptance, bookkeeping, Python).
 
 Writes profile.json and verify_cost.png into ``--out``.
 """
@@ -211,6 +212,7 @@ def phase_breakdown(target, proposer, prompt_ids: list[int], max_new_tokens: int
     timer = PhaseTimer()
     original = {"forward": target.forward, "commit": target.commit, "pack": engine_module.pack}
     target.forward, target.commit = timer.wrap("target forward", target.forward), timer.wrap("commit", target.commit)
+    target.project = timer.wrap("LM head", target.project)  # runs when the engine reads a forward's logits
     engine_module.pack = timer.wrap("tree packing", engine_module.pack)
     if proposer is not None:
         proposer.propose = timer.wrap("drafting", proposer.propose)
@@ -221,6 +223,7 @@ def phase_breakdown(target, proposer, prompt_ids: list[int], max_new_tokens: int
         total = time.perf_counter() - start
     finally:
         target.forward, target.commit = original["forward"], original["commit"]
+        del target.project
         engine_module.pack = original["pack"]
         if proposer is not None:
             del proposer.propose
