@@ -206,6 +206,77 @@ def auto_weights(spec: str, backend: str, dtype: torch.dtype, device: str | torc
     return "int4" if fast else "dense"
 
 
+def packed_weights(model, dtype: torch.dtype, int4_kernel: str, path: Path | None, *, required: bool):
+    """(int4 layers, 8-bit LM head or None) for the float32 transformers ``model``: its weights packed
+    for 4- and 8-bit products in ``dtype`` (``native.int4_layer_weights``, ``int8_lm_head``), saved to
+    the packed-weight cache at ``path`` (``weight_cache``; None: not saved). (None, None) when no
+    weight is 4-bit and not ``required`` (else raises)."""
+    from redrafter.models import weight_cache
+    from redrafter.models.native import int4_layer_weights
+
+    try:
+        layers = int4_layer_weights(model, dtype, kernel=int4_kernel)
+    except RedrafterError as exc:
+        if required:
+            raise
+        logging.getLogger(__name__).info("dense weights: %s", exc)
+        return None, None
+    head = None
+    if {"avx512", "avx2"} & {w.kernel for layer in layers for w in layer.values()}:
+        head = int8_lm_head(model, dtype)
+    if path is not None:
+        weight_cache.save(path, layers, head)
+    return layers, head
+
+
+_DECODER_LINEAR_WEIGHTS = tuple(f"{name}.weight" for name in (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+
+
+def _every_row_avx2(layers: list[dict]) -> bool:
+    """Whether packed ``layers`` run every row count through our float32 kernel
+    (``NativeTarget.int4_every_row``), so the native backend never reads the plain decoder weights."""
+    return all(len(layer) == 4 and all(w.kernel == "avx2" for w in layer.values()) for layer in layers)
+
+
+def model_without_decoder_weights(directory: Path, *, skip_lm_head: bool):
+    """The float32 transformers model in ``directory`` with every tensor loaded except its decoder
+    layers' linear weights (and the LM head's when ``skip_lm_head`` and it is not tied to the
+    embedding), which stay on the meta device: for a native backend whose packed weights come from the
+    packed-weight cache, and which never reads those. For Qwen2.5-1.5B that reads 1 GB of the float32
+    file's 7 GB. Returns None when the model's tensors do not match (then load it whole)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(str(directory))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    skipped = _DECODER_LINEAR_WEIGHTS + (("lm_head.weight",) if skip_lm_head and not tied else ())
+    state = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            state.update({key: handle.get_tensor(key).float() for key in handle.keys() if not key.endswith(skipped)})
+    expected = {key for key in model.state_dict() if not key.endswith(skipped)}
+    if tied:
+        expected.discard("lm_head.weight")
+    if not state or set(state) != expected:
+        logging.getLogger(__name__).info("the model's tensors are not the ones expected; loading it whole")
+        return None
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    # buffers computed at construction (the rotary embedding's inverse frequencies) are still on meta
+    with torch.device("cpu"):
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(str(directory))
+    except OSError:  # no generation_config.json: the one made from the config stays
+        pass
+    return model
+
+
 def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
                 device: str | torch.device = "cpu", backend: str = "auto", compile: bool = False,
                 keep_transformers_model: bool = True, weights: str = "auto", int4_kernel: str = "auto",
@@ -271,11 +342,26 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a reload takes about a second; no bar needed
+    from redrafter.models import weight_cache
+
+    cache_file = cached = model = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        # int4 recovers the 4-bit grid from float32 weights, then the model takes its dtype.
-        load_dtype = torch.float32 if weights == "int4" else torch_dtype
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=load_dtype).to(device)
+        if weights == "int4" and weight_cache.enabled():
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(str(directory))
+            cache_file = weight_cache.cache_path(directory, torch_dtype, int4_kernel, cache_root())
+            cached = weight_cache.load(cache_file, torch_dtype, getattr(config, "num_hidden_layers", -1))
+            if cached is not None and not keep_transformers_model and _every_row_avx2(cached[0]):
+                try:
+                    model = model_without_decoder_weights(directory, skip_lm_head=cached[1] is not None)
+                except Exception as exc:  # as below; the whole model then loads as usual
+                    logging.getLogger(__name__).info("loading the model whole: %s", exc)
+        if model is None:
+            # int4 recovers the 4-bit grid from float32 weights, then the model takes its dtype.
+            load_dtype = torch.float32 if weights == "int4" else torch_dtype
+            model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=load_dtype).to(device)
     except Exception as exc:  # transformers raises many types for missing or corrupt files
         raise RedrafterError(f"cannot load model from {directory}: {exc}") from None
     finally:
@@ -296,16 +382,12 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
         return TransformersTarget(model, name=spec), tokenizer
     int4_layers = head8 = None
     if weights == "int4":
-        from redrafter.models.native import int4_layer_weights
-
-        try:
-            int4_layers = int4_layer_weights(model, torch_dtype, kernel=int4_kernel)
-        except RedrafterError as exc:
-            if requested != "auto":
-                raise
-            logging.getLogger(__name__).info("dense weights: %s", exc)
-        if int4_layers is not None and {"avx512", "avx2"} & {w.kernel for layer in int4_layers for w in layer.values()}:
-            head8 = int8_lm_head(model, torch_dtype)
+        if cached is not None:
+            logging.getLogger(__name__).info("packed weights from %s", cache_file)
+            int4_layers, head8 = cached
+        else:
+            int4_layers, head8 = packed_weights(model, torch_dtype, int4_kernel, cache_file,
+                                                required=requested != "auto")
         model = model.to(torch_dtype)
     target = NativeTarget(model, name=spec, compile=compile, int4_layers=int4_layers, attention_kernel=attention_kernel,
                           lm_head_int8=head8)

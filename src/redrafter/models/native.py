@@ -403,10 +403,12 @@ class NativeTarget:
         for linear in linears:
             if linear.packed is None and linear.int4_max_rows < EVERY_ROW:  # runs the plain weight
                 continue
-            freed += linear.weight.numel() * linear.weight.element_size()
+            if not linear.weight.is_meta:  # (never loaded: ``loading.model_without_decoder_weights``)
+                freed += linear.weight.numel() * linear.weight.element_size()
             linear.weight = None
         for module in self.model.modules():  # the transformers modules' views of the same tensors
-            if isinstance(module, nn.Linear) and module.weight.untyped_storage().data_ptr() != embedding_storage:
+            if (isinstance(module, nn.Linear) and not module.weight.is_meta
+                    and module.weight.untyped_storage().data_ptr() != embedding_storage):
                 module.weight.data = empty
         self.model = None
         release_free_heap()
