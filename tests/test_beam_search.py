@@ -162,14 +162,16 @@ def test_under_a_cap_k_minus_one_beams_give_the_same_tree(implementation, setup,
     assert lost > 0
 
 
+@pytest.mark.parametrize("extension", ["int4", "avx2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_beam_select_is_the_best_w_of_scores_plus_log_q(dtype):
-    """Our one-pass selection (csrc/beam_select.cpp) against float64: the W best of
-    score[r] + log_softmax(logits[r])[v], best first, ties to the smaller r * V + v; beams at -inf
-    add nothing while W finite candidates exist. Vocabularies cover the vector loop and its tail."""
+def test_beam_select_is_the_best_w_of_scores_plus_log_q(dtype, extension):
+    """Our one-pass selection (csrc/beam_select.cpp, 16 lanes in the AVX-512 extension, 8 in the AVX2
+    one) against float64: the W best of score[r] + log_softmax(logits[r])[v], best first, ties to the
+    smaller r * V + v; beams at -inf add nothing while W finite candidates exist. Vocabularies cover
+    the vector loop and its tail."""
     from helpers import require_kernels
 
-    module = require_kernels("int4")  # beam_select: in the AVX-512 extension only
+    module = require_kernels(extension)
     generator = torch.Generator().manual_seed(3)
     for trial in range(60):
         batch, beams = int(torch.randint(1, 3, (1,), generator=generator)), int(torch.randint(1, 9, (1,), generator=generator))
@@ -193,10 +195,11 @@ def test_beam_select_is_the_best_w_of_scores_plus_log_q(dtype):
                 assert float(top[b, -1]) >= max(rest) - 1e-5  # nothing left out beats what was kept
 
 
-def test_beam_select_rejects_bad_input():
+@pytest.mark.parametrize("extension", ["int4", "avx2"])
+def test_beam_select_rejects_bad_input(extension):
     from helpers import require_kernels
 
-    module = require_kernels("int4")  # beam_select: in the AVX-512 extension only
+    module = require_kernels(extension)
     with pytest.raises(RuntimeError, match="width"):
         module.beam_select(torch.zeros(1, 2, 3), torch.zeros(1, 2), 7)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
@@ -235,18 +238,20 @@ def kept_paths(beams: torch.Tensor) -> list[set[tuple[int, ...]]]:
     return rows
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("input_proj", [True, False])
-def test_fused_search_equals_the_loop_bit_for_bit(input_proj):
+def test_fused_search_equals_the_loop_bit_for_bit(input_proj, dtype):
     """``FusedSearch`` (csrc/draft_search.cpp) against ``beam_search``'s own loop over the same int4
     inference copy: the same beams, scores and path scores, exactly, for batches of 1-4 rows, 1-5 beams,
     lengths 1-5, with and without the shallower depths (keep_pruned) and a tree cap, and a reduced draft
     vocabulary. The loop runs wherever no table is passed; with one, the fused search must have run
-    (a loop whose drafter's ``next_state`` fails cannot be the one that answered)."""
+    (a loop whose drafter's ``next_state`` fails cannot be the one that answered). bf16 runs the AVX-512
+    extension's search, float32 the AVX2 one's."""
     from helpers import require_kernels
 
     from redrafter.drafter.model import inference_copy
 
-    require_kernels("int4")
+    require_kernels("int4" if dtype == torch.bfloat16 else "avx2")
     require_kernels("tree")
     hidden, vocab, target_vocab = 64, 256, 1000
     torch.manual_seed(1)
@@ -257,16 +262,16 @@ def test_fused_search_equals_the_loop_bit_for_bit(input_proj):
         if p.is_floating_point():
             torch.nn.init.normal_(p, std=0.2)
     drafter.draft_to_target = torch.randperm(target_vocab)[:vocab]
-    fast = inference_copy(drafter.to(torch.bfloat16), weights="int4")
+    fast = inference_copy(drafter.to(dtype), weights="int4")
     assert fast.fused_search is not None and (fast.input_proj is not None) == input_proj
-    table = torch.randn(target_vocab, hidden).to(torch.bfloat16)
+    table = torch.randn(target_vocab, hidden).to(dtype)
     embed = torch.nn.functional.embedding
     generator = torch.Generator().manual_seed(2)
     compared = floored = 0
     for batch in (1, 2, 4):
         for width, length, keep_pruned, cap in [(4, 3, True, 5), (1, 3, False, 0), (3, 4, True, 0), (2, 2, False, 0),
                                                 (4, 5, True, 6), (2, 1, False, 0), (4, 3, False, 0), (3, 5, False, 0)]:
-            context = torch.randn(batch, hidden, generator=generator).to(torch.bfloat16)
+            context = torch.randn(batch, hidden, generator=generator).to(dtype)
             g0 = torch.randint(0, target_vocab, (batch,), generator=generator)
             kwargs = dict(width=width, length=length, keep_pruned=keep_pruned, max_tree_tokens=cap)
             loop = beam_search(fast, lambda ids: embed(ids, table), context, g0, **kwargs)
@@ -303,7 +308,7 @@ def test_fused_search_equals_the_loop_bit_for_bit(input_proj):
 
     uneven = 0
     for _ in range(60):
-        context = torch.randn(2, hidden, generator=generator).to(torch.bfloat16)
+        context = torch.randn(2, hidden, generator=generator).to(dtype)
         g0 = torch.randint(0, target_vocab, (2,), generator=generator)
         second = search(context, g0, width=4, length=3).path_scores[:, :, 2]  # (2, 4) depth-2 scores, best first
         full, part = (0, 1) if second[0, 3] > second[1, 3] else (1, 0)

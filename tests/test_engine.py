@@ -85,7 +85,8 @@ def test_adaptive_draft_equals_generate(case):
 
     def recording(*args, **kwargs):
         beams = propose(*args, **kwargs)
-        lengths.append(beams.shape[-1])
+        # the deepest kept position (the fused search pads its beams to L with NO_TOKEN, the loop stops early)
+        lengths.append(int((beams != NO_TOKEN).any(dim=0).any(dim=0).sum()))
         nodes.extend(int(n) for n in (beams != NO_TOKEN).sum(dim=(1, 2)))
         return beams
 

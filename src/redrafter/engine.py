@@ -195,7 +195,7 @@ class ReDrafterProposer:
         drafter, batch = self.drafter, context.shape[0]
         fused = getattr(drafter, "fused_search", None)
         if fused is not None and fused.runs(context, self.table, batch * width):
-            rows = context.to(torch.bfloat16).repeat_interleave(width, 0)  # (batch * W, H), row b * W + w
+            rows = context.to(fused.dtype).repeat_interleave(width, 0)  # (batch * W, H), row b * W + w
 
             def fused_step(state: torch.Tensor | None, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 state, logits = fused.step(rows, state, tokens.reshape(-1), self.table)

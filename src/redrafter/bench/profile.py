@@ -160,6 +160,8 @@ def draft_cost(drafter, target, beams: list[BeamConfig], repeats: int) -> dict[s
     from redrafter.engine import search_shape
 
     drafter = inference_copy(drafter)  # what ReDrafterProposer drafts with
+    table = getattr(target, "embedding", None)  # as ReDrafterProposer: the fused search where it runs
+    table = table if isinstance(table, torch.Tensor) else None
 
     context = torch.randn(1, target.info.hidden_size, dtype=target.dtype, device=target.device)
     g0 = torch.tensor([1], device=target.device)
@@ -169,7 +171,8 @@ def draft_cost(drafter, target, beams: list[BeamConfig], repeats: int) -> dict[s
             width, keep_pruned = search_shape(beam)
             result[beam_label(beam)] = median_ms(
                 lambda: beam_search(drafter, target.embed, context, g0, width=width, length=beam.length,
-                                    max_tree_tokens=beam.max_tree_tokens, keep_pruned=keep_pruned), repeats)
+                                    max_tree_tokens=beam.max_tree_tokens, keep_pruned=keep_pruned, table=table),
+                repeats)
     return result
 
 

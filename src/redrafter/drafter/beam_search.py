@@ -96,8 +96,8 @@ def beam_search(drafter: Drafter, embed: Callable[[torch.Tensor], torch.Tensor],
     shallower: list[tuple[torch.Tensor, torch.Tensor]] = []  # (beams, path_scores) of earlier depths
     # Our one-pass selection (csrc/beam_select.cpp) on CPU where it is built; log q itself only when asked for.
     select = None if return_log_probs else tree_kernel(context)
-    if not hasattr(select, "beam_select"):  # the AVX2 extension has the tree bookkeeping, not beam_select
-        select = None
+    if select is not None and fused is not None:  # the fused search's extension: its selection, lane for lane
+        select = fused.module
     for depth in range(1, length):
         if depth == 1:  # every beam is g0 alone: run the head on one row per batch row, shared by all W
             first = drafter.next_state(state[:, :1], embed(g0).unsqueeze(1).to(state.dtype))

@@ -154,9 +154,11 @@ class FusedSearch:
     """The whole beam search of an inference copy in one call (``csrc/draft_search.cpp``), when every
     linear layer runs our int4 products: the same products and roundings as ``beam_search``'s loop
     over the copy, so the same beams and scores, bit for bit (tests/test_beam_search.py), without
-    the loop's tensor operations from Python (docs/PERFORMANCE.md)."""
+    the loop's tensor operations from Python (docs/PERFORMANCE.md). A bf16 drafter runs the AVX-512
+    extension's (``kernels.int4()``), a float32 one the AVX2 extension's (``kernels.avx2()``)."""
 
-    def __init__(self, module, layers: list, draft_to_target: torch.Tensor | None, has_input_proj: bool) -> None:
+    def __init__(self, module, layers: list, draft_to_target: torch.Tensor | None, has_input_proj: bool,
+                 dtype: torch.dtype = torch.bfloat16) -> None:
         from redrafter.models.int4 import in_one_block
 
         # The layers' 4-bit weights move into one block on huge pages, which the layers then share:
@@ -164,12 +166,13 @@ class FusedSearch:
         in_one_block(layers)
         self.packed = [layer.int4.packed for layer in layers]
         self.scales = [layer.int4.scales for layer in layers]
-        empty = torch.empty(0, dtype=torch.bfloat16)
+        self.dtype = dtype  # the drafter's activations and the embedding table the search reads
+        empty = torch.empty(0, dtype=dtype)
         self.biases = [empty if layer.bias is None else layer.bias for layer in layers]
         self.draft_to_target = torch.empty(0, dtype=torch.long) if draft_to_target is None else draft_to_target
         self.has_input_proj = has_input_proj
         self.max_rows = min(layer.int4_max_rows for layer in layers)  # beyond: the loop's other kernels
-        self.module = module  # the extension (kernels.int4())
+        self.module = module  # the extension (kernels.int4() or kernels.avx2())
 
     @classmethod
     def of(cls, fast: Drafter) -> "FusedSearch | None":
@@ -178,18 +181,20 @@ class FusedSearch:
         from redrafter.models import kernels
         from redrafter.models.base import Linear
 
-        module = kernels.int4()
-        if not fast.config.rnn or module is None or not hasattr(module, "draft_search"):
+        if not fast.config.rnn:
             return None
         modules = [fast.rnn_w, fast.rnn_u] + ([fast.input_proj] if fast.input_proj is not None else [])
         modules += [block.linear for block in fast.lm_head[:-1]] + [fast.lm_head[-1]]
         layers = [linear.forward for linear in modules]
-        if not all(isinstance(layer, Linear) and layer.int4 is not None and layer.int4.kernel == "avx512"
-                   for layer in layers):
+        kinds = {layer.int4.kernel if isinstance(layer, Linear) and layer.int4 is not None else None for layer in layers}
+        if kinds not in ({"avx512"}, {"avx2"}) or layers[1].bias is None:
             return None
-        if layers[1].bias is None:
+        kernel = kinds.pop()
+        module = kernels.int4() if kernel == "avx512" else kernels.avx2()
+        if module is None or not hasattr(module, "draft_search"):
             return None
-        return cls(module, layers, fast.draft_to_target, fast.input_proj is not None)
+        return cls(module, layers, fast.draft_to_target, fast.input_proj is not None,
+                   torch.bfloat16 if kernel == "avx512" else torch.float32)
 
     def __call__(self, context: torch.Tensor, g0: torch.Tensor, embedding: torch.Tensor, *, width: int,
                  length: int, keep_pruned: bool, min_prob: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -197,7 +202,7 @@ class FusedSearch:
         ``min_prob`` the nodes below it come back ``NO_TOKEN`` (``drop_below``), and only beams at or
         above it are extended: their children are the only ones that can reach it."""
         floor = math.log(min_prob) if min_prob > 0 else float("-inf")
-        return tuple(self.module.draft_search(context.to(torch.bfloat16).contiguous(), g0.contiguous(), embedding,
+        return tuple(self.module.draft_search(context.to(self.dtype).contiguous(), g0.contiguous(), embedding,
                                               self.packed, self.scales, self.biases, self.draft_to_target,
                                               self.has_input_proj, width, length, keep_pruned, floor))
 
@@ -205,16 +210,17 @@ class FusedSearch:
              embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One depth for R rows: (next_state, logits (R, V_d)) as ``Drafter.next_state`` from ``state``
         (None: s_0) and the embedding of ``ids`` (R,), then ``Drafter.logits``, with context (R, H)."""
-        empty = torch.empty(0, dtype=torch.bfloat16)
+        empty = torch.empty(0, dtype=self.dtype)
         return tuple(self.module.draft_step(context, empty if state is None else state, ids.contiguous(), embedding,
                                             self.packed, self.scales, self.biases, self.has_input_proj))
 
     def runs(self, context: torch.Tensor, table: torch.Tensor | None, rows: int) -> bool:
         """Whether the fused calls serve ``rows`` drafter rows for ``context``, with the target's
-        embedding ``table``: a bf16 table, rows the int4 kernel takes, our tree kernels switched on."""
+        embedding ``table``: a table of the drafter's dtype, rows the int4 kernel takes, our tree kernels
+        switched on."""
         from redrafter.tree import tree_kernel
 
-        return (table is not None and table.dtype == torch.bfloat16 and rows <= self.max_rows
+        return (table is not None and table.dtype == self.dtype and rows <= self.max_rows
                 and tree_kernel(context) is not None)
 
 

@@ -57,7 +57,7 @@ import torch
 SOURCE_NAMES = ("int4_gemm.cpp", "tree_attention.cpp", "layer_ops.cpp", "rms_norm.cpp", "bf16_gemm.cpp", "tree.cpp", "beam_select.cpp",
                 "draft_search.cpp", "decoder.cpp", "bindings.cpp")
 SOURCES = [Path(__file__).with_name("csrc") / name for name in SOURCE_NAMES]
-HEADERS = [Path(__file__).with_name("csrc") / name for name in ("vec.h", "tree.h")]  # part of the cache key, not compiled on their own
+HEADERS = [Path(__file__).with_name("csrc") / name for name in ("vec.h", "tree.h", "draft.h")]  # part of the cache key, not compiled on their own
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
 
@@ -78,8 +78,9 @@ def cpu_flags() -> frozenset[str]:
 
 
 AVX2_SOURCES = [Path(__file__).with_name("csrc") / "avx2" / name for name in ("gemm_f32.cpp", "layer_f32.cpp")] + [
-    Path(__file__).with_name("csrc") / "tree.cpp"]  # the tree bookkeeping, with its AVX2 argmax
-AVX2_HEADERS = [Path(__file__).with_name("csrc") / "tree.h"]
+    # the tree bookkeeping (with its AVX2 argmax) and the drafter's search, float32 here
+    Path(__file__).with_name("csrc") / name for name in ("tree.cpp", "beam_select.cpp", "draft_search.cpp")]
+AVX2_HEADERS = [Path(__file__).with_name("csrc") / name for name in ("tree.h", "draft.h", "avx2/vec_f32.h")]
 AVX2_REQUIRED_FLAGS = ("avx2", "fma", "f16c")
 AVX2_COMPILE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 

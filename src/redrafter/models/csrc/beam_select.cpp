@@ -1,6 +1,7 @@
 // One depth of the drafter's beam search after its logits (drafter/beam_search.py): log-softmax over
 // the draft vocabulary, each beam's score added, and the best W of all beams' extensions, in one pass
 // per beam row. The tensor version takes a log_softmax, two topk and about ten index operations.
+// Built into both extensions: with 16 lanes (AVX-512) and with 8 (AVX2, csrc/avx2).
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <cmath>
@@ -8,11 +9,55 @@
 #include <limits>
 #include <vector>
 
+#ifdef __AVX512F__
 #include "vec.h"
+#else
+#include "avx2/vec_f32.h"
+#endif
 
 namespace {
 
+#ifdef __AVX512F__
 using namespace redrafter_vec;
+struct Lanes {  // 16 float32 lanes
+  using V = __m512;
+  static constexpr int kWidth = 16;
+  template <typename T> static V load(const T* p) { return load16(p); }
+  static V set1(float v) { return _mm512_set1_ps(v); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V exp(V a) { return exp16(a); }
+  static float reduce_max(V a) { return _mm512_reduce_max_ps(a); }
+  static float reduce_add(V a) { return _mm512_reduce_add_ps(a); }
+  static uint32_t greater(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+  static void store(float* p, V a) { _mm512_storeu_ps(p, a); }
+};
+#else
+using namespace redrafter_vec8;
+struct Lanes {  // 8 float32 lanes
+  using V = __m256;
+  static constexpr int kWidth = 8;
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load(const at::BFloat16* p) {  // a bf16 is the high half of its float32
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+  static V set1(float v) { return _mm256_set1_ps(v); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V exp(V a) { return exp8(a); }
+  static float reduce_max(V a) {
+    const __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 n = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(n, _mm_movehdup_ps(n)));
+  }
+  static float reduce_add(V a) { return hsum8(a); }
+  static uint32_t greater(V a, V b) { return (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_GT_OQ)); }
+  static void store(float* p, V a) { _mm256_storeu_ps(p, a); }
+};
+#endif
 
 // The best `width` candidates so far, best first; ties keep the smaller flat index first.
 struct Best {
@@ -33,6 +78,7 @@ struct Best {
 
 template <typename T>
 void select_row(const T* logits, const float* scores, int64_t beams, int64_t vocab, Best& best) {
+  constexpr int L = Lanes::kWidth;
   for (int64_t r = 0; r < beams; ++r) {
     const T* x = logits + r * vocab;
     const float score = scores[r];
@@ -40,25 +86,24 @@ void select_row(const T* logits, const float* scores, int64_t beams, int64_t voc
     // log q = (x - max) - log(sum exp(x - max)), as torch.log_softmax
     float top = -std::numeric_limits<float>::infinity();
     int64_t v = 0;
-    __m512 vmax = _mm512_set1_ps(top);
-    for (; v + 16 <= vocab; v += 16) vmax = _mm512_max_ps(vmax, load16(x + v));
-    top = _mm512_reduce_max_ps(vmax);
+    auto vmax = Lanes::set1(top);
+    for (; v + L <= vocab; v += L) vmax = Lanes::max(vmax, Lanes::load(x + v));
+    top = Lanes::reduce_max(vmax);
     for (; v < vocab; ++v) top = std::max(top, (float)x[v]);
-    const __m512 vtop = _mm512_set1_ps(top);
-    __m512 vsum = _mm512_setzero_ps();
-    float sum = 0.f;
-    for (v = 0; v + 16 <= vocab; v += 16) vsum = _mm512_add_ps(vsum, exp16(_mm512_sub_ps(load16(x + v), vtop)));
-    sum = _mm512_reduce_add_ps(vsum);
+    const auto vtop = Lanes::set1(top);
+    auto vsum = Lanes::set1(0.f);
+    for (v = 0; v + L <= vocab; v += L) vsum = Lanes::add(vsum, Lanes::exp(Lanes::sub(Lanes::load(x + v), vtop)));
+    float sum = Lanes::reduce_add(vsum);
     for (; v < vocab; ++v) sum += std::exp((float)x[v] - top);
     const float shift = std::log(sum);
     // candidate = score + ((x - max) - shift); only those above the current W-th best are inserted
-    const __m512 vshift = _mm512_set1_ps(shift), vscore = _mm512_set1_ps(score);
-    for (v = 0; v + 16 <= vocab; v += 16) {
-      const __m512 c = _mm512_add_ps(vscore, _mm512_sub_ps(_mm512_sub_ps(load16(x + v), vtop), vshift));
-      __mmask16 m = best.index.back() < 0 ? (__mmask16)0xFFFF : _mm512_cmp_ps_mask(c, _mm512_set1_ps(best.worst()), _CMP_GT_OQ);
+    const auto vshift = Lanes::set1(shift), vscore = Lanes::set1(score);
+    for (v = 0; v + L <= vocab; v += L) {
+      const auto c = Lanes::add(vscore, Lanes::sub(Lanes::sub(Lanes::load(x + v), vtop), vshift));
+      uint32_t m = best.index.back() < 0 ? (1u << L) - 1 : Lanes::greater(c, Lanes::set1(best.worst()));
       if (!m) continue;
-      alignas(64) float lanes[16];
-      _mm512_store_ps(lanes, c);
+      alignas(64) float lanes[L];
+      Lanes::store(lanes, c);
       for (; m; m &= m - 1) {
         const int lane = __builtin_ctz(m);
         best.offer(lanes[lane], r * vocab + v + lane);

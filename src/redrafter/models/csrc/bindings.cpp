@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 #include <vector>
 
+#include "draft.h"
 #include "tree.h"
 
 torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sm);
@@ -22,20 +23,10 @@ torch::Tensor decoder_layers(torch::Tensor x, const std::vector<torch::Tensor>& 
                              const torch::Tensor& cos, const torch::Tensor& signed_sin, torch::Tensor kv,
                              const torch::Tensor& slots, int64_t heads, int64_t kv_heads, int64_t span,
                              const torch::Tensor& allowed, double scale);
-std::vector<torch::Tensor> beam_select(const torch::Tensor& logits, const torch::Tensor& scores, int64_t width);
-std::vector<torch::Tensor> draft_search(const torch::Tensor& context, const torch::Tensor& g0,
-                                        const torch::Tensor& embedding, const std::vector<torch::Tensor>& packed,
-                                        const std::vector<torch::Tensor>& scales,
-                                        const std::vector<torch::Tensor>& biases, const torch::Tensor& draft_to_target,
-                                        bool has_input_proj, int64_t width, int64_t length, bool keep_pruned,
-                                        double min_log_prob);
-std::vector<torch::Tensor> draft_step(const torch::Tensor& context, const torch::Tensor& state, const torch::Tensor& ids,
-                                      const torch::Tensor& embedding, const std::vector<torch::Tensor>& packed,
-                                      const std::vector<torch::Tensor>& scales, const std::vector<torch::Tensor>& biases,
-                                      bool has_input_proj);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_tree(m);
+  bind_draft(m);  // csrc/draft.h
   m.def("int4_mm", &int4_mm, "bf16 rows x 4-bit weight (one pass over the weight)");
   m.def("pack_weight", &pack_weight, "pack a 4-bit weight for int4_mm");
   m.def("int8_mm", &int8_mm, "bf16 rows x 8-bit (Q8_0) weight (one pass over the weight)");
@@ -48,7 +39,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_mm", &bf16_mm, "bf16 rows x bf16 weight packed in pairs (one pass over the weight)");
   m.def("rms_norm_bf16", &rms_norm_bf16, "transformers' RMSNorm of bf16 rows in one call");
   m.def("decoder_layers", &decoder_layers, "a native forward's decoder layers (int4 products, our attention) in one call");
-  m.def("beam_select", &beam_select, "one depth of the drafter's beam search after its logits");
-  m.def("draft_search", &draft_search, "the drafter's beam search in one call (int4 layers; min_prob prunes and drops)");
-  m.def("draft_step", &draft_step, "one depth of the drafter (next state and logits) in one call (int4 layers)");
 }

@@ -1,5 +1,6 @@
-// The drafter's whole beam search in one call, for a bf16 drafter whose linear layers all run our
-// int4 products (drafter/model.py ``inference_copy``). drafter/beam_search.py's loop runs about 15
+// The drafter's whole beam search in one call, for a drafter whose linear layers all run our int4
+// products (drafter/model.py ``inference_copy``): bf16 with int4_mm in the AVX-512 extension, float32
+// with mm_f32 in the AVX2 one (csrc/avx2), which builds this file too. drafter/beam_search.py's loop runs about 15
 // tensor operations per depth from Python; after the target's forward has streamed its weights
 // through the caches, each of them starts cold (docs/PERFORMANCE.md). This is the same loop, with the
 // same products and the same roundings, so its results equal the Python loop's bit for bit
@@ -11,17 +12,32 @@
 #include <limits>
 #include <vector>
 
+#include "draft.h"
+
+#ifdef __AVX512F__
 torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sm);
-std::vector<torch::Tensor> beam_select(const torch::Tensor& logits, const torch::Tensor& scores, int64_t width);
+#else
+torch::Tensor mm_f32(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sm);
+#endif
 
 namespace {
+
+#ifdef __AVX512F__
+constexpr auto kDraftType = torch::kBFloat16;  // the drafter's activations and the embedding table
+constexpr const char* kDraftTypeName = "bfloat16";
+torch::Tensor draft_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sm) { return int4_mm(x, wq, sm); }
+#else
+constexpr auto kDraftType = torch::kFloat;
+constexpr const char* kDraftTypeName = "float32";
+torch::Tensor draft_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sm) { return mm_f32(x, wq, sm); }
+#endif
 
 constexpr int64_t kNoToken = -1;  // tree.NO_TOKEN
 
 struct Layer {
   torch::Tensor packed, scales, bias;  // bias undefined when the layer has none
   torch::Tensor operator()(const torch::Tensor& x) const {  // models.base.Linear's int4 path: y + bias
-    auto y = int4_mm(x, packed, scales);
+    auto y = draft_mm(x, packed, scales);
     return bias.defined() ? y + bias : y;
   }
 };
@@ -62,25 +78,25 @@ torch::Tensor next_state(const std::vector<Layer>& layers, const torch::Tensor& 
 
 // One depth of the drafter for R rows (engine.propose_sampled's loop body before its sampling
 // transform): the next RNN state from the rows' state (empty: s_0 = 0) and the embedding of `ids` (R,),
-// then the logits over the draft vocabulary. context (R, H) bf16. Returns {state (R, H), logits (R, V_d)},
+// then the logits over the draft vocabulary. context (R, H) in the drafter's dtype. Returns {state (R, H), logits (R, V_d)},
 // equal to Drafter.next_state and Drafter.logits on the same int4 copy, bit for bit.
 std::vector<torch::Tensor> draft_step(const torch::Tensor& context, const torch::Tensor& state_in, const torch::Tensor& ids,
                                       const torch::Tensor& embedding, const std::vector<torch::Tensor>& packed,
                                       const std::vector<torch::Tensor>& scales, const std::vector<torch::Tensor>& biases,
                                       bool has_input_proj) {
-  TORCH_CHECK(context.device().is_cpu() && context.dim() == 2 && context.scalar_type() == torch::kBFloat16,
-              "draft_step: context must be a (rows, H) bfloat16 CPU tensor");
+  TORCH_CHECK(context.device().is_cpu() && context.dim() == 2 && context.scalar_type() == kDraftType,
+              std::string("draft_step: context must be a (rows, H) ") + kDraftTypeName + " CPU tensor");
   TORCH_CHECK(ids.dim() == 1 && ids.size(0) == context.size(0) && ids.scalar_type() == torch::kLong,
               "draft_step: ids must be (rows,) int64");
   TORCH_CHECK(state_in.numel() == 0 || state_in.sizes() == context.sizes(), "draft_step: state must be empty or like context");
-  TORCH_CHECK(embedding.dim() == 2 && embedding.scalar_type() == torch::kBFloat16 && embedding.size(1) == context.size(1),
-              "draft_step: embedding must be a (V, H) bfloat16 table");
+  TORCH_CHECK(embedding.dim() == 2 && embedding.scalar_type() == kDraftType && embedding.size(1) == context.size(1),
+              std::string("draft_step: embedding must be a (V, H) ") + kDraftTypeName + " table");
   const auto layers = make_layers(packed, scales, biases, has_input_proj);
   const auto state = next_state(layers, embedding, ids, state_in.numel() ? state_in.contiguous() : torch::Tensor());
   return {state, drafter_logits(layers, has_input_proj, context.contiguous(), state)};
 }
 
-// context (B, H) bf16: the target's hidden state h; g0 (B,) int64; embedding (V, H) bf16: the target's
+// context (B, H) in the drafter's dtype: the target's hidden state h; g0 (B,) int64; embedding (V, H) the same: the target's
 // table E. packed / scales / biases: the drafter's int4 layers in the order rnn_w, rnn_u, input_proj (when
 // has_input_proj), the residual blocks, the vocabulary projection (biases: an empty tensor for none).
 // draft_to_target (V_d,) int64, or empty when the draft vocabulary is the target's.
@@ -98,13 +114,13 @@ std::vector<torch::Tensor> draft_search(const torch::Tensor& context, const torc
                                         const std::vector<torch::Tensor>& biases, const torch::Tensor& draft_to_target,
                                         bool has_input_proj, int64_t width, int64_t length, bool keep_pruned,
                                         double min_log_prob) {
-  TORCH_CHECK(context.device().is_cpu() && context.dim() == 2 && context.scalar_type() == torch::kBFloat16,
-              "draft_search: context must be a (batch, H) bfloat16 CPU tensor");
+  TORCH_CHECK(context.device().is_cpu() && context.dim() == 2 && context.scalar_type() == kDraftType,
+              std::string("draft_search: context must be a (batch, H) ") + kDraftTypeName + " CPU tensor");
   TORCH_CHECK(g0.dim() == 1 && g0.size(0) == context.size(0) && g0.scalar_type() == torch::kLong,
               "draft_search: g0 must be (batch,) int64");
-  TORCH_CHECK(embedding.dim() == 2 && embedding.scalar_type() == torch::kBFloat16 &&
+  TORCH_CHECK(embedding.dim() == 2 && embedding.scalar_type() == kDraftType &&
                   embedding.size(1) == context.size(1),
-              "draft_search: embedding must be a (V, H) bfloat16 table");
+              std::string("draft_search: embedding must be a (V, H) ") + kDraftTypeName + " table");
   TORCH_CHECK(width >= 1 && length >= 1, "draft_search: width and length must be positive");
   const auto layers = make_layers(packed, scales, biases, has_input_proj);
   const bool mapped = draft_to_target.numel() > 0;

@@ -23,6 +23,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../draft.h"
 #include "../tree.h"
 
 namespace {
@@ -403,6 +404,7 @@ torch::Tensor decoder_layers_f32(torch::Tensor x, const std::vector<torch::Tenso
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_tree(m);  // csrc/tree.cpp, built into this extension too
+  bind_draft(m);  // csrc/beam_select.cpp and csrc/draft_search.cpp, float32 here
   m.def("mm_f32", &mm_f32, "float32 rows through a 4- or 8-bit weight (AVX2)");
   m.def("mixed_mm_f32", &mixed_mm_f32, "float32 rows through a weight in parts of different formats (AVX2)");
   m.def("pack_weight_f32", &pack_weight_f32, "a 4-bit weight in mm_f32's layout");
