@@ -17,6 +17,7 @@ SHAPES = [  # batch, heads, kv_heads, n, span, head_dim
     (1, 9, 3, 1, 17, 64),  # one token
     (2, 12, 2, 5, 77, 128),  # Qwen2.5's head size
     (3, 4, 4, 3, 40, 32),  # no grouping
+    (1, 7, 1, 2, 33, 80),  # 7 heads on one key/value head, 10 lanes-blocks: the kernel's remainders
     (2, 4, 1, 7, 33, 80),  # a head size the kernel has no special case for
 ]
 

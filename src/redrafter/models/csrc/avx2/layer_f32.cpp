@@ -47,41 +47,73 @@ torch::Tensor rms_norm_f32(const torch::Tensor& x, const torch::Tensor& weight, 
 
 namespace {
 
-// One query's attention over its visible slots (see attention_f32). DV: D / 8 known at compile time
-// (the accumulators stay in registers), or 0 for any D.
+// The attention of the G query heads that share one key/value head, for one query position, over its
+// visible slots (see attention_f32): each key and value row is read once for all G heads (from memory,
+// where the G heads each reading it would fetch it G times). Per head the operations are those of the
+// head alone: each slot's score one chain of FMAs over the head's lanes then hsum8, the scores' maximum,
+// exp(score - max) and its sum in 8 lanes (slots j, j + 8, ... per lane, in slot order) then hsum8's
+// order, and the weighted values summed over the slots in order. DV: D / 8 known at compile time, or 0.
 template <int DV>
-void attend(const float* qv, const float* keys, const float* values, const std::vector<int32_t>& list, float scale,
-            int64_t D, std::vector<float>& scores, float* o) {
+void attend(const float* qv, int64_t G, const float* keys, const float* values, const std::vector<int32_t>& list,
+            float scale, int64_t D, std::vector<float>& scores, float* o) {
   const int64_t dv = DV ? DV : D / 8;
   const int64_t m = (int64_t)list.size();
   if (m == 0) {  // no visible slot (a fully masked softmax): NaN, as torch's scaled_dot_product_attention gives
-    for (int64_t d = 0; d < D; ++d) o[d] = std::nanf("");
+    for (int64_t d = 0; d < G * D; ++d) o[d] = std::nanf("");
     return;
   }
-  scores.resize((m + 7) / 8 * 8);
-  float peak = -INFINITY;
+  const int64_t padded = (m + 7) / 8 * 8;
+  scores.resize(G * padded);  // head g's scores at g * padded
   for (int64_t j = 0; j < m; ++j) {
     const float* k = keys + (int64_t)list[j] * D;
-    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qv), _mm256_loadu_ps(k));
-    for (int64_t d = 1; d < dv; ++d) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qv + 8 * d), _mm256_loadu_ps(k + 8 * d), acc);
-    scores[j] = hsum8(acc) * scale;
-    peak = std::max(peak, scores[j]);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* q = qv + g * D;
+      __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k));
+      for (int64_t d = 1; d < dv; ++d) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * d), _mm256_loadu_ps(k + 8 * d), acc);
+      scores[g * padded + j] = hsum8(acc) * scale;
+    }
   }
-  for (int64_t j = m; j < (int64_t)scores.size(); ++j) scores[j] = -INFINITY;
-  const __m256 top = _mm256_set1_ps(peak);
-  for (int64_t j = 0; j < m; j += 8)
-    _mm256_storeu_ps(scores.data() + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(scores.data() + j), top)));
-  float total = 0.f;
-  for (int64_t j = 0; j < m; ++j) total += scores[j];
-  __m256 acc[DV ? DV : 32];
-  for (int64_t d = 0; d < dv; ++d) acc[d] = _mm256_setzero_ps();
-  for (int64_t j = 0; j < m; ++j) {
-    const float* v = values + (int64_t)list[j] * D;
-    const __m256 p = _mm256_set1_ps(scores[j]);
-    for (int64_t d = 0; d < dv; ++d) acc[d] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * d), acc[d]);
+  std::vector<float> inv(G);
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = scores.data() + g * padded;
+    for (int64_t j = m; j < padded; ++j) sg[j] = -INFINITY;
+    __m256 vpeak = _mm256_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < m; j += 8) vpeak = _mm256_max_ps(vpeak, _mm256_loadu_ps(sg + j));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, vpeak);
+    float peak = lanes[0];
+    for (int l = 1; l < 8; ++l) peak = std::max(peak, lanes[l]);
+    const __m256 top = _mm256_set1_ps(peak);
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < m; j += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + j), top));
+      _mm256_storeu_ps(sg + j, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    inv[g] = 1.f / hsum8(sum);
   }
-  const __m256 inv = _mm256_set1_ps(1.f / total);
-  for (int64_t d = 0; d < dv; ++d) _mm256_storeu_ps(o + 8 * d, _mm256_mul_ps(acc[d], inv));
+  // The weighted values: 4 lanes-blocks of 8 (32 values) of up to 3 heads at a time in registers, each
+  // summed over the slots in order.
+  constexpr int kBlock = 4, kHeads = 3;
+  for (int64_t g0 = 0; g0 < G; g0 += kHeads) {
+    const int64_t heads = std::min<int64_t>(kHeads, G - g0);
+    for (int64_t d0 = 0; d0 < dv; d0 += kBlock) {
+      const int64_t width = std::min<int64_t>(kBlock, dv - d0);
+      __m256 acc[kHeads][kBlock];
+      for (int h = 0; h < kHeads; ++h)
+        for (int b = 0; b < kBlock; ++b) acc[h][b] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < m; ++j) {
+        const float* v = values + (int64_t)list[j] * D + 8 * d0;
+        for (int64_t h = 0; h < heads; ++h) {
+          const __m256 p = _mm256_set1_ps(scores[(g0 + h) * padded + j]);
+          for (int64_t b = 0; b < width; ++b) acc[h][b] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * b), acc[h][b]);
+        }
+      }
+      for (int64_t h = 0; h < heads; ++h)
+        for (int64_t b = 0; b < width; ++b)
+          _mm256_storeu_ps(o + (g0 + h) * D + 8 * (d0 + b), _mm256_mul_ps(acc[h][b], _mm256_set1_ps(inv[g0 + h])));
+    }
+  }
 }
 
 }  // namespace
@@ -92,8 +124,9 @@ void attend(const float* qv, const float* keys, const float* values, const std::
 // every query. Returns (B, n, heads * D).
 //
 // Each query attends to the list of its visible slots in slot order (the committed ones, then its tree
-// ancestors and itself) with one fixed order of operations over that list: scores, their maximum,
-// exp(score - max) and its sum, and the weighted values, each slot after the one before. So a tree token
+// ancestors and itself) with one fixed order of operations over that list, which depends on the list
+// alone: scores, their maximum, exp(score - max) and its sum (8 lanes, then hsum8), and the weighted
+// values, each slot after the one before. So a tree token
 // computes exactly what the same token computes after a commit, when its ancestors sit in consecutive
 // slots, and speculative decoding stays token-identical to plain decoding.
 torch::Tensor attention_f32(const torch::Tensor& q, const torch::Tensor& kv, int64_t layer, int64_t span,
@@ -126,20 +159,20 @@ torch::Tensor attention_f32(const torch::Tensor& q, const torch::Tensor& kv, int
   const float* qp = qc.data_ptr<float>();
   const float* kvp = kv.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t group = heads / kv_heads;
-  at::parallel_for(0, B * heads * n, 1, [&](int64_t begin, int64_t end) {
+  const int64_t group = heads / kv_heads;  // query heads per key/value head: adjacent heads h = kv * group + g
+  at::parallel_for(0, B * kv_heads * n, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (heads * n), h = task / n % heads, i = task % n;
-      const float* keys = kvp + (((layer * 2 + 0) * B + b) * kv_heads + h / group) * capacity * D;
-      const float* values = kvp + (((layer * 2 + 1) * B + b) * kv_heads + h / group) * capacity * D;
-      const float* qv = qp + ((b * n + i) * heads + h) * D;
-      float* o = op + (b * n + i) * heads * D + h * D;
+      const int64_t b = task / (kv_heads * n), kvh = task / n % kv_heads, i = task % n;
+      const float* keys = kvp + (((layer * 2 + 0) * B + b) * kv_heads + kvh) * capacity * D;
+      const float* values = kvp + (((layer * 2 + 1) * B + b) * kv_heads + kvh) * capacity * D;
+      const float* qv = qp + ((b * n + i) * heads + kvh * group) * D;
+      float* o = op + (b * n + i) * heads * D + kvh * group * D;
       const auto& list = visible[b * n + i];
       switch (D) {
-        case 64: attend<8>(qv, keys, values, list, (float)scale, D, scores, o); break;
-        case 128: attend<16>(qv, keys, values, list, (float)scale, D, scores, o); break;
-        default: attend<0>(qv, keys, values, list, (float)scale, D, scores, o);
+        case 64: attend<8>(qv, group, keys, values, list, (float)scale, D, scores, o); break;
+        case 128: attend<16>(qv, group, keys, values, list, (float)scale, D, scores, o); break;
+        default: attend<0>(qv, group, keys, values, list, (float)scale, D, scores, o);
       }
     }
   });
