@@ -169,10 +169,11 @@ def test_inference_copy_drafts_the_same_and_is_a_frozen_snapshot():
 def test_int4_drafting_computes_with_the_rounded_weights():
     """--drafter-weights int4: each linear layer of a bf16 drafter computes with its weight rounded to 4
     bits per group of 32 inputs (``round_4bit``: q * step + low, step and low float16, q in 0..15), to
-    bf16 output rounding; "dense" keeps the loaded weights; a float32 drafter cannot take int4 and
+    bf16 output rounding; "dense" keeps the loaded weights; a float64 drafter cannot take int4 and
     says why; "auto" falls back to dense for it."""
     from helpers import require_kernels
     from redrafter.drafter.model import inference_copy
+    from redrafter.models import kernels
     from redrafter.models.int4 import round_4bit
 
     require_kernels("int4")
@@ -193,9 +194,11 @@ def test_int4_drafting_computes_with_the_rounded_weights():
     state = torch.randn(3, 32).bfloat16()
     dense, rounded = drafter.logits(state, state).float(), fast.logits(state, state).float()
     assert (rounded - dense).norm() / dense.norm() < 0.15
-    with pytest.raises(RedrafterError, match="int4 drafting runs bfloat16 drafters on CPU, not torch.float32"):
-        inference_copy(drafter.float(), weights="int4")
-    assert inference_copy(drafter.float()).weights == "dense"
+    with pytest.raises(RedrafterError, match="int4 drafting runs bfloat16 or float32 drafters on CPU, not torch.float64"):
+        inference_copy(drafter.double(), weights="int4")
+    assert inference_copy(drafter.double()).weights == "dense"
+    # float32 takes our AVX2 kernel, which every CPU with the AVX-512 one also runs
+    assert inference_copy(drafter.float()).weights == ("int4" if kernels.avx2() is not None else "dense")
     with pytest.raises(RedrafterError, match="unknown drafter weights"):
         inference_copy(drafter, weights="int8")
 

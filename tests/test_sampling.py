@@ -284,23 +284,25 @@ def test_a_capped_sampled_tree_gives_confident_lookups_their_slots_first():
     assert paths == 0 and cut.tolist() == [[[7, 1, 2, 3, 4]]]
 
 
-def test_sampled_drafts_from_the_fused_drafter_step_equal_the_loop():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sampled_drafts_from_the_fused_drafter_step_equal_the_loop(dtype):
     """``propose_sampled`` with an int4 drafter copy runs each depth in one call (``FusedSearch.step``)
     where the target has an embedding table: the same drawn paths and the same q, bit for bit, as the
-    drafter's own ``next_state`` and ``logits`` (the path taken without the table)."""
+    drafter's own ``next_state`` and ``logits`` (the path taken without the table). bf16 runs the AVX-512
+    extension's step, float32 the AVX2 one's."""
     from helpers import require_kernels
 
-    require_kernels("int4")
+    require_kernels("int4" if dtype == torch.bfloat16 else "avx2")
     require_kernels("tree")
-    target = NativeTarget(tiny_model("llama", vocab=1000, dtype=torch.bfloat16), name="tiny-bf16")
+    target = NativeTarget(tiny_model("llama", vocab=1000, dtype=dtype), name=f"tiny-{dtype}")
     torch.manual_seed(4)
     drafter = Drafter(DrafterConfig(hidden_size=64, vocab_size=256, exit_dim=64, target_vocab_size=1000))
     for p in drafter.parameters():
         torch.nn.init.normal_(p, std=0.2)
     drafter.draft_to_target = torch.randperm(1000)[:256]
-    proposer = ReDrafterProposer(drafter.to(torch.bfloat16), target, BeamConfig(width=3, length=4), draft_mode="sample")
+    proposer = ReDrafterProposer(drafter.to(dtype), target, BeamConfig(width=3, length=4), draft_mode="sample")
     assert proposer.table is not None and proposer.drafter.fused_search is not None
-    context, g0 = torch.randn(2, 64).to(torch.bfloat16), torch.tensor([5, 900])
+    context, g0 = torch.randn(2, 64).to(dtype), torch.tensor([5, 900])
     for params in (SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=0.7, top_p=0.9, seed=2)):
         def run():
             generators = [torch.Generator().manual_seed(10 + i) for i in range(2)]

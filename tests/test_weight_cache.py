@@ -11,6 +11,7 @@ import torch
 from helpers import TINY_VOCAB, require_kernels
 from test_int4 import q4_k_m_mix
 
+from redrafter.errors import RedrafterError
 from redrafter.models import loading, native, weight_cache
 from redrafter.models.int4 import packed_parts
 from redrafter.models.loading import load_target
@@ -112,8 +113,8 @@ def test_a_stale_or_damaged_cache_file_is_never_used(cache_root, tmp_path, monke
         target, _ = load_target(str(directory), dtype="float32", weights="int4")
     assert "ignoring the packed-weight cache" in caplog.text
     assert torch.equal(logits(target), expected)
-    assert weight_cache.load(newest, torch.float32, 2) is not None  # rewritten whole
-    assert weight_cache.load(newest, torch.float32, 3) is None  # another model's layer count
+    assert weight_cache.load(newest, 2) is not None  # rewritten whole
+    assert weight_cache.load(newest, 3) is None  # another model's layer count
     monkeypatch.setenv("REDRAFTER_WEIGHT_CACHE", "off")
     for file in (cache_root / "packed").glob("*.safetensors"):
         file.unlink()
@@ -121,12 +122,49 @@ def test_a_stale_or_damaged_cache_file_is_never_used(cache_root, tmp_path, monke
     assert not list((cache_root / "packed").glob("*.safetensors"))
 
 
-def test_torch_int4_kernel_weights_round_trip(cache_root, tmp_path):
+def test_torch_int4_kernel_weights_round_trip(cache_root, tmp_path, monkeypatch):
     """Weights packed for torch's int4 kernel (``--int4-kernel torch``) save and load too, under their
     own key, and compute the same logits."""
     directory = save_model_dir(q4_k_m_mix("qwen2"), tmp_path / "model")
     first, _ = load_target(str(directory), dtype="float32", weights="int4", int4_kernel="torch")
+    monkeypatch.setattr(native, "int4_layer_weights", lambda *a, **k: pytest.fail("packed again"))
     second, _ = load_target(str(directory), dtype="float32", weights="int4", int4_kernel="torch")
     assert first.int4_kernels == second.int4_kernels == ["torch"]
     assert weight_cache.cache_path(directory, torch.float32, "torch", cache_root).is_file()
     assert torch.equal(logits(first), logits(second))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_a_lean_load_of_a_tied_model(kind, cache_root, tmp_path, monkeypatch):
+    """A model whose LM head is its embedding (SmolLM2's and Qwen2.5's are): the lean load keeps the
+    embedding as the head, and its logits, stop tokens and packed weights equal a whole load's."""
+    require_kernels("avx2")
+    lean_models = []
+    original = loading.model_without_decoder_weights
+    monkeypatch.setattr(loading, "model_without_decoder_weights",
+                        lambda *a, **k: lean_models.append(original(*a, **k)) or lean_models[-1])
+    model = q4_k_m_mix(kind)
+    model.config.tie_word_embeddings = True
+    model.model.embed_tokens.weight = model.lm_head.weight  # the head snapped to Q6_K, shared
+    model.generation_config.eos_token_id = 7
+    directory = save_model_dir(model, tmp_path / "model")
+    whole, _ = load_target(str(directory), dtype="float32", weights="int4")
+    assert whole.lm_head_weights == "int8"
+    lean, _ = load_target(str(directory), dtype="float32", weights="int4", keep_transformers_model=False)
+    assert len(lean_models) == 1 and lean_models[0].model.layers[0].self_attn.o_proj.weight.is_meta
+    assert lean_models[0].lm_head.weight is lean_models[0].model.embed_tokens.weight
+    assert lean.model is None and lean.info == whole.info and lean.info.stop_token_ids == (7,)
+    assert torch.equal(lean.embedding, whole.embedding)
+    assert all(torch.equal(a, b) for a, b in zip(packed_tensors(whole), packed_tensors(lean), strict=True))
+    assert torch.equal(logits(lean), logits(whole))
+
+
+def test_weights_left_unloaded_are_refused_where_a_product_would_read_them(tmp_path):
+    """The native backend refuses a model with weights on the meta device unless every product that
+    would read them runs packed weights (here: dense products, so it must refuse)."""
+    model = q4_k_m_mix("llama")
+    directory = save_model_dir(model, tmp_path / "model")
+    lean = loading.model_without_decoder_weights(directory, skip_lm_head=True)
+    assert lean.model.layers[0].mlp.up_proj.weight.is_meta
+    with pytest.raises(RedrafterError, match="not loaded"):
+        native.NativeTarget(lean, name="lean")

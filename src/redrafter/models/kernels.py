@@ -25,16 +25,19 @@
   (log-softmax, scores, the best W extensions) in one pass. Its exp is a polynomial and its sums run
   in another order, so scores can differ from torch's in the last bits and a near-tie can pick
   another draft token: drafts only, the output stays exact.
-- ``draft_search`` (``csrc/draft_search.cpp``): the drafter's whole beam search in one call, for a bf16
-  drafter whose layers all run ``int4_mm`` (``drafter.model.FusedSearch``): the Python loop's
+- ``draft_search`` (``csrc/draft_search.cpp``): the drafter's whole beam search in one call, for a
+  drafter whose layers all run our int4 products (``drafter.model.FusedSearch``): the Python loop's
   products and roundings, bit for bit, without its per-depth tensor operations; ``draft_step`` is
-  one depth of it (next state and logits) for the loop that draws sampled drafts.
+  one depth of it (next state and logits) for the loop that draws sampled drafts. This extension runs
+  them for bf16 drafters (``int4_mm``); the AVX2 one below builds the same two files for float32
+  drafters (``mm_f32``, 8 lanes).
 
 They need AVX-512 BW and AVX-512 BF16 (Zen 4, Sapphire Rapids and later), a C++ compiler and ninja;
 elsewhere ``load()`` returns None and the model uses torch's kernels. A second extension,
 ``csrc/avx2`` (``load_avx2``), runs float32 models on any CPU with AVX2, FMA and F16C: 4- and 8-bit
-products, attention, the rotary embedding with its cache write, RMSNorm, SiLU x up and the decoder
-in one call (docs/PERFORMANCE.md, "CPUs without AVX-512").
+products, attention, the rotary embedding with its cache write, RMSNorm, SiLU x up, the decoder
+in one call, the tree bookkeeping, and the drafter's beam selection and search (docs/PERFORMANCE.md,
+"CPUs without AVX-512").
 
 The build (about 40 s on 2 cores) happens once and is cached under ``REDRAFTER_KERNEL_CACHE``
 (default ``~/.cache/redrafter/kernels``), keyed by the sources and torch's version; ``make install``
@@ -82,7 +85,9 @@ AVX2_SOURCES = [Path(__file__).with_name("csrc") / "avx2" / name for name in ("g
     Path(__file__).with_name("csrc") / name for name in ("tree.cpp", "beam_select.cpp", "draft_search.cpp")]
 AVX2_HEADERS = [Path(__file__).with_name("csrc") / name for name in ("tree.h", "draft.h", "avx2/vec_f32.h")]
 AVX2_REQUIRED_FLAGS = ("avx2", "fma", "f16c")
-AVX2_COMPILE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+# REDRAFTER_AVX2: the sources both extensions build take their 8-lane paths (not __AVX512F__, which a
+# -march=native in CFLAGS on an AVX-512 CPU would define)
+AVX2_COMPILE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-DREDRAFTER_AVX2"]
 
 
 def unavailable_reason(required: tuple[str, ...] = REQUIRED_FLAGS) -> str | None:
@@ -139,8 +144,9 @@ def load():
 def load_avx2():
     """The compiled AVX2 extension for float32 models (csrc/avx2): ``mm_f32`` and ``mixed_mm_f32``
     (float32 rows through 4- and 8-bit weights, packed by ``pack_weight_f32`` / ``pack_weight8_f32``),
-    ``rms_norm_f32``, ``rope_store_f32``, ``attention_f32``, ``silu_mul_f32`` and
-    ``decoder_layers_f32``; built on first use. None where the CPU lacks AVX2/FMA/F16C or the build fails."""
+    ``rms_norm_f32``, ``rope_store_f32``, ``attention_f32``, ``silu_mul_f32``, ``decoder_layers_f32``,
+    the tree bookkeeping (csrc/tree.cpp) and ``beam_select``, ``draft_search`` and ``draft_step`` for
+    float32 drafters; built on first use. None where the CPU lacks AVX2/FMA/F16C or the build fails."""
     reason = unavailable_reason(AVX2_REQUIRED_FLAGS)
     if reason is not None:
         log.info("float32 CPU kernels: torch's (%s)", reason)

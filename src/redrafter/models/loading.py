@@ -234,12 +234,6 @@ _DECODER_LINEAR_WEIGHTS = tuple(f"{name}.weight" for name in (
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
 
 
-def _every_row_avx2(layers: list[dict]) -> bool:
-    """Whether packed ``layers`` run every row count through our float32 kernel
-    (``NativeTarget.int4_every_row``), so the native backend never reads the plain decoder weights."""
-    return all(len(layer) == 4 and all(w.kernel == "avx2" for w in layer.values()) for layer in layers)
-
-
 def model_without_decoder_weights(directory: Path, *, skip_lm_head: bool):
     """The float32 transformers model in ``directory`` with every tensor loaded except its decoder
     layers' linear weights (and the LM head's when ``skip_lm_head`` and it is not tied to the
@@ -343,6 +337,7 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
 
     hf_logging.disable_progress_bar()  # a reload takes about a second; no bar needed
     from redrafter.models import weight_cache
+    from redrafter.models.native import runs_every_row
 
     cache_file = cached = model = None
     try:
@@ -352,8 +347,9 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
 
             config = AutoConfig.from_pretrained(str(directory))
             cache_file = weight_cache.cache_path(directory, torch_dtype, int4_kernel, cache_root())
-            cached = weight_cache.load(cache_file, torch_dtype, getattr(config, "num_hidden_layers", -1))
-            if cached is not None and not keep_transformers_model and _every_row_avx2(cached[0]):
+            if cache_file is not None:
+                cached = weight_cache.load(cache_file, getattr(config, "num_hidden_layers", -1))
+            if cached is not None and not keep_transformers_model and runs_every_row(cached[0]):
                 try:
                     model = model_without_decoder_weights(directory, skip_lm_head=cached[1] is not None)
                 except Exception as exc:  # as below; the whole model then loads as usual

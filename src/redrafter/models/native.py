@@ -182,6 +182,13 @@ def int4_layer_weights(model: nn.Module, dtype: torch.dtype, kernel: str = "auto
     return layers
 
 
+def runs_every_row(int4_layers: list[dict]) -> bool:
+    """Whether packed layers (``int4_layer_weights``) run every decoder weight through our float32 kernel,
+    which then runs every row count (``NativeTarget.int4_every_row``): the plain decoder weights are
+    never read (``loading.model_without_decoder_weights`` does not load them)."""
+    return all(len(layer) == 4 and all(w.kernel == "avx2" for w in layer.values()) for layer in int4_layers)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32 and cast back, exactly as transformers' Llama/Qwen2 norms do."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:  # the same arithmetic, one fused op
@@ -293,11 +300,15 @@ class NativeTarget:
         # too (within about 15% of oneDNN's dense float32 products at 256 rows, faster below 64 rows), so
         # no oneDNN copy of those weights is made: a quarter of the load time and 6 GB less memory for
         # Qwen2.5-1.5B. The 8-bit LM head then runs every row count as well.
-        self.int4_every_row = (int4_layers is not None and int4_max_rows is None and all(
-            len(layer) == 4 and all(w.kernel == "avx2" for w in layer.values()) for layer in int4_layers))
+        self.int4_every_row = int4_layers is not None and int4_max_rows is None and runs_every_row(int4_layers)
         every_row = {"pack": False, "int4_max_rows": EVERY_ROW} if self.int4_every_row else {}
         # lm_head_int8 (``int4.pack_int8``, for an LM head on a Q8_0 grid): steps of up to 16 tokens run it.
         head_every_row = every_row if lm_head_int8 is not None and lm_head_int8.kernel == "avx2" else {}
+        # Weights left on the meta device (``loading.model_without_decoder_weights``) must never be read.
+        unloaded = [name for name, p in model.named_parameters() if p.is_meta]
+        if unloaded and not (self.int4_every_row and (not head.weight.is_meta or head_every_row)):
+            raise RedrafterError(f"{len(unloaded)} weights were not loaded (e.g. {unloaded[0]}), but some product "
+                                 "would read them: load the model whole")
         self.lm_head = Linear(head.weight.detach(), None if head_bias is None else head_bias.detach(),
                               **{"pack": pack_weights, "max_rows": weight_major_rows, "int4": lm_head_int8,
                                  **head_every_row})

@@ -6,12 +6,15 @@ arithmetic for Qwen2.5-1.5B (grid recovery of 1.3 billion weights), repeated by 
 loads the model. The first load saves the packed tensors here; later loads read them (about a sixth of
 the float32 bytes) instead.
 
-One safetensors file per (model files, activation dtype, kernel choice, packing code): its key hashes
-the model directory's weight files (path, size, modification time), the dtype, the requested
-``--int4-kernel`` and whether our kernel for the dtype runs here, torch's version and the sources of the packing code and of the kernel extension
-that defines the layouts. Anything that could change the packed bytes changes the key, so a stale file
-is never read (and is deleted when the new one is saved); files are written atomically (a temporary
-name, then a rename) and a file that cannot be read is ignored (and replaced). Files live under ``<cache root>/packed`` (``loading.cache_root``).
+One safetensors file per model, setting and installation (the "variant": the model directory, the
+activation dtype, the requested ``--int4-kernel``, whether our kernel for the dtype runs here, torch's
+CPU capability and the machine type, whose instruction sets decide torch's own int4 layout, and where
+this package is installed), under a key that also hashes the model's weight files (name, size,
+modification time) and config.json, torch's version, and the code that decides the packed bytes
+(``int4.py``, ``native.py``, ``loading.py``, this file, and the extension source with the pack functions
+and kernels for the dtype). A stale file is never read, and it is deleted when its variant's new file is
+saved. Files are written atomically (a temporary name, then a rename), and a file that cannot be read
+is ignored and replaced. Files live under ``<cache root>/packed`` (``loading.cache_root``).
 ``REDRAFTER_WEIGHT_CACHE=off`` turns the cache off.
 
 The file holds, per decoder layer and weight ("qkv", "o", "gate_up", "down") and for the LM head,
@@ -25,7 +28,9 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -47,26 +52,42 @@ def enabled() -> bool:
     return os.environ.get("REDRAFTER_WEIGHT_CACHE", "on").lower() not in ("off", "0", "false", "no")
 
 
-def cache_path(model_dir: Path, dtype: torch.dtype, int4_kernel: str, root: Path) -> Path:
+# The code that decides a file's bytes: which weights are packed and how (native.py's fused weights and
+# grids, loading.py's LM head, int4.py's grids and scales), this file's layout, and the pack functions of
+# the kernels' extensions (with their kernels: the layouts are theirs).
+_PACKING_CODE = [Path(__file__).with_name(name) for name in ("int4.py", "native.py", "loading.py", "weight_cache.py")]
+_KERNEL_PACKING_CODE = {torch.float32: [Path(__file__).with_name("csrc") / "avx2" / "gemm_f32.cpp"],
+                        torch.bfloat16: [Path(__file__).with_name("csrc") / "int4_gemm.cpp"]}
+
+
+def cache_path(model_dir: Path, dtype: torch.dtype, int4_kernel: str, root: Path) -> Path | None:
     """Where the packed weights of the model in ``model_dir`` for activations in ``dtype`` and
-    ``--int4-kernel int4_kernel`` live (see the module docstring for what the key covers)."""
+    ``--int4-kernel int4_kernel`` live (see the module docstring for what the key covers), or None when
+    the key cannot be made (a source file missing: the cache is then not used)."""
     model_dir = Path(model_dir).resolve()
-    # which of our kernels run here (``REDRAFTER_INT4_KERNEL=torch``, a failed build) decides the packing too
+    # which of our kernels run here (``REDRAFTER_INT4_KERNEL=torch``, a failed build) decides the packing,
+    # and torch's own int4 packing depends on the CPU's instruction set
     ours = {torch.float32: kernels.avx2, torch.bfloat16: kernels.int4}.get(dtype, lambda: None)() is not None
-    variant = hashlib.sha256("\0".join((str(model_dir), str(dtype), int4_kernel, str(ours))).encode())
+    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: "")()
+    # the variant: one file per model, setting and installation (a checkout's code changes replace its own
+    # file, not another installation's)
+    variant = hashlib.sha256("\0".join((str(model_dir), str(dtype), int4_kernel, str(ours), capability,
+                                        platform.machine(), str(Path(__file__).resolve().parent))).encode())
     digest = hashlib.sha256(f"{FORMAT}\0{torch.__version__}\0".encode())
-    for path in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
-        stat = path.stat()
-        digest.update(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}\0".encode())
-    code = [Path(__file__).with_name("int4.py"), Path(__file__)]
-    code += kernels.AVX2_SOURCES + kernels.AVX2_HEADERS if dtype == torch.float32 else kernels.SOURCES + kernels.HEADERS
-    for path in code:
-        digest.update(path.read_bytes())
+    try:
+        for path in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
+            stat = path.stat()
+            digest.update(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}\0".encode())
+        for path in [model_dir / "config.json"] + _PACKING_CODE + _KERNEL_PACKING_CODE.get(dtype, []):
+            digest.update(path.read_bytes())
+    except OSError as exc:
+        log.warning("not using the packed-weight cache: %s", exc)
+        return None
     return root / "packed" / f"{model_dir.name}-{variant.hexdigest()[:8]}-{digest.hexdigest()[:16]}.safetensors"
 
 
 def _stale_versions(path: Path) -> list[Path]:
-    """Files of the same model and variant as ``path`` under an older key (other files, model or code)."""
+    """Files of the same variant as ``path`` under another key (older model files or code)."""
     variant = path.name.rsplit("-", 1)[0]
     return [other for other in path.parent.glob(f"{variant}-*.safetensors") if other != path]
 
@@ -86,14 +107,14 @@ def _describe(weight, name: str, tensors: dict[str, torch.Tensor]) -> dict:
     raise TypeError(f"cannot cache a weight of type {type(weight).__name__}")
 
 
-def _rebuild(entry: dict, name: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype):
+def _rebuild(entry: dict, name: str, tensors: dict[str, torch.Tensor]):
     kind, kernel = entry["kind"], entry["kernel"]
     matmul = None
     if kernel != "torch":
         _, module = our_module(torch.float32 if kernel == "avx2" else torch.bfloat16)
         matmul = getattr(module, _KERNEL_FUNCTIONS[kind, kernel])
     if kind == "mixed":
-        parts = tuple(_rebuild(part, f"{name}.{i}", tensors, dtype) for i, part in enumerate(entry["parts"]))
+        parts = tuple(_rebuild(part, f"{name}.{i}", tensors) for i, part in enumerate(entry["parts"]))
         return MixedWeight(parts=parts, matmul=matmul, kernel=kernel)
     packed, scales = tensors[f"{name}.packed"], tensors[f"{name}.scales"]
     if kind == "int8":
@@ -103,35 +124,47 @@ def _rebuild(entry: dict, name: str, tensors: dict[str, torch.Tensor], dtype: to
                       in_features=entry["in"], kernel=kernel, matmul=matmul)
 
 
+_ABANDONED_SECONDS = 24 * 3600  # a temporary file this old was left by a writer that died
+
+
 def save(path: Path, layers: list[dict], head=None) -> None:
     """Write ``layers`` (``native.int4_layer_weights``' result) and an 8-bit LM ``head`` (or None) to
-    ``path`` atomically. A failure to write (a full or read-only disk) is logged, not raised: the
-    model still runs, the next load packs again."""
+    ``path`` atomically, readable as the user's umask allows. Any failure (a full or read-only disk, a
+    weight it cannot describe) is logged, not raised: the model still runs, the next load packs again."""
     from safetensors.torch import save_file
 
-    tensors: dict[str, torch.Tensor] = {}
-    layout = {"layers": [{name: _describe(weight, f"layers.{i}.{name}", tensors) for name, weight in layer.items()}
-                         for i, layer in enumerate(layers)],
-              "head": None if head is None else _describe(head, "head", tensors)}
     tmp = None
     try:
+        tensors: dict[str, torch.Tensor] = {}
+        layout = {"layers": [{name: _describe(weight, f"layers.{i}.{name}", tensors) for name, weight in layer.items()}
+                             for i, layer in enumerate(layers)],
+                  "head": None if head is None else _describe(head, "head", tensors)}
         path.parent.mkdir(parents=True, exist_ok=True)
+        for old in path.parent.glob(".*.safetensors.*"):  # temporaries of writers that died
+            try:
+                if time.time() - old.stat().st_mtime > _ABANDONED_SECONDS:
+                    old.unlink()
+            except OSError:
+                pass
         handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         os.close(handle)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o644 & ~umask)  # mkstemp makes it private
         save_file(tensors, tmp, metadata={"format": FORMAT, "layout": json.dumps(layout)})
         os.replace(tmp, path)
         tmp = None
         for stale in _stale_versions(path):  # they can never be read again
             stale.unlink(missing_ok=True)
         log.info("saved packed weights to %s (later loads skip grid recovery)", path)
-    except (OSError, RuntimeError) as exc:
+    except Exception as exc:  # safetensors, the file system and _describe raise many types
         log.warning("could not save packed weights to %s: %s", path, exc)
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
 
 
-def load(path: Path, dtype: torch.dtype, num_layers: int) -> tuple[list[dict], object] | None:
+def load(path: Path, num_layers: int) -> tuple[list[dict], object] | None:
     """The (layers, head) saved at ``path`` for a model of ``num_layers`` decoder layers, or None when
     there is no such file or it cannot be used (unreadable, another format, another layer count, a
     kernel that is not available here: logged)."""
@@ -149,9 +182,9 @@ def load(path: Path, dtype: torch.dtype, num_layers: int) -> tuple[list[dict], o
         if len(layout["layers"]) != num_layers:
             raise ValueError(f"{len(layout['layers'])} layers, the model has {num_layers}")
         tensors = load_file(str(path))
-        layers = [{name: _rebuild(entry, f"layers.{i}.{name}", tensors, dtype) for name, entry in layer.items()}
+        layers = [{name: _rebuild(entry, f"layers.{i}.{name}", tensors) for name, entry in layer.items()}
                   for i, layer in enumerate(layout["layers"])]
-        head = None if layout["head"] is None else _rebuild(layout["head"], "head", tensors, dtype)
+        head = None if layout["head"] is None else _rebuild(layout["head"], "head", tensors)
     except Exception as exc:  # safetensors and json raise many types for damaged files
         log.warning("ignoring the packed-weight cache %s: %s", path, exc)
         return None

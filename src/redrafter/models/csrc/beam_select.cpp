@@ -9,7 +9,7 @@
 #include <limits>
 #include <vector>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) && !defined(REDRAFTER_AVX2)
 #include "vec.h"
 #else
 #include "avx2/vec_f32.h"
@@ -17,7 +17,7 @@
 
 namespace {
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) && !defined(REDRAFTER_AVX2)
 using namespace redrafter_vec;
 struct Lanes {  // 16 float32 lanes
   using V = __m512;

@@ -14,7 +14,7 @@
 
 #include "draft.h"
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) && !defined(REDRAFTER_AVX2)
 torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sm);
 #else
 torch::Tensor mm_f32(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sm);
@@ -22,7 +22,7 @@ torch::Tensor mm_f32(const torch::Tensor& x, const torch::Tensor& wq, const torc
 
 namespace {
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) && !defined(REDRAFTER_AVX2)
 constexpr auto kDraftType = torch::kBFloat16;  // the drafter's activations and the embedding table
 constexpr const char* kDraftTypeName = "bfloat16";
 torch::Tensor draft_mm(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sm) { return int4_mm(x, wq, sm); }

@@ -36,7 +36,7 @@ void owners(const int64_t* b, int64_t width, int64_t length, std::vector<int64_t
 
 // torch.argmax of one float32 row: the first index of the largest value, NaN counting as largest.
 // The vocabulary is large (49,152 for SmolLM2) and torch's reduction is slow on CPU (about 30 us a row).
-#ifdef __AVX512F__
+#if defined(__AVX512F__) && !defined(REDRAFTER_AVX2)
 int64_t argmax_row(const float* x, int64_t size) {
   __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __mmask16 nan = 0;
