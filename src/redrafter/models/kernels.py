@@ -101,10 +101,11 @@ def unavailable_reason(required: tuple[str, ...] = REQUIRED_FLAGS) -> str | None
 
 
 def cache_dir(sources: list[Path] | None = None, prefix: str = "cpu") -> Path:
-    """Where a built extension lives: one directory per source text and torch version."""
+    """Where a built extension lives: one directory per source text, compiler flags and torch version."""
     root = Path(os.environ.get("REDRAFTER_KERNEL_CACHE", Path.home() / ".cache" / "redrafter" / "kernels"))
     text = b"".join(path.read_bytes() for path in (SOURCES + HEADERS if sources is None else sources))
-    key = hashlib.sha256(text + torch.__version__.encode()).hexdigest()[:16]
+    flags = " ".join(COMPILE_FLAGS if prefix == "cpu" else AVX2_COMPILE_FLAGS).encode()
+    key = hashlib.sha256(text + flags + torch.__version__.encode()).hexdigest()[:16]
     return root / f"{prefix}-{key}"
 
 
