@@ -7,8 +7,8 @@ loads the model. The first load saves the packed tensors here; later loads read 
 the float32 bytes) instead.
 
 One safetensors file per model, setting and installation (the "variant": the model directory, the
-activation dtype, the requested ``--int4-kernel``, whether our kernel for the dtype runs here, torch's
-CPU capability and the machine type, whose instruction sets decide torch's own int4 layout, and where
+activation dtype, whose packing runs (ours or torch's, from ``--int4-kernel`` and whether our kernel
+for the dtype runs here), torch's CPU capability and the machine type, whose instruction sets decide torch's own int4 layout, and where
 this package is installed), under a key that also hashes the model's weight files (name, size,
 modification time) and config.json, torch's version, and the code that decides the packed bytes
 (``int4.py``, ``native.py``, ``loading.py``, this file, and the extension source with the pack functions
@@ -71,7 +71,8 @@ def cache_path(model_dir: Path, dtype: torch.dtype, int4_kernel: str, root: Path
     capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: "")()
     # the variant: one file per model, setting and installation (a checkout's code changes replace its own
     # file, not another installation's)
-    variant = hashlib.sha256("\0".join((str(model_dir), str(dtype), int4_kernel, str(ours), capability,
+    packing = "ours" if ours and int4_kernel != "torch" else "torch"  # "auto" and "avx2" pack the same bytes
+    variant = hashlib.sha256("\0".join((str(model_dir), str(dtype), packing, capability,
                                         platform.machine(), str(Path(__file__).resolve().parent))).encode())
     digest = hashlib.sha256(f"{FORMAT}\0{torch.__version__}\0".encode())
     try:
