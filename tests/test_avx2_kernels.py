@@ -18,6 +18,7 @@ SHAPES = [  # batch, heads, kv_heads, n, span, head_dim
     (2, 12, 2, 5, 77, 128),  # Qwen2.5's head size
     (3, 4, 4, 3, 40, 32),  # no grouping
     (1, 7, 1, 2, 33, 80),  # 7 heads on one key/value head, 10 lanes-blocks: the kernel's remainders
+    (1, 9, 3, 2, 1100, 64),  # a long context: 2 or 3 runs per query, merged
     (2, 4, 1, 7, 33, 80),  # a head size the kernel has no special case for
 ]
 
@@ -77,19 +78,21 @@ def test_avx2_attention_equals_a_float64_reference(shape):
     assert torch.equal(one, module.attention_f32(q, kv, 1, span, allowed, scale))
 
 
-def test_avx2_attention_over_scattered_slots_equals_the_same_slots_packed():
+@pytest.mark.parametrize("committed", [70, 600])
+def test_avx2_attention_over_scattered_slots_equals_the_same_slots_packed(committed):
     """A tree token sees its ancestors at scattered slots; after a commit they sit one after another. The
     output for a masked query is bit-identical to the unmasked attention over its visible slots packed
-    in order, so greedy speculative decoding emits what plain decoding does."""
+    in order, so greedy speculative decoding emits what plain decoding does; also over 600 committed
+    slots, which the kernel attends in several runs merged afterwards."""
     module = avx2()
-    heads, kv_heads, span, dim = 9, 3, 91, 64
+    heads, kv_heads, span, dim = 9, 3, committed + 21, 64
     g = torch.Generator().manual_seed(7)
     q = torch.randn(1, 4, heads, dim, generator=g)
     keys, values = torch.randn(1, kv_heads, span, dim, generator=g), torch.randn(1, kv_heads, span, dim, generator=g)
     allowed = torch.zeros(1, 1, 4, span, dtype=torch.bool)
-    allowed[..., :70] = True
-    for row, tail in enumerate([[70], [70, 72], [70, 72, 77], [70, 75, 83, 90]]):
-        allowed[0, 0, row, tail] = True
+    allowed[..., :committed] = True
+    for row, tail in enumerate([[0], [0, 2], [0, 2, 7], [0, 5, 13, 20]]):
+        allowed[0, 0, row, [committed + t for t in tail]] = True
     out = module.attention_f32(q, cache_with(keys, values), 1, span, allowed, dim ** -0.5)
     for row in range(4):
         visible = allowed[0, 0, row].nonzero().view(-1)

@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <cstdint>
@@ -47,21 +48,18 @@ torch::Tensor rms_norm_f32(const torch::Tensor& x, const torch::Tensor& weight, 
 
 namespace {
 
-// The attention of the G query heads that share one key/value head, for one query position, over its
-// visible slots (see attention_f32): each key and value row is read once for all G heads (from memory,
-// where the G heads each reading it would fetch it G times). Per head the operations are those of the
-// head alone: each slot's score one chain of FMAs over the head's lanes then hsum8, the scores' maximum,
-// exp(score - max) and its sum in 8 lanes (slots j, j + 8, ... per lane, in slot order) then hsum8's
-// order, and the weighted values summed over the slots in order. DV: D / 8 known at compile time, or 0.
+// The attention of the G query heads that share one key/value head, for one query position, over a run
+// of m of its visible slots (see attention_f32): each key and value row is read once for all G heads
+// (from memory, where the G heads each reading it would fetch it G times). Per head the operations are
+// those of the head alone: each slot's score one chain of FMAs over the head's lanes then hsum8, the
+// scores' maximum, exp(score - max) and its sum in 8 lanes (slots j, j + 8, ... per lane, in slot order)
+// then hsum8's order, and the weighted values summed over the slots in order. Writes per head the
+// maximum peak[g], the sum total[g] and the unnormalised weighted values acc (G, D). m >= 1.
+// DV: D / 8 known at compile time, or 0.
 template <int DV>
-void attend(const float* qv, int64_t G, const float* keys, const float* values, const std::vector<int32_t>& list,
-            float scale, int64_t D, std::vector<float>& scores, float* o) {
+void attend(const float* qv, int64_t G, const float* keys, const float* values, const int32_t* list, int64_t m,
+            float scale, int64_t D, std::vector<float>& scores, float* acc_out, float* peak_out, float* total_out) {
   const int64_t dv = DV ? DV : D / 8;
-  const int64_t m = (int64_t)list.size();
-  if (m == 0) {  // no visible slot (a fully masked softmax): NaN, as torch's scaled_dot_product_attention gives
-    for (int64_t d = 0; d < G * D; ++d) o[d] = std::nanf("");
-    return;
-  }
   const int64_t padded = (m + 7) / 8 * 8;
   scores.resize(G * padded);  // head g's scores at g * padded
   for (int64_t j = 0; j < m; ++j) {
@@ -73,7 +71,6 @@ void attend(const float* qv, int64_t G, const float* keys, const float* values, 
       scores[g * padded + j] = hsum8(acc) * scale;
     }
   }
-  std::vector<float> inv(G);
   for (int64_t g = 0; g < G; ++g) {
     float* sg = scores.data() + g * padded;
     for (int64_t j = m; j < padded; ++j) sg[j] = -INFINITY;
@@ -90,10 +87,11 @@ void attend(const float* qv, int64_t G, const float* keys, const float* values, 
       _mm256_storeu_ps(sg + j, e);
       sum = _mm256_add_ps(sum, e);
     }
-    inv[g] = 1.f / hsum8(sum);
+    peak_out[g] = peak;
+    total_out[g] = hsum8(sum);
   }
-  // The weighted values: 4 lanes-blocks of 8 (32 values) of up to 3 heads at a time in registers, each
-  // summed over the slots in order.
+  // The weighted values: blocks of 4 x 8 values of up to 3 heads at a time in registers, each summed over
+  // the slots in order.
   constexpr int kBlock = 4, kHeads = 3;
   for (int64_t g0 = 0; g0 < G; g0 += kHeads) {
     const int64_t heads = std::min<int64_t>(kHeads, G - g0);
@@ -110,11 +108,17 @@ void attend(const float* qv, int64_t G, const float* keys, const float* values, 
         }
       }
       for (int64_t h = 0; h < heads; ++h)
-        for (int64_t b = 0; b < width; ++b)
-          _mm256_storeu_ps(o + (g0 + h) * D + 8 * (d0 + b), _mm256_mul_ps(acc[h][b], _mm256_set1_ps(inv[g0 + h])));
+        for (int64_t b = 0; b < width; ++b) _mm256_storeu_ps(acc_out + (g0 + h) * D + 8 * (d0 + b), acc[h][b]);
     }
   }
 }
+
+// A query's visible slots are attended in `parts` runs of near-equal length (a number that depends on
+// the count alone), so that the work of a long context spreads over the threads even with fewer
+// key/value heads than threads; the runs' results are then merged in run order.
+constexpr int64_t kRunSlots = 512;
+inline int64_t run_count(int64_t m) { return std::max<int64_t>(1, (m + kRunSlots - 1) / kRunSlots); }
+inline int64_t run_start(int64_t m, int64_t parts, int64_t r) { return m * r / parts; }
 
 }  // namespace
 
@@ -125,8 +129,9 @@ void attend(const float* qv, int64_t G, const float* keys, const float* values, 
 //
 // Each query attends to the list of its visible slots in slot order (the committed ones, then its tree
 // ancestors and itself) with one fixed order of operations over that list, which depends on the list
-// alone: scores, their maximum, exp(score - max) and its sum (8 lanes, then hsum8), and the weighted
-// values, each slot after the one before. So a tree token
+// alone: in runs of near-equal length, as many as 512-slot runs it takes (the threads share a long
+// context's runs), per run the scores, their maximum, exp(score - max) and its sum (8 lanes, then
+// hsum8), and the weighted values, each slot after the one before; then the runs merged in order. So a tree token
 // computes exactly what the same token computes after a commit, when its ancestors sit in consecutive
 // slots, and speculative decoding stays token-identical to plain decoding.
 torch::Tensor attention_f32(const torch::Tensor& q, const torch::Tensor& kv, int64_t layer, int64_t span,
@@ -160,22 +165,87 @@ torch::Tensor attention_f32(const torch::Tensor& q, const torch::Tensor& kv, int
   const float* kvp = kv.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t group = heads / kv_heads;  // query heads per key/value head: adjacent heads h = kv * group + g
-  at::parallel_for(0, B * kv_heads * n, 1, [&](int64_t begin, int64_t end) {
+  // Tasks: (row, key/value head, query, run); each writes its run's maxima, sums and weighted values.
+  std::vector<int64_t> first_task(B * n + 1, 0);  // per (row, query): its runs' first task index / kv_heads
+  for (int64_t q = 0; q < B * n; ++q) first_task[q + 1] = first_task[q] + run_count((int64_t)visible[q].size());
+  const int64_t runs_total = first_task[B * n];
+  std::vector<float> part_acc(runs_total * kv_heads * group * D), part_peak(runs_total * kv_heads * group),
+      part_total(runs_total * kv_heads * group);
+  // In the order (row, key/value head, run, query): the queries of a tree read the same runs of keys and
+  // values one after another, while they are in cache.
+  int64_t most_runs = 0;
+  for (int64_t q = 0; q < B * n; ++q) most_runs = std::max(most_runs, first_task[q + 1] - first_task[q]);
+  std::vector<int64_t> tasks;  // run_index * kv_heads + kvh
+  tasks.reserve(runs_total * kv_heads);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t kvh = 0; kvh < kv_heads; ++kvh)
+      for (int64_t r = 0; r < most_runs; ++r)
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t q = b * n + i;
+          if (r < first_task[q + 1] - first_task[q]) tasks.push_back((first_task[q] + r) * kv_heads + kvh);
+        }
+  at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (kv_heads * n), kvh = task / n % kv_heads, i = task % n;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t run_index = tasks[t] / kv_heads, kvh = tasks[t] % kv_heads;
+      const int64_t q = std::upper_bound(first_task.begin(), first_task.end(), run_index) - first_task.begin() - 1;
+      const int64_t b = q / n, i = q % n;
+      const auto& list = visible[q];
+      const int64_t m = (int64_t)list.size(), parts = run_count(m), r = run_index - first_task[q];
+      const int64_t lo = run_start(m, parts, r), hi = run_start(m, parts, r + 1);
+      const int64_t slot = (run_index * kv_heads + kvh) * group;  // this task's heads in the part arrays
+      if (hi == lo) {  // no visible slot at all (m == 0): nothing to weigh
+        for (int64_t g = 0; g < group; ++g) part_peak[slot + g] = -INFINITY, part_total[slot + g] = 0.f;
+        continue;
+      }
       const float* keys = kvp + (((layer * 2 + 0) * B + b) * kv_heads + kvh) * capacity * D;
       const float* values = kvp + (((layer * 2 + 1) * B + b) * kv_heads + kvh) * capacity * D;
       const float* qv = qp + ((b * n + i) * heads + kvh * group) * D;
-      float* o = op + (b * n + i) * heads * D + kvh * group * D;
-      const auto& list = visible[b * n + i];
+      float* acc = part_acc.data() + slot * D;
       switch (D) {
-        case 64: attend<8>(qv, group, keys, values, list, (float)scale, D, scores, o); break;
-        case 128: attend<16>(qv, group, keys, values, list, (float)scale, D, scores, o); break;
-        default: attend<0>(qv, group, keys, values, list, (float)scale, D, scores, o);
+        case 64: attend<8>(qv, group, keys, values, list.data() + lo, hi - lo, (float)scale, D, scores, acc,
+                           part_peak.data() + slot, part_total.data() + slot); break;
+        case 128: attend<16>(qv, group, keys, values, list.data() + lo, hi - lo, (float)scale, D, scores, acc,
+                             part_peak.data() + slot, part_total.data() + slot); break;
+        default: attend<0>(qv, group, keys, values, list.data() + lo, hi - lo, (float)scale, D, scores, acc,
+                           part_peak.data() + slot, part_total.data() + slot);
       }
     }
   });
+  // Merge each (row, query, head)'s runs in order: the largest maximum M, each run rescaled by
+  // exp(its maximum - M) (exactly 1 for a single run, which so computes what one pass computes).
+  for (int64_t q = 0; q < B * n; ++q) {
+    const int64_t parts = first_task[q + 1] - first_task[q];
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t kvh = h / group, g = h % group;
+      float* o = op + q * heads * D + h * D;
+      if (visible[q].empty()) {  // a fully masked softmax: NaN, as torch's scaled_dot_product_attention gives
+        for (int64_t d = 0; d < D; ++d) o[d] = std::nanf("");
+        continue;
+      }
+      float top = -INFINITY;
+      for (int64_t r = 0; r < parts; ++r)
+        top = std::max(top, part_peak[((first_task[q] + r) * kv_heads + kvh) * group + g]);
+      float total = 0.f;
+      std::vector<float> factor(parts);
+      for (int64_t r = 0; r < parts; ++r) {
+        const int64_t slot = ((first_task[q] + r) * kv_heads + kvh) * group + g;
+        alignas(32) float e[8];
+        _mm256_store_ps(e, exp8(_mm256_set1_ps(part_peak[slot] - top)));
+        factor[r] = e[0];
+        total += part_total[slot] * factor[r];
+      }
+      const __m256 inv = _mm256_set1_ps(1.f / total);
+      for (int64_t d = 0; d < D; d += 8) {
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t r = 0; r < parts; ++r) {
+          const int64_t slot = ((first_task[q] + r) * kv_heads + kvh) * group + g;
+          sum = _mm256_fmadd_ps(_mm256_loadu_ps(part_acc.data() + slot * D + d), _mm256_set1_ps(factor[r]), sum);
+        }
+        _mm256_storeu_ps(o + d, _mm256_mul_ps(sum, inv));
+      }
+    }
+  }
   return out;
 }
 
