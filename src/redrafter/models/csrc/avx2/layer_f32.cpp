@@ -165,33 +165,34 @@ torch::Tensor attention_f32(const torch::Tensor& q, const torch::Tensor& kv, int
   const float* kvp = kv.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t group = heads / kv_heads;  // query heads per key/value head: adjacent heads h = kv * group + g
-  // Tasks: (row, key/value head, query, run); each writes its run's maxima, sums and weighted values.
-  std::vector<int64_t> first_task(B * n + 1, 0);  // per (row, query): its runs' first task index / kv_heads
-  for (int64_t q = 0; q < B * n; ++q) first_task[q + 1] = first_task[q] + run_count((int64_t)visible[q].size());
-  const int64_t runs_total = first_task[B * n];
+  // Tasks: (query, run, key/value head); each writes its run's maxima, sums and weighted values at the
+  // run's index (first_run[q] + r) in the part arrays.
+  std::vector<int64_t> first_run(B * n + 1, 0);  // per (row, query) q: the index of its first run
+  for (int64_t q = 0; q < B * n; ++q) first_run[q + 1] = first_run[q] + run_count((int64_t)visible[q].size());
+  const int64_t runs_total = first_run[B * n];
   std::vector<float> part_acc(runs_total * kv_heads * group * D), part_peak(runs_total * kv_heads * group),
       part_total(runs_total * kv_heads * group);
   // In the order (row, key/value head, run, query): the queries of a tree read the same runs of keys and
   // values one after another, while they are in cache.
   int64_t most_runs = 0;
-  for (int64_t q = 0; q < B * n; ++q) most_runs = std::max(most_runs, first_task[q + 1] - first_task[q]);
-  std::vector<int64_t> tasks;  // run_index * kv_heads + kvh
+  for (int64_t q = 0; q < B * n; ++q) most_runs = std::max(most_runs, first_run[q + 1] - first_run[q]);
+  struct Task { int64_t q, r, kvh; };
+  std::vector<Task> tasks;
   tasks.reserve(runs_total * kv_heads);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t kvh = 0; kvh < kv_heads; ++kvh)
       for (int64_t r = 0; r < most_runs; ++r)
         for (int64_t i = 0; i < n; ++i) {
           const int64_t q = b * n + i;
-          if (r < first_task[q + 1] - first_task[q]) tasks.push_back((first_task[q] + r) * kv_heads + kvh);
+          if (r < first_run[q + 1] - first_run[q]) tasks.push_back({q, r, kvh});
         }
   at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t run_index = tasks[t] / kv_heads, kvh = tasks[t] % kv_heads;
-      const int64_t q = std::upper_bound(first_task.begin(), first_task.end(), run_index) - first_task.begin() - 1;
-      const int64_t b = q / n, i = q % n;
+      const auto [q, r, kvh] = tasks[t];
+      const int64_t b = q / n, i = q % n, run_index = first_run[q] + r;
       const auto& list = visible[q];
-      const int64_t m = (int64_t)list.size(), parts = run_count(m), r = run_index - first_task[q];
+      const int64_t m = (int64_t)list.size(), parts = run_count(m);
       const int64_t lo = run_start(m, parts, r), hi = run_start(m, parts, r + 1);
       const int64_t slot = (run_index * kv_heads + kvh) * group;  // this task's heads in the part arrays
       if (hi == lo) {  // no visible slot at all (m == 0): nothing to weigh
@@ -215,7 +216,7 @@ torch::Tensor attention_f32(const torch::Tensor& q, const torch::Tensor& kv, int
   // Merge each (row, query, head)'s runs in order: the largest maximum M, each run rescaled by
   // exp(its maximum - M) (exactly 1 for a single run, which so computes what one pass computes).
   for (int64_t q = 0; q < B * n; ++q) {
-    const int64_t parts = first_task[q + 1] - first_task[q];
+    const int64_t parts = first_run[q + 1] - first_run[q];
     for (int64_t h = 0; h < heads; ++h) {
       const int64_t kvh = h / group, g = h % group;
       float* o = op + q * heads * D + h * D;
@@ -225,11 +226,11 @@ torch::Tensor attention_f32(const torch::Tensor& q, const torch::Tensor& kv, int
       }
       float top = -INFINITY;
       for (int64_t r = 0; r < parts; ++r)
-        top = std::max(top, part_peak[((first_task[q] + r) * kv_heads + kvh) * group + g]);
+        top = std::max(top, part_peak[((first_run[q] + r) * kv_heads + kvh) * group + g]);
       float total = 0.f;
       std::vector<float> factor(parts);
       for (int64_t r = 0; r < parts; ++r) {
-        const int64_t slot = ((first_task[q] + r) * kv_heads + kvh) * group + g;
+        const int64_t slot = ((first_run[q] + r) * kv_heads + kvh) * group + g;
         alignas(32) float e[8];
         _mm256_store_ps(e, exp8(_mm256_set1_ps(part_peak[slot] - top)));
         factor[r] = e[0];
@@ -239,7 +240,7 @@ torch::Tensor attention_f32(const torch::Tensor& q, const torch::Tensor& kv, int
       for (int64_t d = 0; d < D; d += 8) {
         __m256 sum = _mm256_setzero_ps();
         for (int64_t r = 0; r < parts; ++r) {
-          const int64_t slot = ((first_task[q] + r) * kv_heads + kvh) * group + g;
+          const int64_t slot = ((first_run[q] + r) * kv_heads + kvh) * group + g;
           sum = _mm256_fmadd_ps(_mm256_loadu_ps(part_acc.data() + slot * D + d), _mm256_set1_ps(factor[r]), sum);
         }
         _mm256_storeu_ps(o + d, _mm256_mul_ps(sum, inv));
