@@ -157,12 +157,19 @@ def test_native_forward_with_our_attention_matches_torch_attention(kind):
 
 
 def test_attention_kernel_choice(monkeypatch):
-    """"ours" is refused for float32 models and where the kernel cannot run, naming the reason; "auto"
-    then falls back to torch's; an unknown name is an error."""
+    """"ours" is refused for float32 models our float32 kernels cannot run (a head size that is not a
+    multiple of 16) and where the kernel cannot run, naming the reason; "auto" then falls back to
+    torch's; float32 models they can run get ours (AVX2); an unknown name is an error."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     attention_kernel()
+    odd = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=72, intermediate_size=128, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2)).eval()  # head size 18
     with pytest.raises(RedrafterError, match="bfloat16 models"):
-        NativeTarget(tiny_model("llama"), name="tiny", attention_kernel="ours")
-    assert NativeTarget(tiny_model("llama"), name="tiny").attention_kernel == "torch"  # float32: torch's
+        NativeTarget(odd, name="tiny", attention_kernel="ours")
+    assert NativeTarget(odd, name="tiny").attention_kernel == "torch"
+    float32 = "ours" if kernels.avx2_layers() is not None else "torch"
+    assert NativeTarget(tiny_model("llama"), name="tiny").attention_kernel == float32  # head size 16
     with pytest.raises(RedrafterError, match="unknown attention kernel"):
         NativeTarget(tiny_model("llama").to(torch.bfloat16), name="tiny", attention_kernel="flash")
     monkeypatch.setenv("REDRAFTER_ATTENTION_KERNEL", "torch")
