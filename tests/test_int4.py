@@ -8,7 +8,7 @@ import torch
 
 from helpers import require_kernels, tiny_model
 from redrafter.errors import RedrafterError
-from redrafter.models.int4 import GROUP_SIZE, Int4GridError, Int4Weight, grid_4bit, pack_int4
+from redrafter.models.int4 import INT4_MAX_ROWS_AVX512, GROUP_SIZE, Int4GridError, Int4Weight, grid_4bit, pack_int4
 from redrafter.models.native import NativeTarget, int4_layer_weights
 
 
@@ -250,9 +250,9 @@ def test_avx512_kernel_equals_an_exact_product_for_any_row_count(shape):
     out_features, in_features = shape
     w, _ = q4_1_weight(out_features, in_features, seed=out_features)
     packed = pack_int4(w, torch.bfloat16, kernel="avx512")
-    assert packed.kernel == "avx512" and packed.max_rows == 16
+    assert packed.kernel == "avx512" and packed.max_rows == INT4_MAX_ROWS_AVX512 == 64
     g = torch.Generator().manual_seed(1)
-    for rows in (1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 33):
+    for rows in (1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 33, 64):
         x = torch.randn(rows, in_features, generator=g).bfloat16()
         y = packed(x)
         assert y.dtype == torch.bfloat16 and y.shape == (rows, out_features)
@@ -351,6 +351,55 @@ def test_decoder_layers_in_one_call_equal_the_layer_loop(kind, dtype):
     assert torch.equal(results["loop"][1], results["one call"][1])
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_bf16_batched_tree_steps_of_up_to_64_rows_compute_each_row_as_alone(kind):
+    """A bf16 step of 3 rows x 8 tree tokens (24 rows, more than one product chunk) gives each row the
+    logits, hidden states and cache it gets alone, bit for bit: products of up to 64 rows run our int4
+    kernel, whose rows do not depend on the rows beside them. With the old cap of 16 rows, the 24 rows
+    ran dense products, which sum in another order: some row then differs (the test's power)."""
+    avx512_kernel()
+    require_kernels("attention")
+    from redrafter.models.native import NativeCache
+
+    assert INT4_MAX_ROWS_AVX512 >= 64
+    model = q4_k_m_mix(kind)
+    int4 = int4_layer_weights(model, torch.bfloat16)  # from the float32 grid, as the decoder test does
+    model = model.to(torch.bfloat16)
+    prompts = [[5, 17, 3, 42, 8, 61, 29, 11, 70, 2], [9, 4, 13, 50, 7, 22, 1], [33, 12, 64, 3, 3]]
+    tokens = torch.tensor([[4, 9, 23, 40, 11, 6, 2, 30], [31, 2, 6, 44, 9, 9, 17, 1], [8, 60, 5, 14, 27, 3, 50, 12]])
+    depth = torch.tensor([0, 1, 1, 2, 2, 3, 1, 2])  # a tree: 0 <- 1, 2; 2 <- 3, 4; 4 <- 5; 0 <- 6 <- 7
+    parent = [-1, 0, 0, 2, 2, 4, 0, 6]
+    mask = torch.eye(8, dtype=torch.bool)
+    for i, p in enumerate(parent):
+        j = p
+        while j >= 0:
+            mask[i, j], j = True, parent[j]
+
+    def run(cap):
+        target = NativeTarget(model, name="int4", int4_layers=int4, int4_max_rows=cap)
+        alone = []
+        for prompt in prompts:  # each prompt prefilled alone, so every cache holds the same values
+            cache = target.new_cache(1)
+            n = len(prompt)
+            target.forward(torch.tensor([prompt]), torch.arange(n).view(1, n),
+                           torch.ones(n, n, dtype=torch.bool).tril().view(1, n, n), cache)
+            target.commit(cache, torch.arange(n).view(1, n), torch.tensor([n]))
+            alone.append(cache)
+        batch = NativeCache(kv=torch.cat([c.kv for c in alone], dim=2), lengths=torch.cat([c.lengths for c in alone]))
+        together = target.forward(tokens, batch.lengths.view(3, 1) + depth, mask.expand(3, 8, 8), batch)
+        same = []
+        for row, cache in enumerate(alone):
+            out = target.forward(tokens[row : row + 1], cache.lengths.view(1, 1) + depth, mask.view(1, 8, 8), cache)
+            length = int(cache.lengths[0]) + 8
+            same.append(torch.equal(out.logits[0], together.logits[row])
+                        and torch.equal(out.hidden[0], together.hidden[row])
+                        and torch.equal(cache.kv[:, :, 0, :, :length], batch.kv[:, :, row, :, :length]))
+        return same
+
+    assert run(None) == [True, True, True]
+    assert not all(run(16))
+
+
 @pytest.mark.slow
 def test_bf16_speculative_decoding_equals_plain_decoding_with_our_int4_kernel():
     """The embedded model in bf16 with our int4 products (the default on this CPU): greedy ReDrafter
@@ -399,7 +448,7 @@ def test_int4_kernel_choice():
     assert Linear(w, int4=pack_int4(w, torch.bfloat16), int4_max_rows=4).int4_max_rows == 4
     if kernels.int4_unavailable_reason() is None:
         packed = pack_int4(w, torch.bfloat16)
-        assert packed.kernel == "avx512" and Linear(w, int4=packed).int4_max_rows == 16
+        assert packed.kernel == "avx512" and Linear(w, int4=packed).int4_max_rows == INT4_MAX_ROWS_AVX512
     with pytest.raises(ValueError, match="unknown int4 kernel"):
         pack_int4(w, torch.bfloat16, kernel="amx")
     with pytest.raises(ValueError, match="takes bfloat16 activations"):
@@ -612,12 +661,12 @@ def test_int8_products_use_exactly_the_8bit_weight_for_any_row_count(shape, kind
     out_features, in_features = shape
     w = (q8_0_weight if kind == "q8_0" else q6_k_weight)(out_features, in_features, seed=out_features)
     packed = pack_int8(w)
-    assert packed.max_rows == 16 and packed.packed.dtype == torch.uint8
+    assert packed.max_rows == INT4_MAX_ROWS_AVX512 and packed.packed.dtype == torch.uint8
     assert packed.group == (32 if kind == "q8_0" else 16)
     if kind == "q8_0":
         assert packed.scales.dtype == torch.float16
     g = torch.Generator().manual_seed(2)
-    for rows in (1, 3, 6, 9, 16):
+    for rows in (1, 3, 6, 9, 16, 24, 64):
         x = torch.randn(rows, in_features, generator=g).bfloat16()
         y = packed(x.view(1, rows, in_features)).view(rows, out_features)
         exact = x.double() @ w.double().T

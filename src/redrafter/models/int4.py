@@ -17,7 +17,7 @@ re-quantized.
 Three kernels (docs/PERFORMANCE.md). Ours for bf16 (``kernels``, AVX-512 BF16, bf16 activations) walks
 the weight once for up to 8 rows (more in chunks of 8, rereading each tile from L1): SmolLM2's 30 layers of products take about 5 ms for one row
 against 15-17 ms dense (the weight stream shrinks 3.5x) and about 9 ms for 8 rows, so ``base.Linear``
-uses it up to ``INT4_MAX_ROWS_AVX512`` rows. Ours for float32 (``kernels.avx2``, any CPU with AVX2,
+uses it up to ``INT4_MAX_ROWS_AVX512`` rows (64: beyond, a prefill's rows, dense products are as fast). Ours for float32 (``kernels.avx2``, any CPU with AVX2,
 FMA and F16C) does the same with float32 arithmetic, up to ``INT4_MAX_ROWS_AVX2`` rows. torch's kernel
 (everywhere else) streams and unpacks the weight once per 4 rows, so 5 rows cost about twice 4; it is
 used up to ``INT4_MAX_ROWS`` rows. Beyond, the dense oneDNN weight runs (prefills, batched datagen),
@@ -47,7 +47,8 @@ from redrafter.utils import weight_arena
 GROUP_SIZE = 32  # inputs per (scale, zero) pair: the block size of GGUF's Q4_0 / Q4_1
 GRID_TOLERANCE = 1e-3  # largest |w - grid value| as a fraction of the step (grid_4bit)
 INT4_MAX_ROWS = 8  # rows up to which torch's int4 kernel beats dense bf16 products (docs/PERFORMANCE.md)
-INT4_MAX_ROWS_AVX512 = 16  # the same for ours (kernels.int4)
+INT4_MAX_ROWS_AVX512 = 64  # the same for ours (kernels.int4): a forward of 17-48 rows 18-37 % faster than
+# dense on Zen 5, level at 64 (docs/PERFORMANCE.md); every step of up to 64 rows so computes each row as alone
 INT4_MAX_ROWS_AVX2 = 16  # the same for our float32 kernel (kernels.avx2)
 OUR_KERNELS = ("avx512", "avx2")  # Int4Weight.kernel values that run ``matmul``
 INNER_K_TILES = 8  # the CPU kernel's packing parameter (2, 4 or 8)
