@@ -219,7 +219,13 @@ def tree_unavailable_reason() -> str | None:
 
 def tree():
     """The extension for tree bookkeeping on CPU tensors (tree.py, verify.py), or None
-    (``tree_unavailable_reason``, or a failed build): the tensor versions run then."""
+    (``tree_unavailable_reason``, or a failed build): the tensor versions run then. Asked four times
+    per step, so the answer is kept per value of ``REDRAFTER_TREE_KERNEL`` (1 µs instead of 15)."""
+    return _tree_for(os.environ.get("REDRAFTER_TREE_KERNEL", "auto"))
+
+
+@functools.cache
+def _tree_for(setting: str):
     if tree_unavailable_reason() is not None:
         return None
     return load() if unavailable_reason() is None else load_avx2()
