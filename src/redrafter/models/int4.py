@@ -47,8 +47,8 @@ from redrafter.utils import weight_arena
 GROUP_SIZE = 32  # inputs per (scale, zero) pair: the block size of GGUF's Q4_0 / Q4_1
 GRID_TOLERANCE = 1e-3  # largest |w - grid value| as a fraction of the step (grid_4bit)
 INT4_MAX_ROWS = 8  # rows up to which torch's int4 kernel beats dense bf16 products (docs/PERFORMANCE.md)
-INT4_MAX_ROWS_AVX512 = 64  # the same for ours (kernels.int4): a forward of 17-48 rows 18-37 % faster than
-# dense on Zen 5, level at 64 (docs/PERFORMANCE.md); every step of up to 64 rows so computes each row as alone
+INT4_MAX_ROWS_AVX512 = 64  # the same for ours (kernels.int4): a forward of 17-48 rows takes 11-30 % less time
+# than dense on Zen 5, level at 64 (docs/PERFORMANCE.md); every step of up to 64 rows so computes each row as alone
 INT4_MAX_ROWS_AVX2 = 16  # the same for our float32 kernel (kernels.avx2)
 OUR_KERNELS = ("avx512", "avx2")  # Int4Weight.kernel values that run ``matmul``
 INNER_K_TILES = 8  # the CPU kernel's packing parameter (2, 4 or 8)
