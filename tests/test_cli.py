@@ -73,7 +73,7 @@ BAD_INPUTS = [
     (["--model", "some/model/dir", "--prompt", "hi"], "no drafter ships for model"),
     (["--autoregressive", "--prompt", "hi", "--max-new-tokens", "0"], "max-new-tokens must be >= 1"),
     (["--autoregressive", "--prompt", "hi", "--backend", "hf", "--compile"], "--compile needs the native backend"),
-    (["--autoregressive", "--prompt", "hi", "--draft-mode", "greedy"], "--draft-mode must be beam or sample"),
+    (["--autoregressive", "--prompt", "hi", "--draft-mode", "greedy"], "--draft-mode must be one of beam, sample, tree"),
     (["--autoregressive", "--prompt", "hi", "--draft-mode", "beam,sample"], "--draft-mode takes one mode"),
     (["--autoregressive", "--prompt", "hi", "--min-draft-prob", "1.5"], "--min-draft-prob must be a probability"),
     (["--autoregressive", "--prompt", "hi", "--min-draft-prob", "x"], "--min-draft-prob must be a probability"),

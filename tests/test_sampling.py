@@ -14,6 +14,7 @@ import redrafter.engine as engine_module
 from helpers import tiny_model
 from redrafter import BeamConfig, Drafter, DrafterConfig, Engine, FinishEvent, GenerationConfig, ReDrafterProposer
 from redrafter.config import SamplingParams
+from redrafter.drafter.sibling_tree import TreeShape, draw_siblings, sibling_template, without
 from redrafter.models.native import NativeTarget
 from redrafter.sampling import probabilities, sample
 from redrafter.tree import NO_TOKEN
@@ -126,15 +127,22 @@ def chi_square_p_value(counts: torch.Tensor, joint: torch.Tensor) -> float:
     (SamplingParams(temperature=0.7, top_k=6, seed=19), "beam", BeamConfig(width=2, length=2, lookup_tokens=2)),
     (SamplingParams(temperature=1.0, seed=20), "sample",
      BeamConfig(width=3, length=3, max_tree_tokens=4, lookup_tokens=3, lookup_confidence=(0.6, 0.9))),
-    (SamplingParams(temperature=1.0, seed=21), "sample", BeamConfig(width=3, length=3, min_tokens_per_step=3))],
+    (SamplingParams(temperature=1.0, seed=21), "sample", BeamConfig(width=3, length=3, min_tokens_per_step=3)),
+    (SamplingParams(temperature=1.0, seed=23), "tree", None), (SamplingParams(temperature=0.5, seed=24), "tree", None),
+    (SamplingParams(temperature=1.0, top_k=2, seed=25), "tree", BeamConfig(width=4, length=3)),
+    (SamplingParams(temperature=1.0, top_p=0.8, seed=26), "tree", BeamConfig(width=2, length=4)),
+    (SamplingParams(temperature=1.0, seed=27), "tree",
+     BeamConfig(width=3, length=3, max_tree_tokens=5, lookup_tokens=3, lookup_confidence=(0.6, 0.9)))],
     ids=["T1", "T0.5", "top-k4", "top-p0.8", "beam-drafts-T1", "beam-drafts-T0.5-top-p0.9", "beam-drafts-T1-capped-tree",
-         "T1-lookup", "beam-drafts-T0.7-top-k6-lookup", "T1-lookup-capped", "T1-gated"])
+         "T1-lookup", "beam-drafts-T0.7-top-k6-lookup", "T1-lookup-capped", "T1-gated", "tree-T1", "tree-T0.5",
+         "tree-top-k2-more-siblings-than-tokens", "tree-top-p0.8-depth3", "tree-T1-lookup-capped"])
 def test_speculative_samples_follow_the_exact_joint(setup, params, draft_mode, beam):
     """Drafts drawn from q ("sample") or made by beam search and tested as point masses ("beam"),
     also with the tree capped to its 4 most probable nodes (beams that end early), with the
     context-lookup beam (point masses, longer than the drafter's beams) after the drafter's, and with a
     speculation floor no first step reaches unless all its drafts are accepted (a batch of rows in
-    which some speculate and some take plain steps)."""
+    which some speculate and some take plain steps); and trees whose siblings are drawn without
+    replacement ("tree"), also where a top-k q has fewer tokens than a node has children."""
     model, target, drafter = setup
     counts = sampled_counts(target, drafter, params, draft_mode, beam)
     assert counts.sum() == SAMPLES
@@ -181,6 +189,25 @@ def test_the_test_detects_the_biased_keep_longest_rule(setup, monkeypatch):
     assert chi_square_p_value(counts, exact_joint(model, params)) < 1e-6
 
 
+def test_the_test_detects_siblings_drawn_without_replacement_but_tested_with_q(setup, monkeypatch):
+    """The "tree" mode's draws are right, but each sibling is tested with the drafter's q itself instead
+    of q without the siblings drawn before it: biased. (Top-k 3 makes q's first sibling take much of its
+    mass, so q and q without it differ enough for 20,000 samples to see.)"""
+    from redrafter.drafter import sibling_tree
+
+    model, target, drafter = setup
+    params = SamplingParams(temperature=1.0, top_k=3, seed=28)
+    draw = sibling_tree.draw_siblings
+
+    def tested_with_q(q, counts, generators):
+        tokens, dists = draw(q, counts, generators)
+        return tokens, q.unsqueeze(2).expand_as(dists) * (tokens >= 0).unsqueeze(-1)
+
+    monkeypatch.setattr(sibling_tree, "draw_siblings", tested_with_q)
+    counts = sampled_counts(target, drafter, params, draft_mode="tree", beam=BeamConfig(width=3, length=2))
+    assert chi_square_p_value(counts, exact_joint(model, params)) < 1e-6
+
+
 def bonus_from_p_after_rejection(beams, unpacker, logits, params, draft_probs=None, generators=None):
     """A biased rule for deterministic drafts: children are tested as point masses (accept x with
     probability p(x)), but after rejecting them the bonus is drawn from p itself instead of the
@@ -216,7 +243,7 @@ def test_the_test_detects_a_bonus_drawn_from_p_after_rejected_beam_drafts(setup,
     assert chi_square_p_value(counts, exact_joint(model, params)) < 1e-6
 
 
-@pytest.mark.parametrize("draft_mode", ["beam", "sample"])
+@pytest.mark.parametrize("draft_mode", ["beam", "sample", "tree"])
 def test_seeded_runs_repeat_and_rows_are_independent(setup, draft_mode):
     _, target, drafter = setup
     engine = Engine(target, ReDrafterProposer(drafter, target, BeamConfig(width=2, length=3), draft_mode=draft_mode))
@@ -303,7 +330,10 @@ def test_sampled_drafts_from_the_fused_drafter_step_equal_the_loop(dtype):
     proposer = ReDrafterProposer(drafter.to(dtype), target, BeamConfig(width=3, length=4), draft_mode="sample")
     assert proposer.table is not None and proposer.drafter.fused_search is not None
     context, g0 = torch.randn(2, 64).to(dtype), torch.tensor([5, 900])
-    for params in (SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=0.7, top_p=0.9, seed=2)):
+    cases = [(SamplingParams(temperature=1.0, seed=1), "sample"), (SamplingParams(temperature=0.7, top_p=0.9, seed=2), "sample"),
+             (SamplingParams(temperature=1.0, seed=3), "tree")]
+    for params, mode in cases:
+        proposer.draft_mode = mode
         def run():
             generators = [torch.Generator().manual_seed(10 + i) for i in range(2)]
             return proposer.propose_sampled(context, g0, torch.ones(2, dtype=torch.long), params, generators,
@@ -317,5 +347,44 @@ def test_sampled_drafts_from_the_fused_drafter_step_equal_the_loop(dtype):
             fused_beams, fused_q = run()
         finally:
             del proposer.drafter.next_state
-        assert torch.equal(fused_beams, loop_beams) and loop_beams.shape == (2, 3, 4)
+        width = 3 if mode == "sample" else len(TreeShape.of(sibling_template(9, 3)).leaves)  # 9 nodes of depth <= 3
+        assert torch.equal(fused_beams, loop_beams) and loop_beams.shape == (2, width, 4)
         assert torch.equal(fused_q.probs, loop_q.probs) and torch.equal(fused_q.vocab_map, drafter.draft_to_target)
+        assert fused_q.distinct == (mode == "tree")
+
+
+def test_sibling_templates_are_trees_ordered_by_estimated_acceptance():
+    assert sibling_template(3, 2, (0.5, 0.2)) == ((0,), (0, 0), (1,))
+    assert sibling_template(4, 1, (0.5, 0.2)) == ((0,), (1,), (2,), (3,))  # depth 1: siblings only
+    assert sibling_template(0, 2) == ()
+    for nodes in range(1, 12):
+        paths = sibling_template(nodes, 3)
+        assert len(paths) == nodes and max(map(len, paths)) <= 3
+        TreeShape.of(paths)  # raises unless closed under prefixes and earlier siblings
+    shape = TreeShape.of(((0,), (0, 0), (0, 1), (1,), (2,), (2, 0)))
+    assert shape.levels == (((0, 0), (0, 1), (0, 2)), ((0, 0), (0, 1), (2, 0)))
+    assert shape.leaves == ((0, 0), (0, 1), (1,), (2, 2))  # beams in rank-path order: siblings in draw order
+    with pytest.raises(ValueError):
+        TreeShape.of(((0,), (1, 0)))  # (1, 0) without (1,)
+    with pytest.raises(ValueError):
+        TreeShape.of(((0,), (2,)))  # the third child without the second
+
+
+def test_siblings_are_distinct_and_each_comes_with_the_q_it_was_drawn_from():
+    q = torch.tensor([[[0.5, 0.3, 0.2, 0.0], [0.0, 0.0, 1.0, 0.0]]])
+    generators = [torch.Generator().manual_seed(0)]
+    tokens, dists = draw_siblings(q, [3, 2], generators)
+    assert tokens.shape == (1, 2, 3)
+    first = tokens[0, 0].tolist()
+    assert sorted(first) == [0, 1, 2]  # three distinct tokens: all of q's support
+    drawn = torch.zeros(4, dtype=torch.bool)
+    for rank, token in enumerate(first):
+        assert torch.allclose(dists[0, 0, rank], without(q[0, 0], drawn))
+        drawn[token] = True
+    # one token of mass: the second child cannot be drawn (q has nothing left), the third is not wanted
+    assert tokens[0, 1].tolist() == [2, -1, -1] and dists[0, 1, 1:].abs().sum() == 0
+    # over many draws, the second sibling follows q without the first
+    many = draw_siblings(q[:, :1].expand(1, 4000, 4).contiguous(), [2] * 4000, generators)[0][0]
+    second_after_0 = many[many[:, 0] == 0, 1]
+    share = float((second_after_0 == 1).double().mean())
+    assert abs(share - 0.3 / 0.5) < 0.05

@@ -293,12 +293,13 @@ def test_compact_draft_probs_walk_as_their_dense_tensor():
     """``DraftProbs`` (q over a reduced draft vocabulary for the first W_q beams and L_q depths, point
     masses elsewhere) in the C++ walk against the dense tensor it stands for in ``verify.walk``: the
     same beam, count and bonus on random trees, with the lookup-like point-mass beams after the
-    drawn ones and tokens outside the draft vocabulary among the candidates."""
+    drawn ones and tokens outside the draft vocabulary among the candidates; and so for both walks
+    with ``distinct`` (each node a candidate once), which changes the outcome of some trees."""
     from redrafter.verify import DraftProbs
 
     module = require_kernels("tree")
     generator = torch.Generator().manual_seed(5)
-    accepted_somewhere = rejected_somewhere = 0
+    accepted_somewhere = rejected_somewhere = differ = 0
     for trial in range(300):
         batch, vocab = int(torch.randint(1, 4, (1,), generator=generator)), int(torch.randint(4, 40, (1,), generator=generator))
         width, length = int(torch.randint(1, 6, (1,), generator=generator)), int(torch.randint(2, 6, (1,), generator=generator))
@@ -316,13 +317,18 @@ def test_compact_draft_probs_walk_as_their_dense_tensor():
         draws = torch.rand(batch, uniforms_needed(width, length), generator=generator, dtype=torch.float64)
         compact = DraftProbs(q, vocab_map)
         empty_map = torch.empty(0, dtype=torch.long)
-        fast = module.sampled_accept(beams, tree.unpacker, probs, q, empty_map if vocab_map is None else vocab_map, draws)
-        reference = walk(beams, tree.unpacker, None, probs, compact.dense(beams, vocab), draws)
-        for name, a, b in zip(["beam", "accepted", "bonus"], fast, reference):
-            assert torch.equal(a, b), (trial, name)
+        outcomes = []
+        for distinct in (False, True):  # with distinct, a node shared by several beams is tested once
+            fast = module.sampled_accept(beams, tree.unpacker, probs, q, empty_map if vocab_map is None else vocab_map,
+                                         draws, distinct)
+            reference = walk(beams, tree.unpacker, None, probs, compact.dense(beams, vocab), draws, distinct=distinct)
+            for name, a, b in zip(["beam", "accepted", "bonus"], fast, reference):
+                assert torch.equal(a, b), (trial, distinct, name)
+            outcomes.append(torch.stack(reference))
+        differ += int(not torch.equal(*outcomes))
         accepted_somewhere += int(reference[1].sum())
         rejected_somewhere += int((reference[1] < length - 1).sum())
-    assert accepted_somewhere > 100 and rejected_somewhere > 100
+    assert accepted_somewhere > 100 and rejected_somewhere > 100 and differ > 30
 
 
 def test_cpp_tree_bookkeeping_rejects_bad_input():

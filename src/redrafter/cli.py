@@ -227,7 +227,8 @@ def add_sampling_arguments(parser, *, multiple: bool = False) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed; prompt i uses random stream i")
     parser.add_argument("--draft-mode", default=DEFAULT_DRAFT_MODE, help=(
         "how the drafter drafts when sampling (both exact): beam = its beam search, each child tested as "
-        "a point mass; sample = W paths drawn from its q" + (" (bench: a comma list runs each)" if multiple else "")
+        "a point mass; sample = W paths drawn from its q; tree = a tree whose siblings are drawn from q "
+        "without replacement" + (" (bench: a comma list runs each)" if multiple else "")
         + f"; default {DEFAULT_DRAFT_MODE}"))
 
 
@@ -238,7 +239,7 @@ def draft_modes(value: str) -> list[str]:
     modes = [m.strip() for m in value.split(",") if m.strip()]
     bad = [m for m in modes if m not in DRAFT_MODES]
     if bad or not modes:
-        raise RedrafterError(f"--draft-mode must be {' or '.join(DRAFT_MODES)}, got '{value}'")
+        raise RedrafterError(f"--draft-mode must be one of {', '.join(DRAFT_MODES)}, got '{value}'")
     return modes
 
 

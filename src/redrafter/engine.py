@@ -31,6 +31,7 @@ from redrafter.config import BeamConfig, GenerationConfig, SamplingParams
 from redrafter.drafter.beam_search import beam_search
 from redrafter.drafter.lookup import History, join_beams, joined_tree, lookup_beams
 from redrafter.drafter.model import Drafter, inference_copy
+from redrafter.drafter.sibling_tree import draw_tree, sibling_template, tree_shape
 from redrafter.errors import RedrafterError
 from redrafter.models.base import TargetModel
 from redrafter.tree import NO_TOKEN, pack
@@ -60,8 +61,8 @@ class Proposer(Protocol):
 class SamplingProposer(Proposer, Protocol):
     """A proposer that can also draw its drafts at random (and say from which distributions).
 
-    ``draft_mode`` "sample" makes the engine call ``propose_sampled`` when sampling; "beam" keeps the
-    deterministic ``propose`` (verified as point masses). Both keep sampling exact."""
+    ``draft_mode`` "sample" or "tree" makes the engine call ``propose_sampled`` when sampling; "beam"
+    keeps the deterministic ``propose`` (verified as point masses). All keep sampling exact."""
 
     draft_mode: str
 
@@ -99,7 +100,7 @@ class LookupProposer:
         return lookup_beams(g0, history, num_tokens=self.num_tokens, max_ngram=self.max_ngram)[0]
 
 
-DRAFT_MODES = ("beam", "sample")
+DRAFT_MODES = ("beam", "sample", "tree")
 
 
 class ReDrafterProposer:
@@ -112,7 +113,8 @@ class ReDrafterProposer:
         """``draft_mode`` (sampling only; greedy always uses beam search): "beam" drafts by beam search
         and the tree walk tests each child as a point mass, so a node accepts with probability
         p(its children) (the p-mass the drafter's top beams cover); "sample" draws W paths from q and
-        accepts with the multi-draft rejection rule. Either way the output follows p exactly
+        accepts with the multi-draft rejection rule; "tree" draws a tree whose siblings are drawn
+        from q without replacement (drafter/sibling_tree.py). Either way the output follows p exactly
         (verify.py). "sample" (default) got as many or more tokens per step with SmolLM2's drafter at
         T = 0.7 and 1.0 (docs/BENCHMARKS.md): beam search's W beams mostly share their first tokens,
         while W draws from q spread over more of p. ``drafter_weights``: see ``inference_copy`` (4-bit
@@ -165,15 +167,22 @@ class ReDrafterProposer:
         number instead (``sampled_paths``), fixed before anything is drawn. The context-lookup beam
         (``beam.lookup_tokens``) comes last, its tokens proposed as point masses; under a cap it is
         given its slots first, from the history alone (``split_budget``), and the paths the rest."""
-        drafter, width = self.drafter, sampled_paths(self.beam)
+        drafter, tree = self.drafter, self.draft_mode == "tree"
+        width = sampled_nodes(self.beam) if tree else sampled_paths(self.beam)
         batch = g0.shape[0]
         looked_up = None
         if self.beam.lookup_tokens:
             looked_up, scores = self._lookup(g0, history)
             if self.beam.max_tree_tokens:
-                width, looked_up = split_budget(looked_up, scores, self.beam)
+                width, looked_up = split_budget(looked_up, scores, self.beam, nodes=tree)
             if width == 0:  # the lookup fills the cap: no drafter draws this step, every token a point mass
                 return looked_up, None
+        if tree:  # ``width`` nodes, siblings drawn without replacement
+            shape = tree_shape(sibling_template(width, self.beam.length - 1))
+            beams, dists = draw_tree(lambda n: self._drafter_step(context, n), g0, shape, params, generators,
+                                     drafter.to_target_ids)
+            draft_probs = DraftProbs(dists, drafter.draft_to_target, distinct=True)
+            return (beams if looked_up is None else join_beams(beams, looked_up)), draft_probs
         step, state = self._drafter_step(context, width), None
         beams, draws = g0.view(batch, 1, 1).expand(batch, width, 1), []
         for _ in range(self.beam.length - 1):
@@ -189,8 +198,8 @@ class ReDrafterProposer:
         return beams, draft_probs
 
     def _drafter_step(self, context: torch.Tensor, width: int):
-        """One depth of the drafter for W paths per row: a function (state or None for s_0, tokens
-        (batch, W)) -> (state, logits (batch, W, V_d)). It runs in one call (``FusedSearch.step``, the
+        """One depth of the drafter for W paths per row: a function (state (batch, W, S) or None for s_0,
+        tokens (batch, W)) -> (state (batch, W, S), logits (batch, W, V_d)). It runs in one call (``FusedSearch.step``, the
         same values) where the drafter's fused search runs, else as ``Drafter.next_state`` and ``logits``."""
         drafter, batch = self.drafter, context.shape[0]
         fused = getattr(drafter, "fused_search", None)
@@ -198,8 +207,9 @@ class ReDrafterProposer:
             rows = context.to(fused.dtype).repeat_interleave(width, 0)  # (batch * W, H), row b * W + w
 
             def fused_step(state: torch.Tensor | None, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                state, logits = fused.step(rows, state, tokens.reshape(-1), self.table)
-                return state, logits.view(batch, width, -1)
+                flat = None if state is None else state.reshape(batch * width, -1)
+                state, logits = fused.step(rows, flat, tokens.reshape(-1), self.table)
+                return state.view(batch, width, -1), logits.view(batch, width, -1)
 
             return fused_step
         h = context.to(next(drafter.parameters()).dtype).unsqueeze(1).expand(batch, width, -1)
@@ -224,23 +234,26 @@ def search_shape(beam: BeamConfig) -> tuple[int, bool]:
 SAMPLED_LOOKUP_MIN = 0.5  # a looked-up token goes before drawn paths when c_n^depth says it is more likely right
 
 
-def split_budget(looked_up: torch.Tensor, scores: torch.Tensor, beam: BeamConfig) -> tuple[int, torch.Tensor]:
+def split_budget(looked_up: torch.Tensor, scores: torch.Tensor, beam: BeamConfig,
+                 nodes: bool = False) -> tuple[int, torch.Tensor]:
     """Share the K - 1 drafted slots of a capped tree between the lookup beam and paths drawn from q.
 
     Drawn paths cannot be chosen by what they drew (that would bias the tree walk), so the split is
     fixed from the history alone: in each row the looked-up tokens with confidence c_n^depth of at
     least ``SAMPLED_LOOKUP_MIN`` come first; then as many whole paths of L-1 tokens as every row has
-    room for; slots left in a row go to its further looked-up tokens.
+    room for (with ``nodes``: as many single tree nodes, for the "tree" draft mode); slots left in a
+    row go to its further looked-up tokens.
 
     Args:
         looked_up, scores: (batch, 1, 1 + N) the lookup beams and their scores (``lookup_beams``).
     Returns:
-        (number of paths to draw, possibly 0; the lookup beams cut to their share of the slots).
+        (number of paths, or nodes, to draw, possibly 0; the lookup beams cut to their share of the slots).
     """
     budget = beam.max_tree_tokens - 1
     confident = (scores[:, 0, 1:] >= math.log(SAMPLED_LOOKUP_MIN)).sum(dim=-1).clamp(max=budget)  # (batch,)
-    paths = min(beam.width, int((budget - confident).min()) // (beam.length - 1))
-    allowed = budget - paths * (beam.length - 1)  # looked-up tokens each row may keep
+    unit = 1 if nodes else beam.length - 1
+    paths = min(beam.width * (beam.length - 1) // unit, int((budget - confident).min()) // unit)
+    allowed = budget - paths * unit  # looked-up tokens each row may keep
     depth = torch.arange(looked_up.shape[-1], device=looked_up.device)
     return paths, torch.where(depth > allowed, torch.full_like(looked_up, NO_TOKEN), looked_up)
 
@@ -251,6 +264,14 @@ def sampled_paths(beam: BeamConfig) -> int:
     if beam.max_tree_tokens <= 0:
         return beam.width
     return max(1, min(beam.width, (beam.max_tree_tokens - 1) // (beam.length - 1)))
+
+
+def sampled_nodes(beam: BeamConfig) -> int:
+    """How many nodes the "tree" draft mode draws: as many as W paths of L-1 tokens would be, or
+    K - 1 under ``max_tree_tokens`` K (the tree then has at most K tokens, g0 included)."""
+    if beam.max_tree_tokens <= 0:
+        return beam.width * (beam.length - 1)
+    return max(1, min(beam.width * (beam.length - 1), beam.max_tree_tokens - 1))
 
 
 def check_compatible(drafter: Drafter, target: TargetModel) -> None:
@@ -430,13 +451,13 @@ class Engine:
             history = [rows[r].ids for r in live]  # no copies: proposers only read them
             prompt_rows = torch.tensor(live, device=device)
             # 1. Draft: beam search (any deterministic draft is verified as point masses), or random
-            #    draws from the drafter when sampling with draft_mode "sample". Rows whose speculation
+            #    draws from the drafter when sampling with draft_mode "sample" or "tree". Rows whose speculation
             #    does not pay (BeamConfig.min_tokens_per_step) keep g0 alone: a plain decode step.
             draft_probs = None
             speculating = [not rows[r].finished and rows[r].speculates(floor) for r in live]
             if not any(speculating):
                 beams = g0.view(batch, 1, 1)
-            elif not params.greedy and getattr(self.proposer, "draft_mode", "beam") == "sample":
+            elif not params.greedy and getattr(self.proposer, "draft_mode", "beam") in ("sample", "tree"):
                 beams, draft_probs = self.proposer.propose_sampled(context, g0, num_generated, params, generators,
                                                                    rows=prompt_rows, history=history)
             else:

@@ -13,6 +13,12 @@ included: each beam contributed one draw). Keep a residual r = p_u and try them 
   U ~ Uniform[0, 1); then move to x_w's node and repeat one level down;
 - otherwise r <- normalise(max(r - q_w, 0)) and try the next candidate.
 
+Drafts whose siblings were drawn without replacement (``DraftProbs.distinct``, the "tree" draft
+mode) test each node once: a later beam through a node already tested at this depth is not a
+candidate again, and q_w is the distribution that child was drawn from (q without the siblings drawn
+before it). That is recursive rejection sampling without replacement; the same argument applies, since
+each candidate is drawn from the q_w it is tested with, independently of the test.
+
 When every candidate at a node is rejected, the bonus token is drawn from the residual r; after a
 fully accepted beam, from p at its last node. Here q_w is the distribution candidate w was drawn
 from: the drafter's q for sampled drafts, a point mass for deterministic ones (beam search, scripted
@@ -63,10 +69,12 @@ class DraftProbs:
     tensor: ``probs`` (batch, W_q, L_q, V_q) float32 is the q that ``beams[:, w, 1 + j]`` was drawn from,
     for w < W_q and j < L_q, over the V_q tokens whose target ids ``vocab_map`` (V_q,) lists (None: V_q
     is the whole vocabulary, in order). Every other drafted token (the context-lookup beam after the
-    drawn paths) is a point mass. ``dense`` gives the tensor this stands for."""
+    drawn paths) is a point mass. ``dense`` gives the tensor this stands for. ``distinct``: see the
+    module docstring."""
 
     probs: torch.Tensor
     vocab_map: torch.Tensor | None = None
+    distinct: bool = False  # siblings drawn without replacement: each tree node is a candidate once
 
     def dense(self, beams: torch.Tensor, vocab: int) -> torch.Tensor:
         """(batch, W, L-1, V) for ``beams`` (batch, W, L): q where given, one-hot rows elsewhere."""
@@ -129,23 +137,25 @@ def tree_accept(beams: torch.Tensor, unpacker: torch.Tensor, logits: torch.Tenso
     module = tree_kernel(probs, torch.float32)
     compact = draft_probs if isinstance(draft_probs, DraftProbs) else None
     q = compact.probs if compact is not None else draft_probs
+    distinct = compact is not None and compact.distinct
     if module is not None and (q is None or (q.dtype == torch.float32 and q.device.type == "cpu")):
         empty = torch.empty(0, dtype=torch.float32)
         draft_map = compact.vocab_map if compact is not None and compact.vocab_map is not None else empty.long()
         beam, accepted, bonus = module.sampled_accept(beams, unpacker, probs, empty if q is None else q, draft_map,
-                                                      draws)
+                                                      draws, distinct)
     else:
         dense = compact.dense(beams, probs.shape[-1]) if compact is not None else draft_probs
-        beam, accepted, bonus = walk(beams, unpacker, None, probs, dense, draws)
+        beam, accepted, bonus = walk(beams, unpacker, None, probs, dense, draws, distinct=distinct)
     return Acceptance(beam=beam, accepted=accepted, tokens=beams[rows, beam], bonus=bonus)
 
 
 def walk(beams: torch.Tensor, unpacker: torch.Tensor, best: torch.Tensor | None, probs: torch.Tensor | None,
-         draft_probs: torch.Tensor | None, draws: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+         draft_probs: torch.Tensor | None, draws: torch.Tensor | None, *, distinct: bool = False) -> tuple[torch.Tensor, ...]:
     """The walk of the module docstring in tensor operations (any device; the definition the C++
     ``greedy_accept`` and ``sampled_accept`` are tested against). Greedy: ``best`` (batch, n) the
     argmax at each node. Sampling: ``probs`` (batch, n, V) p at each node and ``draws`` (batch, U)
     float64 uniform numbers, used in order: one per candidate tested, then one for the bonus.
+    ``distinct``: each node is a candidate once (``DraftProbs.distinct``).
 
     Returns:
         (beam, accepted, bonus), each (batch,) int64.
@@ -166,11 +176,15 @@ def walk(beams: torch.Tensor, unpacker: torch.Tensor, best: torch.Tensor | None,
                     bonus = best[b][node]
             else:
                 residual = probs[b, node]
-                hit = None
+                hit, tested = None, set()
                 for w in live:
                     x = tokens[b][w][j]
                     if x == NO_TOKEN:  # this beam ended before depth j (a capped tree)
                         continue
+                    if distinct:
+                        if nodes[b][w][j] in tested:  # a sibling drawn once, shared by later beams
+                            continue
+                        tested.add(nodes[b][w][j])
                     q_x = 1.0 if draft_probs is None else float(draft_probs[b, w, j - 1, x])
                     if next(numbers) * q_x < float(residual[x]):
                         hit = w

@@ -320,7 +320,8 @@ int64_t inverse_cdf_row(const float* p, int64_t size, double u) {
 
 std::vector<torch::Tensor> sampled_accept(const torch::Tensor& beams_in, const torch::Tensor& unpacker_in,
                                           const torch::Tensor& probs_in, const torch::Tensor& draft_in,
-                                          const torch::Tensor& draft_map_in, const torch::Tensor& uniforms_in) {
+                                          const torch::Tensor& draft_map_in, const torch::Tensor& uniforms_in,
+                                          bool distinct) {
   check_beams(beams_in, "sampled_accept");
   TORCH_CHECK(unpacker_in.sizes() == beams_in.sizes() && unpacker_in.scalar_type() == torch::kLong &&
                   unpacker_in.device().is_cpu(),
@@ -361,6 +362,7 @@ std::vector<torch::Tensor> sampled_accept(const torch::Tensor& beams_in, const t
   auto options = beams.options();
   auto beam = torch::empty({batch}, options), accepted = torch::empty({batch}, options), bonus = torch::empty({batch}, options);
   std::vector<char> live(width);
+  std::vector<int64_t> tested;  // with distinct: the nodes tested at this depth
   std::vector<float> residual(vocab), updated(vocab);
   for (int64_t r = 0; r < batch; ++r) {
     const int64_t* b = beams.data_ptr<int64_t>() + r * width * length;
@@ -380,9 +382,15 @@ std::vector<torch::Tensor> sampled_accept(const torch::Tensor& beams_in, const t
       const float* p = p_at(node);
       std::copy(p, p + vocab, residual.begin());
       int64_t hit = -1;
+      tested.clear();
       for (int64_t w = 0; w < width && hit < 0; ++w) {
         const int64_t x = b[w * length + j];
         if (!live[w] || x == kNoToken) continue;
+        if (distinct) {  // a sibling drawn once, shared by later beams, is a candidate once
+          const int64_t at_node = u[w * length + j];
+          if (std::find(tested.begin(), tested.end(), at_node) != tested.end()) continue;
+          tested.push_back(at_node);
+        }
         TORCH_CHECK(x >= 0 && x < vocab, "sampled_accept: token ", x, " outside the vocabulary");
         const float* q = q_of(w, j);
         const int64_t at = q == nullptr ? -1 : mapped ? inverse[x] : x;

@@ -12,7 +12,8 @@ std::vector<torch::Tensor> greedy_accept(const torch::Tensor& beams, const torch
                                          const torch::Tensor& logits);
 std::vector<torch::Tensor> sampled_accept(const torch::Tensor& beams, const torch::Tensor& unpacker,
                                           const torch::Tensor& probs, const torch::Tensor& draft_probs,
-                                          const torch::Tensor& draft_map, const torch::Tensor& uniforms);
+                                          const torch::Tensor& draft_map, const torch::Tensor& uniforms,
+                                          bool distinct);
 
 // Binds them into module m.
 inline void bind_tree(pybind11::module_& m) {
@@ -20,5 +21,7 @@ inline void bind_tree(pybind11::module_& m) {
   m.def("cap_tree_joined", &cap_tree_joined, "lookup.joined_tree: two beam sets joined, floored and capped in one call");
   m.def("pack_tree", &pack_tree, "tree.pack in one call");
   m.def("greedy_accept", &greedy_accept, "verify.tree_accept's greedy walk in one call");
-  m.def("sampled_accept", &sampled_accept, "verify.tree_accept's sampling walk in one call");
+  m.def("sampled_accept", &sampled_accept, "verify.tree_accept's sampling walk in one call", pybind11::arg("beams"),
+        pybind11::arg("unpacker"), pybind11::arg("probs"), pybind11::arg("draft_probs"), pybind11::arg("draft_map"),
+        pybind11::arg("uniforms"), pybind11::arg("distinct") = false);
 }
