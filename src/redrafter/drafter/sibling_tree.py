@@ -30,8 +30,8 @@ from redrafter.sampling import inverse_cdf, probabilities, uniforms
 from redrafter.tree import NO_TOKEN
 
 # P(the k-th drawn child of a reached node is the one accepted), by rank: orders the nodes of
-# ``sibling_template``. Measured with SmolLM2's drafter at T = 0.7 (docs/BENCHMARKS.md); only the order
-# of the products matters.
+# ``sibling_template``. A rough estimate, not fitted to any drafter; only the order of the products
+# matters, and any shape keeps the output exact.
 RANK_ACCEPTANCE = (0.55, 0.17, 0.08, 0.04, 0.02)
 
 
