@@ -199,8 +199,9 @@ class ReDrafterProposer:
 
     def _drafter_step(self, context: torch.Tensor, width: int):
         """One depth of the drafter for W paths per row: a function (state (batch, W, S) or None for s_0,
-        tokens (batch, W)) -> (state (batch, W, S), logits (batch, W, V_d)). It runs in one call (``FusedSearch.step``, the
-        same values) where the drafter's fused search runs, else as ``Drafter.next_state`` and ``logits``."""
+        tokens (batch, W)) -> (state (batch, W, S), logits (batch, W, V_d)). It runs in one call
+        (``FusedSearch.step``, the same values) where the drafter's fused search runs, else as
+        ``Drafter.next_state`` and ``logits``."""
         drafter, batch = self.drafter, context.shape[0]
         fused = getattr(drafter, "fused_search", None)
         if fused is not None and fused.runs(context, self.table, batch * width):

@@ -150,7 +150,8 @@ def tree_accept(beams: torch.Tensor, unpacker: torch.Tensor, logits: torch.Tenso
 
 
 def walk(beams: torch.Tensor, unpacker: torch.Tensor, best: torch.Tensor | None, probs: torch.Tensor | None,
-         draft_probs: torch.Tensor | None, draws: torch.Tensor | None, *, distinct: bool = False) -> tuple[torch.Tensor, ...]:
+         draft_probs: torch.Tensor | None, draws: torch.Tensor | None, *,
+         distinct: bool = False) -> tuple[torch.Tensor, ...]:
     """The walk of the module docstring in tensor operations (any device; the definition the C++
     ``greedy_accept`` and ``sampled_accept`` are tested against). Greedy: ``best`` (batch, n) the
     argmax at each node. Sampling: ``probs`` (batch, n, V) p at each node and ``draws`` (batch, U)

@@ -36,7 +36,8 @@ RANK_ACCEPTANCE = (0.55, 0.17, 0.08, 0.04, 0.02)
 
 
 @functools.lru_cache(maxsize=64)
-def sibling_template(nodes: int, depth: int, rank_acceptance: Sequence[float] = RANK_ACCEPTANCE) -> tuple[tuple[int, ...], ...]:
+def sibling_template(nodes: int, depth: int,
+                     rank_acceptance: Sequence[float] = RANK_ACCEPTANCE) -> tuple[tuple[int, ...], ...]:
     """The ``nodes`` rank paths of at most ``depth`` ranks with the largest products of
     ``rank_acceptance`` (an estimate of how likely the walk reaches and accepts each node), sorted.
     Every prefix of a chosen path is chosen too (a child's product is smaller than its parent's, and
