@@ -278,12 +278,16 @@ def test_a_beam_that_ended_is_never_a_candidate():
 
 def test_sampled_drafts_under_a_tree_cap_draw_fewer_paths(setup):
     """Drafts drawn from q are never chosen by value; the cap limits how many are drawn instead."""
-    from redrafter.engine import sampled_paths
+    from redrafter.engine import sampled_draws
 
-    assert sampled_paths(BeamConfig(width=16, length=3)) == 16
-    assert sampled_paths(BeamConfig(width=16, length=3, max_tree_tokens=8)) == 3  # 1 + 3 * 2 <= 8
-    assert sampled_paths(BeamConfig(width=2, length=3, max_tree_tokens=8)) == 2
-    assert sampled_paths(BeamConfig(width=4, length=5, max_tree_tokens=3)) == 1
+    assert sampled_draws(BeamConfig(width=16, length=3)) == 16
+    assert sampled_draws(BeamConfig(width=16, length=3, max_tree_tokens=8)) == 3  # 1 + 3 * 2 <= 8
+    assert sampled_draws(BeamConfig(width=2, length=3, max_tree_tokens=8)) == 2
+    assert sampled_draws(BeamConfig(width=4, length=5, max_tree_tokens=3)) == 1
+    # "tree": single nodes, as many as W paths hold, or K - 1
+    assert sampled_draws(BeamConfig(width=4, length=3), nodes=True) == 8
+    assert sampled_draws(BeamConfig(width=4, length=3, max_tree_tokens=6), nodes=True) == 5
+    assert sampled_draws(BeamConfig(width=2, length=3, max_tree_tokens=8), nodes=True) == 4
     _, target, drafter = setup
     proposer = ReDrafterProposer(drafter, target, BeamConfig(width=16, length=3, max_tree_tokens=8))
     params = SamplingParams(temperature=1.0, seed=1)

@@ -101,6 +101,7 @@ class LookupProposer:
 
 
 DRAFT_MODES = ("beam", "sample", "tree")
+SAMPLED_DRAFT_MODES = ("sample", "tree")  # drafts drawn from q (``propose_sampled``); "beam" is beam search
 
 
 class ReDrafterProposer:
@@ -164,11 +165,11 @@ class ReDrafterProposer:
         gets more tokens accepted). Always L-1 tokens: ``beam.min_prob`` does not apply, because
         cutting paths by the probability of what was drawn would bias which children a node gets.
         For the same reason ``beam.max_tree_tokens`` does not choose among the draws; it caps their
-        number instead (``sampled_paths``), fixed before anything is drawn. The context-lookup beam
+        number instead (``sampled_draws``), fixed before anything is drawn. The context-lookup beam
         (``beam.lookup_tokens``) comes last, its tokens proposed as point masses; under a cap it is
         given its slots first, from the history alone (``split_budget``), and the paths the rest."""
         drafter, tree = self.drafter, self.draft_mode == "tree"
-        width = sampled_nodes(self.beam) if tree else sampled_paths(self.beam)
+        width = sampled_draws(self.beam, nodes=tree)
         batch = g0.shape[0]
         looked_up = None
         if self.beam.lookup_tokens:
@@ -252,27 +253,28 @@ def split_budget(looked_up: torch.Tensor, scores: torch.Tensor, beam: BeamConfig
     """
     budget = beam.max_tree_tokens - 1
     confident = (scores[:, 0, 1:] >= math.log(SAMPLED_LOOKUP_MIN)).sum(dim=-1).clamp(max=budget)  # (batch,)
-    unit = 1 if nodes else beam.length - 1
-    paths = min(beam.width * (beam.length - 1) // unit, int((budget - confident).min()) // unit)
+    unit = draw_size(beam, nodes)
+    paths = min(sampled_draws(beam, nodes=nodes, cap=False), int((budget - confident).min()) // unit)
     allowed = budget - paths * unit  # looked-up tokens each row may keep
     depth = torch.arange(looked_up.shape[-1], device=looked_up.device)
     return paths, torch.where(depth > allowed, torch.full_like(looked_up, NO_TOKEN), looked_up)
 
 
-def sampled_paths(beam: BeamConfig) -> int:
-    """How many paths ``propose_sampled`` draws: W, or fewer under ``max_tree_tokens`` K, so that the
-    tree of the draws has at most K tokens whatever they are (1 + paths * (L-1) <= K, at least 1)."""
-    if beam.max_tree_tokens <= 0:
-        return beam.width
-    return max(1, min(beam.width, (beam.max_tree_tokens - 1) // (beam.length - 1)))
+def draw_size(beam: BeamConfig, nodes: bool) -> int:
+    """Tree tokens per draw: a path of L-1 tokens ("sample"), or one node (``nodes``, "tree")."""
+    return 1 if nodes else beam.length - 1
 
 
-def sampled_nodes(beam: BeamConfig) -> int:
-    """How many nodes the "tree" draft mode draws: as many as W paths of L-1 tokens would be, or
-    K - 1 under ``max_tree_tokens`` K (the tree then has at most K tokens, g0 included)."""
-    if beam.max_tree_tokens <= 0:
-        return beam.width * (beam.length - 1)
-    return max(1, min(beam.width * (beam.length - 1), beam.max_tree_tokens - 1))
+def sampled_draws(beam: BeamConfig, *, nodes: bool = False, cap: bool = True) -> int:
+    """How many draws ``propose_sampled`` makes: W paths of L-1 tokens, or with ``nodes`` ("tree" draft
+    mode) as many single nodes as those paths hold. Under ``max_tree_tokens`` K (unless ``cap`` is
+    False) fewer, so that the tree of the draws has at most K tokens, g0 included, whatever they are
+    (1 + draws * draw_size <= K, at least 1 draw)."""
+    unit = draw_size(beam, nodes)
+    most = beam.width * (beam.length - 1) // unit
+    if not cap or beam.max_tree_tokens <= 0:
+        return most
+    return max(1, min(most, (beam.max_tree_tokens - 1) // unit))
 
 
 def check_compatible(drafter: Drafter, target: TargetModel) -> None:
@@ -458,7 +460,7 @@ class Engine:
             speculating = [not rows[r].finished and rows[r].speculates(floor) for r in live]
             if not any(speculating):
                 beams = g0.view(batch, 1, 1)
-            elif not params.greedy and getattr(self.proposer, "draft_mode", "beam") in ("sample", "tree"):
+            elif not params.greedy and getattr(self.proposer, "draft_mode", "beam") in SAMPLED_DRAFT_MODES:
                 beams, draft_probs = self.proposer.propose_sampled(context, g0, num_generated, params, generators,
                                                                    rows=prompt_rows, history=history)
             else:

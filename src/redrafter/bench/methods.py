@@ -16,7 +16,7 @@ import torch
 
 from redrafter.config import BeamConfig, GenerationConfig, SamplingParams
 from redrafter.drafter.model import inference_copy
-from redrafter.engine import Engine, FinishEvent, LookupProposer, ReDrafterProposer
+from redrafter.engine import SAMPLED_DRAFT_MODES, Engine, FinishEvent, LookupProposer, ReDrafterProposer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +161,7 @@ def redrafter_name(beam: BeamConfig, draft_mode: str = "beam") -> str:
     suffix += f",look={beam.lookup_tokens}" if beam.lookup_tokens > 0 else ""
     suffix += f"/{beam.lookup_ngram}" if beam.lookup_tokens > 0 and beam.lookup_ngram != BeamConfig.lookup_ngram else ""
     suffix += f",gate={beam.min_tokens_per_step:g}" if beam.min_tokens_per_step > 0 else ""
-    suffix += f",{draft_mode}" if draft_mode in ("sample", "tree") else ""
+    suffix += f",{draft_mode}" if draft_mode in SAMPLED_DRAFT_MODES else ""
     return f"redrafter[W={beam.width},L={beam.length}{suffix}]"
 
 
