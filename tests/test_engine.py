@@ -6,6 +6,7 @@ import torch
 from helpers import TINY_VOCAB, ScriptedProposer, hf_greedy, tiny_target
 from redrafter import (BeamConfig, Drafter, DrafterConfig, Engine, FinishEvent, GenerationConfig, LookupProposer,
                        ReDrafterProposer)
+from redrafter.config import MAX_TREE_TOKENS
 from redrafter.engine import TokensEvent
 from redrafter.tree import NO_TOKEN, pack
 
@@ -133,6 +134,36 @@ def test_context_lookup_equals_generate(case):
             assert list(result.token_ids) == reference
         tokens = sum(r.stats.num_new_tokens - 1 for r in results)
         assert tokens > sum(r.stats.num_steps for r in results)  # some steps kept drafted tokens
+
+
+def test_sure_lookup_stretch_past_the_cap_equals_generate(case):
+    """``extend_prob``: looked-up tokens scored at least that sure are verified past the cap K (here a
+    confidence of 0.95 per token after any match, so every match makes several sure; checked: trees
+    larger than K, and steps accepting more drafted tokens than a tree of K holds, in a prompt these
+    models answer with a run of repeats); the output is still plain greedy decoding."""
+    target, references = case
+    torch.manual_seed(2)
+    drafter = Drafter(DrafterConfig(hidden_size=64, vocab_size=TINY_VOCAB)).eval()
+    cap, repeats = 3, [0] * 16
+    beam = BeamConfig(width=2, length=3, max_tree_tokens=cap, lookup_tokens=16, lookup_confidence=(0.95,),
+                      extend_prob=0.5)
+    proposer = ReDrafterProposer(drafter, target, beam)
+    sizes, propose = [], proposer.propose
+
+    def recording(*args, **kwargs):
+        beams = propose(*args, **kwargs)
+        sizes.extend(int(n) for n in pack(beams).lengths)
+        return beams
+
+    proposer.propose = recording
+    config = GenerationConfig(max_new_tokens=MAX_NEW)
+    results = run(Engine(target, proposer), PROMPTS + [repeats], config)
+    for result, reference in zip(results, references + [hf_greedy(target.model, repeats, MAX_NEW)]):
+        assert list(result.token_ids) == reference
+    assert cap < max(sizes) <= MAX_TREE_TOKENS
+    accepted = max(e.accepted for e in Engine(target, proposer).generate([repeats], config)
+                   if isinstance(e, TokensEvent))
+    assert accepted > cap - 1
 
 
 def test_probability_floor_on_a_lookup_tree_equals_generate(case):

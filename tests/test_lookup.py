@@ -8,20 +8,41 @@ import pytest
 import torch
 
 from redrafter import BeamConfig, LookupProposer, RedrafterError
-from redrafter.drafter.lookup import History, context_lookup, join_beams, lookup_beams, matched_lookup, point_masses
+from redrafter.drafter.lookup import (MATCH_CAP, History, context_lookup, join_beams, joined_tree, lookup_beams,
+                                     matched_lookup, point_masses)
 from redrafter.tree import NO_TOKEN, cap_tree, node_scores
 
 
 def brute_force_lookup(history, num_tokens, max_ngram):
-    """The definition, written out: longest n first, the latest earlier occurrence wins."""
+    """The definition, written out: longest n first, the latest earlier occurrence wins, and the copy
+    runs on into itself past the history's end (an LZ77 copy)."""
     for n in range(max_ngram, 0, -1):
         if len(history) < n + 1:
             continue
         tail = history[-n:]
         for start in range(len(history) - n - 1, -1, -1):
             if history[start: start + n] == tail:
-                return history[start + n: start + n + num_tokens]
+                extended = list(history)
+                for k in range(num_tokens):
+                    extended.append(extended[start + n + k])
+                return extended[len(history):]
     return []
+
+
+def brute_force_match_length(history, max_ngram):
+    """How long the match behind ``brute_force_lookup`` is: equal tokens counted backwards from the
+    ends of the found window and of the history (at most MATCH_CAP beyond the n-gram)."""
+    for n in range(max_ngram, 0, -1):
+        if len(history) < n + 1:
+            continue
+        for start in range(len(history) - n - 1, -1, -1):
+            if history[start: start + n] == history[-n:]:
+                m = n
+                while m < MATCH_CAP and start + n - m - 1 >= 0 and \
+                        history[start + n - m - 1] == history[len(history) - m - 1]:
+                    m += 1
+                return m
+    return 0
 
 
 def test_worked_example_of_the_module_docstring():
@@ -32,10 +53,10 @@ def test_worked_example_of_the_module_docstring():
     ([1, 2, 3, 1, 2], 2, 3, [3, 1]),            # 2-gram "1 2" at 0
     ([1, 2, 3, 9, 2, 4, 1, 2], 2, 3, [3, 9]),    # "1 2" beats the later 1-gram "2"
     ([5, 1, 8, 1, 7, 1], 1, 3, [7]),             # several occurrences of "1": the latest
-    ([5, 1, 8, 1, 7, 1], 4, 1, [7, 1]),          # fewer tokens left than asked for
+    ([5, 1, 8, 1, 7, 1], 4, 1, [7, 1, 7, 1]),    # past the end the copy repeats itself: the loop "7 1" 
     ([4, 5, 6], 3, 3, []),                       # nothing repeats
     ([4], 3, 3, []),                             # g0 alone
-    ([2, 2, 2, 2], 3, 2, [2]),                   # overlapping windows; only the token before g0 follows
+    ([2, 2, 2, 2], 3, 2, [2, 2, 2]),             # overlapping windows: a loop of one token
 ])
 def test_lookup_by_hand(history, num_tokens, max_ngram, expected):
     assert context_lookup(history, num_tokens=num_tokens, max_ngram=max_ngram) == expected
@@ -48,6 +69,16 @@ def test_lookup_equals_brute_force_on_random_histories():
         num_tokens, max_ngram = rng.randrange(1, 6), rng.randrange(1, 5)
         assert context_lookup(history, num_tokens=num_tokens, max_ngram=max_ngram) == \
             brute_force_lookup(history, num_tokens, max_ngram), history
+        assert matched_lookup(history, num_tokens=num_tokens, max_ngram=max_ngram)[0] == \
+            brute_force_match_length(history, max_ngram), history
+
+
+def test_match_length_counts_back_past_the_ngram_up_to_the_cap():
+    # "1 2 3" matched as a 2-gram "2 3"; the tokens before agree for 1 more ("1"), then 9 != 8
+    assert matched_lookup([9, 1, 2, 3, 4, 8, 1, 2, 3], num_tokens=1, max_ngram=2) == (3, [4])
+    loop = [5, 6, 7] * 40  # a loop of period 3: the match runs back to the start, capped
+    assert matched_lookup(loop, num_tokens=4, max_ngram=4) == (MATCH_CAP, [5, 6, 7, 5])
+    assert History(loop).lookup(num_tokens=4, max_ngram=4) == (MATCH_CAP, [5, 6, 7, 5])
 
 
 def test_history_index_equals_the_scan_as_the_history_grows():
@@ -85,14 +116,15 @@ def test_lookup_beams_join_the_drafters_beams_with_no_token_padding():
     looked, scores = lookup_beams(g0, [[1, 9, 2, 3, 9], [4, 5, 6, 4]], num_tokens=3, max_ngram=2,
                                   confidence=(0.5, 0.8))
     assert looked.tolist() == [[[9, 2, 3, 9]], [[4, 5, 6, 4]]]
-    # both rows matched a 1-gram ("9", "4"): depth j scores j * log 0.5
-    torch.testing.assert_close(scores, torch.tensor([0.0, 1, 2, 3]).mul(math.log(0.5)).expand(2, 1, 4))
+    # both rows matched a 1-gram ("9", "4"); the j-th copied token scores c_1 ... c_j, c_2 on for longer
+    torch.testing.assert_close(scores, torch.tensor([0.0, math.log(0.5), math.log(0.5 * 0.8),
+                                                     math.log(0.5 * 0.8 * 0.8)]).expand(2, 1, 4))
     none, none_scores = lookup_beams(torch.tensor([7]), [[1, 2, 7]], num_tokens=2, max_ngram=2)
     assert none.tolist() == [[[7, NO_TOKEN, NO_TOKEN]]]
     assert none_scores.tolist() == [[[0.0, -math.inf, -math.inf]]]
     _, long_match = lookup_beams(torch.tensor([3]), [[1, 2, 3, 8, 1, 2, 3]], num_tokens=1, max_ngram=4,
                                  confidence=(0.5, 0.8))
-    assert long_match[0, 0, 1].item() == pytest.approx(math.log(0.8))  # 3-gram: the last confidence
+    assert long_match[0, 0, 1].item() == pytest.approx(math.log(0.8))  # 3-token match: the last confidence
     drafted = torch.tensor([[[9, 1, 1], [9, 2, 5]], [[4, 0, 0], [4, 6, 6]]])
     joined = join_beams(drafted, looked)
     assert joined.shape == (2, 3, 4)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import require_kernels
-from redrafter.config import SamplingParams
+from redrafter.config import MAX_TREE_TOKENS, SamplingParams
 import redrafter.drafter.lookup as lookup
 from redrafter.drafter.lookup import join, join_beams, joined_tree
 from redrafter.tree import NO_TOKEN, cap_tree, cap_tree_scored, drop_below, node_scores, owners, pack, pack_tensors, prefix_match, unpack
@@ -214,11 +214,12 @@ def test_cpp_tree_bookkeeping_equals_the_tensor_versions(monkeypatch):
 def test_cpp_joined_tree_equals_the_tensor_version(monkeypatch):
     """``lookup.joined_tree`` in one C++ call against its tensor definition (``join_beams``, ``join``,
     ``drop_below``, ``cap_tree``) on random pairs of proposers' beams of different widths and lengths,
-    with and without a floor and a cap: the same tensor, value for value."""
+    with and without a floor, a cap, and sure nodes let past the cap (``extend_prob``, up to a most):
+    the same tensor, value for value."""
     module = require_kernels("tree")
     generator = torch.Generator().manual_seed(5)
-    dropped = capped = 0
-    for trial in range(300):
+    dropped = capped = extended = most_bound = 0
+    for trial in range(400):
         batch = int(torch.randint(1, 4, (1,), generator=generator))
         parts = []
         for _ in range(2):
@@ -227,21 +228,48 @@ def test_cpp_joined_tree_equals_the_tensor_version(monkeypatch):
             parts.append((beams, scores - torch.rand(batch, width, length, generator=generator)))  # scores in (-inf, 0]
         (beams, scores), (extra, extra_scores) = parts
         min_prob = [0.0, 0.05, 0.3, 0.7][trial % 4]
+        extend_prob = [0.0, 0.1, 0.4, 0.8][trial // 4 % 4]
         cap = int(torch.randint(0, 12, (1,), generator=generator))
+        most = int(torch.randint(1, 20, (1,), generator=generator))
+        sure = math.log(extend_prob) if extend_prob > 0 else math.inf
         joined, joined_scores = join_beams(beams, extra), join(scores, extra_scores, float("-inf"))
         expected = drop_below(joined, joined_scores, min_prob) if min_prob > 0 else joined
         dropped += not torch.equal(expected, joined)
+        expected_most = expected
         if cap:
-            floored, expected = expected, cap_tree(expected, node_scores(expected, joined_scores), cap)
-            capped += not torch.equal(expected, floored)
+            floored, scored = expected, node_scores(expected, joined_scores)
+            expected = cap_tree(floored, scored, cap, sure_log_prob=sure, most_tokens=MAX_TREE_TOKENS)
+            expected_most = cap_tree(floored, scored, cap, sure_log_prob=sure, most_tokens=most)
+            plain = cap_tree(floored, scored, cap)
+            capped += not torch.equal(plain, floored)
+            extended += not torch.equal(expected, plain)
+            most_bound += not torch.equal(expected_most, expected)
         floor = math.log(min_prob) if min_prob > 0 else float("-inf")
-        assert torch.equal(module.cap_tree_joined(beams, scores, extra, extra_scores, floor, cap), expected), trial
-        assert torch.equal(joined_tree(beams, scores, extra, extra_scores, min_prob=min_prob, max_tokens=cap), expected)
+        assert torch.equal(module.cap_tree_joined(beams, scores, extra, extra_scores, floor, cap, sure, most),
+                           expected_most), trial
+        assert torch.equal(joined_tree(beams, scores, extra, extra_scores, min_prob=min_prob, max_tokens=cap,
+                                       extend_prob=extend_prob), expected)
         # joined_tree's own tensor path (other devices, or no kernels built)
         monkeypatch.setattr(lookup, "tree_kernel", lambda *args: None)
-        assert torch.equal(joined_tree(beams, scores, extra, extra_scores, min_prob=min_prob, max_tokens=cap), expected)
+        assert torch.equal(joined_tree(beams, scores, extra, extra_scores, min_prob=min_prob, max_tokens=cap,
+                                       extend_prob=extend_prob), expected)
         monkeypatch.undo()
-    assert dropped > 50 and capped > 50
+    assert dropped > 50 and capped > 50 and extended > 20 and most_bound > 5
+
+
+def test_sure_nodes_pass_the_cap_in_score_order_up_to_the_most():
+    """cap_tree by hand: beams [0 1 2 3] (scores 0, -0.1, -0.2, -0.3) and [0 4 5] (-0.05, -2): K = 2
+    keeps g0 and node 4; with sure nodes at log 0.75 ~ -0.29 the chain 1, 2 joins (3 at -0.3 is
+    below); with at most 3 tokens in all only 1 of them."""
+    beams = torch.tensor([[[0, 1, 2, 3], [0, 4, 5, NO_TOKEN]]])
+    scores = torch.tensor([[[0.0, -0.1, -0.2, -0.3], [0.0, -0.05, -2.0, -math.inf]]])
+    n = NO_TOKEN
+    assert cap_tree(beams, scores, 2).tolist() == [[[0, n, n, n], [0, 4, n, n]]]
+    sure = math.log(0.75)
+    assert cap_tree(beams, scores, 2, sure_log_prob=sure, most_tokens=64).tolist() == [[[0, 1, 2, n], [0, 4, n, n]]]
+    assert cap_tree(beams, scores, 2, sure_log_prob=sure, most_tokens=3).tolist() == [[[0, 1, n, n], [0, 4, n, n]]]
+    # the cap itself stays a floor on what is kept: K = 5 with the same sure nodes keeps 5
+    assert cap_tree(beams, scores, 5, sure_log_prob=sure, most_tokens=3).tolist() == [[[0, 1, 2, 3], [0, 4, n, n]]]
 
 
 def test_cpp_sampled_walk_equals_the_tensor_version():

@@ -117,7 +117,7 @@ def beam_format(target) -> str:
 def resolve_beam(width: int | None, length: int | None, drafter_path, min_prob: float | None = None,
                  max_tree_tokens: int | None = None, weights: str = "dense", lookup_tokens: int | None = None,
                  lookup_ngram: int | None = None, *, sampling: bool = False,
-                 min_tokens_per_step: float | None = None) -> BeamConfig:
+                 min_tokens_per_step: float | None = None, extend_prob: float | None = None) -> BeamConfig:
     """Explicit flags win, then the drafter's stored best setting for the target's weight format
     (``weights``, ``beam_format``; ``sampling``: the setting measured for temperature > 0), then the
     built-in default.
@@ -138,7 +138,8 @@ def resolve_beam(width: int | None, length: int | None, drafter_path, min_prob: 
                       lookup_tokens=base.lookup_tokens if lookup_tokens is None else lookup_tokens,
                       lookup_ngram=base.lookup_ngram if lookup_ngram is None else lookup_ngram,
                       min_tokens_per_step=(base.min_tokens_per_step if min_tokens_per_step is None
-                                           else min_tokens_per_step))
+                                           else min_tokens_per_step),
+                      extend_prob=base.extend_prob if extend_prob is None else extend_prob)
 
 
 def add_draft_shape_arguments(parser, *, multiple: bool = False) -> None:
@@ -168,6 +169,10 @@ def add_draft_shape_arguments(parser, *, multiple: bool = False) -> None:
         "(a running mean) takes plain decode steps, trying a speculative one every 8th step (0 = always "
         "speculate; default: the drafter's measured setting, else 0; 0 for the shipped drafter)"
         + (" (a comma list runs each)" if multiple else "")))
+    parser.add_argument("--extend-prob", default=None, metavar="P", help=(
+        "verify past --max-tree-tokens every node at least this likely to be accepted (a looked-up stretch "
+        "of a loop the model repeats, scored by how long its match is), up to 64 tree tokens (0 = never; "
+        "default: the drafter's measured setting, else 0)" + (" (a comma list runs each)" if multiple else "")))
     parser.add_argument("--drafter-weights", default="auto", metavar="auto|dense|int4", help=(
         "the drafter's products: int4 rounds its weights to 4 bits per group of 32 inputs and runs them "
         "with our kernel (a bf16 drafter on an AVX-512-BF16 CPU; drafting gets cheaper, the output stays "
@@ -205,6 +210,18 @@ def drafter_weights_values(value: str) -> list[str]:
 def min_draft_probs(value: str | None) -> list[float | None]:
     """Parse --min-draft-prob (None = the drafter's default; a comma list for bench)."""
     return comma_values(value, float, lambda v: 0.0 <= v < 1.0, "--min-draft-prob must be a probability in [0, 1)")
+
+
+def extend_probs(value: str | None) -> list[float | None]:
+    """Parse --extend-prob (None = the drafter's default; a comma list for bench)."""
+    return comma_values(value, float, lambda v: 0.0 <= v < 1.0, "--extend-prob must be a probability in [0, 1)")
+
+
+def single(values: list, flag: str, value: str | None):
+    """The one value of a comma-list flag that generate takes once."""
+    if len(values) != 1:
+        raise RedrafterError(f"{flag} takes one value for generate, got '{value}'")
+    return values[0]
 
 
 def comma_values(value: str | None, parse, valid, message: str) -> list:
@@ -281,20 +298,13 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise RedrafterError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    probs = min_draft_probs(args.min_draft_prob)
-    if len(probs) != 1:
-        raise RedrafterError(f"--min-draft-prob takes one value for generate, got '{args.min_draft_prob}'")
-    caps = max_tree_tokens_values(args.max_tree_tokens)
-    if len(caps) != 1:
-        raise RedrafterError(f"--max-tree-tokens takes one value for generate, got '{args.max_tree_tokens}'")
-    lookups = lookup_tokens_values(args.lookup_tokens)
-    if len(lookups) != 1:
-        raise RedrafterError(f"--lookup-tokens takes one value for generate, got '{args.lookup_tokens}'")
-    gates = min_tokens_values(args.min_tokens_per_step)
-    if len(gates) != 1:
-        raise RedrafterError(f"--min-tokens-per-step takes one value for generate, got '{args.min_tokens_per_step}'")
-    resolve_beam(args.beam_width, args.beam_length, None, probs[0], caps[0], lookup_tokens=lookups[0],
-                 lookup_ngram=args.lookup_ngram, min_tokens_per_step=gates[0])  # bad flags fail before anything loads
+    prob = single(min_draft_probs(args.min_draft_prob), "--min-draft-prob", args.min_draft_prob)
+    cap = single(max_tree_tokens_values(args.max_tree_tokens), "--max-tree-tokens", args.max_tree_tokens)
+    lookup = single(lookup_tokens_values(args.lookup_tokens), "--lookup-tokens", args.lookup_tokens)
+    gate = single(min_tokens_values(args.min_tokens_per_step), "--min-tokens-per-step", args.min_tokens_per_step)
+    extend = single(extend_probs(args.extend_prob), "--extend-prob", args.extend_prob)
+    resolve_beam(args.beam_width, args.beam_length, None, prob, cap, lookup_tokens=lookup, lookup_ngram=args.lookup_ngram,
+                 min_tokens_per_step=gate, extend_prob=extend)  # bad flags fail before anything loads
     prompts = read_prompts([t for group in args.prompt or [] for t in group], args.prompts_file)
     drafter_path = None if args.autoregressive else resolve_drafter(args.model or DEFAULT_MODEL, args.drafter)
     if args.threads is not None:
@@ -313,9 +323,9 @@ def run_generate(args: argparse.Namespace) -> int:
                                     attention_kernel=args.attention_kernel)
     proposer = None
     if not args.autoregressive:
-        beam = resolve_beam(args.beam_width, args.beam_length, drafter_path, probs[0], caps[0], beam_format(target),
-                            lookups[0], args.lookup_ngram, sampling=sampling.temperature > 0,
-                            min_tokens_per_step=gates[0])
+        beam = resolve_beam(args.beam_width, args.beam_length, drafter_path, prob, cap, beam_format(target),
+                            lookup, args.lookup_ngram, sampling=sampling.temperature > 0,
+                            min_tokens_per_step=gate, extend_prob=extend)
         drafter = load_drafter(drafter_path, device=target.device, dtype=target.dtype)
         drafter_weights = drafter_weights_values(args.drafter_weights)
         if len(drafter_weights) != 1:

@@ -8,6 +8,17 @@ from typing import Any
 from redrafter.errors import RedrafterError
 
 
+# How often the context lookup's next copied token is right after a match of m = 1, 2, ... tokens
+# (the last entry for 64 and more): 1 - 1.2 / (m + 0.5) fits what SmolLM2 wrote for 640 ShareGPT
+# prompts up to m = 35 and is a little below it from there to 63; a match of 64 is a loop, right
+# 99.9 % of the time (drafter/lookup.py, docs/PERFORMANCE.md "Long loops").
+LOOKUP_CONFIDENCE = tuple(round(1 - 1.2 / (m + 0.5), 4) for m in range(1, 64)) + (0.999,)
+
+# The most tree tokens a step verifies, whatever ``extend_prob`` lets past the cap: our CPU kernels
+# take steps of up to 64 rows in one pass (docs/PERFORMANCE.md).
+MAX_TREE_TOKENS = 64
+
+
 @dataclasses.dataclass(frozen=True)
 class BeamConfig:
     """Shape of the draft: ``width`` beams (W) of ``length`` tokens (L), where L counts g0.
@@ -20,7 +31,8 @@ class BeamConfig:
     beam search stops going deeper once no beam reaches it. A step then verifies anything from g0
     alone (a plain decode step: unsure drafts cost no verification) to the whole tree. Drafts stay
     proposals, so the output is unchanged. With the lookup beam the floor applies to the joined tree,
-    before the cap: a looked-up token scores c_n^depth (below), a drafted node its path probability.
+    before the cap: a looked-up token scores its product of confidences (below), a drafted node its
+    path probability.
 
     ``max_tree_tokens`` > 0 caps the verified tree (beam-search drafts only): of the distinct tree
     nodes, g0 included, only the ``max_tree_tokens`` most probable under the drafter are verified
@@ -29,12 +41,19 @@ class BeamConfig:
     forward of K tokens grows with K once the matrix products stop being memory-bound. 0 = verify
     every node.
 
+    ``extend_prob`` > 0 lets sure nodes past the cap: every node whose score (as for ``min_prob``) is at
+    least ``extend_prob`` is verified even beyond ``max_tree_tokens``, up to ``MAX_TREE_TOKENS``
+    in all. A node that is right with probability P is worth a verified row when P tokens take
+    longer to decode than the row costs; in practice that is a long looked-up stretch of a loop
+    the model has fallen into, which a step then verifies whole.
+
     ``lookup_tokens`` > 0 adds one more beam (drafter/lookup.py): the up to ``lookup_tokens`` tokens
     that followed the last occurrence, earlier in the row's own prompt and output, of its last n
     tokens (n = ``lookup_ngram`` down to 1). Under a tree cap its tokens compete with the drafter's
-    nodes, a token at depth j after an n-gram match scored c_n^j with c_n =
-    ``lookup_confidence[n - 1]`` (the last entry for longer matches) against the drafter's path
-    probability; drafts drawn from q (sampling) keep the whole lookup beam beside their capped paths.
+    nodes: the token at depth j after a match of m tokens (the n-gram extended backwards) scores
+    c_m c_(m+1) ... c_(m+j-1), c_m = ``lookup_confidence[m - 1]`` (the last entry for longer matches),
+    against the drafter's path probability; drafts drawn from q (sampling) give the lookup beam its
+    slots of the cap first (engine.split_budget).
 
     ``min_tokens_per_step`` > 0 lets a row stop speculating while speculation does not pay: the
     engine keeps, per row, a running mean of the tokens its speculative steps emitted, and while
@@ -51,8 +70,9 @@ class BeamConfig:
     max_tree_tokens: int = 0
     lookup_tokens: int = 0
     lookup_ngram: int = 4
-    lookup_confidence: tuple[float, ...] = (0.25, 0.6, 0.6, 0.9)
+    lookup_confidence: tuple[float, ...] = LOOKUP_CONFIDENCE
     min_tokens_per_step: float = 0.0
+    extend_prob: float = 0.0
 
     def __post_init__(self) -> None:
         if self.width < 1:
@@ -72,6 +92,8 @@ class BeamConfig:
                                  f"{self.lookup_tokens} and {self.lookup_ngram}")
         if not self.lookup_confidence or not all(0 < c <= 1 for c in self.lookup_confidence):
             raise RedrafterError(f"lookup confidences must be probabilities in (0, 1], got {self.lookup_confidence}")
+        if not 0.0 <= self.extend_prob < 1.0:
+            raise RedrafterError(f"extend probability must be in [0, 1) (0 = off), got {self.extend_prob}")
         if not (self.min_tokens_per_step == 0 or 1 <= self.min_tokens_per_step <= self.length + self.lookup_tokens):
             raise RedrafterError(f"min tokens per step must be 0 (always speculate) or between 1 and the most a step "
                                  f"can emit, got {self.min_tokens_per_step}")

@@ -27,7 +27,7 @@ from typing import Iterator, Protocol, Sequence, Union
 
 import torch
 
-from redrafter.config import BeamConfig, GenerationConfig, SamplingParams
+from redrafter.config import MAX_TREE_TOKENS, BeamConfig, GenerationConfig, SamplingParams
 from redrafter.drafter.beam_search import beam_search
 from redrafter.drafter.lookup import History, join_beams, joined_tree, lookup_beams
 from redrafter.drafter.model import Drafter, inference_copy
@@ -135,7 +135,8 @@ class ReDrafterProposer:
     def propose(self, context: torch.Tensor, g0: torch.Tensor, num_generated: torch.Tensor, *,
                 rows: torch.Tensor, history: Sequence[Sequence[int]]) -> torch.Tensor:
         """The drafter's beam search; with ``beam.lookup_tokens`` the context-lookup beam after them.
-        A tree cap then keeps the K best nodes of both (drafter/lookup.py: q against c_n^depth).
+        A tree cap then keeps the K best nodes of both (drafter/lookup.py: q against the lookup's
+        confidences), and past them those at or above ``beam.extend_prob``.
 
         Under a cap K the search runs min(W, K - 1) beams and keeps the nodes of every depth
         (``keep_pruned``): the K - 1 best drafted nodes lie among each depth's K - 1 best paths, so
@@ -151,7 +152,7 @@ class ReDrafterProposer:
         looked_up, lookup_scores = self._lookup(g0, history)
         # The drafted nodes below the floor are dropped already; the looked-up ones are dropped here.
         return joined_tree(result.beams, result.path_scores, looked_up, lookup_scores, min_prob=beam.min_prob,
-                           max_tokens=beam.max_tree_tokens)
+                           max_tokens=beam.max_tree_tokens, extend_prob=beam.extend_prob)
 
     def _lookup(self, g0: torch.Tensor, history: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         return lookup_beams(g0, history, num_tokens=self.beam.lookup_tokens, max_ngram=self.beam.lookup_ngram,
@@ -233,7 +234,7 @@ def search_shape(beam: BeamConfig) -> tuple[int, bool]:
     return width, beam.max_tree_tokens < 1 + width * (beam.length - 1)
 
 
-SAMPLED_LOOKUP_MIN = 0.5  # a looked-up token goes before drawn paths when c_n^depth says it is more likely right
+SAMPLED_LOOKUP_MIN = 0.5  # a looked-up token goes before drawn paths when its confidence says it is more likely right
 
 
 def split_budget(looked_up: torch.Tensor, scores: torch.Tensor, beam: BeamConfig,
@@ -241,10 +242,11 @@ def split_budget(looked_up: torch.Tensor, scores: torch.Tensor, beam: BeamConfig
     """Share the K - 1 drafted slots of a capped tree between the lookup beam and paths drawn from q.
 
     Drawn paths cannot be chosen by what they drew (that would bias the tree walk), so the split is
-    fixed from the history alone: in each row the looked-up tokens with confidence c_n^depth of at
-    least ``SAMPLED_LOOKUP_MIN`` come first; then as many whole paths of L-1 tokens as every row has
-    room for (with ``nodes``: as many single tree nodes, for the "tree" draft mode); slots left in a
-    row go to its further looked-up tokens.
+    fixed from the history alone: in each row the looked-up tokens with confidence (``lookup_beams``'
+    scores) of at least ``SAMPLED_LOOKUP_MIN`` come first; then as many whole paths of L-1 tokens as
+    every row has room for (with ``nodes``: as many single tree nodes, for the "tree" draft mode);
+    slots left in a row go to its further looked-up tokens. With ``beam.extend_prob`` a row keeps
+    its looked-up tokens of at least that confidence even past the cap, up to ``MAX_TREE_TOKENS``.
 
     Args:
         looked_up, scores: (batch, 1, 1 + N) the lookup beams and their scores (``lookup_beams``).
@@ -255,9 +257,12 @@ def split_budget(looked_up: torch.Tensor, scores: torch.Tensor, beam: BeamConfig
     confident = (scores[:, 0, 1:] >= math.log(SAMPLED_LOOKUP_MIN)).sum(dim=-1).clamp(max=budget)  # (batch,)
     unit = draw_size(beam, nodes)
     paths = min(sampled_draws(beam, nodes=nodes, cap=False), int((budget - confident).min()) // unit)
-    allowed = budget - paths * unit  # looked-up tokens each row may keep
+    allowed = torch.full_like(confident, budget - paths * unit)  # looked-up tokens each row may keep
+    if beam.extend_prob > 0:
+        sure = (scores[:, 0, 1:] >= math.log(beam.extend_prob)).sum(dim=-1)
+        allowed = torch.maximum(allowed, sure.clamp(max=MAX_TREE_TOKENS - 1 - paths * unit))
     depth = torch.arange(looked_up.shape[-1], device=looked_up.device)
-    return paths, torch.where(depth > allowed, torch.full_like(looked_up, NO_TOKEN), looked_up)
+    return paths, torch.where(depth > allowed.view(-1, 1, 1), torch.full_like(looked_up, NO_TOKEN), looked_up)
 
 
 def draw_size(beam: BeamConfig, nodes: bool) -> int:

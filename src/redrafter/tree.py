@@ -117,8 +117,10 @@ def node_scores(beams: torch.Tensor, path_scores: torch.Tensor) -> torch.Tensor:
     return best.gather(1, node).view(batch, width, length).cummin(dim=-1).values
 
 
-def cap_tree(beams: torch.Tensor, path_scores: torch.Tensor, max_tokens: int) -> torch.Tensor:
-    """Keep only the ``max_tokens`` most probable distinct nodes of each row's tree.
+def cap_tree(beams: torch.Tensor, path_scores: torch.Tensor, max_tokens: int, *,
+             sure_log_prob: float = math.inf, most_tokens: int = 0) -> torch.Tensor:
+    """Keep only the ``max_tokens`` most probable distinct nodes of each row's tree, and past them the
+    nodes scoring at least ``sure_log_prob``, up to ``most_tokens`` in all (``BeamConfig.extend_prob``).
 
     Args:
         beams:       (batch, W, L) token ids, g0 first.
@@ -141,7 +143,9 @@ def cap_tree(beams: torch.Tensor, path_scores: torch.Tensor, max_tokens: int) ->
     by_score = score.reshape(batch, -1).gather(1, by_depth).argsort(dim=1, descending=True, stable=True)
     order = by_depth.gather(1, by_score)  # flat node indices, best first
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(width * length, device=device).expand(batch, -1))
-    kept_node = (rank < max_tokens).view(batch, width, length) & is_owner
+    # the sure nodes lead that order: each row keeps max(max_tokens, min(its sure nodes, most_tokens))
+    sure = (score >= sure_log_prob).reshape(batch, -1).sum(dim=1, keepdim=True).clamp(max=most_tokens)
+    kept_node = (rank < sure.clamp(min=max_tokens)).view(batch, width, length) & is_owner
     # A position is kept when the node owning it is.
     kept = kept_node.reshape(batch, -1).gather(1, (owner * length + depth).reshape(batch, -1)).view(batch, width, length)
     return torch.where(kept, beams, torch.full_like(beams, NO_TOKEN))

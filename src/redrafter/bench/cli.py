@@ -58,9 +58,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from redrafter.bench.report import print_table, write_outputs
     from redrafter.bench.runner import Item, machine_info, run_bench, summarise
     from redrafter.bench.workloads import load_workload
-    from redrafter.cli import (beam_format, draft_modes, drafter_weights_values, encode_messages, lookup_tokens_values,
-                               max_tree_tokens_values, min_draft_probs, min_tokens_values, resolve_beam, resolve_drafter,
-                               sampling_params, stop_token_ids)
+    from redrafter.cli import (beam_format, draft_modes, drafter_weights_values, encode_messages, extend_probs,
+                               lookup_tokens_values, max_tree_tokens_values, min_draft_probs, min_tokens_values,
+                               resolve_beam, resolve_drafter, sampling_params, stop_token_ids)
     from redrafter.drafter.model import load_drafter
     from redrafter.models.loading import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_gguf, load_target
 
@@ -80,10 +80,11 @@ def run_bench_command(args: argparse.Namespace) -> int:
     drafter_path = resolve_drafter(spec, args.drafter) if "redrafter" in names else None
     shapes = ([(shape.width, shape.length) for shape in parse_grid(args.grid)] if args.grid
               else [(args.beam_width, args.beam_length)])
-    shape_flags = [(width, length, prob, cap, look, gate) for width, length in shapes
+    shape_flags = [(width, length, prob, cap, look, gate, extend) for width, length in shapes
                    for prob in min_draft_probs(args.min_draft_prob) for cap in max_tree_tokens_values(args.max_tree_tokens)
                    for look in lookup_tokens_values(args.lookup_tokens)
-                   for gate in min_tokens_values(args.min_tokens_per_step)]
+                   for gate in min_tokens_values(args.min_tokens_per_step)
+                   for extend in extend_probs(args.extend_prob)]
     modes = draft_modes(args.draft_mode)
 
     torch.set_num_threads(args.threads)
@@ -92,8 +93,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
                                     compile=args.compile, weights=args.weights, int4_kernel=args.int4_kernel,
                                     attention_kernel=args.attention_kernel)
     beams = [resolve_beam(width, length, drafter_path, prob, cap, beam_format(target), look, args.lookup_ngram,
-                          sampling=args.temperature > 0, min_tokens_per_step=gate)
-             for width, length, prob, cap, look, gate in shape_flags]
+                          sampling=args.temperature > 0, min_tokens_per_step=gate, extend_prob=extend)
+             for width, length, prob, cap, look, gate, extend in shape_flags]
     drafter = load_drafter(drafter_path, device=target.device, dtype=target.dtype) if drafter_path else None
     assistant = None
     if "hf-assisted" in names and args.assistant_model:

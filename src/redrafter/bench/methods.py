@@ -154,13 +154,14 @@ METHOD_NAMES = ("hf-generate", "ar", "redrafter", "lookup", "hf-prompt-lookup", 
 
 def redrafter_name(beam: BeamConfig, draft_mode: str = "beam") -> str:
     """``redrafter[W=..,L=..]``, with ``,p>=..`` for an adaptive draft (--min-draft-prob), ``,K<=..`` for a capped
-    tree, ``,look=..`` with the context-lookup beam, ``,gate=..`` with a speculation floor (--min-tokens-per-step)
-    and ``,sample`` / ``,tree`` when drafts are drawn from q (sampling only)."""
+    tree, ``,look=..`` with the context-lookup beam, ``,gate=..`` with a speculation floor (--min-tokens-per-step),
+    ``,ext>=..`` with sure nodes past the cap (--extend-prob) and ``,sample`` / ``,tree`` when drafts are drawn from q (sampling only)."""
     suffix = f",p>={beam.min_prob:g}" if beam.min_prob > 0 else ""
     suffix += f",K<={beam.max_tree_tokens}" if beam.max_tree_tokens > 0 else ""
     suffix += f",look={beam.lookup_tokens}" if beam.lookup_tokens > 0 else ""
     suffix += f"/{beam.lookup_ngram}" if beam.lookup_tokens > 0 and beam.lookup_ngram != BeamConfig.lookup_ngram else ""
     suffix += f",gate={beam.min_tokens_per_step:g}" if beam.min_tokens_per_step > 0 else ""
+    suffix += f",ext>={beam.extend_prob:g}" if beam.extend_prob > 0 else ""
     suffix += f",{draft_mode}" if draft_mode in SAMPLED_DRAFT_MODES else ""
     return f"redrafter[W={beam.width},L={beam.length}{suffix}]"
 

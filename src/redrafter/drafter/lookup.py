@@ -11,16 +11,23 @@ deterministic guess, i.e. a point-mass proposal, verify.py).
 Worked example (``max_ngram`` 3, ``num_tokens`` 3): history ``[7 3 9 4 1 3 9]`` ends with the
 3-gram ``1 3 9``, which does not occur earlier; the 2-gram ``3 9`` does, at index 1, followed by
 ``4 1 3``: the proposal is ``[4, 1, 3]``. With several earlier occurrences the most recent wins;
-with none for any n >= 1 there is no proposal.
+with none for any n >= 1 there is no proposal. The copy may run into the tokens it proposes, as an
+LZ77 copy does: in a loop ``... A B C A B`` the match ``A B`` one period back proposes ``C A B C ...``
+for as many tokens as asked, the loop continued.
+
+How sure a copied token is grows with the length m of the match behind it: the found n-gram
+extended backwards while the tokens before both windows agree (up to ``MATCH_CAP``). After the
+first copied token proves right the match is one longer, so the j-th copied token is scored by the
+confidence for a match of m + j - 1 tokens: depth j scores the sum of log c over m .. m + j - 1.
+On 640 answers SmolLM2 wrote to ShareGPT prompts, the first copied token was right 22 % of the time
+after a 1-token match, 73 % after 4, 88 % after 10, 94 % after 20, 96 % after 30, 98-99 % after 40-63
+and 99.9 % after 64 or more (a loop); every later token was right as often as a first token after a
+match of m + j - 1 (docs/PERFORMANCE.md, "Long loops"); ``config.LOOKUP_CONFIDENCE`` follows them.
 
 Under a tree cap (``BeamConfig.max_tree_tokens``) the looked-up tokens compete with the drafter's
-nodes for the K verified slots. A drafter node is ranked by its path probability under q; a looked-up
-token at depth j by c_n^j, where c_n (``BeamConfig.lookup_confidence``) is how often a token copied
-after an n-gram match is right. A long match is a strong guess and a 1-gram match a weak one: on 300
-SmolLM2 answers to ShareGPT prompts, the first copied token was right 25% of the time after a
-1-gram match, 58% after 2, 62% after 3 and 92% after 4 (54% of positions had a 4-gram match), and
-after a 4-gram match each further token about 90% of the time given the ones before it
-(docs/PERFORMANCE.md, "Context lookup").
+nodes for the K verified slots. A drafter node is ranked by its path probability under q, a
+looked-up token by that product of confidences; ``BeamConfig.extend_prob`` lets the nodes at or
+above it past the cap, so in a loop a step verifies a long stretch of it.
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from redrafter.tree import NO_TOKEN, cap_tree_scored, drop_below, tree_kernel
+from redrafter.config import MAX_TREE_TOKENS
+from redrafter.tree import NO_TOKEN, cap_tree, drop_below, node_scores, tree_kernel
 
 
 def context_lookup(history: Sequence[int], *, num_tokens: int, max_ngram: int) -> list[int]:
@@ -44,8 +52,11 @@ def context_lookup(history: Sequence[int], *, num_tokens: int, max_ngram: int) -
     return matched_lookup(history, num_tokens=num_tokens, max_ngram=max_ngram)[1]
 
 
+MATCH_CAP = 64  # how far back a match is measured: the confidence of longer ones is that of 64
+
+
 def matched_lookup(history: Sequence[int], *, num_tokens: int, max_ngram: int) -> tuple[int, list[int]]:
-    """``context_lookup`` and the length n of the n-gram it matched (0 when nothing matched). A
+    """``context_lookup`` and the length m of its match (``match_length``; 0 when nothing matched). A
     ``History`` answers from its index; any other sequence is scanned."""
     if isinstance(history, History):
         return history.lookup(num_tokens=num_tokens, max_ngram=max_ngram)
@@ -58,9 +69,28 @@ def matched_lookup(history: Sequence[int], *, num_tokens: int, max_ngram: int) -
             match &= tokens[k: length - n + k] == tokens[length - n + k]
         starts = np.flatnonzero(match)
         if len(starts):
-            follow = starts[-1] + n
-            return n, tokens[follow: follow + num_tokens].tolist()
+            start = int(starts[-1])
+            return match_length(history, start, n), copy_after(history, start + n, num_tokens)
     return 0, []
+
+
+def match_length(tokens: Sequence[int], start: int, n: int) -> int:
+    """How many tokens the window ``tokens[start:start+n]`` and the last n tokens agree on, counting
+    backwards from their ends past the n they share (at most ``max(n, MATCH_CAP)``)."""
+    m, i, j = n, start - 1, len(tokens) - n - 1
+    while m < MATCH_CAP and i >= 0 and tokens[i] == tokens[j]:
+        m, i, j = m + 1, i - 1, j - 1
+    return m
+
+
+def copy_after(tokens: Sequence[int], source: int, num_tokens: int) -> list[int]:
+    """``num_tokens`` tokens copied from ``tokens[source:]`` (source < len(tokens)) onwards, running
+    on into the copy itself past the end, as an LZ77 copy does: the loop continued."""
+    length = len(tokens)
+    out = [int(t) for t in tokens[source: source + num_tokens]]
+    while len(out) < num_tokens:  # position source + k >= length is copy position source + k - length
+        out.append(out[source + len(out) - length])
+    return out
 
 
 def _dropping_index(name: str):
@@ -116,7 +146,7 @@ class History(list):
         for n in range(min(max_ngram, length - 1), 0, -1):
             start = starts.get(tuple(self[length - n:]))
             if start is not None:
-                return n, self[start + n: start + n + num_tokens]
+                return match_length(self, start, n), copy_after(self, start + n, num_tokens)
         return 0, []
 
 
@@ -127,20 +157,23 @@ def lookup_beams(g0: torch.Tensor, history: Sequence[Sequence[int]], *, num_toke
     Args:
         g0:         (batch,) the target's own next token (the last token of each history).
         history:    one token sequence per row, ending with g0 (a ``History`` is looked up in its index).
-        confidence: c_n for an n-gram match, n = 1, 2, ... (the last one for longer matches).
+        confidence: c_m for a match of m tokens, m = 1, 2, ... (the last one for longer matches).
     Returns:
         beams (batch, 1, 1 + num_tokens) long, and their path scores (batch, 1, 1 + num_tokens):
-        j * log c_n at depth j (0 at g0, -inf past the looked-up tokens), comparable with the
-        drafter's summed log q.
+        at depth j the sum of log c over m .. m + j - 1 (0 at g0, -inf past the looked-up tokens),
+        comparable with the drafter's summed log q.
     """
     length = 1 + num_tokens
+    logs = [math.log(c) for c in confidence]
     beams, scores = [], []
     for first, tokens in zip(g0.tolist(), history):
-        n, found = matched_lookup(tokens, num_tokens=num_tokens, max_ngram=max_ngram)
-        step = math.log(confidence[min(n, len(confidence)) - 1]) if found else 0.0
+        m, found = matched_lookup(tokens, num_tokens=num_tokens, max_ngram=max_ngram)
+        path = [0.0]
+        for j in range(len(found)):
+            path.append(path[-1] + logs[min(m + j, len(logs)) - 1])
         missing = length - 1 - len(found)
         beams.append([first, *found] + [NO_TOKEN] * missing)
-        scores.append([0.0] + [step * j for j in range(1, 1 + len(found))] + [float("-inf")] * missing)
+        scores.append(path + [float("-inf")] * missing)
     batch = len(beams)
     return (torch.tensor(beams, dtype=torch.long).view(batch, 1, length).to(g0.device),
             torch.tensor(scores, dtype=torch.float32).view(batch, 1, length).to(g0.device))
@@ -164,10 +197,11 @@ def join(values: torch.Tensor, extra: torch.Tensor, fill) -> torch.Tensor:
 
 
 def joined_tree(beams: torch.Tensor, scores: torch.Tensor, extra: torch.Tensor, extra_scores: torch.Tensor, *,
-                min_prob: float = 0.0, max_tokens: int = 0) -> torch.Tensor:
+                min_prob: float = 0.0, max_tokens: int = 0, extend_prob: float = 0.0) -> torch.Tensor:
     """Two proposers' beams as one tree: ``join_beams``, then ``drop_below`` with ``min_prob`` > 0, then
-    the cap to ``max_tokens`` nodes (``cap_tree_scored``) when > 0, on the joined path scores (-inf
-    where a beam was padded). Both proposers' scores fall along a path, so what stays is a tree.
+    the cap to ``max_tokens`` nodes (``cap_tree``) when > 0, on the joined path scores (-inf where a
+    beam was padded), letting past the cap the nodes scoring at least ``extend_prob`` (> 0) up to
+    ``config.MAX_TREE_TOKENS`` in all. Both proposers' scores fall along a path, so what stays is a tree.
 
     Args:
         beams, scores: (batch, W, L) the first proposer's beams and path scores (log).
@@ -175,16 +209,18 @@ def joined_tree(beams: torch.Tensor, scores: torch.Tensor, extra: torch.Tensor, 
     Returns:
         (batch, W + W', max(L, L')). On CPU one call of our tree kernel, with the same result.
     """
+    floor = math.log(min_prob) if min_prob > 0 else float("-inf")
+    sure = math.log(extend_prob) if extend_prob > 0 else math.inf
     module = tree_kernel(beams, torch.long)
     if module is not None:
-        floor = math.log(min_prob) if min_prob > 0 else float("-inf")
-        return module.cap_tree_joined(beams, scores, extra, extra_scores, floor, max_tokens)
+        return module.cap_tree_joined(beams, scores, extra, extra_scores, floor, max_tokens, sure, MAX_TREE_TOKENS)
     joined = join_beams(beams, extra)
     joined_scores = join(scores, extra_scores, float("-inf"))
     if min_prob > 0:
         joined = drop_below(joined, joined_scores, min_prob)
     if max_tokens > 0:
-        joined = cap_tree_scored(joined, joined_scores, max_tokens)
+        joined = cap_tree(joined, node_scores(joined, joined_scores), max_tokens, sure_log_prob=sure,
+                          most_tokens=MAX_TREE_TOKENS)
     return joined
 
 

@@ -279,7 +279,7 @@ def write_drafter_files(drafter: Drafter, directory: Path, dtype: torch.dtype | 
 def recommended_beam(path: str | os.PathLike | None, weights: str = "dense", sampling: bool = False):
     """The draft shape stored next to a drafter as the best one measured (``generation.json`` with
     ``beam_width``, ``beam_length`` and optionally ``min_draft_prob``, ``max_tree_tokens``,
-    ``lookup_tokens``, ``lookup_ngram`` and ``min_tokens_per_step``), or None.
+    ``lookup_tokens``, ``lookup_ngram``, ``min_tokens_per_step`` and ``extend_prob``), or None.
 
     The best shape depends on what a tree of K tokens costs against a decode step, which depends on the
     target's weight format (``weights``: "dense" or "int4"); an object under the format's name (e.g.
@@ -305,6 +305,7 @@ def recommended_beam(path: str | os.PathLike | None, weights: str = "dense", sam
                           max_tree_tokens=int(data.get("max_tree_tokens", 0)),
                           lookup_tokens=int(data.get("lookup_tokens", 0)),
                           lookup_ngram=int(data.get("lookup_ngram", BeamConfig.lookup_ngram)),
-                          min_tokens_per_step=float(data.get("min_tokens_per_step", 0.0)))
+                          min_tokens_per_step=float(data.get("min_tokens_per_step", 0.0)),
+                          extend_prob=float(data.get("extend_prob", 0.0)))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise RedrafterError(f"{Path(path) / RECOMMENDED_NAME} is not a valid beam recommendation: {exc}") from None

@@ -88,9 +88,10 @@ int64_t argmax_row(const float* x, int64_t size) {
 #endif
 
 // tree.node_scores then tree.cap_tree on one row's beams b (W x L, in place): NO_TOKEN at every node
-// outside the max_tokens best distinct nodes. s: the row's path scores, shaped like b.
-void cap_row(int64_t* b, const float* s, int64_t width, int64_t length, int64_t max_tokens,
-             std::vector<int64_t>& owner, std::vector<int64_t>& order, std::vector<float>& best,
+// outside the max_tokens best distinct nodes; nodes scoring at least sure_log_prob stay too, up to
+// most_tokens in all. s: the row's path scores, shaped like b.
+void cap_row(int64_t* b, const float* s, int64_t width, int64_t length, int64_t max_tokens, float sure_log_prob,
+             int64_t most_tokens, std::vector<int64_t>& owner, std::vector<int64_t>& order, std::vector<float>& best,
              std::vector<float>& score, std::vector<char>& kept) {
   const int64_t nodes = width * length;
   const float neg_inf = -std::numeric_limits<float>::infinity();
@@ -118,8 +119,12 @@ void cap_row(int64_t* b, const float* s, int64_t width, int64_t length, int64_t 
     if (score[x] != score[y]) return score[x] > score[y];
     return x % length < y % length;
   });
+  int64_t keep = std::min(max_tokens, nodes);
+  int64_t sure = 0;  // the sure nodes come first in that order: every owned node at or above sure_log_prob
+  for (int64_t p = 0; p < nodes; ++p) sure += score[p] >= sure_log_prob;
+  keep = std::max(keep, std::min(sure, most_tokens));
   std::fill(kept.begin(), kept.end(), 0);
-  for (int64_t rank = 0; rank < std::min(max_tokens, nodes); ++rank) {
+  for (int64_t rank = 0; rank < keep; ++rank) {
     const int64_t p = order[rank];
     kept[p] = owner[p] == p / length && b[p] != kNoToken;
   }
@@ -145,16 +150,18 @@ torch::Tensor cap_tree_scored(const torch::Tensor& beams_in, const torch::Tensor
   std::vector<char> kept;
   for (int64_t r = 0; r < batch; ++r)
     cap_row(out.data_ptr<int64_t>() + r * nodes, scores.data_ptr<float>() + r * nodes, width, length, max_tokens,
-            owner, order, best, score, kept);
+            std::numeric_limits<float>::infinity(), 0, owner, order, best, score, kept);
   return out;
 }
 
 // drafter/lookup.joined_tree: two proposers' beams side by side (lookup.join_beams, the shorter padded
 // with NO_TOKEN and scores -inf), then NO_TOKEN at every node whose score is below min_log_prob or NaN
-// (tree.drop_below; none when min_log_prob is -inf), then the cap to max_tokens nodes (none when 0).
+// (tree.drop_below; none when min_log_prob is -inf), then the cap to max_tokens nodes (none when 0), past
+// which the nodes scoring at least sure_log_prob (none when +inf) stay too, up to most_tokens in all.
 // beams_a (B, W, L), scores_a like it; beams_b (B, W', L'), scores_b like it. Returns (B, W + W', max(L, L')).
 torch::Tensor cap_tree_joined(const torch::Tensor& beams_a, const torch::Tensor& scores_a, const torch::Tensor& beams_b,
-                              const torch::Tensor& scores_b, double min_log_prob, int64_t max_tokens) {
+                              const torch::Tensor& scores_b, double min_log_prob, int64_t max_tokens,
+                              double sure_log_prob, int64_t most_tokens) {
   check_beams(beams_a, "cap_tree_joined");
   check_beams(beams_b, "cap_tree_joined");
   TORCH_CHECK(scores_a.device().is_cpu() && scores_a.sizes() == beams_a.sizes() && scores_b.device().is_cpu() &&
@@ -190,7 +197,8 @@ torch::Tensor cap_tree_joined(const torch::Tensor& beams_a, const torch::Tensor&
     std::vector<float> best, score;
     std::vector<char> kept;
     for (int64_t r = 0; r < batch; ++r)
-      cap_row(o + r * nodes, joined.data() + r * nodes, width, length, max_tokens, owner, order, best, score, kept);
+      cap_row(o + r * nodes, joined.data() + r * nodes, width, length, max_tokens, (float)sure_log_prob, most_tokens,
+              owner, order, best, score, kept);
   }
   return out;
 }

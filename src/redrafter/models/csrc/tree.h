@@ -6,7 +6,8 @@
 
 torch::Tensor cap_tree_scored(const torch::Tensor& beams, const torch::Tensor& path_scores, int64_t max_tokens);
 torch::Tensor cap_tree_joined(const torch::Tensor& beams_a, const torch::Tensor& scores_a, const torch::Tensor& beams_b,
-                              const torch::Tensor& scores_b, double min_log_prob, int64_t max_tokens);
+                              const torch::Tensor& scores_b, double min_log_prob, int64_t max_tokens,
+                              double sure_log_prob, int64_t most_tokens);
 std::vector<torch::Tensor> pack_tree(const torch::Tensor& beams);
 std::vector<torch::Tensor> greedy_accept(const torch::Tensor& beams, const torch::Tensor& unpacker,
                                          const torch::Tensor& logits);
