@@ -194,7 +194,8 @@ def test_bench_compares_drafter_weights_in_one_run(tmp_path, capsys):
     require_kernels("int4")
     args = ["bench", "--dataset", "mt-bench", "--limit", "2", "--turns", "1", "--max-new-tokens", "24",
             "--dtype", "bfloat16", "--methods", "ar,redrafter", "--beam-width", "8", "--beam-length", "3",
-            "--max-tree-tokens", "4", "--lookup-tokens", "8", "--out", str(tmp_path / "out"), "--no-progress"]
+            "--max-tree-tokens", "4", "--lookup-tokens", "8", "--extend-prob", "0", "--out", str(tmp_path / "out"),
+            "--no-progress"]
     assert main(args + ["--drafter-weights", "dense,int4"]) == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["settings"]["drafter_weights"] == ["dense", "int4"]

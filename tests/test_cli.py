@@ -85,6 +85,8 @@ BAD_INPUTS = [
     (["--autoregressive", "--prompt", "hi", "--min-tokens-per-step", "1.5,2"], "--min-tokens-per-step takes one"),
     (["--autoregressive", "--prompt", "hi", "--beam-length", "3", "--min-tokens-per-step", "9"],
      "min tokens per step must be 0"),
+    (["--autoregressive", "--prompt", "hi", "--extend-prob", "1"], "--extend-prob must be a probability"),
+    (["--autoregressive", "--prompt", "hi", "--extend-prob", "0.3,0.5"], "--extend-prob takes one value"),
 ]
 
 

@@ -124,7 +124,7 @@ def resolve_beam(width: int | None, length: int | None, drafter_path, min_prob: 
 
     A stored tree cap and probability floor were measured for the stored W x L only: an explicit width or
     length without ``max_tree_tokens`` (``min_prob``) verifies the whole tree (with no floor). The
-    context-lookup beam is a branch of its own and keeps its stored setting."""
+    context-lookup beam is a branch of its own and keeps its stored setting, with ``extend_prob``."""
     from redrafter.drafter.model import recommended_beam
 
     base = recommended_beam(drafter_path, weights, sampling) or DEFAULT_BEAM
