@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from redrafter import BeamConfig, LookupProposer, RedrafterError
-from redrafter.drafter.lookup import (MATCH_CAP, History, context_lookup, join_beams, joined_tree, lookup_beams,
-                                     matched_lookup, point_masses)
+from redrafter.drafter.lookup import (MATCH_CAP, History, context_lookup, copy_accuracy, join_beams,
+                                     lookup_beams, matched_lookup, point_masses)
 from redrafter.tree import NO_TOKEN, cap_tree, node_scores
 
 
@@ -109,6 +109,14 @@ def test_history_index_equals_the_scan_as_the_history_grows():
         history.lookup(num_tokens=2, max_ngram=2)
         edit(history)
         assert history.lookup(num_tokens=2, max_ngram=2) == matched_lookup(list(history), num_tokens=2, max_ngram=2)
+
+
+def test_copy_accuracy_by_hand():
+    """The calibration data behind LOOKUP_CONFIDENCE, counted by hand: in [1 2 3] + [1 2 3 1 2] every
+    copy is right (the match grows by one per copied token), in [1 2 3] + [1 2 9] the third token
+    breaks both copies, and [5] + [6 7] never matches."""
+    got = copy_accuracy([([1, 2, 3], [1, 2, 3, 1, 2]), ([1, 2, 3], [1, 2, 9]), ([5], [6, 7])])
+    assert got == {1: (2, 2), 2: (4, 2), 3: (3, 3), 4: (4, 4)}
 
 
 def test_lookup_beams_join_the_drafters_beams_with_no_token_padding():

@@ -22,7 +22,8 @@ confidence for a match of m + j - 1 tokens: depth j scores the sum of log c over
 On 640 answers SmolLM2 wrote to ShareGPT prompts, the first copied token was right 22 % of the time
 after a 1-token match, 73 % after 4, 88 % after 10, 94 % after 20, 96 % after 30, 98-99 % after 40-63
 and 99.9 % after 64 or more (a loop); every later token was right as often as a first token after a
-match of m + j - 1 (docs/PERFORMANCE.md, "Long loops"); ``config.LOOKUP_CONFIDENCE`` follows them.
+match of m + j - 1 (``copy_accuracy``; docs/PERFORMANCE.md, "Long loops"); ``config.LOOKUP_CONFIDENCE``
+follows them.
 
 Under a tree cap (``BeamConfig.max_tree_tokens``) the looked-up tokens compete with the drafter's
 nodes for the K verified slots. A drafter node is ranked by its path probability under q, a
@@ -33,7 +34,7 @@ above it past the cap, so in a loop a step verifies a long stretch of it.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -148,6 +149,36 @@ class History(list):
             if start is not None:
                 return match_length(self, start, n), copy_after(self, start + n, num_tokens)
         return 0, []
+
+
+def copy_accuracy(answers: Iterable[tuple[Sequence[int], Sequence[int]]], *, num_tokens: int = 16,
+                  max_ngram: int = 4) -> dict[int, tuple[int, int]]:
+    """How often a looked-up token is right, by the match length behind it: the data behind
+    ``config.LOOKUP_CONFIDENCE``.
+
+    At every position of each answer, the lookup runs on the prompt and the answer so far (ending
+    with the answer's token there, as g0) and its copy is compared with what the answer says next.
+    The j-th copied token (j = 0, 1, ...) counts under match length min(m + j, MATCH_CAP), m the
+    match found, as long as the tokens before it were right (later ones are never verified).
+
+    Args:
+        answers: (prompt ids, answer ids) pairs, e.g. datagen's ``prompt_ids`` and ``response_ids``.
+    Returns:
+        {match length: (copied tokens tried, right)}.
+    """
+    counts: dict[int, list[int]] = {}
+    for prompt, answer in answers:
+        history = History(prompt)
+        for i, token in enumerate(answer[:-1]):
+            history.append(token)
+            m, copied = history.lookup(num_tokens=num_tokens, max_ngram=max_ngram)
+            for j, (guess, truth) in enumerate(zip(copied, answer[i + 1:])):
+                tally = counts.setdefault(min(m + j, MATCH_CAP), [0, 0])
+                tally[0] += 1
+                tally[1] += guess == truth
+                if guess != truth:
+                    break
+    return {m: (tries, right) for m, (tries, right) in sorted(counts.items())}
 
 
 def lookup_beams(g0: torch.Tensor, history: Sequence[Sequence[int]], *, num_tokens: int, max_ngram: int,
