@@ -132,17 +132,21 @@ def chi_square_p_value(counts: torch.Tensor, joint: torch.Tensor) -> float:
     (SamplingParams(temperature=1.0, top_k=2, seed=25), "tree", BeamConfig(width=4, length=3)),
     (SamplingParams(temperature=1.0, top_p=0.8, seed=26), "tree", BeamConfig(width=2, length=4)),
     (SamplingParams(temperature=1.0, seed=27), "tree",
-     BeamConfig(width=3, length=3, max_tree_tokens=5, lookup_tokens=3, lookup_confidence=(0.6, 0.9)))],
+     BeamConfig(width=3, length=3, max_tree_tokens=5, lookup_tokens=3, lookup_confidence=(0.6, 0.9))),
+    (SamplingParams(temperature=1.0, seed=28), "sample",
+     BeamConfig(width=3, length=3, max_tree_tokens=3, lookup_tokens=4, lookup_confidence=(0.9,), extend_prob=0.5))],
     ids=["T1", "T0.5", "top-k4", "top-p0.8", "beam-drafts-T1", "beam-drafts-T0.5-top-p0.9", "beam-drafts-T1-capped-tree",
          "T1-lookup", "beam-drafts-T0.7-top-k6-lookup", "T1-lookup-capped", "T1-gated", "tree-T1", "tree-T0.5",
-         "tree-top-k2-more-siblings-than-tokens", "tree-top-p0.8-depth3", "tree-T1-lookup-capped"])
+         "tree-top-k2-more-siblings-than-tokens", "tree-top-p0.8-depth3", "tree-T1-lookup-capped",
+         "T1-lookup-extended-past-the-cap"])
 def test_speculative_samples_follow_the_exact_joint(setup, params, draft_mode, beam):
     """Drafts drawn from q ("sample") or made by beam search and tested as point masses ("beam"),
     also with the tree capped to its 4 most probable nodes (beams that end early), with the
     context-lookup beam (point masses, longer than the drafter's beams) after the drafter's, and with a
     speculation floor no first step reaches unless all its drafts are accepted (a batch of rows in
-    which some speculate and some take plain steps); and trees whose siblings are drawn without
-    replacement ("tree"), also where a top-k q has fewer tokens than a node has children."""
+    which some speculate and some take plain steps), with looked-up tokens sure enough to pass the
+    cap (``extend_prob``); and trees whose siblings are drawn without replacement ("tree"), also
+    where a top-k q has fewer tokens than a node has children."""
     model, target, drafter = setup
     counts = sampled_counts(target, drafter, params, draft_mode, beam)
     assert counts.sum() == SAMPLES
@@ -313,6 +317,22 @@ def test_a_capped_sampled_tree_gives_confident_lookups_their_slots_first():
     assert cut.tolist() == [[[7, 1, 2, NO_TOKEN, NO_TOKEN]], [[8, 5, 6, NO_TOKEN, NO_TOKEN]]]
     paths, cut = split_budget(looked_up[:1], scores[:1] / 10, beam)  # c = 0.99: all 4 slots are its
     assert paths == 0 and cut.tolist() == [[[7, 1, 2, 3, 4]]]
+
+
+def test_sure_lookups_pass_a_sampled_trees_cap():
+    """K = 3 (2 drafted slots): with ``extend_prob`` 0.5, row 0's looked-up tokens scored 0.9, 0.81,
+    0.73, 0.66 all stay (a tree of 5 past the cap), row 1's (0.4, ...) keep only their share of the 2
+    slots; without it both rows are cut to 2."""
+    from redrafter.engine import split_budget
+
+    looked_up = torch.tensor([[[7, 1, 2, 3, 4]], [[8, 5, 6, 9, 9]]])
+    scores = torch.log(torch.tensor([0.9, 0.4])).view(2, 1, 1) * torch.arange(5.0)
+    cut_both = [[[7, 1, 2, NO_TOKEN, NO_TOKEN]], [[8, 5, 6, NO_TOKEN, NO_TOKEN]]]
+    paths, cut = split_budget(looked_up, scores, BeamConfig(width=4, length=3, max_tree_tokens=3, lookup_tokens=4))
+    assert paths == 0 and cut.tolist() == cut_both
+    beam = BeamConfig(width=4, length=3, max_tree_tokens=3, lookup_tokens=4, extend_prob=0.5)
+    paths, cut = split_budget(looked_up, scores, beam)
+    assert paths == 0 and cut.tolist() == [[[7, 1, 2, 3, 4]], cut_both[1]]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
