@@ -131,6 +131,16 @@ def test_beam_resolution_flags_then_drafter_recommendation_then_default(tmp_path
                                                                           min_tokens_per_step=1.6)
     assert resolve_beam(None, None, tmp_path, sampling=True, min_tokens_per_step=0).min_tokens_per_step == 0
     assert resolve_beam(None, None, tmp_path).min_tokens_per_step == 0
+    # Sure looked-up stretches past the cap: stored with the lookup, off when sampling, a flag over both.
+    (tmp_path / "generation.json").write_text('{"beam_width": 8, "beam_length": 3, "int4": {"beam_width": 8, '
+                                              '"beam_length": 3, "max_tree_tokens": 6, "lookup_tokens": 32, '
+                                              '"extend_prob": 0.5, "sampling": {"lookup_tokens": 8, "extend_prob": 0}}}')
+    assert resolve_beam(None, None, tmp_path, weights="int4") == BeamConfig(8, 3, max_tree_tokens=6, lookup_tokens=32,
+                                                                           extend_prob=0.5)
+    assert resolve_beam(None, None, tmp_path, weights="int4", sampling=True).extend_prob == 0
+    assert resolve_beam(None, None, tmp_path, weights="int4", extend_prob=0.3).extend_prob == 0.3
+    assert resolve_beam(4, None, tmp_path, weights="int4").extend_prob == 0.5  # kept with the lookup beam
+    assert resolve_beam(None, None, tmp_path, weights="dense").extend_prob == 0
     (tmp_path / "generation.json").write_text('{"beam_width": 8, "beam_length": 4, "max_tree_tokens": 1}')
     with pytest.raises(RedrafterError, match="max tree tokens"):
         resolve_beam(None, None, tmp_path)

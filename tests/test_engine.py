@@ -168,7 +168,7 @@ def test_sure_lookup_stretch_past_the_cap_equals_generate(case):
 
 def test_probability_floor_on_a_lookup_tree_equals_generate(case):
     """``min_prob`` with the context-lookup beam and a cap: of the joined tree, only nodes whose
-    score (the drafter's path probability, or c_n^depth for looked-up tokens) reaches the floor stay,
+    score (the drafter's path probability, or the lookup's confidences for looked-up tokens) reaches the floor stay,
     so each step's tree is a subset of the unfloored capped tree, smaller in some steps (checked) and
     still drafting in others; the output is plain greedy decoding, and the stats count the tokens
     each step verified."""

@@ -53,7 +53,7 @@ def test_worked_example_of_the_module_docstring():
     ([1, 2, 3, 1, 2], 2, 3, [3, 1]),            # 2-gram "1 2" at 0
     ([1, 2, 3, 9, 2, 4, 1, 2], 2, 3, [3, 9]),    # "1 2" beats the later 1-gram "2"
     ([5, 1, 8, 1, 7, 1], 1, 3, [7]),             # several occurrences of "1": the latest
-    ([5, 1, 8, 1, 7, 1], 4, 1, [7, 1, 7, 1]),    # past the end the copy repeats itself: the loop "7 1" 
+    ([5, 1, 8, 1, 7, 1], 4, 1, [7, 1, 7, 1]),    # past the end the copy repeats itself: the loop "7 1"
     ([4, 5, 6], 3, 3, []),                       # nothing repeats
     ([4], 3, 3, []),                             # g0 alone
     ([2, 2, 2, 2], 3, 2, [2, 2, 2]),             # overlapping windows: a loop of one token

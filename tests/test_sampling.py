@@ -13,7 +13,7 @@ from scipy.stats import chi2
 import redrafter.engine as engine_module
 from helpers import tiny_model
 from redrafter import BeamConfig, Drafter, DrafterConfig, Engine, FinishEvent, GenerationConfig, ReDrafterProposer
-from redrafter.config import SamplingParams
+from redrafter.config import MAX_TREE_TOKENS, SamplingParams
 from redrafter.drafter.sibling_tree import TreeShape, draw_siblings, sibling_template, without
 from redrafter.models.native import NativeTarget
 from redrafter.sampling import probabilities, sample
@@ -333,6 +333,15 @@ def test_sure_lookups_pass_a_sampled_trees_cap():
     beam = BeamConfig(width=4, length=3, max_tree_tokens=3, lookup_tokens=4, extend_prob=0.5)
     paths, cut = split_budget(looked_up, scores, beam)
     assert paths == 0 and cut.tolist() == [[[7, 1, 2, 3, 4]], cut_both[1]]
+    # Beside drawn paths (K = 4: one path of 2 and 1 looked-up slot), up to MAX_TREE_TOKENS in all:
+    # a lookup of 70 sure tokens keeps 64 - 1 - 2 = 61 of them.
+    long_lookup = torch.arange(71).view(1, 1, 71)
+    # scores just under 0.4 (< SAMPLED_LOOKUP_MIN: the path keeps its room), all above 0.3
+    long_scores = torch.cat([torch.zeros(1), math.log(0.4) - torch.arange(70) * 1e-4]).view(1, 1, 71)
+    beam = BeamConfig(width=4, length=3, max_tree_tokens=4, lookup_tokens=70, extend_prob=0.3)
+    paths, cut = split_budget(long_lookup, long_scores, beam)
+    kept = int((cut != NO_TOKEN).sum()) - 1
+    assert paths == 1 and kept == MAX_TREE_TOKENS - 1 - 2
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

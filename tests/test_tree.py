@@ -257,6 +257,19 @@ def test_cpp_joined_tree_equals_the_tensor_version(monkeypatch):
     assert dropped > 50 and capped > 50 and extended > 20 and most_bound > 5
 
 
+def test_a_nan_score_ranks_last_in_both_versions(monkeypatch):
+    """A NaN path score (a drafter gone wrong) counts as -inf in node_scores, as in the C++ cap: node 2
+    (NaN) is dropped, not ranked first, and the kept nodes stay a tree in both versions."""
+    module = require_kernels("tree")
+    beams, scores = torch.tensor([[[5, 1, 2], [5, 3, 4]]]), torch.tensor([[[0.0, -0.1, math.nan], [0.0, -0.2, -0.3]]])
+    extra, extra_scores = torch.tensor([[[5, 7]]]), torch.tensor([[[0.0, -2.0]]])
+    n = NO_TOKEN
+    expected = [[[5, 1, n], [5, 3, n], [5, n, n]]]
+    assert module.cap_tree_joined(beams, scores, extra, extra_scores, -math.inf, 3, math.inf, 0).tolist() == expected
+    monkeypatch.setattr(lookup, "tree_kernel", lambda *args: None)
+    assert joined_tree(beams, scores, extra, extra_scores, max_tokens=3).tolist() == expected
+
+
 def test_sure_nodes_pass_the_cap_in_score_order_up_to_the_most():
     """cap_tree by hand: beams [0 1 2 3] (scores 0, -0.1, -0.2, -0.3) and [0 4 5] (-0.05, -2): K = 2
     keeps g0 and node 4; with sure nodes at log 0.75 ~ -0.29 the chain 1, 2 joins (3 at -0.3 is

@@ -151,7 +151,7 @@ def add_draft_shape_arguments(parser, *, multiple: bool = False) -> None:
                              f"drafter's measured best, else {DEFAULT_BEAM.length})")
     parser.add_argument("--min-draft-prob", default=None, metavar="P", help=(
         "adaptive draft: verify only the tree nodes whose drafter probability (the product of q along the "
-        "path; c_n^depth for a looked-up token) is at least P, possibly none but g0, and of those at most "
+        "path; for a looked-up token how often a copy after its match length is right) is at least P, possibly none but g0, and of those at most "
         "--max-tree-tokens (beam-search drafts only; 0 = the whole tree; default: the drafter's measured "
         "best when --beam-width and --beam-length are not given, else 0; 0.15 for the shipped drafter with "
         "our int4 kernel, greedy)" + (" (a comma list runs each)" if multiple else "")))
@@ -365,6 +365,7 @@ def run_generate(args: argparse.Namespace) -> int:
                         "max_tree_tokens": None if args.autoregressive else beam.max_tree_tokens,
                         "lookup_tokens": None if args.autoregressive else beam.lookup_tokens,
                         "lookup_ngram": None if args.autoregressive else beam.lookup_ngram,
+                        "extend_prob": None if args.autoregressive else beam.extend_prob,
                         "temperature": sampling.temperature,
                         "seed": sampling.seed,
                         "draft_mode": None if args.autoregressive or sampling.greedy else draft_mode,

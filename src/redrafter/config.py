@@ -14,8 +14,10 @@ from redrafter.errors import RedrafterError
 # 99.9 % of the time (drafter/lookup.py, docs/PERFORMANCE.md "Long loops").
 LOOKUP_CONFIDENCE = tuple(round(1 - 1.2 / (m + 0.5), 4) for m in range(1, 64)) + (0.999,)
 
-# The most tree tokens a step verifies, whatever ``extend_prob`` lets past the cap: our CPU kernels
-# take steps of up to 64 rows in one pass (docs/PERFORMANCE.md).
+# The most tree tokens a step verifies, whatever ``extend_prob`` lets past the cap: our AVX-512 kernels
+# take steps of up to 64 rows in one pass (docs/PERFORMANCE.md). Other kernels are fast up to 8-16
+# rows, and a batch pads every row's tree to the largest, so the shipped settings enable
+# ``extend_prob`` only for our int4 kernel.
 MAX_TREE_TOKENS = 64
 
 
@@ -41,15 +43,16 @@ class BeamConfig:
     forward of K tokens grows with K once the matrix products stop being memory-bound. 0 = verify
     every node.
 
-    ``extend_prob`` > 0 lets sure nodes past the cap: every node whose score (as for ``min_prob``) is at
-    least ``extend_prob`` is verified even beyond ``max_tree_tokens``, up to ``MAX_TREE_TOKENS``
-    in all. A node that is right with probability P is worth a verified row when P tokens take
+    ``extend_prob`` > 0 lets sure nodes past the cap, with the lookup beam (``lookup_tokens`` > 0) and a
+    cap: every node of the joined tree whose score (as for ``min_prob``) is at least ``extend_prob``
+    is verified even beyond ``max_tree_tokens``, up to ``MAX_TREE_TOKENS`` in all (without the lookup
+    beam the cap stays as it is: beam search then keeps only K - 1 beams). A node that is right with probability P is worth a verified row when P tokens take
     longer to decode than the row costs; in practice that is a long looked-up stretch of a loop
     the model has fallen into, which a step then verifies whole.
 
-    ``lookup_tokens`` > 0 adds one more beam (drafter/lookup.py): the up to ``lookup_tokens`` tokens
-    that followed the last occurrence, earlier in the row's own prompt and output, of its last n
-    tokens (n = ``lookup_ngram`` down to 1). Under a tree cap its tokens compete with the drafter's
+    ``lookup_tokens`` > 0 adds one more beam (drafter/lookup.py): the ``lookup_tokens`` tokens that
+    followed the last occurrence, earlier in the row's own prompt and output, of its last n tokens
+    (n = ``lookup_ngram`` down to 1), the copy continued past the end as a loop would go on. Under a tree cap its tokens compete with the drafter's
     nodes: the token at depth j after a match of m tokens (the n-gram extended backwards) scores
     c_m c_(m+1) ... c_(m+j-1), c_m = ``lookup_confidence[m - 1]`` (the last entry for longer matches),
     against the drafter's path probability; drafts drawn from q (sampling) give the lookup beam its

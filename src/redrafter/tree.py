@@ -105,14 +105,15 @@ def node_scores(beams: torch.Tensor, path_scores: torch.Tensor) -> torch.Tensor:
     its path from g0, so shared nodes agree again and scores never rise with depth.
 
     Args:
-        beams, path_scores: (batch, W, L); ``NO_TOKEN`` positions are ignored.
+        beams, path_scores: (batch, W, L); ``NO_TOKEN`` positions and NaN scores are ignored (as -inf).
     Returns:
         (batch, W, L) float, -inf at ``NO_TOKEN``.
     """
     batch, width, length = beams.shape
     owner, _ = owned_nodes(beams)
     node = (owner * length + torch.arange(length, device=beams.device)).reshape(batch, -1)  # (batch, W*L)
-    scores = torch.where(beams != NO_TOKEN, path_scores.float(), float("-inf")).reshape(batch, -1)
+    scores = path_scores.float()
+    scores = torch.where((beams != NO_TOKEN) & ~scores.isnan(), scores, float("-inf")).reshape(batch, -1)  # NaN as -inf
     best = torch.full_like(scores, float("-inf")).scatter_reduce(1, node, scores, reduce="amax")
     return best.gather(1, node).view(batch, width, length).cummin(dim=-1).values
 

@@ -161,7 +161,8 @@ def redrafter_name(beam: BeamConfig, draft_mode: str = "beam") -> str:
     suffix += f",look={beam.lookup_tokens}" if beam.lookup_tokens > 0 else ""
     suffix += f"/{beam.lookup_ngram}" if beam.lookup_tokens > 0 and beam.lookup_ngram != BeamConfig.lookup_ngram else ""
     suffix += f",gate={beam.min_tokens_per_step:g}" if beam.min_tokens_per_step > 0 else ""
-    suffix += f",ext>={beam.extend_prob:g}" if beam.extend_prob > 0 else ""
+    applies = beam.extend_prob > 0 and beam.lookup_tokens > 0 and beam.max_tree_tokens > 0
+    suffix += f",ext>={beam.extend_prob:g}" if applies else ""
     suffix += f",{draft_mode}" if draft_mode in SAMPLED_DRAFT_MODES else ""
     return f"redrafter[W={beam.width},L={beam.length}{suffix}]"
 

@@ -20,7 +20,7 @@ extended backwards while the tokens before both windows agree (up to ``MATCH_CAP
 first copied token proves right the match is one longer, so the j-th copied token is scored by the
 confidence for a match of m + j - 1 tokens: depth j scores the sum of log c over m .. m + j - 1.
 On 640 answers SmolLM2 wrote to ShareGPT prompts, the first copied token was right 22 % of the time
-after a 1-token match, 73 % after 4, 88 % after 10, 94 % after 20, 96 % after 30, 98-99 % after 40-63
+after a 1-token match, 74 % after 4, 88 % after 10, 94 % after 20, 96 % after 30, 98-99 % after 40-63
 and 99.9 % after 64 or more (a loop); every later token was right as often as a first token after a
 match of m + j - 1 (``copy_accuracy``; docs/PERFORMANCE.md, "Long loops"); ``config.LOOKUP_CONFIDENCE``
 follows them.
@@ -45,7 +45,8 @@ from redrafter.tree import NO_TOKEN, cap_tree, drop_below, node_scores, tree_ker
 
 def context_lookup(history: Sequence[int], *, num_tokens: int, max_ngram: int) -> list[int]:
     """The tokens that followed the most recent earlier occurrence of the history's last n tokens,
-    trying n = ``max_ngram`` down to 1; at most ``num_tokens`` of them, [] when nothing matches.
+    trying n = ``max_ngram`` down to 1: ``num_tokens`` of them, continued past the history's end by
+    copying the copy (a loop goes on), [] when nothing matches.
 
     Args:
         history: the row's tokens so far (prompt and output, ending with g0).
