@@ -11,8 +11,10 @@ from redrafter.errors import RedrafterError
 # How often the context lookup's next copied token is right after a match of m = 1, 2, ... tokens
 # (the last entry for 64 and more): 1 - 1.2 / (m + 0.5) fits what SmolLM2 wrote for 640 ShareGPT
 # prompts up to m = 35 and is a little below it from there to 63; a match of 64 is a loop, right
-# 99.9 % of the time (drafter/lookup.py, docs/PERFORMANCE.md "Long loops").
-LOOKUP_CONFIDENCE = tuple(round(1 - 1.2 / (m + 0.5), 4) for m in range(1, 64)) + (0.999,)
+# 99.9 % of the time (drafter/lookup.py, docs/PERFORMANCE.md "Long loops"). Matches are measured up to
+# LOOKUP_MATCH_CAP tokens, the table's length.
+LOOKUP_MATCH_CAP = 64
+LOOKUP_CONFIDENCE = tuple(round(1 - 1.2 / (m + 0.5), 4) for m in range(1, LOOKUP_MATCH_CAP)) + (0.999,)
 
 # The most tree tokens a step verifies, whatever ``extend_prob`` lets past the cap: our AVX-512 kernels
 # take steps of up to 64 rows in one pass (docs/PERFORMANCE.md). Other kernels are fast up to 8-16
@@ -46,14 +48,15 @@ class BeamConfig:
     ``extend_prob`` > 0 lets sure nodes past the cap, with the lookup beam (``lookup_tokens`` > 0) and a
     cap: every node of the joined tree whose score (as for ``min_prob``) is at least ``extend_prob``
     is verified even beyond ``max_tree_tokens``, up to ``MAX_TREE_TOKENS`` in all (without the lookup
-    beam the cap stays as it is: beam search then keeps only K - 1 beams). A node that is right with probability P is worth a verified row when P tokens take
-    longer to decode than the row costs; in practice that is a long looked-up stretch of a loop
-    the model has fallen into, which a step then verifies whole.
+    beam the cap stays as it is: beam search then keeps only K - 1 beams). A node that is right with
+    probability P is worth a verified row when P tokens take longer to decode than the row costs; in
+    practice that is a long looked-up stretch of a loop the model has fallen into, which a step then
+    verifies whole.
 
     ``lookup_tokens`` > 0 adds one more beam (drafter/lookup.py): the ``lookup_tokens`` tokens that
     followed the last occurrence, earlier in the row's own prompt and output, of its last n tokens
-    (n = ``lookup_ngram`` down to 1), the copy continued past the end as a loop would go on. Under a tree cap its tokens compete with the drafter's
-    nodes: the token at depth j after a match of m tokens (the n-gram extended backwards) scores
+    (n = ``lookup_ngram`` down to 1), the copy continued past the end as a loop would go on. Under a
+    tree cap its tokens compete with the drafter's nodes: the token at depth j after a match of m tokens (the n-gram extended backwards) scores
     c_m c_(m+1) ... c_(m+j-1), c_m = ``lookup_confidence[m - 1]`` (the last entry for longer matches),
     against the drafter's path probability; drafts drawn from q (sampling) give the lookup beam its
     slots of the cap first (engine.split_budget).

@@ -39,7 +39,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from redrafter.config import MAX_TREE_TOKENS
+from redrafter.config import LOOKUP_MATCH_CAP, MAX_TREE_TOKENS
 from redrafter.tree import NO_TOKEN, cap_tree, drop_below, node_scores, tree_kernel
 
 
@@ -54,7 +54,7 @@ def context_lookup(history: Sequence[int], *, num_tokens: int, max_ngram: int) -
     return matched_lookup(history, num_tokens=num_tokens, max_ngram=max_ngram)[1]
 
 
-MATCH_CAP = 64  # how far back a match is measured: the confidence of longer ones is that of 64
+MATCH_CAP = LOOKUP_MATCH_CAP  # how far back a match is measured: longer ones get the table's last confidence
 
 
 def matched_lookup(history: Sequence[int], *, num_tokens: int, max_ngram: int) -> tuple[int, list[int]]:
