@@ -19,9 +19,22 @@ def test_benchmark_prompts_are_excluded(tmp_path):
     question = mt_bench()[0].turns[0]
     prompts = tmp_path / "p.txt"
     prompts.write_text(f"A fresh question about rivers.\n{question.upper()}\n  {question}  \nAnother one?\n")
-    kept = [text for _, text, _ in load_training_prompts(str(prompts))]
+    dropped = {}
+    kept = [text for _, text, _ in load_training_prompts(str(prompts), dropped=dropped)]
     assert sorted(kept) == ["A fresh question about rivers.", "Another one?"]
+    assert dropped == {"benchmark": 2, "duplicate": 0, "empty": 0, "too_long": 0}
     assert normalise("Hello,   World!") == "hello world"
+
+
+def test_datagen_on_benchmark_prompts_only_says_why_before_loading_a_model(tmp_path, capsys):
+    prompts = tmp_path / "bench.txt"
+    prompts.write_text("".join(p.turns[0].replace("\n", " ") + "\n" for p in mt_bench()[:3]) + "\n")
+    # a model that does not exist: the error must come before any load
+    code = main(["datagen", "--dataset", str(prompts), "--out", str(tmp_path / "d"), "--model", str(tmp_path / "none")])
+    assert code != 0
+    err = capsys.readouterr().err
+    assert "no prompts to answer" in err and "3 are benchmark prompts" in err
+    assert not list((tmp_path / "d").glob("shard-*"))
 
 
 @pytest.mark.slow

@@ -140,7 +140,7 @@ def run_datagen(*, model_spec: str, dataset: str, out: str, num_prompts: int, ma
 
     from redrafter.cli import encode_prompt, stop_token_ids
     from redrafter.models.loading import load_target, resolve_dtype
-    from redrafter.training.prompts import load_training_prompts
+    from redrafter.training.prompts import MAX_PROMPT_CHARS, load_training_prompts
 
     if batch_size < 1 or shard_size < 1 or num_prompts < 1 or max_new_tokens < 1:
         raise RedrafterError("--batch-size, --num-prompts and --max-new-tokens must be >= 1")
@@ -162,11 +162,18 @@ def run_datagen(*, model_spec: str, dataset: str, out: str, num_prompts: int, ma
 
     done = {r["id"] for r in read_records(directory)} if any(directory.glob(SHARD_GLOB)) else set()
     next_shard = len(list(directory.glob(SHARD_GLOB)))
+    dropped: dict[str, int] = {}
+    candidates = load_training_prompts(dataset, seed=seed, dropped=dropped)
+    if not candidates and not done:
+        raise RedrafterError(
+            f"no prompts to answer in {dataset}: {dropped['benchmark']} are benchmark prompts (MT-Bench or "
+            f"HumanEval, kept out of training data), {dropped['duplicate']} duplicates, {dropped['empty']} empty, "
+            f"{dropped['too_long']} longer than {MAX_PROMPT_CHARS} characters")
     target, tokenizer = load_target(model_spec, dtype=dtype, device=device, backend=backend, compile=compile,
                                     weights=weights)
     stops = stop_token_ids(tokenizer, target)
     todo, skipped_long = [], 0
-    for prompt_id, text, answer in load_training_prompts(dataset, seed=seed):
+    for prompt_id, text, answer in candidates:
         if len(todo) + len(done) >= num_prompts:
             break
         if prompt_id in done or (answers == "dataset" and answer is None):
@@ -219,5 +226,5 @@ def run_datagen(*, model_spec: str, dataset: str, out: str, num_prompts: int, ma
     total = read_records(directory)
     summary = {"records": len(total), "response_tokens": sum(len(r["response_ids"]) for r in total),
                "new_records": len(todo), "new_tokens": new_tokens, "seconds": round(time.perf_counter() - start, 1),
-               "skipped_long_prompts": skipped_long}
+               "skipped_long_prompts": skipped_long, "skipped_benchmark_prompts": dropped["benchmark"]}
     return summary

@@ -71,9 +71,12 @@ def chitchat_prompts() -> list[tuple[str, str | None]]:
     return pairs
 
 
-def load_training_prompts(source: str, *, seed: int = 0) -> list[tuple[str, str, str | None]]:
+def load_training_prompts(source: str, *, seed: int = 0,
+                          dropped: dict[str, int] | None = None) -> list[tuple[str, str, str | None]]:
     """(id, prompt, the dataset's own answer or None) triples, deduplicated by prompt, shuffled with
-    ``seed``, benchmark prompts removed."""
+    ``seed``, benchmark prompts removed. ``dropped``, when given, receives how many prompts were left
+    out and why: "benchmark" (an MT-Bench or HumanEval prompt, or one containing such a prompt),
+    "duplicate", "empty", "too_long" (over MAX_PROMPT_CHARS characters)."""
     if source == "sharegpt":
         raw = sharegpt_prompts()
     elif source == "chitchat":
@@ -88,14 +91,19 @@ def load_training_prompts(source: str, *, seed: int = 0) -> list[tuple[str, str,
     long_excluded = [t for t in excluded if len(t) >= 40]
     excluded_set = set(excluded)
     seen, prompts = set(), []
+    counts = dict.fromkeys(("benchmark", "duplicate", "empty", "too_long"), 0)
     for text, answer in raw:
         text = text.strip()
         key = normalise(text)
-        if not key or len(text) > MAX_PROMPT_CHARS or key in seen or key in excluded_set:
-            continue
-        if any(t in key for t in long_excluded):
+        reason = ("empty" if not key else "too_long" if len(text) > MAX_PROMPT_CHARS else
+                  "duplicate" if key in seen else
+                  "benchmark" if key in excluded_set or any(t in key for t in long_excluded) else None)
+        if reason is not None:
+            counts[reason] += 1
             continue
         seen.add(key)
         prompts.append((hashlib.sha1(key.encode()).hexdigest()[:16], text, answer))
     random.Random(seed).shuffle(prompts)
+    if dropped is not None:
+        dropped.update(counts)
     return prompts
