@@ -10,6 +10,7 @@ import torch
 from helpers import TINY_VOCAB, hf_greedy, tiny_target
 from redrafter import BeamConfig, Engine, FinishEvent, GenerationConfig, ReDrafterProposer, RedrafterError, load_drafter
 from redrafter.training.loss import accepted_run_stats, multi_step_loss
+from redrafter.drafter.model import recommended_beam, save_drafter
 from redrafter.training.train import TrainConfig, train
 
 
@@ -355,3 +356,44 @@ def test_training_from_init_starts_where_the_init_drafter_ended(target, data_dir
     assert second["init_vocabulary_rows"] == CONFIG.draft_vocab_size  # the same data: the same vocabulary
     assert abs(second["eval_loss"] - first["eval_loss"]) < 0.05 < random_start - first["eval_loss"]
     assert abs(second["init_eval"]["eval_loss"] - first["eval_loss"]) < 1e-4  # step 0: the init drafter itself
+
+
+def test_draft_vocabulary_fills_spare_slots_from_the_warm_start_before_unused_ids():
+    from redrafter.training.train import Example, draft_vocabulary
+
+    tokens = torch.tensor([5, 7, 7, 9, 9, 9])
+    example = Example(tokens, torch.tensor([False, True, True, True, True, True]))
+    plain, _ = draft_vocabulary([example], 6, 20)
+    assert plain.tolist() == [0, 1, 2, 3, 7, 9]  # the two labels (7, 9), then the lowest unused ids
+    filled, target_to_draft = draft_vocabulary([example], 6, 20, fill=torch.tensor([3, 9, 11, 15, 17]))
+    assert filled.tolist() == [3, 7, 9, 11, 15, 17]  # the labels, then the warm start's other tokens
+    assert target_to_draft[filled].tolist() == list(range(6)) and int((target_to_draft >= 0).sum()) == 6
+    fewer, _ = draft_vocabulary([example], 4, 20, fill=torch.tensor([17, 9, 15, 11, 3]))
+    assert fewer.tolist() == [7, 9, 15, 17]  # the warm start's tokens in its order, while slots last
+
+
+def test_keep_vocabulary_keeps_the_init_drafters_tokens(target, data_dir, tmp_path):
+    first = dataclasses.replace(CONFIG, epochs=0.2)
+    train(model_spec="tiny", data=str(data_dir), out=str(tmp_path / "a"), config=first, target=target, progress=False)
+    init = load_drafter(tmp_path / "a" / "drafter")
+    # Another vocabulary than the data's most frequent tokens: the 48 ids the first run left out first.
+    left_out = [t for t in range(TINY_VOCAB) if t not in set(init.draft_to_target.tolist())]
+    other = sorted((left_out + init.draft_to_target.tolist())[: CONFIG.draft_vocab_size])
+    init.draft_to_target.copy_(torch.tensor(other))
+    save_drafter(init, tmp_path / "init")
+    (tmp_path / "init" / "generation.json").write_text(json.dumps({"beam_width": 3, "beam_length": 2,
+                                                                 "int4": {"beam_width": 5, "beam_length": 3}}))
+    config = dataclasses.replace(CONFIG, epochs=0.2, keep_vocabulary=True)
+    summary = train(model_spec="tiny", data=str(data_dir), out=str(tmp_path / "b"), config=config, target=target,
+                    progress=False, init=str(tmp_path / "init"))
+    assert load_drafter(tmp_path / "b" / "drafter").draft_to_target.tolist() == other
+    for weights in ("dense", "int4"):  # the init drafter's measured beam settings come along
+        assert recommended_beam(tmp_path / "b" / "drafter", weights) == recommended_beam(tmp_path / "init", weights)
+    assert recommended_beam(tmp_path / "b" / "drafter", "int4").width == 5
+    assert summary["init_vocabulary_rows"] == CONFIG.draft_vocab_size
+    rerank = train(model_spec="tiny", data=str(data_dir), out=str(tmp_path / "c"), config=first, target=target,
+                   progress=False, init=str(tmp_path / "init"))
+    assert rerank["init_vocabulary_rows"] < CONFIG.draft_vocab_size  # without it the data picks the tokens
+    with pytest.raises(RedrafterError, match="--keep-vocabulary needs --init"):
+        train(model_spec="tiny", data=str(data_dir), out=str(tmp_path / "d"), config=config, target=target,
+              progress=False)

@@ -85,6 +85,9 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--init", default=None, metavar="DRAFTER_DIR",
                    help="start from this drafter (same shape; vocabulary rows carried over by token id) instead "
                         "of a random initialisation (with --resume the checkpoint wins)")
+    p.add_argument("--keep-vocabulary", action="store_true",
+                   help="with --init: keep its draft vocabulary (for fine-tuning on little data) instead of "
+                        "the data's --draft-vocab-size most frequent tokens")
     add_backend_arguments(p, dtype_default="float32")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
@@ -105,7 +108,7 @@ def run_train_command(args: argparse.Namespace) -> int:
                          batch_tokens=args.batch_tokens, max_length=args.max_length,
                          eval_fraction=args.eval_fraction, eval_every=args.eval_every, save_every=args.save_every,
                          seed=args.seed, kl_weight=args.kl_weight, kl_top_k=args.kl_top_k,
-                         mixed_precision=args.mixed_precision)
+                         mixed_precision=args.mixed_precision, keep_vocabulary=args.keep_vocabulary)
     summary = train(model_spec=args.model or DEFAULT_MODEL, data=args.data, out=args.out, config=config,
                     dtype=args.dtype, device=args.device, backend=args.backend, resume=args.resume, target_cache=args.target_cache,
                     progress=not args.no_progress, compile=args.compile, init=args.init,

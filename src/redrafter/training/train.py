@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from redrafter.config import DrafterConfig
-from redrafter.drafter.model import Drafter, load_drafter, write_drafter_files
+from redrafter.drafter.model import RECOMMENDED_NAME, Drafter, load_drafter, write_drafter_files
 from redrafter.errors import RedrafterError
 from redrafter.training.datagen import read_records
 from redrafter.training.distributed import Distributed
@@ -59,6 +59,7 @@ class TrainConfig:
     kl_weight: float = 0.0  # α: (1 - α) CE to the target's tokens + α CE to its distribution (KL)
     kl_top_k: int = 0  # the target's k most likely draft tokens for the KL term (0: all of V_d)
     mixed_precision: str = "no"  # "bf16": the drafter's products in bfloat16 (autocast); weights stay float32
+    keep_vocabulary: bool = False  # with an --init drafter: its draft vocabulary as is, not the data's V_d most frequent
 
     def __post_init__(self) -> None:
         if self.predict_tokens < 1:
@@ -180,11 +181,14 @@ def load_target_cache(path: Path, examples: list[Example], key: str) -> bool:
     return True
 
 
-def draft_vocabulary(examples: list[Example], size: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+def draft_vocabulary(examples: list[Example], size: int, vocab: int,
+                     fill: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``size`` most frequent labels: the target's own next tokens where datagen stored them (for
     dataset answers these differ from the text), the response tokens elsewhere (on greedy
     target-written data the two agree). Call it before any target pass fills labels, so that every
-    process of a data-parallel run counts the same tokens.
+    process of a data-parallel run counts the same tokens. Data with fewer distinct labels than
+    ``size`` leaves slots over: they go to ``fill`` (the target ids of a warm start's vocabulary, whose
+    rows are trained) before any unused id.
 
     Returns:
         draft_to_target (size,) long, target_to_draft (vocab,) long with -1 for tokens left out.
@@ -197,6 +201,9 @@ def draft_vocabulary(examples: list[Example], size: int, vocab: int) -> tuple[to
             counts.update(e.tokens[e.label_mask].tolist())
     chosen = [t for t, _ in counts.most_common(size)]
     taken = set(chosen)
+    if fill is not None:
+        chosen += [t for t in fill.tolist() if t not in taken][: size - len(chosen)]
+        taken = set(chosen)
     chosen += [t for t in range(vocab) if t not in taken][: size - len(chosen)]  # pad with unused ids
     draft_to_target = torch.tensor(sorted(chosen))
     target_to_draft = torch.full((vocab,), -1, dtype=torch.long)
@@ -383,8 +390,20 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
         cache = cache.with_name(f"{cache.stem}.rank{dist.rank}-of-{dist.world}{cache.suffix}")
     vocab, hidden_size = target.info.vocab_size, target.info.hidden_size
     reduced = config.draft_vocab_size is not None and config.draft_vocab_size < vocab
-    if reduced:
-        draft_to_target, target_to_draft = draft_vocabulary(train_examples, config.draft_vocab_size, vocab)
+    source = load_drafter(init, device="cpu") if init is not None else None
+    source_ids = None if source is None else source.draft_to_target
+    if config.keep_vocabulary:
+        if source_ids is None or not reduced or len(source_ids) != config.draft_vocab_size:
+            raise RedrafterError(
+                "--keep-vocabulary needs --init with a reduced draft vocabulary of --draft-vocab-size tokens"
+                + ("" if source is None else f" (the --init drafter has {source.config.vocab_size} of "
+                   f"{source.config.full_vocab_size})"))
+        draft_to_target = source_ids.cpu().clone()
+        target_to_draft = torch.full((vocab,), -1, dtype=torch.long)
+        target_to_draft[draft_to_target] = torch.arange(len(draft_to_target))
+    elif reduced:
+        draft_to_target, target_to_draft = draft_vocabulary(train_examples, config.draft_vocab_size, vocab,
+                                                            fill=None if source_ids is None else source_ids.cpu())
     if needed and (cache is None or not load_target_cache(cache, needed, key)):
         compute_targets(target, needed, batch_tokens=config.batch_tokens, progress=progress)
         if cache is not None:
@@ -404,7 +423,7 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
         target_to_draft = target_to_draft.to(device)
     carried_rows = None
     if init is not None and not resume:
-        carried_rows = warm_start(drafter, load_drafter(init, device=device))
+        carried_rows = warm_start(drafter, source.to(device))
         if progress:
             print(f"warm start from {init}: {carried_rows} of {drafter.config.vocab_size} vocabulary rows carried over")
     embed = target.embed
@@ -439,11 +458,19 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
     elif resume:
         raise RedrafterError(f"--resume: no checkpoint in {checkpoint}")
 
+    # The init drafter's measured beam settings (generation.json) suit a fine-tune of the same shape better
+    # than the built-in defaults, so they come along; bench the new drafter to measure its own.
+    recommended = None
+    if init is not None and (Path(init) / RECOMMENDED_NAME).is_file():
+        recommended = {**json.loads((Path(init) / RECOMMENDED_NAME).read_text()), "inherited_from": str(init)}
+
     def save(directory: Path, with_trainer: bool) -> None:
         if not dist.is_main:
             return
         with atomic_directory(directory) as tmp:
             write_drafter_files(drafter, tmp)
+            if recommended is not None:
+                (tmp / RECOMMENDED_NAME).write_text(json.dumps(recommended, indent=2) + "\n")
             if with_trainer:
                 torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                             "config": dataclasses.asdict(config)}, tmp / "trainer.pt")
