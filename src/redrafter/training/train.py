@@ -348,6 +348,8 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
 
     from redrafter.models.loading import load_target
 
+    if config.keep_vocabulary and init is None:  # before anything loads
+        raise RedrafterError("--keep-vocabulary needs --init with a reduced draft vocabulary of --draft-vocab-size tokens")
     dist = Distributed.from_env(device)
     device = dist.device
     progress = progress and dist.is_main
