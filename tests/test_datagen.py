@@ -18,11 +18,12 @@ def test_truncated_json_array_is_read_record_by_record():
 def test_benchmark_prompts_are_excluded(tmp_path):
     question = mt_bench()[0].turns[0]
     prompts = tmp_path / "p.txt"
-    prompts.write_text(f"A fresh question about rivers.\n{question.upper()}\n  {question}  \nAnother one?\n")
+    prompts.write_text(f"A fresh question about rivers.\n{question.upper()}\n  {question}  \nAnother one?\n"
+                       f"another one ?\n?!\n{'long ' * 900}\n")
     dropped = {}
     kept = [text for _, text, _ in load_training_prompts(str(prompts), dropped=dropped)]
     assert sorted(kept) == ["A fresh question about rivers.", "Another one?"]
-    assert dropped == {"benchmark": 2, "duplicate": 0, "empty": 0, "too_long": 0}
+    assert dropped == {"benchmark": 2, "duplicate": 1, "empty": 1, "too_long": 1}
     assert normalise("Hello,   World!") == "hello world"
 
 
@@ -33,8 +34,8 @@ def test_datagen_on_benchmark_prompts_only_says_why_before_loading_a_model(tmp_p
     code = main(["datagen", "--dataset", str(prompts), "--out", str(tmp_path / "d"), "--model", str(tmp_path / "none")])
     assert code != 0
     err = capsys.readouterr().err
-    assert "no prompts to answer" in err and "3 are benchmark prompts" in err
-    assert not list((tmp_path / "d").glob("shard-*"))
+    assert "no prompts to answer" in err and "HumanEval, kept out of training data) 3," in err
+    assert not (tmp_path / "d").exists()  # nothing written: a corrected file may use the same --out
 
 
 @pytest.mark.slow

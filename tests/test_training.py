@@ -390,6 +390,14 @@ def test_keep_vocabulary_keeps_the_init_drafters_tokens(target, data_dir, tmp_pa
     for weights in ("dense", "int4"):  # the init drafter's measured beam settings come along
         assert recommended_beam(tmp_path / "b" / "drafter", weights) == recommended_beam(tmp_path / "init", weights)
     assert recommended_beam(tmp_path / "b" / "drafter", "int4").width == 5
+    inherited = json.loads((tmp_path / "b" / "drafter" / "generation.json").read_text())["inherited_from"]
+    assert inherited == str(tmp_path / "init")
+    with pytest.raises(RedrafterError, match="another draft vocabulary"):  # resuming it without the flag
+        train(model_spec="tiny", data=str(data_dir), out=str(tmp_path / "b"), config=first, target=target,
+              progress=False, init=str(tmp_path / "init"), resume=True)
+    with pytest.raises(RedrafterError, match="pass --draft-vocab-size 48"):
+        train(model_spec="tiny", data=str(data_dir), out=str(tmp_path / "e"), target=target, progress=False,
+              config=dataclasses.replace(config, draft_vocab_size=40), init=str(tmp_path / "init"))
     assert summary["init_vocabulary_rows"] == CONFIG.draft_vocab_size
     rerank = train(model_spec="tiny", data=str(data_dir), out=str(tmp_path / "c"), config=first, target=target,
                    progress=False, init=str(tmp_path / "init"))

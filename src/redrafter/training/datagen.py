@@ -144,6 +144,13 @@ def run_datagen(*, model_spec: str, dataset: str, out: str, num_prompts: int, ma
 
     if batch_size < 1 or shard_size < 1 or num_prompts < 1 or max_new_tokens < 1:
         raise RedrafterError("--batch-size, --num-prompts and --max-new-tokens must be >= 1")
+    dropped: dict[str, int] = {}
+    candidates = load_training_prompts(dataset, seed=seed, dropped=dropped)
+    if not candidates:  # before anything is written to OUT or loaded
+        raise RedrafterError(
+            f"no prompts to answer in {dataset}; left out: benchmark prompts (MT-Bench or HumanEval, kept out "
+            f"of training data) {dropped['benchmark']}, duplicates {dropped['duplicate']}, empty {dropped['empty']}, "
+            f"longer than {MAX_PROMPT_CHARS} characters {dropped['too_long']}")
     directory = Path(out)
     directory.mkdir(parents=True, exist_ok=True)
     if answers not in ("model", "dataset"):
@@ -162,13 +169,6 @@ def run_datagen(*, model_spec: str, dataset: str, out: str, num_prompts: int, ma
 
     done = {r["id"] for r in read_records(directory)} if any(directory.glob(SHARD_GLOB)) else set()
     next_shard = len(list(directory.glob(SHARD_GLOB)))
-    dropped: dict[str, int] = {}
-    candidates = load_training_prompts(dataset, seed=seed, dropped=dropped)
-    if not candidates and not done:
-        raise RedrafterError(
-            f"no prompts to answer in {dataset}: {dropped['benchmark']} are benchmark prompts (MT-Bench or "
-            f"HumanEval, kept out of training data), {dropped['duplicate']} duplicates, {dropped['empty']} empty, "
-            f"{dropped['too_long']} longer than {MAX_PROMPT_CHARS} characters")
     target, tokenizer = load_target(model_spec, dtype=dtype, device=device, backend=backend, compile=compile,
                                     weights=weights)
     stops = stop_token_ids(tokenizer, target)
@@ -226,5 +226,5 @@ def run_datagen(*, model_spec: str, dataset: str, out: str, num_prompts: int, ma
     total = read_records(directory)
     summary = {"records": len(total), "response_tokens": sum(len(r["response_ids"]) for r in total),
                "new_records": len(todo), "new_tokens": new_tokens, "seconds": round(time.perf_counter() - start, 1),
-               "skipped_long_prompts": skipped_long, "skipped_benchmark_prompts": dropped["benchmark"]}
+               "skipped_long_prompts": skipped_long, "benchmark_prompts_in_dataset": dropped["benchmark"]}
     return summary

@@ -211,6 +211,14 @@ def draft_vocabulary(examples: list[Example], size: int, vocab: int,
     return draft_to_target, target_to_draft
 
 
+def check_same_model(config: DrafterConfig, hidden_size: int, vocab: int) -> None:
+    """An --init drafter must have been trained for a model of this hidden size and vocabulary."""
+    for name, mine in (("hidden_size", hidden_size), ("full_vocab_size", vocab)):
+        if getattr(config, name) != mine:
+            raise RedrafterError(f"--init drafter has {name} {getattr(config, name)}, this model {mine}: it was "
+                                 "trained for another model")
+
+
 def warm_start(drafter: Drafter, source: Drafter) -> int:
     """Copy a trained drafter's weights into a new one of the same shape (``train --init``), or one
     with more residual blocks.
@@ -227,10 +235,9 @@ def warm_start(drafter: Drafter, source: Drafter) -> int:
         how many vocabulary rows came from ``source``.
     """
     mine, theirs = drafter.config, source.config
-    for name in ("hidden_size", "full_vocab_size", "rnn"):
-        if getattr(mine, name) != getattr(theirs, name):
-            raise RedrafterError(f"--init drafter has {name} {getattr(theirs, name)}, this model "
-                                 f"{getattr(mine, name)}: it was trained for another model")
+    check_same_model(theirs, mine.hidden_size, mine.full_vocab_size)
+    if mine.rnn != theirs.rnn:
+        raise RedrafterError(f"--init drafter has rnn {theirs.rnn}, this run {mine.rnn}")
     if mine.exit_dim != theirs.exit_dim or mine.num_draft_layers < theirs.num_draft_layers:
         raise RedrafterError(f"--init drafter has exit_dim {theirs.exit_dim} and {theirs.num_draft_layers} layers, this run "
                              f"{mine.exit_dim} and {mine.num_draft_layers} (pass --exit-dim {theirs.exit_dim} and "
@@ -338,6 +345,30 @@ def plot_losses(metrics: list[dict], path: Path, train_label: str = "train loss"
     plt.close(fig)
 
 
+def init_drafter(init: str | None, config: TrainConfig) -> tuple[Drafter | None, dict | None]:
+    """The --init drafter (on CPU) and its measured beam settings to pass on, checked against ``config``.
+
+    A fine-tune has the init drafter's shape, so its ``generation.json`` suits it better than the built-in
+    defaults; it comes along with an "inherited_from" key (bench the new drafter to measure its own)."""
+    from redrafter.drafter.model import recommended_beam
+
+    if init is None:
+        if config.keep_vocabulary:
+            raise RedrafterError("--keep-vocabulary needs --init (the drafter whose vocabulary to keep)")
+        return None, None
+    source = load_drafter(init, device="cpu")
+    if config.keep_vocabulary and (source.draft_to_target is None or config.draft_vocab_size != source.config.vocab_size):
+        raise RedrafterError(f"--keep-vocabulary: the --init drafter's vocabulary has {source.config.vocab_size} of "
+                             f"{source.config.full_vocab_size} tokens, this run --draft-vocab-size "
+                             f"{config.draft_vocab_size or 'the full vocabulary'}; pass --draft-vocab-size "
+                             f"{source.config.vocab_size}")
+    recommended = None
+    if (Path(init) / RECOMMENDED_NAME).is_file():
+        recommended_beam(init)  # a clear error now for a file that would not load later
+        recommended = {**json.loads((Path(init) / RECOMMENDED_NAME).read_text()), "inherited_from": str(init)}
+    return source, recommended
+
+
 def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConfig, dtype: str = "float32",
           device: str = "cpu", backend: str = "auto", resume: bool = False, target_cache: str | None = None, progress: bool = True,
           target=None, compile: bool = False, init: str | None = None,
@@ -348,8 +379,7 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
 
     from redrafter.models.loading import load_target
 
-    if config.keep_vocabulary and init is None:  # before anything loads
-        raise RedrafterError("--keep-vocabulary needs --init with a reduced draft vocabulary of --draft-vocab-size tokens")
+    source, recommended = init_drafter(init, config)  # checked before anything heavy loads
     dist = Distributed.from_env(device)
     device = dist.device
     progress = progress and dist.is_main
@@ -392,14 +422,10 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
         cache = cache.with_name(f"{cache.stem}.rank{dist.rank}-of-{dist.world}{cache.suffix}")
     vocab, hidden_size = target.info.vocab_size, target.info.hidden_size
     reduced = config.draft_vocab_size is not None and config.draft_vocab_size < vocab
-    source = load_drafter(init, device="cpu") if init is not None else None
+    if source is not None:
+        check_same_model(source.config, hidden_size, vocab)
     source_ids = None if source is None else source.draft_to_target
     if config.keep_vocabulary:
-        if source_ids is None or not reduced or len(source_ids) != config.draft_vocab_size:
-            raise RedrafterError(
-                "--keep-vocabulary needs --init with a reduced draft vocabulary of --draft-vocab-size tokens"
-                + ("" if source is None else f" (the --init drafter has {source.config.vocab_size} of "
-                   f"{source.config.full_vocab_size})"))
         draft_to_target = source_ids.cpu().clone()
         target_to_draft = torch.full((vocab,), -1, dtype=torch.long)
         target_to_draft[draft_to_target] = torch.arange(len(draft_to_target))
@@ -428,6 +454,7 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
         carried_rows = warm_start(drafter, source.to(device))
         if progress:
             print(f"warm start from {init}: {carried_rows} of {drafter.config.vocab_size} vocabulary rows carried over")
+    source = None  # only its vocabulary and weights were needed
     embed = target.embed
     teacher = None
     if config.kl_weight > 0:  # the target's LM head rows for the draft vocabulary (the KL term's teacher)
@@ -451,7 +478,11 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
     step, metrics = 0, []
     if resume and (checkpoint / "trainer.pt").is_file():
         state = torch.load(checkpoint / "trainer.pt", weights_only=False, map_location=device)
+        chosen = drafter.draft_to_target.clone() if drafter.draft_to_target is not None else None
         drafter.load_state_dict(load_drafter(checkpoint, device=device).state_dict())
+        if chosen is not None and not torch.equal(chosen, drafter.draft_to_target):
+            raise RedrafterError(f"--resume: the checkpoint in {checkpoint} has another draft vocabulary than this run "
+                                 "chose; resume with the same --data, --init and --keep-vocabulary")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
@@ -459,12 +490,6 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
         metrics = [m for m in metrics if m["step"] <= step]
     elif resume:
         raise RedrafterError(f"--resume: no checkpoint in {checkpoint}")
-
-    # The init drafter's measured beam settings (generation.json) suit a fine-tune of the same shape better
-    # than the built-in defaults, so they come along; bench the new drafter to measure its own.
-    recommended = None
-    if init is not None and (Path(init) / RECOMMENDED_NAME).is_file():
-        recommended = {**json.loads((Path(init) / RECOMMENDED_NAME).read_text()), "inherited_from": str(init)}
 
     def save(directory: Path, with_trainer: bool) -> None:
         if not dist.is_main:
