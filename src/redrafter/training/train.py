@@ -205,9 +205,13 @@ def draft_vocabulary(examples: list[Example], size: int, vocab: int,
         chosen += [t for t in fill.tolist() if t not in taken][: size - len(chosen)]
         taken = set(chosen)
     chosen += [t for t in range(vocab) if t not in taken][: size - len(chosen)]  # pad with unused ids
-    draft_to_target = torch.tensor(sorted(chosen))
+    return vocabulary_maps(torch.tensor(sorted(chosen)), vocab)
+
+
+def vocabulary_maps(draft_to_target: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(draft_to_target, target_to_draft (vocab,) long with -1 for tokens outside the draft vocabulary)."""
     target_to_draft = torch.full((vocab,), -1, dtype=torch.long)
-    target_to_draft[draft_to_target] = torch.arange(size)
+    target_to_draft[draft_to_target] = torch.arange(len(draft_to_target))
     return draft_to_target, target_to_draft
 
 
@@ -426,9 +430,7 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
         check_same_model(source.config, hidden_size, vocab)
     source_ids = None if source is None else source.draft_to_target
     if config.keep_vocabulary:
-        draft_to_target = source_ids.cpu().clone()
-        target_to_draft = torch.full((vocab,), -1, dtype=torch.long)
-        target_to_draft[draft_to_target] = torch.arange(len(draft_to_target))
+        draft_to_target, target_to_draft = vocabulary_maps(source_ids.cpu().clone(), vocab)
     elif reduced:
         draft_to_target, target_to_draft = draft_vocabulary(train_examples, config.draft_vocab_size, vocab,
                                                             fill=None if source_ids is None else source_ids.cpu())
