@@ -206,6 +206,34 @@ def test_bench_compares_drafter_weights_in_one_run(tmp_path, capsys):
     assert "--drafter-weights takes auto, dense, int4" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_bench_compares_drafters_in_one_run(smollm2, tmp_path, capsys):
+    """--drafter A,B runs ReDrafter with each drafter in the same run, interleaved with ar, each with the
+    beam setting stored next to it and named '@<directory>'; both give plain decoding's tokens. A
+    directory listed twice is refused."""
+    target, _ = smollm2
+    info = target.info
+    for seed, name, setting in ((0, "one", '{"beam_width": 2, "beam_length": 3}'),
+                                (1, "two", '{"beam_width": 3, "beam_length": 2, "max_tree_tokens": 3}')):
+        torch.manual_seed(seed)
+        save_drafter(Drafter(DrafterConfig(hidden_size=info.hidden_size, vocab_size=info.vocab_size, exit_dim=64)),
+                     tmp_path / name / "drafter")
+        (tmp_path / name / "drafter" / "generation.json").write_text(setting)
+    both = f"{tmp_path / 'one' / 'drafter'},{tmp_path / 'two' / 'drafter'}"
+    args = ["bench", "--dataset", "mt-bench", "--limit", "2", "--turns", "1", "--max-new-tokens", "12",
+            "--dtype", "float32", "--methods", "ar,redrafter", "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main(args + ["--drafter", both]) == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    names = ["redrafter[W=2,L=3]@one/drafter", "redrafter[W=3,L=2,K<=3]@two/drafter"]
+    assert summary["settings"]["methods"] == ["ar", *names]
+    assert summary["settings"]["drafter"] == both.split(",")
+    assert all(summary["methods"][name]["identical_to_ar"] == "2/2" for name in names)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [row["method"] for row in rows[:3]] == ["ar", *names]  # interleaved prompt by prompt
+    assert main(args + ["--drafter", f"{tmp_path / 'one' / 'drafter'},{tmp_path / 'one' / 'drafter'}/"]) == 2
+    assert "--drafter lists a directory twice" in capsys.readouterr().err
+
+
 def test_profile_curve_and_phase_breakdown_on_both_backends():
     from redrafter.bench.profile import phase_breakdown, verify_curve
     from redrafter import BeamConfig, Drafter, DrafterConfig, ReDrafterProposer

@@ -25,7 +25,9 @@ def add_bench_parser(subparsers) -> None:
 
     p = subparsers.add_parser("bench", help="benchmark ReDrafter against baselines on real prompts")
     p.add_argument("--model", default=None, help="model spec as for generate (default: smollm2-135m-instruct)")
-    p.add_argument("--drafter", default=None, help="drafter directory (default: the one shipped for the model)")
+    p.add_argument("--drafter", default=None,
+                   help="drafter directory, or a comma list of them to compare in one run, each with its own "
+                        "stored beam settings and named '@<directory>' (default: the one shipped for the model)")
     p.add_argument("--dataset", required=True, help="mt-bench, humaneval, or a prompts file (JSONL or text)")
     p.add_argument("--methods", default="hf-generate,ar,redrafter",
                    help="comma list of hf-generate, ar, redrafter, lookup (our engine with context lookup alone), "
@@ -60,7 +62,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from redrafter.bench.workloads import load_workload
     from redrafter.cli import (beam_format, draft_modes, drafter_weights_values, encode_messages, extend_probs,
                                lookup_tokens_values, max_tree_tokens_values, min_draft_probs, min_tokens_values,
-                               resolve_beam, resolve_drafter, sampling_params, stop_token_ids)
+                               resolve_beam, sampling_params, stop_token_ids)
     from redrafter.drafter.model import load_drafter
     from redrafter.models.loading import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_gguf, load_target
 
@@ -77,7 +79,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     items = [Item(p, t) for p, t in load_workload(args.dataset, limit=args.limit, categories=categories, turns=turns,
                                                   per_category=args.per_category)]
     spec = args.model or DEFAULT_MODEL
-    drafter_path = resolve_drafter(spec, args.drafter) if "redrafter" in names else None
+    drafter_paths = drafter_list(spec, args.drafter) if "redrafter" in names else []
     shapes = ([(shape.width, shape.length) for shape in parse_grid(args.grid)] if args.grid
               else [(args.beam_width, args.beam_length)])
     shape_flags = [(width, length, prob, cap, look, gate, extend) for width, length in shapes
@@ -92,10 +94,11 @@ def run_bench_command(args: argparse.Namespace) -> int:
     target, tokenizer = load_target(spec, dtype=args.dtype, device=args.device, backend=args.backend,
                                     compile=args.compile, weights=args.weights, int4_kernel=args.int4_kernel,
                                     attention_kernel=args.attention_kernel)
-    beams = [resolve_beam(width, length, drafter_path, prob, cap, beam_format(target), look, args.lookup_ngram,
-                          sampling=args.temperature > 0, min_tokens_per_step=gate, extend_prob=extend)
-             for width, length, prob, cap, look, gate, extend in shape_flags]
-    drafter = load_drafter(drafter_path, device=target.device, dtype=target.dtype) if drafter_path else None
+    drafters = [(label, load_drafter(path, device=target.device, dtype=target.dtype),
+                 [resolve_beam(width, length, path, prob, cap, beam_format(target), look, args.lookup_ngram,
+                               sampling=args.temperature > 0, min_tokens_per_step=gate, extend_prob=extend)
+                  for width, length, prob, cap, look, gate, extend in shape_flags])
+                for label, path in zip(drafter_labels(drafter_paths), drafter_paths)]
     assistant = None
     if "hf-assisted" in names and args.assistant_model:
         assistant = load_target(args.assistant_model, dtype=target.dtype, device=args.device,
@@ -104,7 +107,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     stops = stop_token_ids(tokenizer, target)
     ctx = BenchContext(target=target, tokenizer=tokenizer, stop_token_ids=stops, gguf_path=gguf, threads=args.threads,
                        sampling=sampling_params(args))
-    methods, skipped = build_methods(names, ctx, drafter=drafter, beams=beams, draft_modes=modes,
+    methods, skipped = build_methods(names, ctx, drafters=drafters, draft_modes=modes,
                                      assistant_model=assistant,
                                      prompt_lookup_tokens=args.prompt_lookup_tokens,
                                      drafter_weights=drafter_weights_values(args.drafter_weights))
@@ -117,7 +120,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
                      max_new_tokens=args.max_new_tokens, warmup_tokens=args.warmup_tokens,
                      progress=not args.no_progress)
     summary = summarise(rows)
-    settings = {"dataset": args.dataset, "model": spec, "drafter": str(drafter_path) if drafter_path else None, "methods": [m.name for m in methods],
+    settings = {"dataset": args.dataset, "model": spec, "drafter": drafter_setting(drafter_paths), "methods": [m.name for m in methods],
                 "max_new_tokens": args.max_new_tokens,
                 "sampling": dataclasses.asdict(sampling_params(args)), "draft_modes": modes, "turns": turns, "limit": args.limit,
                 "per_category": args.per_category,
@@ -131,3 +134,35 @@ def run_bench_command(args: argparse.Namespace) -> int:
         print(f"skipped {name}: {reason}")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def drafter_list(spec: str, value: str | None) -> list[Path]:
+    """``--drafter``: one directory, or a comma list of distinct ones to compare in one run; without it
+    the drafter shipped for the model."""
+    from redrafter.cli import resolve_drafter
+
+    if value is None:
+        return [resolve_drafter(spec, None)]
+    paths = [resolve_drafter(spec, part.strip()) for part in value.split(",") if part.strip()]
+    if not paths:
+        raise RedrafterError("--drafter: no directory given")
+    if len({path.resolve() for path in paths}) < len(paths):
+        raise RedrafterError(f"--drafter lists a directory twice: {value}")
+    return paths
+
+
+def drafter_labels(paths: list[Path]) -> list[str]:
+    """Names that tell several drafters apart in method names: a directory's name (with its parent's
+    when it is just "drafter", as ``redrafter train`` writes it), the whole paths when those collide;
+    none for a single drafter."""
+    if len(paths) < 2:
+        return [""] * len(paths)
+    labels = ["/".join(path.parts[-2:]) if path.name == "drafter" else path.name for path in paths]
+    return labels if len(set(labels)) == len(labels) else [str(path) for path in paths]
+
+
+def drafter_setting(paths: list[Path]) -> str | list[str] | None:
+    """The drafter(s) as the summary records them: a path, a list of them, or None."""
+    if not paths:
+        return None
+    return str(paths[0]) if len(paths) == 1 else [str(path) for path in paths]

@@ -169,9 +169,12 @@ def redrafter_name(beam: BeamConfig, draft_mode: str = "beam") -> str:
 
 def build_methods(names: Sequence[str], ctx: BenchContext, *, drafter=None, beams: Sequence[BeamConfig] = (),
                   draft_modes: Sequence[str] = ("beam",), assistant_model=None, prompt_lookup_tokens: int = 10,
-                  drafter_weights: Sequence[str] = ("auto",)) -> tuple[list[Method], dict[str, str]]:
+                  drafter_weights: Sequence[str] = ("auto",),
+                  drafters: Sequence[tuple[str, object, Sequence[BeamConfig]]] = ()) -> tuple[list[Method], dict[str, str]]:
     """Instantiate the requested methods in the requested order. With several ``drafter_weights``
     (``inference_copy``) every redrafter setting runs with each, named with ``,drafter=<weights>``.
+    ``drafters`` (label, drafter, beams) compares several drafters in one run, each with its own beam
+    settings, named with ``@<label>``; ``drafter`` and ``beams`` are the case of one, unlabelled.
 
     Returns:
         (methods, skipped) where ``skipped`` maps a method name to the reason it cannot run here.
@@ -191,20 +194,23 @@ def build_methods(names: Sequence[str], ctx: BenchContext, *, drafter=None, beam
         elif name == "ar":
             methods.append(EngineMethod(name, Engine(target), stops, ctx.sampling))
         elif name == "redrafter":
-            if drafter is None:
+            entries = list(drafters) or ([("", drafter, beams)] if drafter is not None else [])
+            if not entries:
                 raise RedrafterError("method 'redrafter' needs --drafter DIR")
             # Draft modes differ only when sampling; greedy always runs beam search.
             modes = ["beam"] if ctx.sampling.greedy else list(dict.fromkeys(draft_modes))
             weights = list(dict.fromkeys(drafter_weights))
-            for weight in weights:
-                snapshot = inference_copy(drafter, weights=weight)  # one copy shared by every beam setting
-                label = f",drafter={snapshot.weights}" if len(weights) > 1 else ""
-                for mode in modes:
-                    for beam in beams:
-                        proposer = ReDrafterProposer(snapshot, target, beam, draft_mode=mode)
-                        name = redrafter_name(beam, mode)
-                        methods.append(EngineMethod(name[:-1] + label + "]", Engine(target, proposer), stops,
-                                                    ctx.sampling))
+            for source, model, settings in entries:
+                origin = f"@{source}" if source else ""
+                for weight in weights:
+                    snapshot = inference_copy(model, weights=weight)  # one copy shared by every beam setting
+                    label = f",drafter={snapshot.weights}" if len(weights) > 1 else ""
+                    for mode in modes:
+                        for beam in settings:
+                            proposer = ReDrafterProposer(snapshot, target, beam, draft_mode=mode)
+                            name = redrafter_name(beam, mode)
+                            methods.append(EngineMethod(name[:-1] + label + "]" + origin, Engine(target, proposer),
+                                                        stops, ctx.sampling))
         elif name == "lookup":
             methods.append(EngineMethod(f"lookup[{prompt_lookup_tokens}]", Engine(target, LookupProposer(prompt_lookup_tokens)),
                                         stops, ctx.sampling))
