@@ -95,7 +95,7 @@ def tiny_methods():
     drafter = Drafter(DrafterConfig(hidden_size=64, vocab_size=TINY_VOCAB)).eval()
     ctx = BenchContext(target=target, tokenizer=None, stop_token_ids=(), threads=1)
     methods, skipped = build_methods(["hf-generate", "ar", "redrafter", "hf-prompt-lookup", "hf-assisted", "llamacpp"],
-                                     ctx, drafter=drafter, beams=[BeamConfig(2, 3), BeamConfig(3, 4)],
+                                     ctx, drafters=[("", drafter, [BeamConfig(2, 3), BeamConfig(3, 4)])],
                                      assistant_model=tiny_target("llama", seed=5).model)
     return methods, skipped
 
@@ -137,12 +137,12 @@ def test_draft_modes_are_separate_methods_when_sampling():
     torch.manual_seed(0)
     drafter = Drafter(DrafterConfig(hidden_size=64, vocab_size=TINY_VOCAB)).eval()
     greedy = BenchContext(target=target, tokenizer=None, stop_token_ids=(), threads=1)
-    methods, _ = build_methods(["redrafter"], greedy, drafter=drafter, beams=[BeamConfig(2, 3)],
+    methods, _ = build_methods(["redrafter"], greedy, drafters=[("", drafter, [BeamConfig(2, 3)])],
                                draft_modes=("beam", "sample"))
     assert [m.name for m in methods] == ["redrafter[W=2,L=3]"]
     sampling = BenchContext(target=target, tokenizer=None, stop_token_ids=(), threads=1,
                             sampling=SamplingParams(temperature=1.0, seed=3))
-    methods, _ = build_methods(["ar", "redrafter"], sampling, drafter=drafter, beams=[BeamConfig(2, 3)],
+    methods, _ = build_methods(["ar", "redrafter"], sampling, drafters=[("", drafter, [BeamConfig(2, 3)])],
                                draft_modes=("beam", "sample"))
     assert [m.name for m in methods] == ["ar", "redrafter[W=2,L=3]", "redrafter[W=2,L=3,sample]"]
     assert [m.engine.proposer.draft_mode for m in methods[1:]] == ["beam", "sample"]

@@ -167,14 +167,14 @@ def redrafter_name(beam: BeamConfig, draft_mode: str = "beam") -> str:
     return f"redrafter[W={beam.width},L={beam.length}{suffix}]"
 
 
-def build_methods(names: Sequence[str], ctx: BenchContext, *, drafter=None, beams: Sequence[BeamConfig] = (),
+def build_methods(names: Sequence[str], ctx: BenchContext, *,
+                  drafters: Sequence[tuple[str, object, Sequence[BeamConfig]]] = (),
                   draft_modes: Sequence[str] = ("beam",), assistant_model=None, prompt_lookup_tokens: int = 10,
-                  drafter_weights: Sequence[str] = ("auto",),
-                  drafters: Sequence[tuple[str, object, Sequence[BeamConfig]]] = ()) -> tuple[list[Method], dict[str, str]]:
+                  drafter_weights: Sequence[str] = ("auto",)) -> tuple[list[Method], dict[str, str]]:
     """Instantiate the requested methods in the requested order. With several ``drafter_weights``
     (``inference_copy``) every redrafter setting runs with each, named with ``,drafter=<weights>``.
-    ``drafters`` (label, drafter, beams) compares several drafters in one run, each with its own beam
-    settings, named with ``@<label>``; ``drafter`` and ``beams`` are the case of one, unlabelled.
+    ``drafters``: (label, drafter, beam settings) for each drafter that method "redrafter" runs, every
+    setting with each; with a label (several drafters in one run) the methods are named ``...@<label>``.
 
     Returns:
         (methods, skipped) where ``skipped`` maps a method name to the reason it cannot run here.
@@ -194,13 +194,12 @@ def build_methods(names: Sequence[str], ctx: BenchContext, *, drafter=None, beam
         elif name == "ar":
             methods.append(EngineMethod(name, Engine(target), stops, ctx.sampling))
         elif name == "redrafter":
-            entries = list(drafters) or ([("", drafter, beams)] if drafter is not None else [])
-            if not entries:
+            if not drafters:
                 raise RedrafterError("method 'redrafter' needs --drafter DIR")
             # Draft modes differ only when sampling; greedy always runs beam search.
             modes = ["beam"] if ctx.sampling.greedy else list(dict.fromkeys(draft_modes))
             weights = list(dict.fromkeys(drafter_weights))
-            for source, model, settings in entries:
+            for source, model, settings in drafters:
                 origin = f"@{source}" if source else ""
                 for weight in weights:
                     snapshot = inference_copy(model, weights=weight)  # one copy shared by every beam setting
