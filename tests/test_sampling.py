@@ -11,7 +11,7 @@ import torch
 from scipy.stats import chi2
 
 import redrafter.engine as engine_module
-from helpers import tiny_model
+from helpers import require_kernels, tiny_model
 from redrafter import BeamConfig, Drafter, DrafterConfig, Engine, FinishEvent, GenerationConfig, ReDrafterProposer
 from redrafter.config import MAX_TREE_TOKENS, SamplingParams
 from redrafter.drafter.sibling_tree import TreeShape, draw_siblings, sibling_template, without
@@ -38,12 +38,17 @@ def test_probabilities_transform_by_hand():
     assert probabilities(logits, SamplingParams()).tolist() == [1.0, 0.0, 0.0, 0.0]  # greedy
 
 
-def test_inverse_cdf_edges():
+@pytest.mark.parametrize("implementation", ["inverse_cdf", "inverse_cdf_tensors"])
+def test_inverse_cdf_edges(implementation):
     """The first token whose cumulative weight exceeds u times the total: u = 0 skips leading zeros,
     u just below 1 never lands on a trailing zero, unnormalised weights work, and each token is picked
-    for exactly its share of a fine grid of u."""
-    from redrafter.sampling import inverse_cdf
+    for exactly its share of a fine grid of u; in C++ (``inverse_cdf`` on CPU float32) and in tensor
+    operations alike."""
+    import redrafter.sampling as sampling
 
+    if implementation == "inverse_cdf":
+        require_kernels("tree")
+    inverse_cdf = getattr(sampling, implementation)
     weights = torch.tensor([0.0, 0.2, 0.0, 0.3, 0.5, 0.0])
     assert int(inverse_cdf(weights, torch.tensor(0.0))) == 1
     assert int(inverse_cdf(weights, torch.tensor(1 - 2.0 ** -53, dtype=torch.float64))) == 4
@@ -51,6 +56,33 @@ def test_inverse_cdf_edges():
     grid = (torch.arange(10_000, dtype=torch.float64) + 0.5) / 10_000
     picked = inverse_cdf(weights.expand(10_000, -1), grid)
     assert torch.bincount(picked, minlength=6).tolist() == [0, 2000, 0, 3000, 5000, 0]
+
+
+def test_cumulative_weights_and_the_cpp_draw_agree_with_the_definition():
+    """``cumulative_weights`` sums runs of tokens side by side: it is nondecreasing, ends at the
+    total (within float64 rounding of an exact sum), and starts each run where the last one ended.
+    The C++ draw (``inverse_cdf`` on CPU float32) picks the token the tensor definition picks, for
+    vocabularies of 1 to 151,936 (runs of 1 to 9,496 tokens, some empty), rows with zeros and
+    unnormalised weights, u on a grid and at 0 and just below 1."""
+    from redrafter.sampling import CDF_BLOCKS, cumulative_weights, inverse_cdf, inverse_cdf_tensors
+
+    require_kernels("tree")
+    generator = torch.Generator().manual_seed(6)
+    for vocab in (1, 2, 5, CDF_BLOCKS - 1, CDF_BLOCKS, CDF_BLOCKS + 1, 40, 1000, 8192, 49_152, 151_936):
+        rows = 64 if vocab < 10_000 else 8
+        weights = torch.rand(rows, vocab, generator=generator) ** 8 * 3  # many tiny weights, total not 1
+        weights[torch.rand(rows, vocab, generator=generator) < 0.3] = 0.0
+        weights[:, 0] = torch.where(weights.sum(-1) > 0, weights[:, 0], 1.0)  # no row of zeros
+        cdf = cumulative_weights(weights)
+        assert cdf.dtype == torch.float64 and bool((cdf.diff(dim=-1) >= 0).all())
+        torch.testing.assert_close(cdf[:, -1], weights.double().sum(-1), rtol=1e-12, atol=0)
+        u = torch.rand(rows, generator=generator, dtype=torch.float64)
+        u[0], u[-1] = 0.0, 1 - 2.0 ** -53
+        assert torch.equal(inverse_cdf(weights, u), inverse_cdf_tensors(weights, u)), vocab
+        grid = (torch.arange(rows, dtype=torch.float64) + 0.5) / rows
+        same_row = weights[:1].expand(rows, -1)
+        assert torch.equal(inverse_cdf(same_row, grid), inverse_cdf_tensors(same_row, grid)), vocab
+        assert bool((same_row.gather(1, inverse_cdf(same_row, grid).view(-1, 1)) > 0).all())
 
 
 def test_nucleus_keeps_ties_and_falls_back_to_a_full_sort():

@@ -11,9 +11,14 @@ prefix whose mass reaches top_p. So p does not depend on how a sort orders equal
 logits tie often).
 
 Draws: ``inverse_cdf(probs, u)`` turns one uniform number into a token (the first token whose
-cumulative mass, summed in float64, exceeds u times the total). torch.multinomial takes about 1 ms
-per draw from 49,152 tokens on this CPU (it draws one exponential number per token); this takes
-about 50 us. The C++ tree walk (csrc/tree.cpp) draws the same way from the same numbers.
+cumulative weight exceeds u times the total). The cumulative weights are float64 sums in a fixed
+order (``cumulative_weights``): the vocabulary is cut into ``CDF_BLOCKS`` runs of consecutive
+tokens, each summed in order from 0, and a token's cumulative weight is the sum of the runs before
+its own plus its run's sum so far. The runs sum side by side, so the C++ draw (csrc/tree.cpp, which
+the tree walk and ``inverse_cdf`` use on CPU) takes about 15 us for 49,152 tokens, where one chain
+of as many dependent float64 additions took about 50; both compute the same values, so a seed draws
+the same tokens either way. torch.multinomial takes about 1 ms per draw from 49,152 tokens on this CPU (it
+draws one exponential number per token).
 
 Per-row random streams: ``row_generators(seed, rows)`` gives each row its own ``torch.Generator``,
 derived from (seed, row) by hashing, so rows are independent and a run is reproducible.
@@ -28,8 +33,10 @@ from typing import Sequence
 import torch
 
 from redrafter.config import SamplingParams
+from redrafter.tree import tree_kernel
 
 NUCLEUS_CANDIDATES = (256, 4096)  # top-p looks for its nucleus among this many tokens before sorting all
+CDF_BLOCKS = 16  # runs of consecutive tokens whose sums make up the cumulative weights (csrc/tree.cpp: kCdfBlocks)
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -65,11 +72,38 @@ def nucleus_threshold(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     raise AssertionError("unreachable")
 
 
+def cumulative_weights(weights: torch.Tensor) -> torch.Tensor:
+    """(..., V) nonnegative weights -> (..., V) float64 cumulative weights, the last one the total.
+
+    The V tokens are cut into ``CDF_BLOCKS`` runs of ceil(V / CDF_BLOCKS) consecutive tokens (the
+    last runs shorter or empty). Each run is summed in order from 0 (s_k); the run starts are the
+    sums s_0, s_0 + s_1, ... taken in order (P_k); and token i of run k has cumulative weight
+    P_k + (its run's sum up to i). Nondecreasing, and equal to P_{k+1} at the end of run k, so the
+    last value is the total. csrc/tree.cpp sums in exactly this order."""
+    vocab = weights.shape[-1]
+    run = -(-vocab // CDF_BLOCKS)
+    padded = torch.nn.functional.pad(weights.double(), (0, run * CDF_BLOCKS - vocab))  # + 0.0 changes no sum
+    within = padded.unflatten(-1, (CDF_BLOCKS, run)).cumsum(dim=-1)  # each run from 0, in order
+    ends = within[..., -1].cumsum(dim=-1)  # P_1 .. P_B
+    starts = torch.nn.functional.pad(ends[..., :-1], (1, 0))  # P_0 = 0 .. P_{B-1}
+    return (starts.unsqueeze(-1) + within).flatten(-2)[..., :vocab].contiguous()
+
+
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Tokens from (..., V) probabilities (any nonnegative weights; they need not sum to 1) and
-    (...) uniform numbers in [0, 1): the first token whose cumulative weight, summed in float64,
-    exceeds u times the total. Never a token of weight 0 (for a row whose weights are not all 0)."""
-    cdf = probs.double().cumsum(dim=-1)
+    (...) uniform numbers in [0, 1): the first token whose cumulative weight (``cumulative_weights``)
+    exceeds u times the total. Never a token of weight 0 (for a row whose weights are not all 0).
+    On CPU float32 this runs in C++ (csrc/tree.cpp, the same values; tests/test_sampling.py)."""
+    module = tree_kernel(probs, torch.float32)
+    if module is not None and u.shape == probs.shape[:-1] and u.device.type == "cpu":
+        flat = probs.reshape(-1, probs.shape[-1])
+        return module.inverse_cdf(flat, u.reshape(-1).double()).view(u.shape)
+    return inverse_cdf_tensors(probs, u)
+
+
+def inverse_cdf_tensors(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``inverse_cdf`` in tensor operations (any device; the definition the C++ version is tested against)."""
+    cdf = cumulative_weights(probs)
     x = u.double() * cdf[..., -1]
     index = torch.searchsorted(cdf, x.unsqueeze(-1), right=True).squeeze(-1)
     vocab = probs.shape[-1]

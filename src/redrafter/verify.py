@@ -40,7 +40,7 @@ from typing import Sequence
 import torch
 
 from redrafter.config import SamplingParams
-from redrafter.sampling import inverse_cdf, probabilities, uniforms
+from redrafter.sampling import cumulative_weights, inverse_cdf, inverse_cdf_tensors, probabilities, uniforms
 from redrafter.tree import NO_TOKEN, tree_kernel
 
 
@@ -195,17 +195,17 @@ def walk(beams: torch.Tensor, unpacker: torch.Tensor, best: torch.Tensor | None,
                         updated[x] = 0.0
                     else:
                         updated = (residual - draft_probs[b, w, j - 1]).clamp_(min=0.0)
-                    total = updated.double().cumsum(dim=-1)[-1]  # summed in order, as the C++ walk does
+                    total = cumulative_weights(updated)[-1]  # summed in the C++ walk's order
                     if total > 0:  # zero only when r == q_w up to rounding: then r stays as it was
                         residual = updated / total.float()
                 if hit is None:
-                    bonus = int(inverse_cdf(residual, torch.tensor(next(numbers), dtype=torch.float64)))
+                    bonus = int(inverse_cdf_tensors(residual, torch.tensor(next(numbers), dtype=torch.float64)))
             if hit is None:
                 break
             accepted, chosen, node = j, hit, nodes[b][hit][j]
             live = [w for w in live if tokens[b][w][j] != NO_TOKEN and nodes[b][w][j] == node]
         if bonus is None:  # the whole beam was accepted: the bonus comes from p at its last node
-            bonus = best[b][node] if greedy else int(inverse_cdf(probs[b, node],
+            bonus = best[b][node] if greedy else int(inverse_cdf_tensors(probs[b, node],
                                                                    torch.tensor(next(numbers), dtype=torch.float64)))
         chosen_beam.append(chosen)
         accepted_count.append(accepted)

@@ -309,15 +309,53 @@ std::vector<torch::Tensor> greedy_accept(const torch::Tensor& beams_in, const to
 // then one for the bonus (U >= W * (L-1) + 1 is always enough).
 namespace {
 
-// The first index whose float64 cumulative weight exceeds u times the total (sampling.inverse_cdf).
-int64_t inverse_cdf_row(const float* p, int64_t size, double u) {
+// Cumulative weights in sampling.cumulative_weights' order: kCdfBlocks runs of ceil(V / kCdfBlocks)
+// consecutive tokens, each summed in order from 0 (side by side here: independent chains instead of
+// one chain of V dependent additions), then the runs' sums in order.
+constexpr int64_t kCdfBlocks = 16;  // sampling.CDF_BLOCKS
+
+// The runs' sums s_k (padding past the end adds 0.0, which changes no sum).
+void run_sums(const float* p, int64_t size, double* sums) {
+  const int64_t run = (size + kCdfBlocks - 1) / kCdfBlocks;
+  double acc[kCdfBlocks] = {};  // in registers: kCdfBlocks independent chains
+  for (int64_t i = 0; i < run; ++i)
+#pragma GCC unroll 16
+    for (int64_t k = 0; k < kCdfBlocks; ++k) {
+      const int64_t at = k * run + i;
+      acc[k] += at < size ? (double)p[at] : 0.0;
+    }
+  std::copy(acc, acc + kCdfBlocks, sums);
+}
+
+// The total weight: the last cumulative weight.
+double total_weight(const float* p, int64_t size) {
+  double sums[kCdfBlocks];
+  run_sums(p, size, sums);
   double total = 0.0;
-  for (int64_t i = 0; i < size; ++i) total += p[i];
+  for (int64_t k = 0; k < kCdfBlocks; ++k) total += sums[k];
+  return total;
+}
+
+// The first index whose cumulative weight exceeds u times the total (sampling.inverse_cdf); the last
+// index of nonzero weight when none does (u within 2^-53 of 1).
+int64_t inverse_cdf_row(const float* p, int64_t size, double u) {
+  double sums[kCdfBlocks];
+  run_sums(p, size, sums);
+  double total = 0.0;
+  for (int64_t k = 0; k < kCdfBlocks; ++k) total += sums[k];
   const double x = u * total;
-  double cdf = 0.0;
-  for (int64_t i = 0; i < size; ++i) {
-    cdf += p[i];
-    if (cdf > x) return i;
+  const int64_t run = (size + kCdfBlocks - 1) / kCdfBlocks;
+  double start = 0.0;
+  for (int64_t k = 0; k < kCdfBlocks; ++k) {
+    const double end = start + sums[k];
+    if (end > x) {  // the run's last cumulative weight is end: the index is in this run
+      double within = 0.0;
+      for (int64_t i = k * run; i < std::min((k + 1) * run, size); ++i) {
+        within += p[i];
+        if (start + within > x) return i;
+      }
+    }
+    start = end;
   }
   for (int64_t i = size - 1; i >= 0; --i)
     if (p[i] > 0) return i;
@@ -407,22 +445,17 @@ std::vector<torch::Tensor> sampled_accept(const torch::Tensor& beams_in, const t
           hit = w;
           break;
         }
-        double total = 0.0;
         if (q == nullptr) {
           std::copy(residual.begin(), residual.end(), updated.begin());
           updated[x] = 0.0f;
-          for (int64_t i = 0; i < vocab; ++i) total += updated[i];
         } else if (mapped) {  // max(r - q, 0) where q lives, r (>= 0) elsewhere: the dense update's values
           std::copy(residual.begin(), residual.end(), updated.begin());
           const int64_t* m = draft_map.data_ptr<int64_t>();
           for (int64_t k = 0; k < q_vocab; ++k) updated[m[k]] = std::max(residual[m[k]] - q[k], 0.0f);
-          for (int64_t i = 0; i < vocab; ++i) total += updated[i];
         } else {
-          for (int64_t i = 0; i < vocab; ++i) {
-            updated[i] = std::max(residual[i] - q[i], 0.0f);
-            total += updated[i];
-          }
+          for (int64_t i = 0; i < vocab; ++i) updated[i] = std::max(residual[i] - q[i], 0.0f);
         }
+        const double total = total_weight(updated.data(), vocab);
         // Zero only when r == q_w in exact arithmetic (rejection then has probability 0); in float32 it
         // can happen after a rejection when r and q_w differ by rounding: r stays as it was (verify.walk).
         if (total > 0) {
@@ -444,4 +477,20 @@ std::vector<torch::Tensor> sampled_accept(const torch::Tensor& beams_in, const t
     bonus.data_ptr<int64_t>()[r] = drawn;
   }
   return {beam, accepted, bonus};
+}
+
+torch::Tensor inverse_cdf(const torch::Tensor& probs_in, const torch::Tensor& uniforms_in) {
+  TORCH_CHECK(probs_in.dim() == 2 && probs_in.scalar_type() == torch::kFloat && probs_in.device().is_cpu(),
+              "inverse_cdf: probs must be a (rows, V) float32 CPU tensor");
+  TORCH_CHECK(uniforms_in.dim() == 1 && uniforms_in.size(0) == probs_in.size(0) &&
+                  uniforms_in.scalar_type() == torch::kDouble && uniforms_in.device().is_cpu(),
+              "inverse_cdf: uniforms must be a (rows,) float64 CPU tensor");
+  TORCH_CHECK(probs_in.size(1) > 0, "inverse_cdf: probs must hold at least one token");
+  const auto probs = probs_in.contiguous(), uniforms = uniforms_in.contiguous();
+  const int64_t rows = probs.size(0), vocab = probs.size(1);
+  auto tokens = torch::empty({rows}, torch::dtype(torch::kLong));
+  for (int64_t r = 0; r < rows; ++r)
+    tokens.data_ptr<int64_t>()[r] =
+        inverse_cdf_row(probs.data_ptr<float>() + r * vocab, vocab, uniforms.data_ptr<double>()[r]);
+  return tokens;
 }

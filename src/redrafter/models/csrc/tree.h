@@ -15,6 +15,7 @@ std::vector<torch::Tensor> sampled_accept(const torch::Tensor& beams, const torc
                                           const torch::Tensor& probs, const torch::Tensor& draft_probs,
                                           const torch::Tensor& draft_map, const torch::Tensor& uniforms,
                                           bool distinct);
+torch::Tensor inverse_cdf(const torch::Tensor& probs, const torch::Tensor& uniforms);
 
 // Binds them into module m.
 inline void bind_tree(pybind11::module_& m) {
@@ -25,4 +26,5 @@ inline void bind_tree(pybind11::module_& m) {
   m.def("sampled_accept", &sampled_accept, "verify.tree_accept's sampling walk in one call", pybind11::arg("beams"),
         pybind11::arg("unpacker"), pybind11::arg("probs"), pybind11::arg("draft_probs"), pybind11::arg("draft_map"),
         pybind11::arg("uniforms"), pybind11::arg("distinct") = false);
+  m.def("inverse_cdf", &inverse_cdf, "sampling.inverse_cdf for (rows, V) float32 weights and (rows,) float64 uniforms");
 }
