@@ -342,3 +342,30 @@ def test_cpu_identity_reads_the_first_processor(tmp_path):
         "cpu": "AMD EPYC", "cpu_vendor": "AuthenticAMD", "cpu_family": "25", "cpu_model": "17", "cpu_stepping": "1",
         "cpu_mhz": "2596.134", "cpu_flags": ["avx2", "avx512f", "avx512_bf16", "avx512_vnni"]}
     assert cpu_identity(str(tmp_path / "missing")) == {}
+
+
+def test_every_command_refuses_an_output_path_that_is_a_file_before_running(tmp_path, capsys):
+    """bench, profile, datagen and train check --out before any work, so a finished run is never
+    lost to an --out that is a file; bench refuses a method listed twice or none; datagen a
+    temperature that generate would refuse."""
+    taken = tmp_path / "taken"
+    taken.write_text("not a directory")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Say hi.\n")
+    data = tmp_path / "data"
+    data.mkdir()
+    cases = [
+        (["bench", "--dataset", str(prompts), "--methods", "ar", "--out", str(taken)], f"--out {taken} exists and is not a directory"),
+        (["profile", "--backends", "native", "--out", str(taken)], "is not a directory"),
+        (["datagen", "--dataset", str(prompts), "--out", str(taken)], "is not a directory"),
+        (["train", "--data", str(data), "--out", str(taken)], "is not a directory"),
+        (["bench", "--dataset", str(prompts), "--methods", "ar,ar", "--out", str(tmp_path / "o")], "lists a method twice"),
+        (["bench", "--dataset", str(prompts), "--methods", ",", "--out", str(tmp_path / "o")], "names no method"),
+        (["datagen", "--dataset", str(prompts), "--temperature", "-1", "--out", str(tmp_path / "d")],
+         "temperature must be a finite number >= 0"),
+    ]
+    for args, message in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, (args, err)
+    assert taken.read_text() == "not a directory" and not (tmp_path / "o").exists() and not (tmp_path / "d").exists()

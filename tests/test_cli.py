@@ -9,6 +9,7 @@ import torch
 
 from redrafter import Drafter, DrafterConfig, save_drafter
 from redrafter.cli import main, read_prompts
+from redrafter.errors import RedrafterError
 
 JSON_FIELDS = {"prompt", "text", "token_ids", "num_new_tokens", "num_steps", "tokens_per_step", "elapsed_s",
                "tokens_per_s"}
@@ -59,9 +60,22 @@ def test_streamed_text_and_stats_line(capsys, smollm2):
 
 
 def test_read_prompts_plain_and_jsonl(tmp_path):
+    """Plain text: every non-blank line is a prompt as it stands, one that starts with "{" included;
+    JSONL (by suffix, or by a first line that is a JSON object): every line's "prompt"; a UTF-8
+    byte-order mark is not part of the first prompt."""
     text = tmp_path / "p.txt"
     text.write_text("first prompt\n\nsecond prompt\n")
     assert read_prompts(["a"], str(text)) == ["a", "first prompt", "second prompt"]
+    code = tmp_path / "code.txt"
+    code.write_text("What does this do?\n{x * x for x in range(3)} -- and this?\n")
+    assert read_prompts([], str(code)) == ["What does this do?", "{x * x for x in range(3)} -- and this?"]
+    records = tmp_path / "p.data"
+    records.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "hi", "id": "a"}\n{"prompt": "caf\xc3\xa9"}\n')
+    assert read_prompts([], str(records)) == ["hi", "caf\u00e9"]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "one"}\nnot json\n')
+    with pytest.raises(RedrafterError, match=r"p.jsonl:2: invalid JSON"):
+        read_prompts([], str(jsonl))
 
 
 BAD_INPUTS = [
@@ -70,7 +84,11 @@ BAD_INPUTS = [
     (["--beam-length", "1", "--prompt", "hi"], "beam length must be >= 2"),
     (["--autoregressive", "--prompt", "   "], "prompt 1 is empty"),
     (["--autoregressive"], "no prompt given"),
-    (["--model", "some/model/dir", "--prompt", "hi"], "no drafter ships for model"),
+    (["--model", "some/model/dir", "--prompt", "hi"], "model not found: 'some/model/dir'"),
+    (["--autoregressive", "--prompt", "hi", "--temperature", "nan"], "temperature must be a finite number >= 0"),
+    (["--autoregressive", "--prompt", "hi", "--temperature", "inf"], "temperature must be a finite number >= 0"),
+    (["--autoregressive", "--prompt", "hi", "--device", "banana"], "unknown device 'banana'"),
+    (["--autoregressive", "--prompt", "hi", "--lookup-ngram", "0"], "--lookup-ngram) must be >= 1, got 0"),
     (["--autoregressive", "--prompt", "hi", "--max-new-tokens", "0"], "max-new-tokens must be >= 1"),
     (["--autoregressive", "--prompt", "hi", "--backend", "hf", "--compile"], "--compile needs the native backend"),
     (["--autoregressive", "--prompt", "hi", "--draft-mode", "greedy"], "--draft-mode must be one of beam, sample, tree"),
@@ -95,6 +113,55 @@ def test_bad_input_clear_message(capsys, args, message):
     assert main(["generate", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_bad_files_clear_message(capsys, tmp_path):
+    """Files that are not what a flag needs: a prompts file that is a directory, not UTF-8, or holds
+    no prompt; a drafter that is a file; a model directory without a drafter shipped for it."""
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"hello\n\xff\xfe\x00 bytes\n")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    cases = [(["--prompts-file", str(tmp_path)], "is a directory"),
+             (["--prompts-file", str(binary)], "is not UTF-8 text (byte 6"),
+             (["--prompts-file", str(blank)], "holds no prompt"),
+             (["--drafter", str(binary), "--prompt", "hi"], "is a file; a drafter is a directory"),
+             (["--model", str(model_dir), "--prompt", "hi"], "no drafter ships for model")]
+    for args, message in cases:
+        assert main(["generate", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, (args, err)
+
+
+@pytest.mark.slow
+def test_too_long_prompt_is_named_before_anything_is_generated(capsys, smollm2, tmp_path):
+    """A prompts file whose second prompt does not fit the model's positions fails before the first
+    is answered, naming prompt 2 and how many new tokens would fit."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Say hi.\n" + "word " * 9000 + "\n")
+    assert main(["generate", "--autoregressive", "--prompts-file", str(prompts), "--max-new-tokens", "8",
+                 "--dtype", "float32"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith("error: prompt 2 (") and "exceed the model's 8192 positions" in out.err
+
+
+@pytest.mark.slow
+def test_output_into_a_closed_pipe_stops_quietly(tmp_path):
+    """`redrafter generate ... | head -n 1`: once the reader has gone, the process stops without a
+    traceback (status 141, as a process stopped by SIGPIPE)."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Count to ten.\n" * 4)
+    proc = subprocess.Popen([sys.executable, "-m", "redrafter", "generate", "--autoregressive", "--json",
+                             "--prompts-file", str(prompts), "--max-new-tokens", "24", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=300)
+    assert json.loads(first)["prompt"] == "Count to ten."
+    assert proc.returncode == 141 and b"Traceback" not in err, err.decode()
 
 
 @pytest.mark.slow
@@ -139,6 +206,12 @@ def test_sampling_flags_seeded_and_independent_per_prompt(capsys, smollm2, smoll
         assert len({tuple(r["token_ids"]) for r in first}) == 3  # the same prompt 3 times: 3 samples
         assert [r["token_ids"] for r in first] != [r["token_ids"] for r in other]
         assert first[0]["temperature"] == 1.0 and first[0]["seed"] == 7
+    # Without --seed each run draws its own seed, recorded so that the run can be repeated.
+    unseeded = [run_json(capsys, *common, "--autoregressive") for _ in range(2)]
+    seeds = [run[0]["seed"] for run in unseeded]
+    assert all(isinstance(s, int) for s in seeds) and seeds[0] != seeds[1]
+    repeated = run_json(capsys, *common, "--autoregressive", "--seed", str(seeds[0]))
+    assert [r["token_ids"] for r in repeated] == [r["token_ids"] for r in unseeded[0]]
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -17,33 +18,65 @@ DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_DRAFT_MODE = "sample"  # measured against "beam" in docs/BENCHMARKS.md (sampling)
 
 
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
 def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> list[str]:
-    """Prompts from ``--prompt`` values and/or a file: JSONL with a "prompt" field per line, or plain
-    text with one prompt per line (blank lines skipped)."""
+    """Prompts from ``--prompt`` values and/or a prompts file (``prompt_records``)."""
     result = list(prompts or [])
     if prompts_file is not None:
-        path = Path(prompts_file)
-        if not path.is_file():
-            raise RedrafterError(f"prompts file not found: {path}")
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            if line.lstrip().startswith("{"):
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise RedrafterError(f"{path}:{number}: invalid JSON: {exc}") from None
-                if not isinstance(record.get("prompt"), str):
-                    raise RedrafterError(f"{path}:{number}: JSON line has no string field \"prompt\"")
-                result.append(record["prompt"])
-            else:
-                result.append(line)
+        result += [record["prompt"] for record in prompt_records(prompts_file)]
     if not result:
         raise RedrafterError("no prompt given: use --prompt TEXT or --prompts-file FILE")
     for i, prompt in enumerate(result):
         if not prompt.strip():
             raise RedrafterError(f"prompt {i + 1} is empty")
     return result
+
+
+def prompt_records(prompts_file: str) -> list[dict]:
+    """A prompts file's prompts, as records with a string "prompt" (from JSONL, with the line's other
+    fields too). UTF-8, with or without a byte-order mark; blank lines are skipped.
+
+    JSONL (a .jsonl / .json / .ndjson file, or one whose first non-blank line is a JSON object): every
+    line must be a JSON object with a string field "prompt". Otherwise plain text: every line is one
+    prompt as it stands, a line that starts with "{" included."""
+    path = Path(prompts_file)
+    if path.is_dir():
+        raise RedrafterError(f"prompts file {path} is a directory")
+    if not path.is_file():
+        raise RedrafterError(f"prompts file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise RedrafterError(f"prompts file {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if not lines:
+        raise RedrafterError(f"prompts file {path} holds no prompt")
+    if not is_jsonl(path, lines[0][1]):
+        return [{"prompt": line} for _, line in lines]
+    records = []
+    for number, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RedrafterError(f"{path}:{number}: invalid JSON: {exc}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise RedrafterError(f"{path}:{number}: JSON line has no string field \"prompt\"")
+        records.append(record)
+    return records
+
+
+def is_jsonl(path: Path, first_line: str) -> bool:
+    """Whether a prompts file is JSONL: by its suffix, else by its first non-blank line."""
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        return True
+    if not first_line.lstrip().startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(first_line), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def encode_prompt(tokenizer, prompt: str, *, chat_template: bool) -> list[int]:
@@ -90,12 +123,16 @@ class TextStream:
 
 def resolve_drafter(model_spec: str, drafter: str | None) -> Path:
     """The drafter to use: ``--drafter DIR`` if given, else the one shipped for an embedded model."""
-    from redrafter.models.loading import shipped_drafter
+    from redrafter.models.loading import check_model_spec, shipped_drafter
 
     if drafter is not None:
+        if Path(drafter).exists() and not Path(drafter).is_dir():
+            raise RedrafterError(f"--drafter {drafter} is a file; a drafter is a directory (config.json + "
+                                 "model.safetensors)")
         if not Path(drafter).is_dir():
             raise RedrafterError(f"drafter directory not found: {drafter}")
         return Path(drafter)
+    check_model_spec(model_spec)  # a bad --model is reported as such, not as a missing drafter
     shipped = shipped_drafter(model_spec)
     if shipped is None:
         raise RedrafterError(f"no drafter ships for model '{model_spec}': pass --drafter DIR (train one with "
@@ -237,13 +274,17 @@ def comma_values(value: str | None, parse, valid, message: str) -> list:
     return values
 
 
-def add_sampling_arguments(parser, *, multiple: bool = False) -> None:
+def add_sampling_arguments(parser, *, multiple: bool = False, seed: int | None = None) -> None:
+    """--temperature, --top-k, --top-p, --seed (default ``seed``: None draws a random one per run) and
+    --draft-mode."""
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus: smallest set with this mass (1 = off)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed; prompt i uses random stream i")
+    parser.add_argument("--seed", type=int, default=seed, help=(
+        "sampling seed: the same seed gives the same samples; prompt i uses random stream i (default: "
+        + ("a random seed, so each run samples afresh)" if seed is None else f"{seed})")))
     parser.add_argument("--draft-mode", default=DEFAULT_DRAFT_MODE, help=(
-        "how the drafter drafts when sampling (both exact): beam = its beam search, each child tested as "
+        "how the drafter drafts when sampling (all exact): beam = its beam search, each child tested as "
         "a point mass; sample = W paths drawn from its q; tree = a tree whose siblings are drawn from q "
         "without replacement" + (" (bench: a comma list runs each)" if multiple else "")
         + f"; default {DEFAULT_DRAFT_MODE}"))
@@ -263,7 +304,9 @@ def draft_modes(value: str) -> list[str]:
 def sampling_params(args: argparse.Namespace):
     from redrafter.config import SamplingParams
 
-    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    # Without --seed, a random one, chosen here so that --json records it and a run can be repeated.
+    seed = secrets.randbits(31) if args.seed is None else args.seed
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed)
 
 
 def add_generate_parser(subparsers) -> None:
@@ -335,8 +378,9 @@ def run_generate(args: argparse.Namespace) -> int:
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, stop_token_ids=stop_token_ids(tokenizer, target),
                               sampling=sampling)
 
-    for index, prompt in enumerate(prompts):
-        ids = encode_prompt(tokenizer, prompt, chat_template=not args.no_chat_template)
+    encoded = [encode_prompt(tokenizer, prompt, chat_template=not args.no_chat_template) for prompt in prompts]
+    engine.check(encoded, config)  # every prompt before the first is answered
+    for index, (prompt, ids) in enumerate(zip(prompts, encoded)):
         stream = TextStream(tokenizer)
         for event in engine.generate([ids], config, row_offset=index):
             if isinstance(event, TokensEvent) and not args.json:
@@ -413,6 +457,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (`... | head`): stop quietly, as SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush writes nowhere
+        return 141
 
 
 if __name__ == "__main__":

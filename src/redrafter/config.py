@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from redrafter.errors import RedrafterError
@@ -93,9 +94,10 @@ class BeamConfig:
         if self.max_tree_tokens != 0 and self.max_tree_tokens < 2:
             raise RedrafterError(f"max tree tokens must be 0 (no cap) or >= 2 (g0 and one drafted token), "
                                  f"got {self.max_tree_tokens}")
-        if self.lookup_tokens < 0 or self.lookup_ngram < 1:
-            raise RedrafterError(f"lookup tokens must be >= 0 (0 = off) and the lookup n-gram >= 1, got "
-                                 f"{self.lookup_tokens} and {self.lookup_ngram}")
+        if self.lookup_tokens < 0:
+            raise RedrafterError(f"lookup tokens (--lookup-tokens) must be >= 0 (0 = off), got {self.lookup_tokens}")
+        if self.lookup_ngram < 1:
+            raise RedrafterError(f"the lookup n-gram (--lookup-ngram) must be >= 1, got {self.lookup_ngram}")
         if not self.lookup_confidence or not all(0 < c <= 1 for c in self.lookup_confidence):
             raise RedrafterError(f"lookup confidences must be probabilities in (0, 1], got {self.lookup_confidence}")
         if not 0.0 <= self.extend_prob < 1.0:
@@ -185,8 +187,8 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise RedrafterError(f"temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise RedrafterError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise RedrafterError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:

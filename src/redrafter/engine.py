@@ -289,7 +289,8 @@ def check_compatible(drafter: Drafter, target: TargetModel) -> None:
         raise RedrafterError(f"drafter hidden_size {config.hidden_size} does not match model "
                              f"'{info.name}' hidden size {info.hidden_size}")
     if config.full_vocab_size != info.vocab_size:
-        raise RedrafterError(f"drafter vocab_size {config.full_vocab_size} does not match model "
+        field = "vocab_size" if config.target_vocab_size is None else "target_vocab_size"
+        raise RedrafterError(f"drafter {field} {config.full_vocab_size} does not match model "
                              f"'{info.name}' vocabulary size {info.vocab_size}")
 
 
@@ -395,21 +396,27 @@ class Engine:
         ``return_hidden`` attaches to each TokensEvent the hidden states that predicted its tokens.
         When sampling, row b draws from its own random stream, number ``row_offset + b`` of
         ``config.sampling.seed`` (so prompts sent one at a time can keep independent streams)."""
-        self._check(prompts, config)
+        self.check(prompts, config, row_offset=row_offset)
         with torch.inference_mode():
             yield from self._generate(prompts, config, return_hidden, row_offset)
 
-    def _check(self, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> None:
+    def check(self, prompts: Sequence[Sequence[int]], config: GenerationConfig, *, row_offset: int = 0) -> None:
+        """Fail with a clear message for prompts that cannot run: empty, or too long for the model's
+        positions with ``config.max_new_tokens`` and the tokens a step may verify past that budget
+        (the proposer's ``beam_length``). Prompts are numbered from ``row_offset + 1``."""
         if not prompts:
             raise RedrafterError("no prompts given")
         limit = self.target.info.max_positions
-        for i, prompt in enumerate(prompts):
+        reserve = self.proposer.beam_length
+        for i, prompt in enumerate(prompts, start=row_offset + 1):
             if len(prompt) == 0:
                 raise RedrafterError(f"prompt {i} is empty")
-            need = len(prompt) + config.max_new_tokens + self.proposer.beam_length
-            if need > limit:
-                raise RedrafterError(f"prompt {i} ({len(prompt)} tokens) + max_new_tokens "
-                                     f"{config.max_new_tokens} exceeds the model's {limit} positions")
+            if len(prompt) + config.max_new_tokens + reserve > limit:
+                room = limit - len(prompt) - reserve
+                raise RedrafterError(
+                    f"prompt {i} ({len(prompt)} tokens) + max_new_tokens {config.max_new_tokens} + the {reserve} "
+                    f"tokens a step may verify past them exceed the model's {limit} positions"
+                    + (f": at most {room} new tokens fit" if room >= 1 else ""))
 
     def _generate(self, prompts: Sequence[Sequence[int]], config: GenerationConfig,
                   return_hidden: bool, row_offset: int) -> Iterator[Event]:

@@ -10,6 +10,18 @@ from pathlib import Path
 from typing import Iterator
 
 
+def check_output_directory(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``path`` as an output directory: fine if it is one or does not exist yet (it is created when
+    written); an error naming ``flag`` if it exists as anything else, checked before a run starts so
+    that a finished run's results are never lost to it."""
+    from redrafter.errors import RedrafterError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RedrafterError(f"{flag} {path} exists and is not a directory")
+    return path
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a file so readers see the old or the new content, never a torn one."""
     path = Path(path)

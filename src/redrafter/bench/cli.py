@@ -8,6 +8,7 @@ from pathlib import Path
 
 from redrafter.config import BeamConfig
 from redrafter.errors import RedrafterError
+from redrafter.utils import check_output_directory
 
 
 def parse_grid(text: str) -> list[BeamConfig]:
@@ -36,7 +37,7 @@ def add_bench_parser(subparsers) -> None:
     add_backend_arguments(p)
     p.add_argument("--threads", type=int, default=2, help="torch threads for every method (recorded)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--limit", type=int, default=None, help="first N prompts (after --categories)")
+    p.add_argument("--limit", type=int, default=None, help="first N questions (after --categories); each runs at every --turns")
     p.add_argument("--categories", default=None, help="comma list of categories to keep")
     p.add_argument("--per-category", type=int, default=None,
                    help="first N prompts of each category (before --limit): a sample covering every category")
@@ -48,7 +49,7 @@ def add_bench_parser(subparsers) -> None:
                    help="tokens proposed per step by hf-prompt-lookup and lookup")
     p.add_argument("--warmup-tokens", type=int, default=16, help="tokens of the excluded warm-up run per method")
     p.add_argument("--no-chat-template", action="store_true")
-    add_sampling_arguments(p, multiple=True)
+    add_sampling_arguments(p, multiple=True, seed=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_bench_command)
 
@@ -67,6 +68,11 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from redrafter.models.loading import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_gguf, load_target
 
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
+    if not names:
+        raise RedrafterError(f"--methods names no method, got '{args.methods}'")
+    if len(set(names)) != len(names):
+        raise RedrafterError(f"--methods lists a method twice: '{args.methods}'")
+    check_output_directory(args.out)
     if args.max_new_tokens < 1:
         raise RedrafterError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.threads < 1:

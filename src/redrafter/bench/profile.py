@@ -27,6 +27,7 @@ import torch
 
 from redrafter.config import BeamConfig, GenerationConfig
 from redrafter.errors import RedrafterError
+from redrafter.utils import check_output_directory
 
 
 def median_ms(fn, repeats: int, warmup: int = 2) -> float:
@@ -314,6 +315,7 @@ def run_profile_command(args: argparse.Namespace) -> int:
     from redrafter.models.loading import (ATTENTION_KERNELS, DEFAULT_MODEL, INT4_KERNELS, WEIGHT_FORMATS, load_target,
                                           shipped_drafter)
 
+    check_output_directory(args.out)
     try:
         sizes = [int(k) for k in args.tree_sizes.split(",")]
         beams = parse_beams(args.beams)

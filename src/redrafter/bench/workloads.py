@@ -55,17 +55,17 @@ def humaneval() -> list[BenchPrompt]:
 
 
 def prompts_file(path: str) -> list[BenchPrompt]:
-    """The ``generate --prompts-file`` format; JSONL lines may also carry "category" and "id"."""
-    from redrafter.cli import read_prompts
+    """The ``generate --prompts-file`` format (``cli.prompt_records``); JSONL lines may also carry
+    "category" and "id"."""
+    from redrafter.cli import prompt_records
 
     file = Path(path)
-    records = []
-    if file.is_file():
-        lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        records = [json.loads(line) if line.lstrip().startswith("{") else {} for line in lines]
-    texts = read_prompts([], path)
+    records = prompt_records(path)
+    for i, record in enumerate(records):
+        if not record["prompt"].strip():
+            raise RedrafterError(f"prompt {i + 1} of {path} is empty")
     return [BenchPrompt(id=str(rec.get("id", f"{file.stem}/{i}")), category=str(rec.get("category", file.stem)),
-                        turns=(text,)) for i, (text, rec) in enumerate(zip(texts, records))]
+                        turns=(rec["prompt"],)) for i, rec in enumerate(records)]
 
 
 def load_workload(name: str, *, limit: int | None = None, categories: Sequence[str] | None = None,

@@ -94,7 +94,8 @@ def add_backend_arguments(parser, *, dtype_default: str = "auto") -> None:
     parser.add_argument("--attention-kernel", choices=ATTENTION_KERNELS, default="auto",
                         help="which kernel runs the native backend's attention for steps of up to 64 tokens: "
                              "ours (bf16 on AVX-512-BF16 CPUs), torch (scaled_dot_product_attention), or auto: "
-                             "ours where it runs")
+                             "ours where it runs. In bf16 only ours computes a tree's tokens as single steps "
+                             "compute them; with torch's, greedy ReDrafter can differ from plain decoding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,23 +139,35 @@ def embedded_gguf(name: str) -> Path:
     return path
 
 
-def resolve_model_dir(spec: str) -> Path:
-    """A transformers model directory for SPEC, converting a GGUF into the cache when needed."""
+def check_model_spec(spec: str) -> None:
+    """Fail with a clear message unless SPEC names an embedded model, a .gguf file or a transformers
+    model directory (nothing is read or converted here)."""
     if spec in EMBEDDED_MODELS:
-        return converted_gguf(embedded_gguf(spec), cache_root() / "models" / spec)
+        return
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        stat = path.stat()
-        key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-        return converted_gguf(path, cache_root() / "models" / f"{path.stem}-{key}")
+        return
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise RedrafterError(f"model directory {path} has no config.json")
-        return path
+        return
     if path.exists():
         raise RedrafterError(f"model {spec} is neither a model directory nor a .gguf file")
     raise RedrafterError(f"model not found: '{spec}' (expected one of {sorted(EMBEDDED_MODELS)}, a "
                          "transformers model directory, or a .gguf file)")
+
+
+def resolve_model_dir(spec: str) -> Path:
+    """A transformers model directory for SPEC, converting a GGUF into the cache when needed."""
+    check_model_spec(spec)
+    if spec in EMBEDDED_MODELS:
+        return converted_gguf(embedded_gguf(spec), cache_root() / "models" / spec)
+    path = Path(spec).expanduser()
+    if path.is_file():  # a .gguf file
+        stat = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        return converted_gguf(path, cache_root() / "models" / f"{path.stem}-{key}")
+    return path
 
 
 def converted_gguf(gguf: Path, out: Path) -> Path:
@@ -303,6 +316,10 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
 
     if backend not in BACKENDS:
         raise RedrafterError(f"unknown backend '{backend}' (expected one of {', '.join(BACKENDS)})")
+    try:
+        torch.device(device)
+    except RuntimeError as exc:
+        raise RedrafterError(f"unknown device '{device}' (expected cpu, cuda, cuda:N, ...): {exc}") from None
     if compile and backend == "hf":
         raise RedrafterError("--compile needs the native backend (--backend native or auto)")
     if weights not in WEIGHT_FORMATS:

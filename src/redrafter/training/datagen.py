@@ -27,8 +27,9 @@ from typing import Sequence
 
 import torch
 
+from redrafter.config import SamplingParams
 from redrafter.errors import RedrafterError
-from redrafter.utils import write_text_atomic
+from redrafter.utils import check_output_directory, write_text_atomic
 
 SHARD_GLOB = "shard-*.jsonl"
 
@@ -144,6 +145,8 @@ def run_datagen(*, model_spec: str, dataset: str, out: str, num_prompts: int, ma
 
     if batch_size < 1 or shard_size < 1 or num_prompts < 1 or max_new_tokens < 1:
         raise RedrafterError("--batch-size, --num-prompts and --max-new-tokens must be >= 1")
+    SamplingParams(temperature=temperature)  # a negative or non-finite temperature fails here
+    check_output_directory(out)
     dropped: dict[str, int] = {}
     candidates = load_training_prompts(dataset, seed=seed, dropped=dropped)
     if not candidates:  # before anything is written to OUT or loaded

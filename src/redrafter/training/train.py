@@ -34,7 +34,7 @@ from redrafter.errors import RedrafterError
 from redrafter.training.datagen import read_records
 from redrafter.training.distributed import Distributed
 from redrafter.training.loss import Teacher, accepted_run_stats, multi_step_loss
-from redrafter.utils import atomic_directory, write_text_atomic
+from redrafter.utils import atomic_directory, check_output_directory, write_text_atomic
 
 
 MIXED_PRECISION = ("no", "bf16")
@@ -383,6 +383,7 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
 
     from redrafter.models.loading import load_target
 
+    check_output_directory(out)
     source, recommended = init_drafter(init, config)  # checked before anything heavy loads
     dist = Distributed.from_env(device)
     device = dist.device
