@@ -237,3 +237,25 @@ def test_shipped_drafter_is_used_by_default_and_lossless(capsys, smollm2):
     assert spec["max_tree_tokens"] == beam.max_tree_tokens
     assert spec["token_ids"] == ar["token_ids"]
     assert spec["tokens_per_step"] > 1.2  # a trained drafter gets drafted tokens accepted on a chat prompt
+
+
+def test_drafter_problems_are_found_before_the_model_loads(capsys, tmp_path, monkeypatch):
+    """A corrupt drafter or a bad --drafter-weights fails before the (slow) model load; --drafter
+    with --autoregressive is reported as unused."""
+    import redrafter.models.loading as loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loading, "load_target", no_load)
+    corrupt = tmp_path / "corrupt"
+    save_drafter(Drafter(DrafterConfig(hidden_size=64, vocab_size=100, exit_dim=8)), corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\x00garbage")
+    assert main(["generate", "--drafter", str(corrupt), "--prompt", "hi"]) == 2
+    assert "cannot read drafter weights" in capsys.readouterr().err
+    save_drafter(Drafter(DrafterConfig(hidden_size=64, vocab_size=100, exit_dim=8)), tmp_path / "good")
+    assert main(["generate", "--drafter", str(tmp_path / "good"), "--drafter-weights", "int8", "--prompt", "hi"]) == 2
+    assert "--drafter-weights takes auto, dense, int4" in capsys.readouterr().err
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        main(["generate", "--autoregressive", "--drafter", str(tmp_path / "good"), "--prompt", "hi"])
+    assert "note: --drafter is not used with --autoregressive" in capsys.readouterr().err

@@ -350,6 +350,11 @@ def run_generate(args: argparse.Namespace) -> int:
                  min_tokens_per_step=gate, extend_prob=extend)  # bad flags fail before anything loads
     prompts = read_prompts([t for group in args.prompt or [] for t in group], args.prompts_file)
     drafter_path = None if args.autoregressive else resolve_drafter(args.model or DEFAULT_MODEL, args.drafter)
+    if args.autoregressive and args.drafter is not None:
+        print("note: --drafter is not used with --autoregressive", file=sys.stderr)
+    # A bad drafter fails before the model loads (its own size is small; it moves to the model's
+    # device and dtype below, with the same values as loading it there).
+    drafter = None if drafter_path is None else load_drafter(drafter_path)
     if args.threads is not None:
         if args.threads < 1:
             raise RedrafterError(f"--threads must be >= 1, got {args.threads}")
@@ -359,6 +364,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if len(modes) != 1:
         raise RedrafterError(f"--draft-mode takes one mode for generate, got '{args.draft_mode}'")
     draft_mode = modes[0]
+    drafter_weights = single(drafter_weights_values(args.drafter_weights), "--drafter-weights", args.drafter_weights)
 
     target, tokenizer = load_target(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device,
                                     backend=args.backend, compile=args.compile, keep_transformers_model=False,
@@ -369,11 +375,8 @@ def run_generate(args: argparse.Namespace) -> int:
         beam = resolve_beam(args.beam_width, args.beam_length, drafter_path, prob, cap, beam_format(target),
                             lookup, args.lookup_ngram, sampling=sampling.temperature > 0,
                             min_tokens_per_step=gate, extend_prob=extend)
-        drafter = load_drafter(drafter_path, device=target.device, dtype=target.dtype)
-        drafter_weights = drafter_weights_values(args.drafter_weights)
-        if len(drafter_weights) != 1:
-            raise RedrafterError(f"--drafter-weights takes one value for generate, got '{args.drafter_weights}'")
-        proposer = ReDrafterProposer(drafter, target, beam, draft_mode=draft_mode, drafter_weights=drafter_weights[0])
+        drafter = drafter.to(device=target.device, dtype=target.dtype)
+        proposer = ReDrafterProposer(drafter, target, beam, draft_mode=draft_mode, drafter_weights=drafter_weights)
     engine = Engine(target, proposer)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, stop_token_ids=stop_token_ids(tokenizer, target),
                               sampling=sampling)
