@@ -16,9 +16,7 @@ from redrafter.errors import RedrafterError
 DEFAULT_BEAM = BeamConfig()
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_DRAFT_MODE = "sample"  # measured against "beam" in docs/BENCHMARKS.md (sampling)
-
-
-JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")  # prompts files read as JSONL whatever their first line
 
 
 def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> list[str]:
