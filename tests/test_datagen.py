@@ -36,6 +36,10 @@ def test_datagen_on_benchmark_prompts_only_says_why_before_loading_a_model(tmp_p
     err = capsys.readouterr().err
     assert "no prompts to answer" in err and "HumanEval, kept out of training data) 3," in err
     assert not (tmp_path / "d").exists()  # nothing written: a corrected file may use the same --out
+    prompts.write_text("A fresh question about rivers.\n")
+    assert main(["datagen", "--dataset", str(prompts), "--out", str(tmp_path / "d"), "--model", str(tmp_path / "none")]) == 2
+    assert "model not found" in capsys.readouterr().err
+    assert not (tmp_path / "d" / "meta.json").exists()  # a model that fails to load leaves no settings behind
 
 
 @pytest.mark.slow
@@ -59,3 +63,21 @@ def test_datagen_writes_shards_and_resumes(tmp_path, smollm2, capsys):
     assert all(r["states"].shape == (len(r["response_ids"]), 576) for r in with_states)
     assert main([*common, "--num-prompts", "6", "--temperature", "0.5"]) == 2  # other settings: refused
     assert "other settings" in capsys.readouterr().err
+    # A deleted shard (the repair for a corrupt one) is answered again into a new shard after the last:
+    # no finished shard is overwritten.
+    directory = tmp_path / "d"
+    kept = {p.name: p.read_bytes() for p in directory.glob("shard-*")}
+    gone = [name for name in kept if name.startswith("shard-00001")]
+    for name in gone:
+        (directory / name).unlink()
+    assert main([*common, "--num-prompts", "6"]) == 0
+    third = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert third["new_records"] == 2 and third["records"] == 6
+    assert all((directory / name).read_bytes() == data for name, data in kept.items() if name not in gone)
+    assert (directory / "shard-00003.jsonl").is_file()
+    # A torn shard is named, with the repair, instead of a traceback.
+    shard = directory / "shard-00002.jsonl"
+    shard.write_bytes(shard.read_bytes()[:30])
+    assert main([*common, "--num-prompts", "6"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: corrupt data shard") and "shard-00002.jsonl" in err and "delete it" in err

@@ -5,7 +5,7 @@ import torch
 
 from helpers import TINY_VOCAB, ScriptedProposer, hf_greedy, tiny_target
 from redrafter import (BeamConfig, Drafter, DrafterConfig, Engine, FinishEvent, GenerationConfig, LookupProposer,
-                       ReDrafterProposer)
+                       ReDrafterProposer, RedrafterError)
 from redrafter.config import MAX_TREE_TOKENS
 from redrafter.engine import TokensEvent
 from redrafter.tree import NO_TOKEN, pack
@@ -307,3 +307,21 @@ def test_finished_rows_leave_the_batch(case, monkeypatch):
             ((alone_tokens, alone_steps, alone_states),) = generate(make([reference]), [prompt])
             assert tokens == alone_tokens == want and steps == alone_steps
             torch.testing.assert_close(states, alone_states, atol=1e-5, rtol=0)
+
+
+def test_misused_inputs_raise_a_clear_error():
+    """Library misuse is named: text instead of token ids, ids outside the vocabulary, a bare stop id;
+    and the engine still generates afterwards."""
+    target = tiny_target("llama", seed=0)
+    engine = Engine(target)
+    config = GenerationConfig(max_new_tokens=4)
+    for prompts, message in ((["hello"], "prompt 1 must be a sequence of token ids"),
+                             ([[1, 2], [3, TINY_VOCAB]], rf"prompt 2 holds token ids outside .* 0 \.\. {TINY_VOCAB - 1}: \[{TINY_VOCAB}\]"),
+                             ([[-5, 1]], r"outside the model's vocabulary .*\[-5\]"),
+                             ([[1, 2.0]], "must be a sequence of token ids")):
+        with pytest.raises(RedrafterError, match=message):
+            list(engine.generate(prompts, config))
+    with pytest.raises(RedrafterError, match="stop_token_ids must be a sequence of token ids"):
+        GenerationConfig(stop_token_ids=2)
+    finish = [e for e in engine.generate([[1, 2, 3]], config) if isinstance(e, FinishEvent)]
+    assert len(finish) == 1 and len(finish[0].token_ids) == 4

@@ -392,7 +392,7 @@ def test_keep_vocabulary_keeps_the_init_drafters_tokens(target, data_dir, tmp_pa
     assert recommended_beam(tmp_path / "b" / "drafter", "int4").width == 5
     inherited = json.loads((tmp_path / "b" / "drafter" / "generation.json").read_text())["inherited_from"]
     assert inherited == str(tmp_path / "init")
-    with pytest.raises(RedrafterError, match="another draft vocabulary"):  # resuming it without the flag
+    with pytest.raises(RedrafterError, match=r"other settings .*'keep_vocabulary': \(True, False\)"):  # without the flag
         train(model_spec="tiny", data=str(data_dir), out=str(tmp_path / "b"), config=first, target=target,
               progress=False, init=str(tmp_path / "init"), resume=True)
     with pytest.raises(RedrafterError, match="pass --draft-vocab-size 48"):
@@ -405,3 +405,52 @@ def test_keep_vocabulary_keeps_the_init_drafters_tokens(target, data_dir, tmp_pa
     with pytest.raises(RedrafterError, match="--keep-vocabulary needs --init"):
         train(model_spec="tiny", data=str(data_dir), out=str(tmp_path / "d"), config=config, target=target,
               progress=False)
+
+
+def test_a_run_continues_only_its_own_checkpoint(target, data_dir, tmp_path):
+    """A finished or interrupted run's checkpoint is never silently restarted over: without --resume
+    the run is refused; with --resume, other settings or other data are refused, naming what
+    differs."""
+    train(model_spec="tiny", data=str(data_dir), out=str(tmp_path), config=CONFIG, target=target, progress=False)
+    with pytest.raises(RedrafterError, match="holds the checkpoint of an earlier run: pass --resume"):
+        train(model_spec="tiny", data=str(data_dir), out=str(tmp_path), config=CONFIG, target=target, progress=False)
+    with pytest.raises(RedrafterError, match=r"other settings .*'lr': \(0.01, 0.001\)"):
+        train(model_spec="tiny", data=str(data_dir), out=str(tmp_path), config=dataclasses.replace(CONFIG, lr=1e-3),
+              target=target, resume=True, progress=False)
+    more = tmp_path / "more"
+    more.mkdir()
+    (more / "shard-00000.jsonl").write_text((data_dir / "shard-00000.jsonl").read_text().replace('"id": "r', '"id": "s'))
+    with pytest.raises(RedrafterError, match="other data"):
+        train(model_spec="tiny", data=[str(data_dir), str(more)], out=str(tmp_path), config=CONFIG, target=target,
+              resume=True, progress=False)
+    summary = train(model_spec="tiny", data=str(data_dir), out=str(tmp_path), config=CONFIG, target=target,
+                    resume=True, progress=False)  # the same run: nothing left to train
+    assert summary["steps"] == json.loads((tmp_path / "summary.json").read_text())["steps"]
+
+
+def test_a_checkpoint_save_killed_midway_is_tidied(tmp_path):
+    """A kill inside ``atomic_directory`` leaves either a hidden temporary directory (removed on the
+    next run) or, in the instant between its two renames, the previous checkpoint set aside as
+    ``.checkpoint.old`` (put back)."""
+    from redrafter.training.train import recover_checkpoint
+
+    checkpoint = tmp_path / "checkpoint"
+    old = tmp_path / ".checkpoint.old"
+    old.mkdir()
+    (old / "trainer.pt").write_text("complete")
+    (tmp_path / ".checkpoint.x1y2").mkdir()
+    recover_checkpoint(checkpoint)
+    assert (checkpoint / "trainer.pt").read_text() == "complete"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+def test_bad_training_settings_are_named(target, data_dir, tmp_path):
+    for kwargs, message in (({"eval_every": 0}, "--eval-every and --save-every must be >= 1"),
+                            ({"save_every": 0}, "--eval-every and --save-every must be >= 1"),
+                            ({"max_length": 1}, "--max-length must be >= 2")):
+        with pytest.raises(RedrafterError, match=message):
+            dataclasses.replace(CONFIG, **kwargs)
+    with pytest.raises(RedrafterError, match="none of the .* records fits --max-length 4"):
+        train(model_spec="tiny", data=str(data_dir), out=str(tmp_path / "o"), target=target, progress=False,
+              config=dataclasses.replace(CONFIG, max_length=4))
+    assert not (tmp_path / "o" / "checkpoint").exists()

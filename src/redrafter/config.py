@@ -212,3 +212,5 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise RedrafterError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if isinstance(self.stop_token_ids, (int, str)) or not all(isinstance(t, int) for t in self.stop_token_ids):
+            raise RedrafterError(f"stop_token_ids must be a sequence of token ids, got {self.stop_token_ids!r}")

@@ -406,11 +406,18 @@ class Engine:
         (the proposer's ``beam_length``). Prompts are numbered from ``row_offset + 1``."""
         if not prompts:
             raise RedrafterError("no prompts given")
-        limit = self.target.info.max_positions
+        limit, vocab = self.target.info.max_positions, self.target.info.vocab_size
         reserve = self.proposer.beam_length
         for i, prompt in enumerate(prompts, start=row_offset + 1):
+            if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence) or not all(
+                    isinstance(t, int) for t in prompt):
+                raise RedrafterError(f"prompt {i} must be a sequence of token ids (tokenize text first), got "
+                                     f"{type(prompt).__name__}")
             if len(prompt) == 0:
                 raise RedrafterError(f"prompt {i} is empty")
+            if not (0 <= min(prompt) and max(prompt) < vocab):
+                raise RedrafterError(f"prompt {i} holds token ids outside the model's vocabulary 0 .. {vocab - 1}: "
+                                     f"{[t for t in prompt if not 0 <= t < vocab][:5]}")
             if len(prompt) + config.max_new_tokens + reserve > limit:
                 room = limit - len(prompt) - reserve
                 raise RedrafterError(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -47,20 +48,48 @@ def read_records(*directories: str | os.PathLike, with_states: bool = False) -> 
         if not shards:
             raise RedrafterError(f"no data shards ({SHARD_GLOB}) in {directory}")
         for shard in shards:
-            chunk = [json.loads(line) for line in shard.read_text(encoding="utf-8").splitlines() if line]
+            try:
+                chunk = [json.loads(line) for line in shard.read_text(encoding="utf-8").splitlines() if line]
+                if not all(isinstance(r, dict) and {"id", "prompt_ids", "response_ids"} <= r.keys() for r in chunk):
+                    raise ValueError("a record lacks id, prompt_ids or response_ids")
+            except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+                raise RedrafterError(f"corrupt data shard {shard} ({exc}); {REPAIR}") from None
             if with_states and states_path(shard).is_file():
-                from safetensors import safe_open
-
-                with safe_open(str(states_path(shard)), framework="pt") as f:
-                    names = set(f.keys())
-                    for i, record in enumerate(chunk):
-                        states = f.get_tensor(str(i))
-                        if states.shape[0] == len(record["response_ids"]):
-                            record["states"] = states
-                            if f"next.{i}" in names:
-                                record["next_ids"] = f.get_tensor(f"next.{i}")
+                try:
+                    add_states(chunk, states_path(shard))
+                except Exception as exc:  # safetensors raises its own error types for a torn file
+                    raise RedrafterError(f"corrupt states file {states_path(shard)} ({exc}); {REPAIR}") from None
             records += chunk
     return records
+
+
+REPAIR = "delete it and its shard-*.states.safetensors, then rerun the same datagen command to answer its prompts again"
+
+
+def add_states(chunk: list[dict], path: Path) -> None:
+    """Attach a shard's stored target states to its records (``read_records``)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        names = set(f.keys())
+        for i, record in enumerate(chunk):
+            states = f.get_tensor(str(i))
+            if states.shape[0] == len(record["response_ids"]):
+                record["states"] = states
+                if f"next.{i}" in names:
+                    record["next_ids"] = f.get_tensor(f"next.{i}")
+
+
+def shard_index(shard: Path) -> int:
+    """N of ``shard-N.jsonl``."""
+    return int(shard.name.removeprefix("shard-").removesuffix(".jsonl"))
+
+
+def same_dataset(stored: str, given: str) -> bool:
+    """Whether two --dataset values name the same data: the same name, or paths to the same file."""
+    if stored == given:
+        return True
+    return Path(stored).exists() and Path(given).exists() and Path(stored).resolve() == Path(given).resolve()
 
 
 def generate_batch(target, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -143,8 +172,10 @@ def run_datagen(*, model_spec: str, dataset: str, out: str, num_prompts: int, ma
     from redrafter.models.loading import load_target, resolve_dtype
     from redrafter.training.prompts import MAX_PROMPT_CHARS, load_training_prompts
 
-    if batch_size < 1 or shard_size < 1 or num_prompts < 1 or max_new_tokens < 1:
-        raise RedrafterError("--batch-size, --num-prompts and --max-new-tokens must be >= 1")
+    if min(batch_size, shard_size, num_prompts, max_new_tokens, max_prompt_tokens) < 1:
+        raise RedrafterError("--batch-size, --shard-size, --num-prompts, --max-new-tokens and --max-prompt-tokens "
+                             f"must be >= 1, got {batch_size}, {shard_size}, {num_prompts}, {max_new_tokens} and "
+                             f"{max_prompt_tokens}")
     SamplingParams(temperature=temperature)  # a negative or non-finite temperature fails here
     check_output_directory(out)
     dropped: dict[str, int] = {}
@@ -155,7 +186,6 @@ def run_datagen(*, model_spec: str, dataset: str, out: str, num_prompts: int, ma
             f"of training data) {dropped['benchmark']}, duplicates {dropped['duplicate']}, empty {dropped['empty']}, "
             f"longer than {MAX_PROMPT_CHARS} characters {dropped['too_long']}")
     directory = Path(out)
-    directory.mkdir(parents=True, exist_ok=True)
     if answers not in ("model", "dataset"):
         raise RedrafterError(f"--answers must be model or dataset, got {answers}")
     settings = {"model": model_spec, "dataset": dataset, "max_new_tokens": max_new_tokens,
@@ -164,16 +194,22 @@ def run_datagen(*, model_spec: str, dataset: str, out: str, num_prompts: int, ma
     meta_path = directory / "meta.json"
     if meta_path.is_file():
         previous = {"answers": "model", **json.loads(meta_path.read_text())}  # older files lack "answers"
-        different = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
+        different = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v
+                     and not (k == "dataset" and same_dataset(previous.get(k), v))}
         if different:
             raise RedrafterError(f"{directory} holds data made with other settings {different}; use another --out")
-    else:
-        write_text_atomic(meta_path, json.dumps(settings, indent=2) + "\n")
 
-    done = {r["id"] for r in read_records(directory)} if any(directory.glob(SHARD_GLOB)) else set()
-    next_shard = len(list(directory.glob(SHARD_GLOB)))
+    shards = sorted(directory.glob(SHARD_GLOB))
+    done = {r["id"] for r in read_records(directory)} if shards else set()
+    next_shard = max(map(shard_index, shards), default=-1) + 1  # after the last, even where one was deleted
+    if done and progress:
+        print(f"datagen: resuming: {len(done)} prompts already answered in {len(shards)} shards of {directory}",
+              file=sys.stderr)
     target, tokenizer = load_target(model_spec, dtype=dtype, device=device, backend=backend, compile=compile,
                                     weights=weights)
+    directory.mkdir(parents=True, exist_ok=True)
+    if not meta_path.is_file():  # once the model has loaded: a run that fails before leaves no settings behind
+        write_text_atomic(meta_path, json.dumps(settings, indent=2) + "\n")
     stops = stop_token_ids(tokenizer, target)
     todo, skipped_long = [], 0
     for prompt_id, text, answer in candidates:
@@ -187,6 +223,13 @@ def run_datagen(*, model_spec: str, dataset: str, out: str, num_prompts: int, ma
             continue
         todo.append((prompt_id, text, ids, answer))
 
+    if progress and len(todo) + len(done) < num_prompts:
+        print(f"datagen: {dataset} holds {len(todo) + len(done)} prompts to answer (of --num-prompts {num_prompts}; "
+              f"{skipped_long} longer than --max-prompt-tokens, {sum(dropped.values())} left out as benchmark, "
+              "duplicate, empty or too long)", file=sys.stderr)
+    if not todo and not done:
+        raise RedrafterError(f"no prompt of {dataset} fits --max-prompt-tokens {max_prompt_tokens} "
+                             f"({skipped_long} longer)" if skipped_long else f"no prompt of {dataset} to answer")
     bar = tqdm(total=len(todo), desc="datagen", unit="prompt", disable=not progress)
     new_tokens, start = 0, time.perf_counter()
     for shard_start in range(0, len(todo), shard_size):

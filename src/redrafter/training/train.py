@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import random
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -68,6 +69,11 @@ class TrainConfig:
             raise RedrafterError("--epochs, --lr and --batch-tokens must be positive")
         if not 0 < self.eval_fraction < 1:
             raise RedrafterError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.eval_every < 1 or self.save_every < 1:
+            raise RedrafterError(f"--eval-every and --save-every must be >= 1, got {self.eval_every} and "
+                                 f"{self.save_every}")
+        if self.max_length < 2:
+            raise RedrafterError(f"--max-length must be >= 2, got {self.max_length}")
         if not 0 <= self.kl_weight <= 1 or self.kl_top_k < 0:
             raise RedrafterError(f"--kl-weight must be in [0, 1] and --kl-top-k >= 0, got {self.kl_weight}, "
                                  f"{self.kl_top_k}")
@@ -373,6 +379,46 @@ def init_drafter(init: str | None, config: TrainConfig) -> tuple[Drafter | None,
     return source, recommended
 
 
+def data_fingerprint(train_records: list[dict], eval_records: list[dict]) -> str:
+    """A digest of which records a run trains on and holds out, and of their tokens."""
+    digest = hashlib.sha256()
+    for part in (train_records, eval_records):
+        for record in part:
+            digest.update(json.dumps([record["id"], record["prompt_ids"], record["response_ids"]]).encode())
+        digest.update(b"|")
+    return digest.hexdigest()
+
+
+def check_same_run(checkpoint: Path, identity: dict) -> None:
+    """--resume continues only the run that wrote ``checkpoint``: the same settings (``TrainConfig``),
+    --init and data (``data_fingerprint``). Checkpoints written before these were stored hold only
+    the settings."""
+    if not (checkpoint / "trainer.pt").is_file():
+        raise RedrafterError(f"--resume: no checkpoint in {checkpoint}")
+    stored = torch.load(checkpoint / "trainer.pt", weights_only=False, map_location="cpu")
+    config = stored.get("config", {})
+    different = {k: (config[k], v) for k, v in identity["config"].items() if k in config and config[k] != v}
+    if different:
+        raise RedrafterError(f"--resume: the checkpoint in {checkpoint} was trained with other settings "
+                             f"(checkpoint, now) {different}; resume with the same flags, or start in another --out")
+    if "data" in stored and (stored["data"], stored["init"]) != (identity["data"], identity["init"]):
+        what = "data" if stored["data"] != identity["data"] else "--init"
+        raise RedrafterError(f"--resume: the checkpoint in {checkpoint} was trained on other {what} (shards added "
+                             "or changed since?); resume with the same, or start in another --out")
+
+
+def recover_checkpoint(checkpoint: Path) -> None:
+    """Tidy what a run killed while saving a checkpoint leaves (``atomic_directory``): a complete
+    previous checkpoint set aside as ``.checkpoint.old`` goes back in place if ``checkpoint`` is
+    missing; the unfinished ``.checkpoint.*`` temporary directories are removed."""
+    old = checkpoint.with_name(f".{checkpoint.name}.old")
+    if old.is_dir() and not checkpoint.exists():
+        old.rename(checkpoint)
+    for leftover in checkpoint.parent.glob(f".{checkpoint.name}.*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConfig, dtype: str = "float32",
           device: str = "cpu", backend: str = "auto", resume: bool = False, target_cache: str | None = None, progress: bool = True,
           target=None, compile: bool = False, init: str | None = None,
@@ -383,13 +429,18 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
 
     from redrafter.models.loading import load_target
 
-    check_output_directory(out)
+    out_dir = check_output_directory(out)
+    checkpoint = out_dir / "checkpoint"
     source, recommended = init_drafter(init, config)  # checked before anything heavy loads
     dist = Distributed.from_env(device)
     device = dist.device
     progress = progress and dist.is_main
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        recover_checkpoint(checkpoint)
+    dist.barrier()
+    if not resume and (checkpoint / "trainer.pt").is_file():
+        raise RedrafterError(f"{out_dir} holds the checkpoint of an earlier run: pass --resume to continue it, or "
+                             "choose another --out")
     torch.manual_seed(config.seed)
     directories = [data] if isinstance(data, str) else list(data)
     # The held-out split comes from the first directory only (the distribution that matters, e.g. the
@@ -406,11 +457,21 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
     if len(directories) > 1:  # leaving out the held-out prompts (answered differently there)
         held_ids = {r["id"] for r in eval_records}
         train_records += [r for r in read_records(*directories[1:], with_states=True) if r["id"] not in held_ids]
+    # What a resumed run must share with the run that wrote the checkpoint: the settings and the data.
+    run_identity = {"config": dataclasses.asdict(config), "init": None if init is None else str(Path(init).resolve()),
+                    "data": data_fingerprint(train_records, eval_records)}
+    if resume:
+        check_same_run(checkpoint, run_identity)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     if target is None:
         target, _ = load_target(model_spec, dtype=dtype, device=device, backend=backend, compile=compile, weights=weights)
     train_examples = make_examples(train_records, config.max_length)
     eval_examples = make_examples(eval_records, config.max_length)
+    for name, examples, given in (("training", train_examples, train_records), ("held-out", eval_examples, eval_records)):
+        if not examples:
+            raise RedrafterError(f"none of the {len(given)} {name} records fits --max-length {config.max_length} "
+                                 "(prompt and answer tokens)")
     steps_per_epoch = len(batches(train_examples, config.batch_tokens, random.Random(0)))
     total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
     epoch_rng = random.Random(config.seed)
@@ -476,7 +537,6 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    checkpoint = out_dir / "checkpoint"
     metrics_path = out_dir / "metrics.jsonl"
     step, metrics = 0, []
     if resume and (checkpoint / "trainer.pt").is_file():
@@ -489,6 +549,7 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
+        carried_rows = state.get("init_vocabulary_rows")
         metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.is_file() else []
         metrics = [m for m in metrics if m["step"] <= step]
     elif resume:
@@ -503,10 +564,10 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
                 (tmp / RECOMMENDED_NAME).write_text(json.dumps(recommended, indent=2) + "\n")
             if with_trainer:
                 torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                            "config": dataclasses.asdict(config)}, tmp / "trainer.pt")
+                            "init_vocabulary_rows": carried_rows, **run_identity}, tmp / "trainer.pt")
         write_text_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
 
-    if carried_rows is not None and dist.is_main:  # where the init drafter stands on this held-out split
+    if carried_rows is not None and step == 0 and dist.is_main:  # where the init drafter stands on this held-out split
         metrics.append({"step": 0, **evaluate(drafter, embed, eval_examples, config, target_to_draft, device)})
         if progress:
             print(f"init drafter: held-out loss {metrics[-1]['eval_loss']:.3f}, accuracy per step "
@@ -551,7 +612,7 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
                "train_tokens": sum(int(e.label_mask.sum()) for e in train_examples), "steps": step,
                "processes": dist.world, "seconds": round(time.perf_counter() - start, 1), **final,
                **({"init": str(init), "init_vocabulary_rows": carried_rows,
-                   "init_eval": next(m for m in metrics if m["step"] == 0)} if carried_rows is not None else {}),
+                   "init_eval": next((m for m in metrics if m["step"] == 0), None)} if carried_rows is not None else {}),
                "drafter": str(out_dir / "drafter")}
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
