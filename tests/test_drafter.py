@@ -1,6 +1,7 @@
 """Drafter checkpoints: the reference layout, round trips, and clear errors on bad files."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -38,6 +39,10 @@ def test_save_load_round_trip_in_reference_layout(tmp_path, exit_dim, input_proj
         torch.testing.assert_close(loaded.logits(h, s), drafter.logits(h, s))
     save_drafter(loaded, tmp_path / "d")  # overwrite in place, atomically
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.json", "model.safetensors"):  # ordinary files, readable as the umask allows
+        assert (tmp_path / "d" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 def test_rnn_equation():

@@ -22,6 +22,14 @@ def check_output_directory(path: str | os.PathLike, flag: str = "--out") -> Path
     return path
 
 
+def ordinary_permissions(path: str | os.PathLike) -> None:
+    """Give a file the permissions of one created as usual (0666 minus the umask): safetensors'
+    ``save_file`` creates its files owner-only (0600), unlike every other file we write."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a file so readers see the old or the new content, never a torn one."""
     path = Path(path)

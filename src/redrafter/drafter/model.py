@@ -26,7 +26,7 @@ from torch import nn
 
 from redrafter.config import DrafterConfig
 from redrafter.errors import RedrafterError
-from redrafter.utils import atomic_directory
+from redrafter.utils import atomic_directory, ordinary_permissions
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -273,6 +273,7 @@ def write_drafter_files(drafter: Drafter, directory: Path, dtype: torch.dtype | 
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
              for k, v in drafter.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    ordinary_permissions(directory / WEIGHTS_NAME)
     (directory / CONFIG_NAME).write_text(json.dumps(drafter.config.to_dict(), indent=2) + "\n")
 
 

@@ -30,7 +30,7 @@ import torch
 
 from redrafter.config import SamplingParams
 from redrafter.errors import RedrafterError
-from redrafter.utils import check_output_directory, write_text_atomic
+from redrafter.utils import check_output_directory, ordinary_permissions, write_text_atomic
 
 SHARD_GLOB = "shard-*.jsonl"
 
@@ -264,6 +264,7 @@ def run_datagen(*, model_spec: str, dataset: str, out: str, num_prompts: int, ma
 
             tmp = states_path(shard).with_suffix(".tmp")
             save_file(states, str(tmp))
+            ordinary_permissions(tmp)
             tmp.replace(states_path(shard))
         write_text_atomic(shard,
                       "".join(json.dumps(records[i]) + "\n" for i in range(len(chunk))))
