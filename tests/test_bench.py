@@ -246,13 +246,14 @@ def test_profile_curve_and_phase_breakdown_on_both_backends():
         drafter = Drafter(DrafterConfig(hidden_size=64, vocab_size=TINY_VOCAB)).eval()
         proposer = ReDrafterProposer(drafter, target, BeamConfig(width=2, length=3))
         result = phase_breakdown(target, proposer, [3, 1, 4, 1, 5], max_new_tokens=12, stop_ids=())
-        assert result["tokens"] == 12
+        assert result["tokens"] == 12 and result["prefill_ms"] > 0
+        assert result["tau"] == pytest.approx(11 / result["steps"], abs=1e-3)  # the same steps, after the prefill
         phases = result["ms_per_step"]
         assert {"target forward", "commit", "drafting", "tree packing"} <= set(phases)
         assert all(v >= 0 for v in phases.values())
         assert "propose" not in vars(proposer)  # the timing wrapper is removed again
         plain = phase_breakdown(target, None, [3, 1, 4, 1, 5], max_new_tokens=12, stop_ids=())
-        assert plain["tau"] == 1.0 and "drafting" not in plain["ms_per_step"]
+        assert plain["tau"] == 1.0 and plain["steps"] == 11 and "drafting" not in plain["ms_per_step"]
 
 
 @pytest.mark.slow

@@ -144,7 +144,13 @@ def test_beam_resolution_flags_then_drafter_recommendation_then_default(tmp_path
                                                                            extend_prob=0.5)
     assert resolve_beam(None, None, tmp_path, weights="int4", sampling=True).extend_prob == 0
     assert resolve_beam(None, None, tmp_path, weights="int4", extend_prob=0.3).extend_prob == 0.3
-    assert resolve_beam(4, None, tmp_path, weights="int4").extend_prob == 0.5  # kept with the lookup beam
+    # An explicit shape under a cap keeps the stored lookup and extension; a whole tree (no cap) gets a
+    # lookup beam of a beam's length and no extension.
+    assert resolve_beam(4, None, tmp_path, None, 6, weights="int4") == BeamConfig(
+        4, 3, max_tree_tokens=6, lookup_tokens=32, extend_prob=0.5)
+    assert resolve_beam(4, 5, tmp_path, weights="int4") == BeamConfig(4, 5, lookup_tokens=4)
+    assert resolve_beam(4, 5, tmp_path, weights="int4", lookup_tokens=16, extend_prob=0.5) == BeamConfig(
+        4, 5, lookup_tokens=16, extend_prob=0.5)  # the flags win
     assert resolve_beam(None, None, tmp_path, weights="dense").extend_prob == 0
     (tmp_path / "generation.json").write_text('{"beam_width": 8, "beam_length": 4, "max_tree_tokens": 1}')
     with pytest.raises(RedrafterError, match="max tree tokens"):

@@ -159,7 +159,10 @@ def resolve_beam(width: int | None, length: int | None, drafter_path, min_prob: 
 
     A stored tree cap and probability floor were measured for the stored W x L only: an explicit width or
     length without ``max_tree_tokens`` (``min_prob``) verifies the whole tree (with no floor). The
-    context-lookup beam is a branch of its own and keeps its stored setting, with ``extend_prob``."""
+    context-lookup beam keeps its stored setting, with ``extend_prob``, under a cap; in a whole tree
+    (no cap) it gets a beam's length, L - 1 tokens, and nothing is verified past the tree, since a
+    stored lookup length (32 for the shipped drafter) was measured with the cap choosing among its
+    tokens."""
     from redrafter.drafter.model import recommended_beam
 
     base = recommended_beam(drafter_path, weights, sampling) or DEFAULT_BEAM
@@ -168,13 +171,18 @@ def resolve_beam(width: int | None, length: int | None, drafter_path, min_prob: 
         max_tree_tokens = base.max_tree_tokens if stored_shape else 0
     if min_prob is None:
         min_prob = base.min_prob if stored_shape else 0.0
-    return BeamConfig(width=base.width if width is None else width, length=base.length if length is None else length,
-                      min_prob=min_prob, max_tree_tokens=max_tree_tokens,
-                      lookup_tokens=base.lookup_tokens if lookup_tokens is None else lookup_tokens,
+    length = base.length if length is None else length
+    whole_tree = not stored_shape and max_tree_tokens == 0
+    if lookup_tokens is None:
+        lookup_tokens = min(base.lookup_tokens, length - 1) if whole_tree else base.lookup_tokens
+    if extend_prob is None:
+        extend_prob = 0.0 if whole_tree else base.extend_prob
+    return BeamConfig(width=base.width if width is None else width, length=length,
+                      min_prob=min_prob, max_tree_tokens=max_tree_tokens, lookup_tokens=lookup_tokens,
                       lookup_ngram=base.lookup_ngram if lookup_ngram is None else lookup_ngram,
                       min_tokens_per_step=(base.min_tokens_per_step if min_tokens_per_step is None
                                            else min_tokens_per_step),
-                      extend_prob=base.extend_prob if extend_prob is None else extend_prob)
+                      extend_prob=extend_prob)
 
 
 def add_draft_shape_arguments(parser, *, multiple: bool = False) -> None:
@@ -412,7 +420,7 @@ def run_generate(args: argparse.Namespace) -> int:
                         "lookup_ngram": None if args.autoregressive else beam.lookup_ngram,
                         "extend_prob": None if args.autoregressive else beam.extend_prob,
                         "temperature": sampling.temperature,
-                        "seed": sampling.seed,
+                        "seed": None if sampling.greedy else sampling.seed,
                         "draft_mode": None if args.autoregressive or sampling.greedy else draft_mode,
                         "dtype": str(target.dtype).removeprefix("torch."),
                         "backend": type(target).__name__,

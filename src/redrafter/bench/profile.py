@@ -209,7 +209,9 @@ class PhaseTimer:
 
 
 def phase_breakdown(target, proposer, prompt_ids: list[int], max_new_tokens: int, stop_ids) -> dict:
-    """Run one generation with the target's forward/commit, the proposer and tree packing timed."""
+    """Run one generation with the target's forward/commit, the proposer and tree packing timed. The
+    per-step figures cover the steps after the prefill (which is timed on its own, ``prefill_ms``),
+    so that ``steps`` and ``tau`` count the same steps."""
     import redrafter.engine as engine_module
     from redrafter.engine import Engine, FinishEvent
 
@@ -221,9 +223,14 @@ def phase_breakdown(target, proposer, prompt_ids: list[int], max_new_tokens: int
     if proposer is not None:
         proposer.propose = timer.wrap("drafting", proposer.propose)
     try:
-        start = time.perf_counter()
         config = GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=tuple(stop_ids))
-        finish = next(e for e in Engine(target, proposer).generate([prompt_ids], config) if isinstance(e, FinishEvent))
+        events = Engine(target, proposer).generate([prompt_ids], config)
+        start = time.perf_counter()
+        first = next(events)  # the prefill and its token
+        prefill = time.perf_counter() - start
+        timer.seconds.clear()
+        start = time.perf_counter()
+        finish = first if isinstance(first, FinishEvent) else next(e for e in events if isinstance(e, FinishEvent))
         total = time.perf_counter() - start
     finally:
         target.forward, target.commit = original["forward"], original["commit"]
@@ -231,11 +238,14 @@ def phase_breakdown(target, proposer, prompt_ids: list[int], max_new_tokens: int
         engine_module.pack = original["pack"]
         if proposer is not None:
             del proposer.propose
-    steps = finish.stats.num_steps + 1  # + the prefill
-    phases = {name: round(s * 1e3 / steps, 2) for name, s in timer.seconds.items()}
-    phases["other (accept, bookkeeping)"] = round((total - sum(timer.seconds.values())) * 1e3 / steps, 2)
+    steps = finish.stats.num_steps  # after the prefill
+    per_step = 1e3 / max(steps, 1)
+    phases = {name: round(s * per_step, 2) for name, s in timer.seconds.items()}
+    phases["other (accept, bookkeeping)"] = round((total - sum(timer.seconds.values())) * per_step, 2)
+    after_prefill = finish.stats.num_new_tokens - 1  # the prefill's forward chose the first token
     return {"ms_per_step": phases, "steps": steps, "tokens": finish.stats.num_new_tokens,
-            "tau": round(finish.stats.tokens_per_step, 3), "tokens_per_s": round(finish.stats.num_new_tokens / total, 2)}
+            "tau": round(after_prefill / steps, 3) if steps else None, "prefill_ms": round(prefill * 1e3, 2),
+            "tokens_per_s": round(after_prefill / total, 2) if steps else None}
 
 
 def plot_curve(curves: dict[str, dict[int, float]], path: Path) -> None:
@@ -283,7 +293,7 @@ def add_profile_parser(subparsers) -> None:
     p = subparsers.add_parser("profile", help="per-step cost: verify-cost curve, drafting, phase breakdown")
     p.add_argument("--model", default=None)
     p.add_argument("--drafter", default=None, help="drafter directory (default: the shipped one, if any)")
-    p.add_argument("--backends", default="native,hf", help="comma list of native, hf")
+    p.add_argument("--backends", default="native,hf", help="comma list of native, hf (default: both)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the native backend's forward")
@@ -296,13 +306,17 @@ def add_profile_parser(subparsers) -> None:
                    help="comma list of tree bookkeeping and beam selection to profile the phases with: auto (ours "
                         "where built), torch (the tensor versions; REDRAFTER_TREE_KERNEL=torch)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--context", type=int, default=300, help="committed tokens before the measured forwards")
-    p.add_argument("--tree-sizes", default="1,2,4,8,16,32,64")
+    p.add_argument("--context", type=int, default=300, help="committed tokens before the measured forwards "
+                                                            "(default: 300)")
+    p.add_argument("--tree-sizes", default="1,2,4,8,16,32,64", help="comma list of K, tokens per measured forward "
+                                                                     "(default: 1,2,4,8,16,32,64)")
     p.add_argument("--beams", default=f"{DEFAULT_BEAM.width}x{DEFAULT_BEAM.length}",
                    help="W x L settings to time drafting for, comma separated (e.g. 1x4,2x4,4x5); "
-                        "WxLxK caps the verified tree at K tokens (--max-tree-tokens)")
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens of the phase-breakdown generation")
+                        "WxLxK caps the verified tree at K tokens (--max-tree-tokens); the phase breakdown "
+                        "runs each without the floor and lookup of generate's measured default "
+                        f"(default: {DEFAULT_BEAM.width}x{DEFAULT_BEAM.length})")
+    p.add_argument("--repeats", type=int, default=15, help="timed forwards per tree size; medians are kept (default: 15)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens of the phase-breakdown generation (default: 128)")
     p.add_argument("--prompt", default="Explain how a hash table works, with an example in Python.")
     p.add_argument("--out", required=True)
     p.set_defaults(func=run_profile_command)
