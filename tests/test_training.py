@@ -417,6 +417,8 @@ def test_a_run_continues_only_its_own_checkpoint(target, data_dir, tmp_path):
     with pytest.raises(RedrafterError, match=r"other settings .*'lr': \(0.01, 0.001\)"):
         train(model_spec="tiny", data=str(data_dir), out=str(tmp_path), config=dataclasses.replace(CONFIG, lr=1e-3),
               target=target, resume=True, progress=False)
+    train(model_spec="tiny", data=str(data_dir), out=str(tmp_path), target=target, resume=True, progress=False,
+          config=dataclasses.replace(CONFIG, eval_every=5, save_every=5))  # how often to evaluate and save may change
     more = tmp_path / "more"
     more.mkdir()
     (more / "shard-00000.jsonl").write_text((data_dir / "shard-00000.jsonl").read_text().replace('"id": "r', '"id": "s'))

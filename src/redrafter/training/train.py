@@ -39,6 +39,7 @@ from redrafter.utils import atomic_directory, check_output_directory, write_text
 
 
 MIXED_PRECISION = ("no", "bf16")
+RESUMABLE_CHANGES = ("eval_every", "save_every")  # settings a resumed run may change: the weights do not depend on them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,14 +391,15 @@ def data_fingerprint(train_records: list[dict], eval_records: list[dict]) -> str
 
 
 def check_same_run(checkpoint: Path, identity: dict) -> None:
-    """--resume continues only the run that wrote ``checkpoint``: the same settings (``TrainConfig``),
-    --init and data (``data_fingerprint``). Checkpoints written before these were stored hold only
-    the settings."""
+    """--resume continues only the run that wrote ``checkpoint``: the same settings (``TrainConfig``,
+    but for how often it evaluates and saves), --init and data (``data_fingerprint``). Checkpoints
+    written before these were stored hold only the settings."""
     if not (checkpoint / "trainer.pt").is_file():
         raise RedrafterError(f"--resume: no checkpoint in {checkpoint}")
     stored = torch.load(checkpoint / "trainer.pt", weights_only=False, map_location="cpu")
     config = stored.get("config", {})
-    different = {k: (config[k], v) for k, v in identity["config"].items() if k in config and config[k] != v}
+    different = {k: (config[k], v) for k, v in identity["config"].items()
+                 if k in config and config[k] != v and k not in RESUMABLE_CHANGES}
     if different:
         raise RedrafterError(f"--resume: the checkpoint in {checkpoint} was trained with other settings "
                              f"(checkpoint, now) {different}; resume with the same flags, or start in another --out")
