@@ -168,3 +168,33 @@ def test_weights_left_unloaded_are_refused_where_a_product_would_read_them(tmp_p
     assert lean.model.layers[0].mlp.up_proj.weight.is_meta
     with pytest.raises(RedrafterError, match="not loaded"):
         native.NativeTarget(lean, name="lean")
+
+
+def test_a_model_directory_missing_tensors_is_refused(tmp_path):
+    """transformers fills tensors a directory lacks with random values and only logs it; loading
+    such a directory fails, naming them, instead of generating from random weights."""
+    from helpers import tiny_model
+    from safetensors.torch import load_file, save_file
+
+    path = save_model_dir(tiny_model("llama"), tmp_path / "m")
+    state = load_file(str(path / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if ".1.mlp." not in k}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(RedrafterError, match=r"lack or misshape 3 tensors .*model\.layers\.1\.mlp\."):
+        load_target(str(path), dtype="float32")
+
+
+def test_a_sliding_window_as_long_as_the_positions_is_full_attention():
+    """Mistral-style configs set a window; one at least as long as the model's positions never cuts
+    anything off, so the native backend runs it. A shorter one is refused without pointing to the
+    transformers backend, which has no sliding-window cache either."""
+    from transformers import MistralConfig
+
+    common = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    assert native.unsupported_reason(MistralConfig(**common, sliding_window=4096)) is None
+    assert native.unsupported_reason(MistralConfig(**common, sliding_window=None)) is None
+    reason = native.unsupported_reason(MistralConfig(**common, sliding_window=128))
+    assert reason == "sliding-window attention (a window of 128 < 512 positions)"
+    assert "--backend hf" not in native.unsupported_message(reason)
+    assert "--backend hf" in native.unsupported_message("architecture 'gpt2'")

@@ -86,7 +86,9 @@ def add_backend_arguments(parser, *, dtype_default: str = "auto") -> None:
                              "models whose weights are 4-bit (a Q4_0/Q4_1/Q4_K GGUF, e.g. the embedded default; "
                              "CPU), and with our kernel an LM head stored as Q8_0 8-bit with exactly its weights; "
                              "auto: int4 for such a GGUF on CPU in bfloat16, or in float32 where our AVX2 kernel runs, "
-                             "else dense (docs/PERFORMANCE.md)")
+                             "else dense (docs/PERFORMANCE.md). In bfloat16, dense products round a tree's tokens "
+                             "differently from single steps, so greedy ReDrafter can differ from plain decoding "
+                             "there; int4 with our kernel and float32 are exact")
     parser.add_argument("--int4-kernel", choices=INT4_KERNELS, default="auto",
                         help="which kernel runs int4 products: avx512 (ours: one pass over the weight for up "
                              "to 8 rows; bf16 on AVX-512-BF16 CPUs), avx2 (ours for float32 models on AVX2 "
@@ -354,7 +356,7 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
 
     hf_logging.disable_progress_bar()  # a reload takes about a second; no bar needed
     from redrafter.models import weight_cache
-    from redrafter.models.native import runs_every_row
+    from redrafter.models.native import runs_every_row, unsupported_message
 
     cache_file = cached = model = None
     try:
@@ -374,14 +376,21 @@ def load_target(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
         if model is None:
             # int4 recovers the 4-bit grid from float32 weights, then the model takes its dtype.
             load_dtype = torch.float32 if weights == "int4" else torch_dtype
-            model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=load_dtype).to(device)
+            model, info = AutoModelForCausalLM.from_pretrained(str(directory), dtype=load_dtype,
+                                                               output_loading_info=True)
+            model = model.to(device)
+            # transformers fills tensors the files lack with random values and only logs it
+            absent = sorted(info["missing_keys"]) + [str(key) for key in info["mismatched_keys"]]
+            if absent:
+                raise ValueError(f"its weights lack or misshape {len(absent)} tensors the config needs, e.g. "
+                                 f"{absent[:3]}")
     except Exception as exc:  # transformers raises many types for missing or corrupt files
         raise RedrafterError(f"cannot load model from {directory}: {exc}") from None
     finally:
         hf_logging.enable_progress_bar()
     reason = unsupported_reason(model.config)
     if backend == "native" and reason is not None:
-        raise RedrafterError(f"the native backend does not support {reason}; use --backend hf")
+        raise RedrafterError(unsupported_message(reason))
     if compile and reason is not None:
         raise RedrafterError(f"--compile needs the native backend, which does not support {reason}")
     if weights == "int4" and reason is not None:

@@ -54,11 +54,23 @@ def unsupported_reason(config) -> str | None:
         return f"architecture '{model_type}' (native supports {', '.join(SUPPORTED_MODEL_TYPES)})"
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"activation {config.hidden_act}"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", model_type == "mistral"):
-        return "sliding-window attention"
+    window = getattr(config, "sliding_window", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    # A window as long as the model's positions never cuts anything off: that is full attention.
+    if window and getattr(config, "use_sliding_window", model_type == "mistral") and not (
+            positions is not None and window >= positions):
+        return f"sliding-window attention (a window of {window} < {positions} positions)"
     if getattr(config, "pretraining_tp", 1) not in (None, 1):
         return "pretraining_tp > 1"
     return None
+
+
+def unsupported_message(reason: str) -> str:
+    """The error for a model the native backend cannot run, pointing to the transformers backend
+    where that one can (our transformers backend has no sliding-window cache either)."""
+    if reason.startswith("sliding-window"):
+        return f"the native backend does not support {reason}, and the transformers backend does not either yet"
+    return f"the native backend does not support {reason}; use --backend hf"
 
 
 @dataclasses.dataclass
@@ -269,7 +281,7 @@ class NativeTarget:
         config = model.config
         reason = unsupported_reason(config)
         if reason is not None:
-            raise RedrafterError(f"the native backend does not support {reason}; use --backend hf")
+            raise RedrafterError(unsupported_message(reason))
         self.model = model.eval().requires_grad_(False)  # kept (sharing the fused weights) for transformers baselines
         self.info: TargetInfo = target_info(model, name)
         self.config = config
