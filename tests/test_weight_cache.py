@@ -198,3 +198,18 @@ def test_a_sliding_window_as_long_as_the_positions_is_full_attention():
     assert reason == "sliding-window attention (a window of 128 < 512 positions)"
     assert "--backend hf" not in native.unsupported_message(reason)
     assert "--backend hf" in native.unsupported_message("architecture 'gpt2'")
+
+
+def test_files_of_an_installation_that_is_gone_are_removed_on_the_next_save(tmp_path):
+    """Each checkout (every CI clone too) keys its own files; once it is deleted nothing can read
+    them, so the next save removes them. Files that do not record their installation stay."""
+    from safetensors.torch import save_file
+
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    one = {"x": torch.zeros(1)}
+    save_file(one, str(packed / "gone.safetensors"), metadata={"installation": str(tmp_path / "deleted-checkout")})
+    save_file(one, str(packed / "here.safetensors"), metadata={"installation": str(tmp_path)})
+    save_file(one, str(packed / "older.safetensors"), metadata={"format": "x"})
+    weight_cache.save(packed / "new.safetensors", [], None)
+    assert sorted(p.name for p in packed.iterdir()) == ["here.safetensors", "new.safetensors", "older.safetensors"]

@@ -73,7 +73,7 @@ def cache_path(model_dir: Path, dtype: torch.dtype, int4_kernel: str, root: Path
     # file, not another installation's)
     packing = "ours" if ours and int4_kernel != "torch" else "torch"  # "auto" and "avx2" pack the same bytes
     variant = hashlib.sha256("\0".join((str(model_dir), str(dtype), packing, capability,
-                                        platform.machine(), str(Path(__file__).resolve().parent))).encode())
+                                        platform.machine(), INSTALLATION)).encode())
     digest = hashlib.sha256(f"{FORMAT}\0{torch.__version__}\0".encode())
     try:
         for path in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
@@ -126,6 +126,24 @@ def _rebuild(entry: dict, name: str, tensors: dict[str, torch.Tensor]):
 
 
 _ABANDONED_SECONDS = 24 * 3600  # a temporary file this old was left by a writer that died
+INSTALLATION = str(Path(__file__).resolve().parent)  # part of every file's key, and recorded in it
+
+
+def _orphans(directory: Path) -> list[Path]:
+    """Files written by an installation that no longer exists (a removed checkout, a CI clone): only
+    that installation's key could read them. Files written before this was recorded are kept."""
+    from safetensors import safe_open
+
+    orphans = []
+    for path in directory.glob("*.safetensors"):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                installation = (handle.metadata() or {}).get("installation")
+        except Exception:  # a damaged file: load() ignores it, and its own next save replaces it
+            continue
+        if installation and not Path(installation).is_dir():
+            orphans.append(path)
+    return orphans
 
 
 def save(path: Path, layers: list[dict], head=None) -> None:
@@ -152,10 +170,10 @@ def save(path: Path, layers: list[dict], head=None) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o644 & ~umask)  # mkstemp makes it private
-        save_file(tensors, tmp, metadata={"format": FORMAT, "layout": json.dumps(layout)})
+        save_file(tensors, tmp, metadata={"format": FORMAT, "layout": json.dumps(layout), "installation": INSTALLATION})
         os.replace(tmp, path)
         tmp = None
-        for stale in _stale_versions(path):  # they can never be read again
+        for stale in _stale_versions(path) + _orphans(path.parent):  # they can never be read again
             stale.unlink(missing_ok=True)
         log.info("saved packed weights to %s (later loads skip grid recovery)", path)
     except Exception as exc:  # safetensors, the file system and _describe raise many types
