@@ -259,3 +259,10 @@ def test_drafter_problems_are_found_before_the_model_loads(capsys, tmp_path, mon
     with pytest.raises(AssertionError, match="the model was loaded"):
         main(["generate", "--autoregressive", "--drafter", str(tmp_path / "good"), "--prompt", "hi"])
     assert "note: --drafter is not used with --autoregressive" in capsys.readouterr().err
+
+
+def test_an_empty_prompt_in_a_jsonl_file_is_named_by_its_line(tmp_path):
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "one"}\n\n{"prompt": "  "}\n')
+    with pytest.raises(RedrafterError, match=r"p.jsonl:3: the prompt is empty"):
+        read_prompts([], str(jsonl))

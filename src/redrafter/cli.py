@@ -37,7 +37,7 @@ def prompt_records(prompts_file: str) -> list[dict]:
     fields too). UTF-8, with or without a byte-order mark; blank lines are skipped.
 
     JSONL (a .jsonl / .json / .ndjson file, or one whose first non-blank line is a JSON object): every
-    line must be a JSON object with a string field "prompt". Otherwise plain text: every line is one
+    line must be a JSON object with a non-blank string field "prompt". Otherwise plain text: every line is one
     prompt as it stands, a line that starts with "{" included."""
     path = Path(prompts_file)
     if path.is_dir():
@@ -61,6 +61,8 @@ def prompt_records(prompts_file: str) -> list[dict]:
             raise RedrafterError(f"{path}:{number}: invalid JSON: {exc}") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise RedrafterError(f"{path}:{number}: JSON line has no string field \"prompt\"")
+        if not record["prompt"].strip():
+            raise RedrafterError(f"{path}:{number}: the prompt is empty")
         records.append(record)
     return records
 

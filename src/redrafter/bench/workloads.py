@@ -61,9 +61,6 @@ def prompts_file(path: str) -> list[BenchPrompt]:
 
     file = Path(path)
     records = prompt_records(path)
-    for i, record in enumerate(records):
-        if not record["prompt"].strip():
-            raise RedrafterError(f"prompt {i + 1} of {path} is empty")
     return [BenchPrompt(id=str(rec.get("id", f"{file.stem}/{i}")), category=str(rec.get("category", file.stem)),
                         turns=(rec["prompt"],)) for i, rec in enumerate(records)]
 

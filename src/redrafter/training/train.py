@@ -541,7 +541,7 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     metrics_path = out_dir / "metrics.jsonl"
     step, metrics = 0, []
-    if resume and (checkpoint / "trainer.pt").is_file():
+    if resume:  # check_same_run found the checkpoint
         state = torch.load(checkpoint / "trainer.pt", weights_only=False, map_location=device)
         chosen = drafter.draft_to_target.clone() if drafter.draft_to_target is not None else None
         drafter.load_state_dict(load_drafter(checkpoint, device=device).state_dict())
@@ -554,8 +554,6 @@ def train(*, model_spec: str, data: str | list[str], out: str, config: TrainConf
         carried_rows = state.get("init_vocabulary_rows")
         metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.is_file() else []
         metrics = [m for m in metrics if m["step"] <= step]
-    elif resume:
-        raise RedrafterError(f"--resume: no checkpoint in {checkpoint}")
 
     def save(directory: Path, with_trainer: bool) -> None:
         if not dist.is_main:
