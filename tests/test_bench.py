@@ -86,6 +86,9 @@ def test_metric_arithmetic():
     assert s["redrafter"]["identical_to_ar"] == "1/2" and s["redrafter"]["first_divergences"] == [10]
     assert s["ar"]["tokens_per_s"] == pytest.approx((11 + 10.5) / 2)
     assert first_divergence([1, 2], [1, 2, 3]) == 2 and first_divergence([1], [1]) is None
+    mark_identical(rows, compare=False)  # sampled answers are not compared: "= ar" is left out
+    assert all(r["identical_to_ar"] is None for r in rows)
+    assert "= ar" not in markdown_table(summarise_rows(rows))
 
 
 @pytest.fixture(scope="module")

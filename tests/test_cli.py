@@ -206,6 +206,7 @@ def test_sampling_flags_seeded_and_independent_per_prompt(capsys, smollm2, smoll
         assert len({tuple(r["token_ids"]) for r in first}) == 3  # the same prompt 3 times: 3 samples
         assert [r["token_ids"] for r in first] != [r["token_ids"] for r in other]
         assert first[0]["temperature"] == 1.0 and first[0]["seed"] == 7
+        assert first[0]["top_k"] == 50 and first[0]["top_p"] == 0.95  # the whole transform, to repeat the run
     # Without --seed each run draws its own seed, recorded so that the run can be repeated.
     unseeded = [run_json(capsys, *common, "--autoregressive") for _ in range(2)]
     seeds = [run[0]["seed"] for run in unseeded]

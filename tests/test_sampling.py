@@ -14,6 +14,7 @@ import redrafter.engine as engine_module
 from helpers import require_kernels, tiny_model
 from redrafter import BeamConfig, Drafter, DrafterConfig, Engine, FinishEvent, GenerationConfig, ReDrafterProposer
 from redrafter.config import MAX_TREE_TOKENS, SamplingParams
+from redrafter.errors import RedrafterError
 from redrafter.drafter.sibling_tree import TreeShape, draw_siblings, sibling_template, without
 from redrafter.models.native import NativeTarget
 from redrafter.sampling import probabilities, sample
@@ -36,6 +37,25 @@ def test_probabilities_transform_by_hand():
     torch.testing.assert_close(probabilities(logits, SamplingParams(temperature=1.0, top_p=0.5)),
                                torch.tensor([1.0, 0.0, 0.0, 0.0]))  # the top token always stays
     assert probabilities(logits, SamplingParams()).tolist() == [1.0, 0.0, 0.0, 0.0]  # greedy
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 1e-21, 1e-40, 1e-300])
+def test_tiny_temperatures_approach_greedy(temperature):
+    """logits / T overflows float32 for T below about 1e-37: the gaps to the maximum are divided
+    instead, so a tiny temperature gives the greedy token (ties shared), never NaN."""
+    logits = torch.tensor([[30.0, -20.0, 29.9999, 5.0], [7.0, 7.0, -3.0, float("-inf")]])
+    probs = probabilities(logits, SamplingParams(temperature=temperature, top_p=0.9))
+    assert probs.tolist() == [[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("fields", [dict(top_k=2.5), dict(top_k=True), dict(top_k="3"), dict(top_k=None),
+                                    dict(temperature="1"), dict(temperature=None), dict(temperature=True),
+                                    dict(top_p=None), dict(top_p="0.5"), dict(seed=1.5), dict(seed="x"),
+                                    dict(seed=True)])
+def test_sampling_params_reject_wrong_types(fields):
+    with pytest.raises(RedrafterError, match=next(iter(fields))):
+        SamplingParams(**fields)
+    SamplingParams(temperature=1, top_k=3, top_p=1, seed=-5)  # ints where floats go are fine
 
 
 @pytest.mark.parametrize("implementation", ["inverse_cdf", "inverse_cdf_tensors"])

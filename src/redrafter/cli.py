@@ -422,6 +422,8 @@ def run_generate(args: argparse.Namespace) -> int:
                         "lookup_ngram": None if args.autoregressive else beam.lookup_ngram,
                         "extend_prob": None if args.autoregressive else beam.extend_prob,
                         "temperature": sampling.temperature,
+                        "top_k": None if sampling.greedy else sampling.top_k,
+                        "top_p": None if sampling.greedy else sampling.top_p,
                         "seed": None if sampling.greedy else sampling.seed,
                         "draft_mode": None if args.autoregressive or sampling.greedy else draft_mode,
                         "dtype": str(target.dtype).removeprefix("torch."),

@@ -187,12 +187,20 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise RedrafterError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise RedrafterError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise RedrafterError(f"top_p must be in (0, 1], got {self.top_p}")
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        def integer(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise RedrafterError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not integer(self.top_k) or self.top_k < 0:
+            raise RedrafterError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if self.seed is not None and not integer(self.seed):
+            raise RedrafterError(f"seed must be an integer or None, got {self.seed!r}")
+        if not number(self.top_p) or not 0 < self.top_p <= 1:
+            raise RedrafterError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
 
     @property
     def greedy(self) -> bool:

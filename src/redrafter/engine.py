@@ -395,7 +395,10 @@ class Engine:
 
         ``return_hidden`` attaches to each TokensEvent the hidden states that predicted its tokens.
         When sampling, row b draws from its own random stream, number ``row_offset + b`` of
-        ``config.sampling.seed`` (so prompts sent one at a time can keep independent streams)."""
+        ``config.sampling.seed`` (so prompts sent one at a time can keep independent streams). A batch
+        repeats exactly under a seed, but its rows share the speculative draft's shape (paths drawn,
+        random numbers per step), so a row's sample can differ from the same prompt run alone; in
+        bf16 a padded batch also rounds differently (README, "Library")."""
         self.check(prompts, config, row_offset=row_offset)
         with torch.inference_mode():
             yield from self._generate(prompts, config, return_hidden, row_offset)

@@ -36,6 +36,7 @@ from redrafter.config import SamplingParams
 from redrafter.tree import tree_kernel
 
 NUCLEUS_CANDIDATES = (256, 4096)  # top-p looks for its nucleus among this many tokens before sorting all
+TINY_TEMPERATURE = 1e-20  # below it, logits / T can overflow float32 (|logit| / T > 3.4e38)
 CDF_BLOCKS = 16  # runs of consecutive tokens whose sums make up the cumulative weights (csrc/tree.cpp: kCdfBlocks)
 
 
@@ -44,7 +45,11 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     logits = logits.float()
     if params.greedy:
         return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
-    logits = logits / params.temperature
+    if params.temperature >= TINY_TEMPERATURE:
+        logits = logits / params.temperature
+    else:  # logits / T would overflow to inf and softmax give NaN: divide the gaps to the maximum
+        top = logits.amax(dim=-1, keepdim=True)
+        logits = torch.where(logits == top, 0.0, (logits - top) / params.temperature)  # -inf below the top
     vocab = logits.shape[-1]
     if 0 < params.top_k < vocab:
         kth = logits.topk(params.top_k, dim=-1).values[..., -1:]

@@ -124,7 +124,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
                      encode=lambda messages: encode_messages(tokenizer, messages, chat_template=not args.no_chat_template),
                      decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
                      max_new_tokens=args.max_new_tokens, warmup_tokens=args.warmup_tokens,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, greedy=args.temperature == 0)
     summary = summarise(rows)
     settings = {"dataset": args.dataset, "model": spec, "drafter": drafter_setting(drafter_paths), "methods": [m.name for m in methods],
                 "max_new_tokens": args.max_new_tokens,

@@ -11,7 +11,8 @@ from redrafter.utils import write_text_atomic
 
 COLUMNS = [("tokens_per_s", "tokens/s", "{:.1f}"), ("tau", "τ", "{:.2f}"),
            ("tree_tokens_per_step", "tree tokens/step", "{:.2f}"),
-           ("speedup_vs_hf_generate", "× hf-generate", "{:.2f}"), ("speedup_vs_ar", "× ar", "{:.2f}"),
+           ("speedup_vs_hf_generate", "× hf-generate (median)", "{:.2f}"),
+           ("speedup_vs_ar", "× ar (median)", "{:.2f}"),
            ("speedup_vs_ar_mean", "× ar mean ± s.e.", "{:.3f} ± {speedup_vs_ar_stderr:.3f}"),
            ("speedup_vs_ar_faster", "faster than ar", "{}"),
            ("first_token_s", "TTFT s", "{:.3f}"), ("identical_to_ar", "= ar", "{}"),

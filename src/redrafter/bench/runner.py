@@ -45,8 +45,12 @@ def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
 
 
 def run_bench(items: Sequence[Item], methods: Sequence[Method], *, encode: Encode, decode: Decode,
-              max_new_tokens: int, warmup_tokens: int = 16, progress: bool = True) -> list[dict]:
+              max_new_tokens: int, warmup_tokens: int = 16, progress: bool = True,
+              greedy: bool = True) -> list[dict]:
     """Run every method on every item; returns one row per (item, method).
+
+    Greedy answers are compared with ``ar``'s (``identical_to_ar``); sampled ones (``greedy`` False)
+    are not, since each method draws its own samples.
 
     Later turns reuse the answer to earlier turns of the reference method (``ar`` if present, else
     the first method) so all methods see the same conversation history.
@@ -89,7 +93,7 @@ def run_bench(items: Sequence[Item], methods: Sequence[Method], *, encode: Encod
                 answers[(item.prompt.id, item.turn)] = decode(result.token_ids)
             bar.update(1)
     bar.close()
-    mark_identical(rows)
+    mark_identical(rows, compare=greedy)
     return rows
 
 
@@ -107,9 +111,10 @@ def tree_tokens_per_step(rows: Sequence[dict]) -> float | None:
     return sum(r["num_tree_tokens"] for r in rows) / steps if steps else None
 
 
-def mark_identical(rows: list[dict]) -> None:
-    """Add ``identical_to_ar`` and ``first_divergence`` to each row (None where no ``ar`` row exists)."""
-    ar = {(r["prompt_id"], r["turn"]): r["token_ids"] for r in rows if r["method"] == "ar"}
+def mark_identical(rows: list[dict], *, compare: bool = True) -> None:
+    """Add ``identical_to_ar`` and ``first_divergence`` to each row (None where no ``ar`` row exists,
+    or everywhere without ``compare``)."""
+    ar = {(r["prompt_id"], r["turn"]): r["token_ids"] for r in rows if r["method"] == "ar" and compare}
     for row in rows:
         reference = ar.get((row["prompt_id"], row["turn"]))
         if reference is None:
