@@ -316,6 +316,26 @@ def test_seeded_runs_repeat_and_rows_are_independent(setup, draft_mode):
     assert run(5, offset=1)[0] == first[1]  # a row's stream depends on its global row number only
 
 
+@pytest.mark.parametrize("draft_mode", ["beam", "sample"])
+def test_a_rows_sample_does_not_depend_on_the_rows_beside_it(setup, draft_mode):
+    """float32: prompts of different lengths and lookups (one repeats itself, so its lookup takes
+    slots of the cap the other's paths get), batched, sample what each samples alone with its row
+    number; so does a greedy batch."""
+    _, target, drafter = setup
+    beam = BeamConfig(width=3, length=3, max_tree_tokens=5, lookup_tokens=4)
+    engine = Engine(target, ReDrafterProposer(drafter, target, beam, draft_mode=draft_mode))
+    prompts = [[3, 4, 5, 3, 4, 5, 3, 4, 5, 3, 4], [1, 5, 7], [9, 2, 9, 2, 6, 0, 11, 2]]
+    for params in (SamplingParams(temperature=1.0, seed=4), SamplingParams(temperature=0.6, top_p=0.9, seed=9),
+                   SamplingParams()):
+        config = GenerationConfig(max_new_tokens=24, sampling=params)
+        batch = {e.row: e.token_ids for e in engine.generate(prompts, config, row_offset=2)
+                 if isinstance(e, FinishEvent)}
+        for row, prompt in enumerate(prompts):
+            alone = next(e.token_ids for e in engine.generate([prompt], config, row_offset=2 + row)
+                         if isinstance(e, FinishEvent))
+            assert batch[row] == alone, (params, row)
+
+
 def test_a_beam_that_ended_is_never_a_candidate():
     """NO_TOKEN past a beam's end (a capped tree) is skipped: here p puts all its mass on the last
     vocabulary id, which a NO_TOKEN (-1) used as an index would read."""
@@ -355,8 +375,9 @@ def test_sampled_drafts_under_a_tree_cap_draw_fewer_paths(setup):
 
 def test_a_capped_sampled_tree_gives_confident_lookups_their_slots_first():
     """K = 5 (4 drafted slots), L = 3: row 0's lookup is confident (c^depth >= 0.5) for 2 tokens
-    (0.75, 0.56; then 0.42), row 1's for none (0.4): one path of 2 fits both rows, and each row keeps
-    4 - 2 = 2 looked-up tokens. A lookup confident for all 4 slots leaves no path."""
+    (0.75, 0.56; then 0.42), so it gets one path of 2 and keeps 4 - 2 = 2 looked-up tokens; row 1's is
+    confident for none (0.4), so it gets two paths and no looked-up token. Each row's split is its
+    own, whatever the other rows hold. A lookup confident for all 4 slots leaves no path."""
     from redrafter.engine import split_budget
 
     beam = BeamConfig(width=4, length=3, max_tree_tokens=5, lookup_tokens=4)
@@ -365,26 +386,31 @@ def test_a_capped_sampled_tree_gives_confident_lookups_their_slots_first():
     scores = log.view(2, 1, 1) * torch.arange(5.0)
     scores[1, 0, 3:] = -math.inf
     paths, cut = split_budget(looked_up, scores, beam)
-    assert paths == 1
-    assert cut.tolist() == [[[7, 1, 2, NO_TOKEN, NO_TOKEN]], [[8, 5, 6, NO_TOKEN, NO_TOKEN]]]
+    assert paths.tolist() == [1, 2]
+    assert cut.tolist() == [[[7, 1, 2, NO_TOKEN, NO_TOKEN]], [[8, NO_TOKEN, NO_TOKEN, NO_TOKEN, NO_TOKEN]]]
+    for row in (0, 1):  # the same split as the row alone
+        alone, alone_cut = split_budget(looked_up[row:row + 1], scores[row:row + 1], beam)
+        assert alone.tolist() == [paths[row]] and alone_cut.tolist() == cut[row:row + 1].tolist()
+    nodes, _ = split_budget(looked_up, scores, beam, nodes=True)  # "tree" mode: one shape for the batch
+    assert nodes.tolist() == [2, 2]
     paths, cut = split_budget(looked_up[:1], scores[:1] / 10, beam)  # c = 0.99: all 4 slots are its
     assert paths == 0 and cut.tolist() == [[[7, 1, 2, 3, 4]]]
 
 
 def test_sure_lookups_pass_a_sampled_trees_cap():
-    """K = 3 (2 drafted slots): with ``extend_prob`` 0.5, row 0's looked-up tokens scored 0.9, 0.81,
-    0.73, 0.66 all stay (a tree of 5 past the cap), row 1's (0.4, ...) keep only their share of the 2
-    slots; without it both rows are cut to 2."""
+    """K = 3 (2 drafted slots): row 0's lookup is confident for both slots (no path), row 1's for
+    none (one path of 2, no looked-up token). With ``extend_prob`` 0.5, row 0's looked-up tokens scored
+    0.9, 0.81, 0.73, 0.66 all stay (a tree of 5 past the cap); without it they are cut to 2."""
     from redrafter.engine import split_budget
 
     looked_up = torch.tensor([[[7, 1, 2, 3, 4]], [[8, 5, 6, 9, 9]]])
     scores = torch.log(torch.tensor([0.9, 0.4])).view(2, 1, 1) * torch.arange(5.0)
-    cut_both = [[[7, 1, 2, NO_TOKEN, NO_TOKEN]], [[8, 5, 6, NO_TOKEN, NO_TOKEN]]]
+    cut_both = [[[7, 1, 2, NO_TOKEN, NO_TOKEN]], [[8, NO_TOKEN, NO_TOKEN, NO_TOKEN, NO_TOKEN]]]
     paths, cut = split_budget(looked_up, scores, BeamConfig(width=4, length=3, max_tree_tokens=3, lookup_tokens=4))
-    assert paths == 0 and cut.tolist() == cut_both
+    assert paths.tolist() == [0, 1] and cut.tolist() == cut_both
     beam = BeamConfig(width=4, length=3, max_tree_tokens=3, lookup_tokens=4, extend_prob=0.5)
     paths, cut = split_budget(looked_up, scores, beam)
-    assert paths == 0 and cut.tolist() == [[[7, 1, 2, 3, 4]], cut_both[1]]
+    assert paths.tolist() == [0, 1] and cut.tolist() == [[[7, 1, 2, 3, 4]], cut_both[1]]
     # Beside drawn paths (K = 4: one path of 2 and 1 looked-up slot), up to MAX_TREE_TOKENS in all:
     # a lookup of 70 sure tokens keeps 64 - 1 - 2 = 61 of them.
     long_lookup = torch.arange(71).view(1, 1, 71)

@@ -168,31 +168,44 @@ class ReDrafterProposer:
         For the same reason ``beam.max_tree_tokens`` does not choose among the draws; it caps their
         number instead (``sampled_draws``), fixed before anything is drawn. The context-lookup beam
         (``beam.lookup_tokens``) comes last, its tokens proposed as point masses; under a cap it is
-        given its slots first, from the history alone (``split_budget``), and the paths the rest."""
+        given its slots first, from the history alone (``split_budget``), and the paths the rest.
+
+        With "sample", each row's paths and the random numbers it takes depend on that row alone, so a
+        row samples what it would sample without the rows beside it; "tree" shares one sibling tree's
+        shape across the batch."""
         drafter, tree = self.drafter, self.draft_mode == "tree"
-        width = sampled_draws(self.beam, nodes=tree)
+        most = sampled_draws(self.beam, nodes=tree)
         batch = g0.shape[0]
+        paths = torch.full((batch,), most, dtype=torch.long, device=g0.device)  # (batch,) draws per row
         looked_up = None
         if self.beam.lookup_tokens:
             looked_up, scores = self._lookup(g0, history)
             if self.beam.max_tree_tokens:
-                width, looked_up = split_budget(looked_up, scores, self.beam, nodes=tree)
+                paths, looked_up = split_budget(looked_up, scores, self.beam, nodes=tree)
+        width = int(paths.max())
+        if tree:
             if width == 0:  # the lookup fills the cap: no drafter draws this step, every token a point mass
                 return looked_up, None
-        if tree:  # ``width`` nodes, siblings drawn without replacement
+            # ``width`` nodes, siblings drawn without replacement
             shape = tree_shape(sibling_template(width, self.beam.length - 1))
             beams, dists = draw_tree(lambda n: self._drafter_step(context, n), g0, shape, params, generators,
                                      drafter.to_target_ids)
             draft_probs = DraftProbs(dists, drafter.draft_to_target, distinct=True)
             return (beams if looked_up is None else join_beams(beams, looked_up)), draft_probs
+        # Every row takes the numbers of ``most`` paths, drawn or not: path w of a row uses column w
+        numbers = uniforms(generators, (self.beam.length - 1) * most, g0.device).view(batch, -1, most)
+        if width == 0:  # the lookup fills the cap: no drafter draws this step, every token a point mass
+            return looked_up, None
         step, state = self._drafter_step(context, width), None
         beams, draws = g0.view(batch, 1, 1).expand(batch, width, 1), []
-        for _ in range(self.beam.length - 1):
+        for depth in range(self.beam.length - 1):
             state, logits = step(state, beams[:, :, -1])
             q = probabilities(logits, params)  # (batch, W, V_d)
-            picked = inverse_cdf(q, uniforms(generators, width, q.device))  # (batch, W)
+            picked = inverse_cdf(q, numbers[:, depth, :width].contiguous())  # (batch, W)
             beams = torch.cat([beams, drafter.to_target_ids(picked).unsqueeze(-1)], dim=-1)
             draws.append(q)
+        unused = torch.arange(width, device=g0.device).view(1, -1) >= paths.view(-1, 1)  # (batch, W)
+        beams[:, :, 1:].masked_fill_(unused.unsqueeze(-1), NO_TOKEN)  # paths past a row's share: not verified
         # q over the draft vocabulary (zero outside it); the lookup beam's tokens are point masses
         draft_probs = DraftProbs(torch.stack(draws, dim=2), drafter.draft_to_target)  # (batch, W, L-1, V_d)
         if looked_up is not None:
@@ -244,20 +257,24 @@ def split_budget(looked_up: torch.Tensor, scores: torch.Tensor, beam: BeamConfig
     Drawn paths cannot be chosen by what they drew (that would bias the tree walk), so the split is
     fixed from the history alone: in each row the looked-up tokens with confidence (``lookup_beams``'
     scores) of at least ``SAMPLED_LOOKUP_MIN`` come first; then as many whole paths of L-1 tokens as
-    every row has room for (with ``nodes``: as many single tree nodes, for the "tree" draft mode);
-    slots left in a row go to its further looked-up tokens. With ``beam.extend_prob`` a row keeps
+    the row has room for (with ``nodes``, for the "tree" draft mode: as many single tree nodes as every
+    row has room for, since the rows share the sibling tree's shape); slots left in a row go to its
+    further looked-up tokens. With ``beam.extend_prob`` a row keeps
     its looked-up tokens of at least that confidence even past the cap, up to ``MAX_TREE_TOKENS``.
 
     Args:
         looked_up, scores: (batch, 1, 1 + N) the lookup beams and their scores (``lookup_beams``).
     Returns:
-        (number of paths, or nodes, to draw, possibly 0; the lookup beams cut to their share of the slots).
+        ((batch,) paths, or nodes, to draw in each row, possibly 0; the lookup beams cut to their share
+        of the slots).
     """
     budget = beam.max_tree_tokens - 1
     confident = (scores[:, 0, 1:] >= math.log(SAMPLED_LOOKUP_MIN)).sum(dim=-1).clamp(max=budget)  # (batch,)
     unit = draw_size(beam, nodes)
-    paths = min(sampled_draws(beam, nodes=nodes, cap=False), int((budget - confident).min()) // unit)
-    allowed = torch.full_like(confident, budget - paths * unit)  # looked-up tokens each row may keep
+    paths = ((budget - confident) // unit).clamp(max=sampled_draws(beam, nodes=nodes, cap=False))  # (batch,)
+    if nodes:
+        paths = paths.min().expand_as(paths)
+    allowed = budget - paths * unit  # (batch,) looked-up tokens each row may keep
     if beam.extend_prob > 0:
         sure = (scores[:, 0, 1:] >= math.log(beam.extend_prob)).sum(dim=-1)
         allowed = torch.maximum(allowed, sure.clamp(max=MAX_TREE_TOKENS - 1 - paths * unit))
@@ -395,10 +412,10 @@ class Engine:
 
         ``return_hidden`` attaches to each TokensEvent the hidden states that predicted its tokens.
         When sampling, row b draws from its own random stream, number ``row_offset + b`` of
-        ``config.sampling.seed`` (so prompts sent one at a time can keep independent streams). A batch
-        repeats exactly under a seed, but its rows share the speculative draft's shape (paths drawn,
-        random numbers per step), so a row's sample can differ from the same prompt run alone; in
-        bf16 a padded batch also rounds differently (README, "Library")."""
+        ``config.sampling.seed`` (so prompts sent one at a time can keep independent streams). What a
+        row draws depends on that row alone, so in float32 it samples what the same prompt samples
+        alone with its row number (except in the "tree" draft mode, whose sibling tree's shape the
+        rows share); in bf16 a padded batch rounds differently (README, "Library")."""
         self.check(prompts, config, row_offset=row_offset)
         with torch.inference_mode():
             yield from self._generate(prompts, config, return_hidden, row_offset)

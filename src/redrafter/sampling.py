@@ -117,11 +117,18 @@ def inverse_cdf_tensors(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.where(index >= vocab, last, index)
 
 
-def uniforms(generators: Sequence[torch.Generator | None], count: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(rows, count) float64 uniform numbers in [0, 1), row r from ``generators[r]``."""
+def uniforms(generators: Sequence[torch.Generator | None], count: int | Sequence[int],
+             device: torch.device | str = "cpu") -> torch.Tensor:
+    """(rows, count) float64 uniform numbers in [0, 1), row r from ``generators[r]``. With one count
+    per row, row r takes ``count[r]`` numbers and is padded with zeros to the largest."""
+    counts = [count] * len(generators) if isinstance(count, int) else list(count)
+    width = max(counts, default=count if isinstance(count, int) else 0)
     if not generators:
-        return torch.empty(0, count, dtype=torch.float64, device=device)
-    return torch.stack([torch.rand(count, generator=g, dtype=torch.float64, device=device) for g in generators])
+        return torch.empty(0, width, dtype=torch.float64, device=device)
+    out = torch.zeros(len(generators), width, dtype=torch.float64, device=device)
+    for row, (generator, n) in enumerate(zip(generators, counts)):
+        out[row, :n] = torch.rand(n, generator=generator, dtype=torch.float64, device=device)
+    return out
 
 
 def row_seed(seed: int, row: int) -> int:

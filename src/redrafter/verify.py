@@ -103,6 +103,17 @@ def uniforms_needed(width: int, length: int) -> int:
     return width * (length - 1) + 1
 
 
+def row_uniforms_needed(beams: torch.Tensor) -> list[int]:
+    """For each row, the numbers its walk may use, counted from its own drafted tokens (one per token
+    that can be tested, ``NO_TOKEN`` padding excluded, plus one for the bonus), so that what a row
+    takes from its stream does not depend on the rows batched with it.
+
+    Args:
+        beams: (batch, W, L) token ids, ``beams[:, :, 0]`` g0.
+    """
+    return ((beams[:, :, 1:] != NO_TOKEN).sum(dim=(1, 2)) + 1).tolist()
+
+
 def tree_accept(beams: torch.Tensor, unpacker: torch.Tensor, logits: torch.Tensor, params: SamplingParams,
                 draft_probs: torch.Tensor | DraftProbs | None = None,
                 generators: Sequence[torch.Generator | None] | None = None) -> Acceptance:
@@ -118,7 +129,7 @@ def tree_accept(beams: torch.Tensor, unpacker: torch.Tensor, logits: torch.Tenso
                      drawn from (index j-1), or the same as ``DraftProbs``, or None for
                      deterministic drafts (point masses).
         generators:  one random generator per row (sampling only); each row takes
-                     ``uniforms_needed(W, L)`` numbers from its own per step.
+                     ``row_uniforms_needed`` numbers (from its own tokens) from its own per step.
     Returns:
         Acceptance for each row.
     """
@@ -133,7 +144,8 @@ def tree_accept(beams: torch.Tensor, unpacker: torch.Tensor, logits: torch.Tenso
         return Acceptance(beam=beam, accepted=accepted, tokens=beams[rows, beam], bonus=bonus)
     generators = generators if generators is not None else [None] * batch
     probs = probabilities(logits, params)  # p at every node, in one call
-    draws = uniforms(generators, uniforms_needed(width, length), logits.device)
+    draws = uniforms(generators, row_uniforms_needed(beams), logits.device)
+    draws = torch.nn.functional.pad(draws, (0, uniforms_needed(width, length) - draws.shape[1]))  # the shape C++ takes
     module = tree_kernel(probs, torch.float32)
     compact = draft_probs if isinstance(draft_probs, DraftProbs) else None
     q = compact.probs if compact is not None else draft_probs
