@@ -259,8 +259,8 @@ def split_budget(looked_up: torch.Tensor, scores: torch.Tensor, beam: BeamConfig
     scores) of at least ``SAMPLED_LOOKUP_MIN`` come first; then as many whole paths of L-1 tokens as
     the row has room for (with ``nodes``, for the "tree" draft mode: as many single tree nodes as every
     row has room for, since the rows share the sibling tree's shape); slots left in a row go to its
-    further looked-up tokens. With ``beam.extend_prob`` a row keeps
-    its looked-up tokens of at least that confidence even past the cap, up to ``MAX_TREE_TOKENS``.
+    further looked-up tokens. With ``beam.extend_prob`` a row keeps its looked-up tokens of at least
+    that confidence even past the cap, up to ``MAX_TREE_TOKENS``.
 
     Args:
         looked_up, scores: (batch, 1, 1 + N) the lookup beams and their scores (``lookup_beams``).

@@ -122,7 +122,7 @@ def uniforms(generators: Sequence[torch.Generator | None], count: int | Sequence
     """(rows, count) float64 uniform numbers in [0, 1), row r from ``generators[r]``. With one count
     per row, row r takes ``count[r]`` numbers and is padded with zeros to the largest."""
     counts = [count] * len(generators) if isinstance(count, int) else list(count)
-    width = max(counts, default=count if isinstance(count, int) else 0)
+    width = count if isinstance(count, int) else max(counts, default=0)
     if not generators:
         return torch.empty(0, width, dtype=torch.float64, device=device)
     out = torch.zeros(len(generators), width, dtype=torch.float64, device=device)
